@@ -1,0 +1,2 @@
+//! CPU kernels: reference and fast paths.
+pub mod activation;

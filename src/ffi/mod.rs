@@ -1,0 +1,1 @@
+//! The C ABI. The only module with `#[no_mangle]`.

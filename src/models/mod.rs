@@ -1,0 +1,2 @@
+//! Models built over ops: EfficientNet-B0 (the Cell Painting CNN).
+pub mod efficientnet;

@@ -1,0 +1,2 @@
+//! Ops: one file per op family, each dispatching to the CPU or CUDA backend by the tensor's device.
+pub mod activation;

@@ -1,0 +1,2 @@
+//! Profile making: single-cell crops (and, later, aggregation, sphering, ...).
+pub mod crops;
