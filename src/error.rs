@@ -4,6 +4,7 @@ use std::fmt;
 
 /// Pinned C status codes. Values are part of the ABI: never renumber, only append.
 #[repr(C)]
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PhenoStatus {
     PHENO_OK = 0,

@@ -1,2 +1,4 @@
 //! CPU kernels: reference and fast paths.
 pub mod activation;
+pub mod conv;
+pub mod gemm;

@@ -31,7 +31,7 @@ pub fn block_keys(b: &BlockSpec) -> BlockKeys {
 /// Every parameter with its shape, in forward order.
 pub fn expected_shapes(cfg: &EfficientNetConfig) -> Vec<(String, Vec<usize>)> {
     let mut v = Vec::new();
-    let mut conv_bn = |v: &mut Vec<(String, Vec<usize>)>, prefix: &str, w: Vec<usize>| {
+    let conv_bn = |v: &mut Vec<(String, Vec<usize>)>, prefix: &str, w: Vec<usize>| {
         let c = w[0];
         v.push((format!("{prefix}.0.weight"), w));
         for s in BN_SUFFIXES {

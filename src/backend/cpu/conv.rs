@@ -1,0 +1,121 @@
+//! Convolutions on NHWC activations (one sample: rows = pixels, columns = channels).
+
+use super::activation::silu;
+
+/// Geometry of a 2-D convolution over one sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+/// Fused depthwise k×k conv + bias + SiLU, with per-channel sums of the output added to `pool`
+/// (for the squeeze-excite mean). `input` [h·w, c], `weights` [k·k, c] (tap-major, BN folded),
+/// `out` [oh·ow, c].
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma+avx2", "x86_64+avx2+fma"))]
+pub fn depthwise_bias_silu(input: &[f32], weights: &[f32], bias: &[f32], out: &mut [f32], pool: &mut [f32], g: &ConvGeom) {
+    let c = bias.len();
+    debug_assert!(input.len() >= g.h * g.w * c && out.len() >= g.oh * g.ow * c && weights.len() >= g.k * g.k * c);
+    for oy in 0..g.oh {
+        let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
+        let ky0 = (-iy0).max(0) as usize;
+        let ky1 = ((g.h as isize - iy0).min(g.k as isize)).max(0) as usize;
+        for ox in 0..g.ow {
+            let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
+            let kx0 = (-ix0).max(0) as usize;
+            let kx1 = ((g.w as isize - ix0).min(g.k as isize)).max(0) as usize;
+            let acc = &mut out[(oy * g.ow + ox) * c..][..c];
+            acc.copy_from_slice(bias);
+            for ky in ky0..ky1 {
+                let iy = (iy0 + ky as isize) as usize;
+                for kx in kx0..kx1 {
+                    let ix = (ix0 + kx as isize) as usize;
+                    let src = &input[(iy * g.w + ix) * c..][..c];
+                    let wt = &weights[(ky * g.k + kx) * c..][..c];
+                    for j in 0..c {
+                        acc[j] += src[j] * wt[j];
+                    }
+                }
+            }
+            for j in 0..c {
+                let y = silu(acc[j]);
+                acc[j] = y;
+                pool[j] += y;
+            }
+        }
+    }
+}
+
+/// im2col of one NCHW sample for a dense k×k conv: `cols` [oh·ow, c·k·k], column order (c, ky, kx)
+/// to match OIHW weights; zero outside the image.
+pub fn im2col_nchw(input: &[f32], c: usize, g: &ConvGeom, cols: &mut [f32]) {
+    let kk = g.k * g.k;
+    let row_len = c * kk;
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            let row = &mut cols[(oy * g.ow + ox) * row_len..][..row_len];
+            for ch in 0..c {
+                let plane = &input[ch * g.h * g.w..][..g.h * g.w];
+                for ky in 0..g.k {
+                    let iy = (oy * g.stride + ky) as isize - g.pad_top as isize;
+                    for kx in 0..g.k {
+                        let ix = (ox * g.stride + kx) as isize - g.pad_left as isize;
+                        row[ch * kk + ky * g.k + kx] = if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                            plane[iy as usize * g.w + ix as usize]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct NCHW-indexed reference in f64.
+    #[test]
+    fn depthwise_matches_direct_formula() {
+        let (h, w, c, k, s) = (7, 6, 3, 5, 2);
+        let g = ConvGeom { h, w, k, stride: s, pad_top: 1, pad_left: 2, oh: 4, ow: 3 };
+        let input: Vec<f32> = (0..h * w * c).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
+        let wts: Vec<f32> = (0..k * k * c).map(|i| ((i * 13 % 17) as f32 - 8.0) / 9.0).collect();
+        let bias = [0.1f32, -0.2, 0.3];
+        let mut out = vec![0f32; g.oh * g.ow * c];
+        let mut pool = vec![0f32; c];
+        depthwise_bias_silu(&input, &wts, &bias, &mut out, &mut pool, &g);
+        let mut pool_ref = [0f64; 3];
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                for ch in 0..c {
+                    let mut a = bias[ch] as f64;
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * s + ky) as isize - 1;
+                            let ix = (ox * s + kx) as isize - 2;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                a += input[(iy as usize * w + ix as usize) * c + ch] as f64 * wts[(ky * k + kx) * c + ch] as f64;
+                            }
+                        }
+                    }
+                    let y = a / (1.0 + (-a).exp());
+                    pool_ref[ch] += y;
+                    let got = out[(oy * g.ow + ox) * c + ch] as f64;
+                    assert!((got - y).abs() < 1e-5, "({oy},{ox},{ch}) {got} vs {y}");
+                }
+            }
+        }
+        for ch in 0..c {
+            assert!((pool[ch] as f64 - pool_ref[ch]).abs() < 1e-4);
+        }
+    }
+}
