@@ -1,1 +1,30 @@
-//! The C ABI. The only module with `#[no_mangle]`.
+//! The C ABI. The only module with `#[no_mangle]`; `include/phenocore.h` is generated from it by
+//! cbindgen (`tests/header_fresh.rs` fails when the committed header is stale).
+//!
+//! Conventions (DESIGN.md "C ABI conventions"): every fallible function returns `PhenoStatus` and
+//! writes results through out-pointers placed last; every body runs inside a panic boundary; every
+//! pointer is NULL-checked and every length checked against its shape with overflow-checked
+//! products; on failure `pheno_last_error()` names the function and the culprit.
+
+mod boundary;
+mod crops;
+mod model;
+mod options;
+mod status;
+
+pub use crate::error::PhenoStatus;
+pub use crops::{pheno_crop_cells, pheno_effnet_features_from_image, PhenoImage};
+pub use model::{
+    pheno_effnet_features, pheno_effnet_free, pheno_effnet_info, pheno_effnet_layer_dim,
+    pheno_effnet_load, pheno_effnet_load_from_memory, pheno_effnet_logits, pheno_effnet_new,
+    pheno_effnet_save, PhenoModel,
+};
+pub use options::{
+    pheno_crop_default_options, pheno_effnet_default_options, pheno_feature_default_options,
+    PhenoCropOptions, PhenoEffnetOptions, PhenoFeatureOptions, PhenoNormalization, PhenoPadding,
+    PhenoPixelType, PhenoProgressFn,
+};
+pub use status::{
+    pheno_last_error, pheno_set_num_threads, pheno_status_str, pheno_version_number,
+    PhenoStatusArg, VERSION_NUMBER,
+};
