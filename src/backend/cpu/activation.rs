@@ -7,11 +7,14 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
-/// e^x, vectorisable. Inputs are clamped to [−87.3, 88.7] (e^x stays a normal f32).
+/// e^x, vectorisable: no float→int conversion and no branch (the integer part is read from the
+/// mantissa of x·log2(e) + 1.5·2²³). Inputs are clamped to [−87.3, 88.37] (e^x stays a normal f32).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.3, 88.7);
-    let n = (x * LOG2E + 0.5).floor();
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    let x = x.max(-87.3).min(88.37);
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC; // round-to-nearest(x · log2 e)
     let r = x - n * LN2_HI - n * LN2_LO;
     // Cephes expf polynomial: e^r = 1 + r + r²·P(r), |r| ≤ ln2/2.
     let mut p = 1.987_569_1e-4f32;
@@ -21,7 +24,9 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let e = p * r * r + r + 1.0;
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * e
+    // 2^n: the low mantissa bits of t hold n + 2^22 (two's complement offset); shift into the exponent.
+    let pow2 = f32::from_bits((t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127)) << 23);
+    pow2 * e
 }
 
 #[inline(always)]

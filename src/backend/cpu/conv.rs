@@ -17,11 +17,11 @@ pub struct ConvGeom {
 
 /// Fused depthwise k×k conv + bias + SiLU, with per-channel sums of the output added to `pool`
 /// (for the squeeze-excite mean). `input` [h·w, c], `weights` [k·k, c] (tap-major, BN folded),
-/// `out` [oh·ow, c].
+/// `out` [oh·ow, c]. Channels are processed in register-resident blocks of 64, then 16, then one.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma+avx2", "x86_64+avx2+fma"))]
 pub fn depthwise_bias_silu(input: &[f32], weights: &[f32], bias: &[f32], out: &mut [f32], pool: &mut [f32], g: &ConvGeom) {
     let c = bias.len();
-    debug_assert!(input.len() >= g.h * g.w * c && out.len() >= g.oh * g.ow * c && weights.len() >= g.k * g.k * c);
+    assert!(input.len() >= g.h * g.w * c && out.len() >= g.oh * g.ow * c && weights.len() >= g.k * g.k * c && pool.len() >= c);
     for oy in 0..g.oh {
         let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
         let ky0 = (-iy0).max(0) as usize;
@@ -30,25 +30,56 @@ pub fn depthwise_bias_silu(input: &[f32], weights: &[f32], bias: &[f32], out: &m
             let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
             let kx0 = (-ix0).max(0) as usize;
             let kx1 = ((g.w as isize - ix0).min(g.k as isize)).max(0) as usize;
-            let acc = &mut out[(oy * g.ow + ox) * c..][..c];
-            acc.copy_from_slice(bias);
-            for ky in ky0..ky1 {
-                let iy = (iy0 + ky as isize) as usize;
-                for kx in kx0..kx1 {
-                    let ix = (ix0 + kx as isize) as usize;
-                    let src = &input[(iy * g.w + ix) * c..][..c];
-                    let wt = &weights[(ky * g.k + kx) * c..][..c];
-                    for j in 0..c {
-                        acc[j] += src[j] * wt[j];
-                    }
-                }
+            let win = Window { iy0, ix0, ky0, ky1, kx0, kx1 };
+            let orow = &mut out[(oy * g.ow + ox) * c..][..c];
+            let mut cb = 0;
+            while cb + 64 <= c {
+                dw_block::<64>(input, weights, bias, orow, pool, g, c, cb, &win);
+                cb += 64;
             }
-            for j in 0..c {
-                let y = silu(acc[j]);
-                acc[j] = y;
-                pool[j] += y;
+            while cb + 16 <= c {
+                dw_block::<16>(input, weights, bias, orow, pool, g, c, cb, &win);
+                cb += 16;
+            }
+            while cb < c {
+                dw_block::<1>(input, weights, bias, orow, pool, g, c, cb, &win);
+                cb += 1;
             }
         }
+    }
+}
+
+/// Valid tap range of one output pixel.
+struct Window {
+    iy0: isize,
+    ix0: isize,
+    ky0: usize,
+    ky1: usize,
+    kx0: usize,
+    kx1: usize,
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dw_block<const B: usize>(input: &[f32], weights: &[f32], bias: &[f32], orow: &mut [f32], pool: &mut [f32], g: &ConvGeom, c: usize, cb: usize, win: &Window) {
+    let mut acc = [0f32; B];
+    acc.copy_from_slice(&bias[cb..cb + B]);
+    for ky in win.ky0..win.ky1 {
+        let iy = (win.iy0 + ky as isize) as usize;
+        for kx in win.kx0..win.kx1 {
+            let ix = (win.ix0 + kx as isize) as usize;
+            let src = &input[(iy * g.w + ix) * c + cb..][..B];
+            let wt = &weights[(ky * g.k + kx) * c + cb..][..B];
+            for j in 0..B {
+                acc[j] += src[j] * wt[j];
+            }
+        }
+    }
+    let (o, p) = (&mut orow[cb..cb + B], &mut pool[cb..cb + B]);
+    for j in 0..B {
+        let y = silu(acc[j]);
+        o[j] = y;
+        p[j] += y;
     }
 }
 

@@ -2,3 +2,4 @@
 pub mod activation;
 pub mod conv;
 pub mod gemm;
+pub mod pointwise;

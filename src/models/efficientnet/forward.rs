@@ -12,9 +12,11 @@ use super::config::{BlockSpec, EfficientNetConfig, BLOCKS, STEM_CH, TOP_CH};
 use super::layers::{LayerTap, TapPoint};
 use super::weights::{block_keys, StateDict};
 use super::Progress;
-use crate::backend::cpu::activation::{add_bias_rows, bias_silu_rows, bias_silu_rows_pool, scale_rows, sigmoid, silu, sum_rows};
+use crate::backend::cpu::activation::{scale_rows, sigmoid, silu, sum_rows};
 use crate::backend::cpu::conv::{depthwise_bias_silu, im2col_nchw, ConvGeom};
 use crate::backend::cpu::gemm::{matmul, MatRef};
+use crate::backend::cpu::pointwise::PackedPointwise;
+use std::cell::RefCell;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -27,7 +29,7 @@ pub struct FoldedConv {
 
 pub struct FoldedBlock {
     pub spec: BlockSpec,
-    pub expand: Option<FoldedConv>,
+    pub expand: Option<PackedPointwise>,
     /// Depthwise weights tap-major [k·k, hidden], BN folded.
     pub dw_w: Vec<f32>,
     pub dw_b: Vec<f32>,
@@ -35,13 +37,13 @@ pub struct FoldedBlock {
     pub se1_b: Vec<f32>,
     pub se2_w: Vec<f32>,
     pub se2_b: Vec<f32>,
-    pub project: FoldedConv,
+    pub project: PackedPointwise,
 }
 
 pub struct Folded {
-    pub stem: FoldedConv,
+    pub stem: PackedPointwise,
     pub blocks: Vec<FoldedBlock>,
-    pub top: FoldedConv,
+    pub top: PackedPointwise,
     pub cls_w: Vec<f32>,
     pub cls_b: Vec<f32>,
     pub num_classes: usize,
@@ -69,15 +71,20 @@ fn fold(s: &StateDict, conv: &str, bn: &str, eps: f32) -> Result<FoldedConv> {
     Ok(FoldedConv { w: fw, b: fb })
 }
 
+fn packed(c: FoldedConv) -> PackedPointwise {
+    let n = c.b.len();
+    PackedPointwise::new(&c.w, &c.b, n, c.w.len() / n)
+}
+
 impl Folded {
     pub fn build(s: &StateDict, cfg: &EfficientNetConfig) -> Result<Self> {
         let eps = cfg.bn_eps;
-        let stem = fold(s, "features.0.0.weight", "features.0.1", eps)?;
+        let stem = packed(fold(s, "features.0.0.weight", "features.0.1", eps)?);
         let mut blocks = Vec::with_capacity(BLOCKS.len());
         for spec in BLOCKS {
             let k = block_keys(&spec);
             let expand = match &k.expand {
-                Some(p) => Some(fold(s, &format!("{p}.0.weight"), &format!("{p}.1"), eps)?),
+                Some(p) => Some(packed(fold(s, &format!("{p}.0.weight"), &format!("{p}.1"), eps)?)),
                 None => None,
             };
             let dw = fold(s, &format!("{}.0.weight", k.dw), &format!("{}.1", k.dw), eps)?;
@@ -97,10 +104,10 @@ impl Folded {
                 se1_b: get(s, &format!("{}.fc1.bias", k.se))?.to_vec(),
                 se2_w: get(s, &format!("{}.fc2.weight", k.se))?.to_vec(),
                 se2_b: get(s, &format!("{}.fc2.bias", k.se))?.to_vec(),
-                project: fold(s, &format!("{}.0.weight", k.project), &format!("{}.1", k.project), eps)?,
+                project: packed(fold(s, &format!("{}.0.weight", k.project), &format!("{}.1", k.project), eps)?),
             });
         }
-        let top = fold(s, "features.8.0.weight", "features.8.1", eps)?;
+        let top = packed(fold(s, "features.8.0.weight", "features.8.1", eps)?);
         Ok(Folded {
             stem,
             blocks,
@@ -112,7 +119,12 @@ impl Folded {
     }
 }
 
-/// Per-thread working memory, grown on first use and reused across groups.
+thread_local! {
+    /// Per-thread working memory, grown on first use and kept for later calls (pool threads persist).
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Working memory of one thread.
 #[derive(Default)]
 struct Scratch {
     cur: Vec<f32>,
@@ -162,7 +174,7 @@ pub fn run(f: &Folded, cfg: &EfficientNetConfig, x: &Tensor, taps: &[LayerTap], 
         let results: Vec<Vec<Vec<f32>>> = crate::threads::install(|| {
             input
                 .par_chunks(group * per)
-                .map_init(Scratch::default, |scratch, chunk| run_group(f, chunk, chunk.len() / per, c, h, w, cfg, taps, &dims, deepest, scratch))
+                .map(|chunk| SCRATCH.with(|s| run_group(f, chunk, chunk.len() / per, c, h, w, cfg, taps, &dims, deepest, &mut s.borrow_mut())))
                 .collect()
         });
         let mut row = done;
@@ -232,8 +244,7 @@ fn run_group(
         im2col_nchw(&input[s * c * h * w..(s + 1) * c * h * w], c, &geom, &mut sc.cols[s * hw * kdim..(s + 1) * hw * kdim]);
     }
     ensure(&mut sc.cur, g * hw * STEM_CH);
-    matmul(&mut sc.cur, MatRef::rows(&sc.cols, g * hw, kdim), MatRef::transposed(&f.stem.w, kdim, STEM_CH), false);
-    bias_silu_rows(&mut sc.cur[..g * hw * STEM_CH], &f.stem.b);
+    f.stem.forward(&sc.cols, g * hw, &mut sc.cur, false, true);
     tap_mean(TapPoint::Stem, &sc.cur, g, hw, STEM_CH, taps, &mut outs);
     if past(TapPoint::Stem) {
         return outs;
@@ -247,8 +258,7 @@ fn run_group(
         // Expand 1×1 + bias + SiLU.
         if let Some(e) = &blk.expand {
             ensure(&mut sc.expanded, g * hw_in * hid);
-            matmul(&mut sc.expanded, MatRef::rows(&sc.cur, g * hw_in, cin), MatRef::transposed(&e.w, cin, hid), false);
-            bias_silu_rows(&mut sc.expanded[..g * hw_in * hid], &e.b);
+            e.forward(&sc.cur[..g * hw_in * cin], g * hw_in, &mut sc.expanded, false, true);
             tap_mean(TapPoint::Expand(bi), &sc.expanded, g, hw_in, hid, taps, &mut outs);
             if past(TapPoint::Expand(bi)) {
                 return outs;
@@ -315,8 +325,7 @@ fn run_group(
                     sum_rows(&sc.cur[s * hw_in * cout..(s + 1) * hw_in * cout], &mut sc.pool2[s * cout..(s + 1) * cout]);
                 }
             }
-            add_bias_rows(&mut sc.cur[..g * hw_out * cout], &blk.project.b);
-            matmul(&mut sc.cur, MatRef::rows(&sc.dw, g * hw_out, hid), MatRef::transposed(&blk.project.w, hid, cout), true);
+            blk.project.forward(&sc.dw, g * hw_out, &mut sc.cur, true, false);
             if want_project {
                 tap_mean(TapPoint::Project(bi), &sc.cur, g, hw_out, cout, taps, &mut outs);
                 let inv = 1.0 / hw_out as f32;
@@ -330,10 +339,7 @@ fn run_group(
             }
         } else {
             ensure(&mut sc.next, g * hw_out * cout);
-            for v in sc.next[..g * hw_out * cout].chunks_exact_mut(cout) {
-                v.copy_from_slice(&blk.project.b);
-            }
-            matmul(&mut sc.next, MatRef::rows(&sc.dw, g * hw_out, hid), MatRef::transposed(&blk.project.w, hid, cout), true);
+            blk.project.forward(&sc.dw, g * hw_out, &mut sc.next, false, false);
             std::mem::swap(&mut sc.cur, &mut sc.next);
             tap_mean(TapPoint::Project(bi), &sc.cur, g, hw_out, cout, taps, &mut outs);
         }
@@ -349,11 +355,11 @@ fn run_group(
     let hw = hh * ww;
     let cin = BLOCKS[BLOCKS.len() - 1].out_ch;
     ensure(&mut sc.expanded, g * hw * TOP_CH);
-    matmul(&mut sc.expanded, MatRef::rows(&sc.cur, g * hw, cin), MatRef::transposed(&f.top.w, cin, TOP_CH), false);
+    f.top.forward(&sc.cur[..g * hw * cin], g * hw, &mut sc.expanded, false, true);
     ensure(&mut sc.pool, g * TOP_CH);
     sc.pool[..g * TOP_CH].fill(0.0);
     for s in 0..g {
-        bias_silu_rows_pool(&mut sc.expanded[s * hw * TOP_CH..(s + 1) * hw * TOP_CH], &f.top.b, &mut sc.pool[s * TOP_CH..(s + 1) * TOP_CH]);
+        sum_rows(&sc.expanded[s * hw * TOP_CH..(s + 1) * hw * TOP_CH], &mut sc.pool[s * TOP_CH..(s + 1) * TOP_CH]);
     }
     let inv = 1.0 / hw as f32;
     sc.pool[..g * TOP_CH].iter_mut().for_each(|v| *v *= inv);
