@@ -1,5 +1,8 @@
 //! File formats: safetensors weights, images, tables; atomic writes.
 pub mod safetensors;
+pub mod image;
+pub mod npz;
+pub mod table;
 
 use crate::error::{Error, Result};
 use std::io::Write;
