@@ -39,8 +39,18 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma+avx2", "x86_64+avx2+fma"))]
 pub fn silu_inplace(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present.
+        unsafe { super::avx512::silu_slice(v) };
+        return;
+    }
+    silu_inplace_portable(v)
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn silu_inplace_portable(v: &mut [f32]) {
     for x in v.iter_mut() {
         *x = silu(*x);
     }

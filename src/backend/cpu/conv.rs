@@ -18,10 +18,22 @@ pub struct ConvGeom {
 /// Fused depthwise k×k conv + bias + SiLU, with per-channel sums of the output added to `pool`
 /// (for the squeeze-excite mean). `input` [h·w, c], `weights` [k·k, c] (tap-major, BN folded),
 /// `out` [oh·ow, c]. Channels are processed in register-resident blocks of 64, then 16, then one.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma+avx2", "x86_64+avx2+fma"))]
 pub fn depthwise_bias_silu(input: &[f32], weights: &[f32], bias: &[f32], out: &mut [f32], pool: &mut [f32], g: &ConvGeom) {
     let c = bias.len();
     assert!(input.len() >= g.h * g.w * c && out.len() >= g.oh * g.ow * c && weights.len() >= g.k * g.k * c && pool.len() >= c);
+    #[cfg(target_arch = "x86_64")]
+    if c % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F present; buffer lengths asserted above; c is a multiple of 16 so every
+        // 16-lane access stays inside a pixel's channel row.
+        unsafe { dw_avx512::run(input.as_ptr(), weights.as_ptr(), bias.as_ptr(), out.as_mut_ptr(), pool.as_mut_ptr(), g, c) };
+        return;
+    }
+    depthwise_portable(input, weights, bias, out, pool, g)
+}
+
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn depthwise_portable(input: &[f32], weights: &[f32], bias: &[f32], out: &mut [f32], pool: &mut [f32], g: &ConvGeom) {
+    let c = bias.len();
     for oy in 0..g.oh {
         let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
         let ky0 = (-iy0).max(0) as usize;
@@ -83,6 +95,79 @@ fn dw_block<const B: usize>(input: &[f32], weights: &[f32], bias: &[f32], orow: 
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod dw_avx512 {
+    use super::ConvGeom;
+    use crate::backend::cpu::avx512::silu;
+    use std::arch::x86_64::*;
+
+    /// Caller guarantees AVX-512F, c % 16 == 0 and buffers of the sizes `depthwise_bias_silu` asserts.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn run(input: *const f32, weights: *const f32, bias: *const f32, out: *mut f32, pool: *mut f32, g: &ConvGeom, c: usize) {
+        for oy in 0..g.oh {
+            let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
+            let ky0 = (-iy0).max(0) as usize;
+            let ky1 = ((g.h as isize - iy0).min(g.k as isize)).max(0) as usize;
+            for ox in 0..g.ow {
+                let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
+                let kx0 = (-ix0).max(0) as usize;
+                let kx1 = ((g.w as isize - ix0).min(g.k as isize)).max(0) as usize;
+                let px = Px { iy0, ix0, ky0, ky1, kx0, kx1, out: out.add((oy * g.ow + ox) * c) };
+                let mut cb = 0;
+                while cb + 64 <= c {
+                    block::<4>(input, weights, bias, pool, g, c, cb, &px);
+                    cb += 64;
+                }
+                while cb + 32 <= c {
+                    block::<2>(input, weights, bias, pool, g, c, cb, &px);
+                    cb += 32;
+                }
+                while cb < c {
+                    block::<1>(input, weights, bias, pool, g, c, cb, &px);
+                    cb += 16;
+                }
+            }
+        }
+    }
+
+    struct Px {
+        iy0: isize,
+        ix0: isize,
+        ky0: usize,
+        ky1: usize,
+        kx0: usize,
+        kx1: usize,
+        out: *mut f32,
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const V: usize>(input: *const f32, weights: *const f32, bias: *const f32, pool: *mut f32, g: &ConvGeom, c: usize, cb: usize, px: &Px) {
+        let mut acc = [_mm512_setzero_ps(); V];
+        for v in 0..V {
+            acc[v] = _mm512_loadu_ps(bias.add(cb + 16 * v));
+        }
+        for ky in px.ky0..px.ky1 {
+            let iy = (px.iy0 + ky as isize) as usize;
+            for kx in px.kx0..px.kx1 {
+                let ix = (px.ix0 + kx as isize) as usize;
+                let src = input.add((iy * g.w + ix) * c + cb);
+                let wt = weights.add((ky * g.k + kx) * c + cb);
+                for v in 0..V {
+                    acc[v] = _mm512_fmadd_ps(_mm512_loadu_ps(src.add(16 * v)), _mm512_loadu_ps(wt.add(16 * v)), acc[v]);
+                }
+            }
+        }
+        for v in 0..V {
+            let y = silu(acc[v]);
+            _mm512_storeu_ps(px.out.add(cb + 16 * v), y);
+            let p = pool.add(cb + 16 * v);
+            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), y));
+        }
+    }
+}
+
 /// im2col of one NCHW sample for a dense k×k conv: `cols` [oh·ow, c·k·k], column order (c, ky, kx)
 /// to match OIHW weights; zero outside the image.
 pub fn im2col_nchw(input: &[f32], c: usize, g: &ConvGeom, cols: &mut [f32]) {
@@ -116,15 +201,22 @@ mod tests {
     /// Direct NCHW-indexed reference in f64.
     #[test]
     fn depthwise_matches_direct_formula() {
-        let (h, w, c, k, s) = (7, 6, 3, 5, 2);
+        // 3: portable path; 48 and 144: AVX-512 blocks of 64/32/16 where the CPU has them.
+        for c in [3, 48, 144] {
+            depthwise_case(c);
+        }
+    }
+
+    fn depthwise_case(c: usize) {
+        let (h, w, k, s) = (7, 6, 5, 2);
         let g = ConvGeom { h, w, k, stride: s, pad_top: 1, pad_left: 2, oh: 4, ow: 3 };
         let input: Vec<f32> = (0..h * w * c).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
         let wts: Vec<f32> = (0..k * k * c).map(|i| ((i * 13 % 17) as f32 - 8.0) / 9.0).collect();
-        let bias = [0.1f32, -0.2, 0.3];
+        let bias: Vec<f32> = (0..c).map(|i| 0.1 * (i % 7) as f32 - 0.3).collect();
         let mut out = vec![0f32; g.oh * g.ow * c];
         let mut pool = vec![0f32; c];
         depthwise_bias_silu(&input, &wts, &bias, &mut out, &mut pool, &g);
-        let mut pool_ref = [0f64; 3];
+        let mut pool_ref = vec![0f64; c];
         for oy in 0..g.oh {
             for ox in 0..g.ow {
                 for ch in 0..c {

@@ -1,5 +1,7 @@
 //! CPU kernels: reference and fast paths.
 pub mod activation;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod conv;
 pub mod gemm;
 pub mod pointwise;
