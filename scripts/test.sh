@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every test of phenocore: Rust (unit, integration, torchvision parity fixtures, CLI, header freshness),
+# C and C++ link tests (plain and under valgrind), Python bindings, and the NVRTC compile check of
+# every CUDA kernel (sm_80 + sm_90, no spills; no GPU needed). Exits non-zero on the first failure.
+# This is the README's test command and what CI (.ci/run) runs.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+start=$SECONDS
+step() { printf '\n===== %s (%ds)\n' "$1" $((SECONDS - start)); }
+
+step "Rust tests (cargo test --release)"
+cargo test --release
+
+step "C / C++ ABI tests"
+scripts/test-c.sh
+
+step "Python bindings"
+scripts/test-python.sh
+
+step "CUDA backend: build with --features cuda, NVRTC check of every kernel"
+scripts/test-cuda-nvrtc.sh
+
+step "all tests passed"
