@@ -324,35 +324,53 @@ def parent(args) -> int:
             print(f"neither phenocore nor torch is available ({e}); nothing to benchmark", file=sys.stderr)
             return 1
         truncatable = args.layer in TRUNCATED_LAYERS
-        for name in args.only:
-            if name != "phenocore" and not truncatable:
-                notes[name] = f"skipped: only block6a_activation is truncated for torch/ORT, not {args.layer!r}"
-                continue
-            if name == "onnxruntime":
-                export = spawn("--_export", "onnx", args, tmp)
-                if export.returncode != 0 or not (tmp / "trunk.onnx").is_file():
-                    last = (export.stderr.strip().splitlines() or ["no output"])[-1]
-                    notes[name] = f"skipped: ONNX export failed (needs torch, onnx): {last}"
+        raws, exported = {}, False
+        # Rounds alternate the contenders' order, so a slow spell of a shared machine is spread
+        # over all of them instead of landing on one; timings of all rounds are pooled.
+        for rnd in range(args.rounds):
+            order = list(args.only) if rnd % 2 == 0 else list(reversed(args.only))
+            for name in order:
+                if name in notes:
                     continue
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            proc = spawn("--_child", name, args, tmp)
-            record = tmp / f"{name}.json"
-            if proc.returncode != 0 or not record.is_file():
-                failed = True
-                notes[name] = f"FAILED (exit {proc.returncode}): " + " | ".join(proc.stderr.strip().splitlines()[-3:])
-                continue
-            raw = json.loads(record.read_text())
-            if "skipped" in raw:
-                notes[name] = "skipped: " + raw["skipped"]
+                if name != "phenocore" and not truncatable:
+                    notes[name] = f"skipped: only block6a_activation is truncated for torch/ORT, not {args.layer!r}"
+                    continue
+                if name == "onnxruntime" and not exported:
+                    export = spawn("--_export", "onnx", args, tmp)
+                    if export.returncode != 0 or not (tmp / "trunk.onnx").is_file():
+                        last = (export.stderr.strip().splitlines() or ["no output"])[-1]
+                        notes[name] = f"skipped: ONNX export failed (needs torch, onnx): {last}"
+                        continue
+                    exported = True
+                print(f"round {rnd + 1}/{args.rounds}: running {name} ...", file=sys.stderr, flush=True)
+                proc = spawn("--_child", name, args, tmp)
+                record = tmp / f"{name}.json"
+                if proc.returncode != 0 or not record.is_file():
+                    failed = True
+                    notes[name] = f"FAILED (exit {proc.returncode}): " + " | ".join(proc.stderr.strip().splitlines()[-3:])
+                    continue
+                raw = json.loads(record.read_text())
+                record.unlink()
+                if "skipped" in raw:
+                    notes[name] = "skipped: " + raw["skipped"]
+                    continue
+                if name in raws:
+                    raws[name]["times_s"] += raw["times_s"]
+                    raws[name]["rss_peak_mib"] = max(raws[name]["rss_peak_mib"], raw["rss_peak_mib"])
+                else:
+                    raws[name] = raw
+                    raws[name]["features_array"] = np.load(tmp / f"{name}.npy")
+        for name, raw in raws.items():
+            if name in notes:
                 continue
             results[name] = summarise(name, raw, args.batch)
-            results[name]["features"] = np.load(tmp / f"{name}.npy")
+            results[name]["features"] = raw["features_array"]
     load_after = os.getloadavg()
 
     print()
     print(
         f"EfficientNet-B0 {args.layer}, batch {args.batch} x {IN_CHANNELS}x{CROP}x{CROP} float32, "
-        f"{args.threads} thread(s), {args.warmup} warm-up + {args.reps} timed runs"
+        f"{args.threads} thread(s), {args.rounds} round(s) x ({args.warmup} warm-up + {args.reps} timed runs)"
         + (", torch in channels_last" if args.torch_channels_last else "")
         + (", no spin-waiting" if args.no_spin else "")
     )
@@ -434,6 +452,7 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=64, help="crops per pass (default 64)")
     p.add_argument("--threads", type=int, default=2, help="threads for every contender (default 2)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all contenders, order alternating (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs, at least 1 (default 2)")
     p.add_argument("--layer", default="block6a_activation", help="feature layer (torch/ORT: block6a_activation only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and weights (default 0)")
@@ -453,7 +472,7 @@ def parse_args(argv):
     for hidden in ("--weights", "--onnx", "--out"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("batch", "threads", "reps", "warmup"):
+    for name in ("batch", "threads", "reps", "warmup", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     args.only = [c.strip() for c in args.only.split(",") if c.strip()]
