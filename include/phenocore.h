@@ -225,8 +225,10 @@ void pheno_effnet_free(PhenoModel *model);
 // Mean-pooled features of `n_layers` layers for `n` crops (n x channels x height x width
 // float32, row-major, normalised as the model expects). `out[i]` receives n x dim(layers[i])
 // floats (see `pheno_effnet_layer_dim`); `out_lens[i]` is its capacity in floats. `opts` may be
-// NULL. n == 0 writes nothing. On failure (including cancellation) the contents of `out` are
-// unspecified. Output buffers must not overlap each other or `crops`. Thread-safe on one model.
+// NULL. n == 0 writes nothing. On success every value written is finite (crops so large that the
+// network overflows give PHENO_ERR_NON_FINITE); on failure (including cancellation) the contents
+// of `out` are unspecified. Output buffers must not overlap each other or `crops`. Thread-safe
+// on one model.
 //
 // # Safety
 // All pointers valid for the lengths described above.

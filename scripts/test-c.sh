@@ -38,7 +38,7 @@ expected="$target_dir/tmp/phenocore-c/expected_features.txt"
 
 echo "== C test linked with $lib_dir/libphenocore.so"
 cc -std=c11 -O1 -g -Wall -Wextra -Werror -pedantic -pthread -I include tests/c/test_phenocore.c \
-    -o "$out/test_phenocore" -L "$lib_dir" -Wl,-rpath,"$lib_dir" -lphenocore -lm
+    -o "$out/test_phenocore" -L "$lib_dir" -Wl,--disable-new-dtags,-rpath,"$lib_dir" -lphenocore -lm
 "$out/test_phenocore" --expected "$expected" --workdir "$out"
 
 valgrind_flags=(--error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect
@@ -49,7 +49,7 @@ valgrind "${valgrind_flags[@]}" "$out/test_phenocore" --expected "$expected" --w
 
 echo "== C++ wrapper test"
 c++ -std=c++17 -O1 -g -Wall -Wextra -Werror -pedantic -pthread -I include -I bindings/cpp \
-    bindings/cpp/test_phenocore.cpp -o "$out/test_phenocore_cpp" -L "$lib_dir" -Wl,-rpath,"$lib_dir" -lphenocore
+    bindings/cpp/test_phenocore.cpp -o "$out/test_phenocore_cpp" -L "$lib_dir" -Wl,--disable-new-dtags,-rpath,"$lib_dir" -lphenocore
 "$out/test_phenocore_cpp" --workdir "$out"
 
 echo "== C++ wrapper test under valgrind"

@@ -90,10 +90,15 @@ fn c_program_passes_and_matches_the_rust_api() {
     std::fs::create_dir_all(&work).expect("work dir");
     // Kept at a fixed place so scripts/test-c.sh can reuse it for the valgrind run.
     let expected = work.join("expected_features.txt");
-    std::fs::write(&expected, expected_file()).expect("write expected features");
+    let tmp = work.join(format!("expected_features.txt.{}", std::process::id()));
+    std::fs::write(&tmp, expected_file()).expect("write expected features");
+    std::fs::rename(&tmp, &expected).expect("rename expected features");
 
     let lib = lib_dir();
-    let exe = work.join("test_phenocore");
+    // Per process, so concurrent test runs do not overwrite each other's program.
+    let scratch = work.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let exe = scratch.join("test_phenocore");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     run(Command::new(&cc)
         .args([
@@ -113,13 +118,18 @@ fn c_program_passes_and_matches_the_rust_api() {
         .arg(&exe)
         .arg("-L")
         .arg(&lib)
+        // DT_RPATH, not DT_RUNPATH: cargo puts target/<profile> first on LD_LIBRARY_PATH, which
+        // outranks a RUNPATH, and the program would load whatever libphenocore.so an earlier
+        // `cargo build` left there instead of the one built for this test.
+        .arg("-Wl,--disable-new-dtags")
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .args(["-lphenocore", "-lm"]));
     let out = run(Command::new(&exe)
         .arg("--expected")
         .arg(&expected)
         .arg("--workdir")
-        .arg(&work));
+        .arg(&scratch));
+    let _ = std::fs::remove_dir_all(&scratch);
     println!("{out}");
     assert!(out.contains(" 0 failures"), "{out}");
     assert!(

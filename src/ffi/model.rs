@@ -321,12 +321,24 @@ impl Outputs {
                 feats.len()
             )));
         }
-        for ((f, &dim), &buf) in feats.iter().zip(&self.dims).zip(&self.bufs) {
+        for (((f, &dim), &buf), name) in feats
+            .iter()
+            .zip(&self.dims)
+            .zip(&self.bufs)
+            .zip(&self.names)
+        {
             let m = rows.len();
             if f.shape() != [m, dim] {
                 return Err(Error::shape_mismatch("layer output", &[m, dim], f.shape()));
             }
             let src = f.as_f32()?;
+            if let Some(i) = src.iter().position(|v| !v.is_finite()) {
+                return Err(Error::NonFinite(format!(
+                    "layer {name:?} of cell {} is {}: the crops overflow float32 inside the network (are they normalised?)",
+                    rows.start + i / dim.max(1),
+                    src[i]
+                )));
+            }
             // SAFETY: `buf` holds at least n * dim floats (checked in `new`), rows.end <= n, and
             // `src` is our own tensor, so the ranges cannot overlap.
             unsafe {
@@ -427,8 +439,10 @@ unsafe fn crops_slice<'a>(crops: *const f32, dims: [usize; 4]) -> Result<&'a [f3
 /// Mean-pooled features of `n_layers` layers for `n` crops (n x channels x height x width
 /// float32, row-major, normalised as the model expects). `out[i]` receives n x dim(layers[i])
 /// floats (see `pheno_effnet_layer_dim`); `out_lens[i]` is its capacity in floats. `opts` may be
-/// NULL. n == 0 writes nothing. On failure (including cancellation) the contents of `out` are
-/// unspecified. Output buffers must not overlap each other or `crops`. Thread-safe on one model.
+/// NULL. n == 0 writes nothing. On success every value written is finite (crops so large that the
+/// network overflows give PHENO_ERR_NON_FINITE); on failure (including cancellation) the contents
+/// of `out` are unspecified. Output buffers must not overlap each other or `crops`. Thread-safe
+/// on one model.
 ///
 /// # Safety
 /// All pointers valid for the lengths described above.

@@ -477,6 +477,9 @@ static void test_model(const char *expected_path) {
           "cell 1");
     crops[C * HW * HW + 17] = INFINITY;
     FAILS(pheno_effnet_logits(m, crops, N, C, HW, HW, logits, N * CLASSES), PHENO_ERR_NON_FINITE, "inf");
+    for (size_t i = 0; i < CROP_LEN; i++) crops[i] = 3.4e38f;
+    FAILS(pheno_effnet_features(m, crops, N, C, HW, HW, LAYERS, 2, NULL, outs, lens), PHENO_ERR_NON_FINITE,
+          "overflow float32");
     fill_crops(crops, CROP_LEN);
     FAILS(pheno_effnet_logits(m, crops, N, C, HW, HW, logits, N * CLASSES - 1), PHENO_ERR_SHAPE, "out_len");
     FAILS(pheno_effnet_logits(m, crops, N, C, HW, HW, NULL, N * CLASSES), PHENO_ERR_NULL_POINTER, "out");
