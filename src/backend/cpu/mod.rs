@@ -5,3 +5,4 @@ pub mod avx512;
 pub mod conv;
 pub mod gemm;
 pub mod pointwise;
+pub mod pointwise_bf16;

@@ -50,6 +50,15 @@ impl PackedPointwise {
         self.k
     }
 
+    /// The weights, [n, k] row-major, as given.
+    pub fn weights(&self) -> &[f32] {
+        &self.w
+    }
+
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
+    }
+
     /// dst (m × n) = [dst +] a (m × k) · wᵀ + bias, then SiLU if `silu`.
     pub fn forward(&self, a: &[f32], m: usize, dst: &mut [f32], accumulate: bool, silu: bool) {
         let (n, k) = (self.n, self.k);

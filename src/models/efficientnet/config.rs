@@ -43,6 +43,16 @@ pub struct EfficientNetConfig {
     pub bn_eps: f32,
 }
 
+/// Arithmetic of the 1 × 1 / stem convolutions (the GEMMs). Depthwise, SE and the classifier stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 throughout (default; matches the float64 reference to ~1e-5).
+    #[default]
+    F32,
+    /// Opt-in: GEMM inputs rounded to bf16, f32 accumulation (AVX512_BF16 CPUs only).
+    Bf16,
+}
+
 impl Default for EfficientNetConfig {
     fn default() -> Self {
         // Cell Painting: 5 channels (DNA, RNA, ER, AGP, Mito); torchvision conventions.

@@ -16,6 +16,7 @@ use crate::backend::cpu::activation::{scale_rows, sigmoid, silu, sum_rows};
 use crate::backend::cpu::conv::{depthwise_bias_silu, im2col_nchw, ConvGeom};
 use crate::backend::cpu::gemm::{matmul, MatRef};
 use crate::backend::cpu::pointwise::PackedPointwise;
+use crate::backend::cpu::pointwise_bf16::Pointwise;
 use std::cell::RefCell;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -29,7 +30,7 @@ pub struct FoldedConv {
 
 pub struct FoldedBlock {
     pub spec: BlockSpec,
-    pub expand: Option<PackedPointwise>,
+    pub expand: Option<Pointwise>,
     /// Depthwise weights tap-major [k·k, hidden], BN folded.
     pub dw_w: Vec<f32>,
     pub dw_b: Vec<f32>,
@@ -37,13 +38,13 @@ pub struct FoldedBlock {
     pub se1_b: Vec<f32>,
     pub se2_w: Vec<f32>,
     pub se2_b: Vec<f32>,
-    pub project: PackedPointwise,
+    pub project: Pointwise,
 }
 
 pub struct Folded {
-    pub stem: PackedPointwise,
+    pub stem: Pointwise,
     pub blocks: Vec<FoldedBlock>,
-    pub top: PackedPointwise,
+    pub top: Pointwise,
     pub cls_w: Vec<f32>,
     pub cls_b: Vec<f32>,
     pub num_classes: usize,
@@ -71,9 +72,9 @@ fn fold(s: &StateDict, conv: &str, bn: &str, eps: f32) -> Result<FoldedConv> {
     Ok(FoldedConv { w: fw, b: fb })
 }
 
-fn packed(c: FoldedConv) -> PackedPointwise {
+fn packed(c: FoldedConv) -> Pointwise {
     let n = c.b.len();
-    PackedPointwise::new(&c.w, &c.b, n, c.w.len() / n)
+    Pointwise::new(PackedPointwise::new(&c.w, &c.b, n, c.w.len() / n))
 }
 
 impl Folded {

@@ -13,7 +13,7 @@ mod forward;
 mod layers;
 mod weights;
 
-pub use config::{EfficientNetConfig, Padding, BLOCKS};
+pub use config::{EfficientNetConfig, Padding, Precision, BLOCKS};
 pub use layers::{LayerTap, TapPoint};
 pub use weights::{expand_stem_channels, StateDict};
 
@@ -30,6 +30,7 @@ pub struct EfficientNet {
     state: StateDict,
     /// BN-folded inference weights, built once at load.
     folded: forward::Folded,
+    precision: Precision,
 }
 
 impl EfficientNet {
@@ -45,7 +46,7 @@ impl EfficientNet {
         let config = weights::config_from_state_dict(&state, padding, bn_eps)?;
         weights::validate(&state, &config)?;
         let folded = forward::Folded::build(&state, &config)?;
-        Ok(EfficientNet { config, state, folded })
+        Ok(EfficientNet { config, state, folded, precision: Precision::F32 })
     }
 
     pub fn load(path: &Path, padding: Padding, bn_eps: f32) -> Result<Self> {
@@ -63,6 +64,32 @@ impl EfficientNet {
         crate::io::safetensors::write_f32_tensors(path, &self.state)
     }
 
+    /// Selects the GEMM arithmetic (default f32). `Bf16` packs bf16 weights once and fails with
+    /// `Error::Unsupported` on CPUs without AVX512_BF16 (the model then stays as it was).
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        let on = precision == Precision::Bf16;
+        let f = &mut self.folded;
+        let mut convs: Vec<&mut crate::backend::cpu::pointwise_bf16::Pointwise> = vec![&mut f.stem, &mut f.top];
+        for b in &mut f.blocks {
+            convs.extend(b.expand.as_mut());
+            convs.push(&mut b.project);
+        }
+        if on && !crate::backend::cpu::pointwise_bf16::bf16_supported() {
+            return Err(Error::Unsupported(
+                "bf16 precision needs a CPU with AVX512_BF16 (e.g. Intel Sapphire Rapids or AMD Zen 4); use f32".into(),
+            ));
+        }
+        for c in convs {
+            c.set_bf16(on)?;
+        }
+        self.precision = precision;
+        Ok(())
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     pub fn config(&self) -> &EfficientNetConfig {
         &self.config
     }
@@ -73,7 +100,8 @@ impl EfficientNet {
 
     /// Feature dimension of a named layer (channels; spatial dims are mean-pooled).
     pub fn layer_dim(&self, layer: &str) -> Result<usize> {
-        Ok(layers::resolve(layer)?.channels())
+        let tap = layers::resolve(layer)?;
+        Ok(if tap.point == TapPoint::Logits { self.config.num_classes } else { tap.channels() })
     }
 
     /// Mean-pooled features of each requested layer: one (N, D_layer) tensor per layer, in order.
