@@ -179,9 +179,7 @@ pub unsafe extern "C" fn pheno_effnet_info(
 
 /// Feature width of a named layer: channels, since features are mean-pooled over space.
 fn layer_dim(net: &EfficientNet, name: &str) -> Result<usize> {
-    let d = net.layer_dim(name)?;
-    // Only the logits tap reports 0 channels: its width is the model's class count.
-    Ok(if d == 0 { net.config().num_classes } else { d })
+    net.layer_dim(name)
 }
 
 /// Width of the mean-pooled features of `layer` (Keras name such as "block6a_activation" or
