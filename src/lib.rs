@@ -1,12 +1,12 @@
 //! phenocore: Cell Painting images → phenotypic profiles.
-pub mod error;
-pub mod tensor;
 pub mod backend;
-pub mod ops;
-pub mod models;
-pub mod profiling;
-pub mod io;
+pub mod error;
 pub mod ffi;
+pub mod io;
+pub mod models;
+pub mod ops;
+pub mod profiling;
+pub mod tensor;
 pub mod threads;
 
 pub use error::{Error, Result};

@@ -11,7 +11,10 @@ pub fn set_num_threads(n: usize) -> crate::Result<()> {
         .thread_name(|i| format!("phenocore-{i}"))
         .build()
         .map_err(|e| crate::Error::Internal(format!("cannot build thread pool: {e}")))?;
-    *POOL.write().map_err(|_| crate::Error::Internal("thread pool lock poisoned".into()))? = Some(Arc::new(pool));
+    *POOL
+        .write()
+        .map_err(|_| crate::Error::Internal("thread pool lock poisoned".into()))? =
+        Some(Arc::new(pool));
     Ok(())
 }
 

@@ -77,7 +77,9 @@ pub struct Image<'a> {
 impl<'a> Image<'a> {
     pub fn new(data: ImageData<'a>, channels: usize, height: usize, width: usize) -> Result<Self> {
         if channels == 0 || height == 0 || width == 0 {
-            return Err(Error::Shape(format!("image shape ({channels}, {height}, {width}) has a zero dimension")));
+            return Err(Error::Shape(format!(
+                "image shape ({channels}, {height}, {width}) has a zero dimension"
+            )));
         }
         let need = channels
             .checked_mul(height)
@@ -100,22 +102,40 @@ impl<'a> Image<'a> {
                 )));
             }
         }
-        Ok(Image { data, channels, height, width })
+        Ok(Image {
+            data,
+            channels,
+            height,
+            width,
+        })
     }
 }
 
 /// Crops a `box_size` box around each centre (x, y): returns (N, C, B, B) float32.
 /// Centres must be finite; a centre may lie outside the image (its crop is then mostly zeros).
-pub fn crop_cells(image: &Image, centers: &[[f32; 2]], box_size: usize, norm: Normalization) -> Result<Tensor> {
+pub fn crop_cells(
+    image: &Image,
+    centers: &[[f32; 2]],
+    box_size: usize,
+    norm: Normalization,
+) -> Result<Tensor> {
     let mut out = vec![0f32; centers.len() * image.channels * box_size * box_size];
     crop_cells_into(image, centers, box_size, norm, &mut out)?;
     Tensor::from_f32(&[centers.len(), image.channels, box_size, box_size], out)
 }
 
 /// As `crop_cells`, writing into `out` (len N·C·B·B).
-pub fn crop_cells_into(image: &Image, centers: &[[f32; 2]], box_size: usize, norm: Normalization, out: &mut [f32]) -> Result<()> {
+pub fn crop_cells_into(
+    image: &Image,
+    centers: &[[f32; 2]],
+    box_size: usize,
+    norm: Normalization,
+    out: &mut [f32],
+) -> Result<()> {
     if box_size == 0 || box_size > 4096 {
-        return Err(Error::InvalidArgument(format!("box size {box_size} must be in 1..=4096")));
+        return Err(Error::InvalidArgument(format!(
+            "box size {box_size} must be in 1..=4096"
+        )));
     }
     let plane = box_size * box_size;
     let per_cell = image.channels * plane;
@@ -129,38 +149,53 @@ pub fn crop_cells_into(image: &Image, centers: &[[f32; 2]], box_size: usize, nor
     }
     for (i, c) in centers.iter().enumerate() {
         if !c[0].is_finite() || !c[1].is_finite() || c[0].abs() > 1e9 || c[1].abs() > 1e9 {
-            return Err(Error::InvalidArgument(format!("centre {i} ({}, {}) is not a finite coordinate", c[0], c[1])));
+            return Err(Error::InvalidArgument(format!(
+                "centre {i} ({}, {}) is not a finite coordinate",
+                c[0], c[1]
+            )));
         }
     }
     use rayon::prelude::*;
     let half = (box_size / 2) as i64;
     let (h, w) = (image.height as i64, image.width as i64);
     crate::threads::install(|| {
-        out.par_chunks_mut(per_cell).zip(centers.par_iter()).for_each(|(cell, c)| {
-            let x0 = (c[0] + 0.5).floor() as i64 - if box_size % 2 == 0 { half } else { (box_size as i64 - 1) / 2 };
-            let y0 = (c[1] + 0.5).floor() as i64 - if box_size % 2 == 0 { half } else { (box_size as i64 - 1) / 2 };
-            for (ch, dst) in cell.chunks_exact_mut(plane).enumerate() {
-                dst.fill(0.0);
-                let base = ch * image.height * image.width;
-                for r in 0..box_size as i64 {
-                    let y = y0 + r;
-                    if y < 0 || y >= h {
-                        continue;
+        out.par_chunks_mut(per_cell)
+            .zip(centers.par_iter())
+            .for_each(|(cell, c)| {
+                let x0 = (c[0] + 0.5).floor() as i64
+                    - if box_size % 2 == 0 {
+                        half
+                    } else {
+                        (box_size as i64 - 1) / 2
+                    };
+                let y0 = (c[1] + 0.5).floor() as i64
+                    - if box_size % 2 == 0 {
+                        half
+                    } else {
+                        (box_size as i64 - 1) / 2
+                    };
+                for (ch, dst) in cell.chunks_exact_mut(plane).enumerate() {
+                    dst.fill(0.0);
+                    let base = ch * image.height * image.width;
+                    for r in 0..box_size as i64 {
+                        let y = y0 + r;
+                        if y < 0 || y >= h {
+                            continue;
+                        }
+                        let xs = x0.max(0);
+                        let xe = (x0 + box_size as i64).min(w);
+                        if xs >= xe {
+                            continue;
+                        }
+                        let row = &mut dst[(r as usize) * box_size..(r as usize + 1) * box_size];
+                        let src = base + (y * w) as usize;
+                        for x in xs..xe {
+                            row[(x - x0) as usize] = image.data.get(src + x as usize);
+                        }
                     }
-                    let xs = x0.max(0);
-                    let xe = (x0 + box_size as i64).min(w);
-                    if xs >= xe {
-                        continue;
-                    }
-                    let row = &mut dst[(r as usize) * box_size..(r as usize + 1) * box_size];
-                    let src = base + (y * w) as usize;
-                    for x in xs..xe {
-                        row[(x - x0) as usize] = image.data.get(src + x as usize);
-                    }
+                    normalize_plane(dst, norm);
                 }
-                normalize_plane(dst, norm);
-            }
-        });
+            });
     });
     Ok(())
 }
@@ -223,7 +258,13 @@ mod tests {
         let m = crop_cells(&img, &[[0.0, 0.0]], 4, Normalization::MinMax).unwrap();
         assert!((m.as_f32().unwrap()[10] - 10.0 / (10.0 + MINMAX_EPS)).abs() < 1e-6);
         // entirely outside: all zero, no NaN.
-        let far = crop_cells(&img, &[[100.0, -50.0]], 4, Normalization::DeepProfilerLegacy).unwrap();
+        let far = crop_cells(
+            &img,
+            &[[100.0, -50.0]],
+            4,
+            Normalization::DeepProfilerLegacy,
+        )
+        .unwrap();
         assert!(far.as_f32().unwrap().iter().all(|&x| x == 0.0));
     }
 
@@ -238,6 +279,11 @@ mod tests {
         let img = Image::new(ImageData::F32(&px), 2, 4, 4).unwrap();
         assert!(crop_cells(&img, &[[f32::NAN, 1.0]], 4, Normalization::None).is_err());
         assert!(crop_cells(&img, &[[1.0, 1.0]], 0, Normalization::None).is_err());
-        assert_eq!(crop_cells(&img, &[], 4, Normalization::None).unwrap().shape(), &[0, 2, 4, 4]);
+        assert_eq!(
+            crop_cells(&img, &[], 4, Normalization::None)
+                .unwrap()
+                .shape(),
+            &[0, 2, 4, 4]
+        );
     }
 }

@@ -57,7 +57,10 @@ impl Tensor {
                 numel(shape)
             )));
         }
-        Ok(Tensor { shape: shape.to_vec(), storage })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage,
+        })
     }
 
     pub fn from_f32(shape: &[usize], data: Vec<f32>) -> Result<Self> {
@@ -76,7 +79,10 @@ impl Tensor {
             DType::F16 => Storage::F16(vec![f16::ZERO; n]),
             DType::BF16 => Storage::BF16(vec![bf16::ZERO; n]),
         };
-        Tensor { shape: shape.to_vec(), storage }
+        Tensor {
+            shape: shape.to_vec(),
+            storage,
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -123,7 +129,10 @@ impl Tensor {
         if numel(shape) != self.numel() {
             return Err(Error::shape_mismatch("reshape", shape, &self.shape));
         }
-        Ok(Tensor { shape: shape.to_vec(), storage: self.storage })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: self.storage,
+        })
     }
 
     pub fn as_f32(&self) -> Result<&[f32]> {
@@ -141,7 +150,9 @@ impl Tensor {
         let (dt, dev) = (self.dtype(), self.device());
         match &mut self.storage {
             Storage::F32(v) => Ok(v),
-            _ => Err(Error::DType(format!("expected a float32 CPU tensor, got {dt:?} on {dev:?}"))),
+            _ => Err(Error::DType(format!(
+                "expected a float32 CPU tensor, got {dt:?} on {dev:?}"
+            ))),
         }
     }
 
@@ -168,7 +179,9 @@ impl Tensor {
             Storage::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => {
-                return Err(Error::Unsupported("dtype conversion of a CUDA tensor: copy it to the CPU first".into()))
+                return Err(Error::Unsupported(
+                    "dtype conversion of a CUDA tensor: copy it to the CPU first".into(),
+                ))
             }
         };
         let storage = match dtype {
@@ -177,7 +190,10 @@ impl Tensor {
             DType::F16 => Storage::F16(as_f64.iter().map(|&x| f16::from_f64(x)).collect()),
             DType::BF16 => Storage::BF16(as_f64.iter().map(|&x| bf16::from_f64(x)).collect()),
         };
-        Ok(Tensor { shape: self.shape.clone(), storage })
+        Ok(Tensor {
+            shape: self.shape.clone(),
+            storage,
+        })
     }
 
     /// Copies the tensor to `device`. CUDA devices need the `cuda` feature and a driver.
@@ -189,7 +205,10 @@ impl Tensor {
             Device::Cpu => {
                 #[cfg(feature = "cuda")]
                 if let Storage::Cuda(s) = &self.storage {
-                    return Ok(Tensor { shape: self.shape.clone(), storage: s.to_cpu()? });
+                    return Ok(Tensor {
+                        shape: self.shape.clone(),
+                        storage: s.to_cpu()?,
+                    });
                 }
                 Err(Error::Internal("unreachable device copy".into()))
             }
@@ -197,10 +216,15 @@ impl Tensor {
                 #[cfg(feature = "cuda")]
                 {
                     let s = crate::backend::cuda::CudaStorage::from_cpu(&self.storage, _ordinal)?;
-                    Ok(Tensor { shape: self.shape.clone(), storage: Storage::Cuda(s) })
+                    Ok(Tensor {
+                        shape: self.shape.clone(),
+                        storage: Storage::Cuda(s),
+                    })
                 }
                 #[cfg(not(feature = "cuda"))]
-                Err(Error::NoDevice("this build of phenocore has no CUDA support (feature `cuda`)".into()))
+                Err(Error::NoDevice(
+                    "this build of phenocore has no CUDA support (feature `cuda`)".into(),
+                ))
             }
         }
     }
@@ -217,7 +241,9 @@ impl Tensor {
             Storage::Cuda(_) => None,
         };
         match bad {
-            Some(i) => Err(Error::NonFinite(format!("{what} has a NaN or Inf at flat index {i}"))),
+            Some(i) => Err(Error::NonFinite(format!(
+                "{what} has a NaN or Inf at flat index {i}"
+            ))),
             None => Ok(()),
         }
     }
@@ -240,13 +266,21 @@ mod tests {
     #[test]
     fn dtype_round_trip() {
         let t = Tensor::from_f32(&[4], vec![1.0, -2.5, 0.333_333_34, 1e4]).unwrap();
-        let h = t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+        let h = t
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
         let back = h.as_f32().unwrap();
         // bf16 keeps 8 significant bits: relative error ≤ 2^-8.
         for (a, b) in t.as_f32().unwrap().iter().zip(back) {
             assert!((a - b).abs() <= a.abs() * 2f32.powi(-8), "{a} vs {b}");
         }
-        let f = t.to_dtype(DType::F16).unwrap().to_dtype(DType::F64).unwrap();
+        let f = t
+            .to_dtype(DType::F16)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
         assert_eq!(f.as_f64().unwrap()[1], -2.5);
     }
 
@@ -260,7 +294,10 @@ mod tests {
                 let mut v = vec![1e30f32; 50];
                 v[at] = bad;
                 assert!(!all_finite_f32(&v), "{bad} at {at}");
-                let e = Tensor::from_f32(&[50], v).unwrap().check_finite("x").unwrap_err();
+                let e = Tensor::from_f32(&[50], v)
+                    .unwrap()
+                    .check_finite("x")
+                    .unwrap_err();
                 assert!(e.to_string().contains(&format!("index {at}")));
             }
         }

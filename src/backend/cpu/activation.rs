@@ -57,7 +57,10 @@ fn silu_inplace_portable(v: &mut [f32]) {
 }
 
 /// y = silu(x + bias[c]) over a [rows, c] slab.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma+avx2", "x86_64+avx2+fma"))]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+fma+avx2",
+    "x86_64+avx2+fma"
+))]
 pub fn bias_silu_rows(v: &mut [f32], bias: &[f32]) {
     let c = bias.len();
     for row in v.chunks_exact_mut(c) {
@@ -68,7 +71,10 @@ pub fn bias_silu_rows(v: &mut [f32], bias: &[f32]) {
 }
 
 /// As `bias_silu_rows`, also adding each row into `pool` (per-channel sums for mean pooling).
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma+avx2", "x86_64+avx2+fma"))]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+fma+avx2",
+    "x86_64+avx2+fma"
+))]
 pub fn bias_silu_rows_pool(v: &mut [f32], bias: &[f32], pool: &mut [f32]) {
     let c = bias.len();
     for row in v.chunks_exact_mut(c) {
@@ -81,7 +87,10 @@ pub fn bias_silu_rows_pool(v: &mut [f32], bias: &[f32], pool: &mut [f32]) {
 }
 
 /// v[r, c] += bias[c].
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma+avx2", "x86_64+avx2+fma"))]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+fma+avx2",
+    "x86_64+avx2+fma"
+))]
 pub fn add_bias_rows(v: &mut [f32], bias: &[f32]) {
     let c = bias.len();
     for row in v.chunks_exact_mut(c) {
@@ -92,7 +101,10 @@ pub fn add_bias_rows(v: &mut [f32], bias: &[f32]) {
 }
 
 /// v[r, c] *= scale[c].
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma+avx2", "x86_64+avx2+fma"))]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+fma+avx2",
+    "x86_64+avx2+fma"
+))]
 pub fn scale_rows(v: &mut [f32], scale: &[f32]) {
     let c = scale.len();
     for row in v.chunks_exact_mut(c) {
@@ -103,7 +115,10 @@ pub fn scale_rows(v: &mut [f32], scale: &[f32]) {
 }
 
 /// pool[c] += Σ_r v[r, c].
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx512dq+fma+avx2", "x86_64+avx2+fma"))]
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx512dq+fma+avx2",
+    "x86_64+avx2+fma"
+))]
 pub fn sum_rows(v: &[f32], pool: &mut [f32]) {
     let c = pool.len();
     for row in v.chunks_exact(c) {

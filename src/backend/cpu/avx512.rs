@@ -7,7 +7,10 @@ use std::arch::x86_64::*;
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub fn exp(x: __m512) -> __m512 {
-    let x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3)), _mm512_set1_ps(88.37));
+    let x = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
+        _mm512_set1_ps(88.37),
+    );
     let magic = _mm512_set1_ps(12_582_912.0);
     let t = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), magic);
     let n = _mm512_sub_ps(t, magic);
@@ -19,9 +22,16 @@ pub fn exp(x: __m512) -> __m512 {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.000_000_1e-1));
-    let e = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    let e = _mm512_fmadd_ps(
+        _mm512_mul_ps(p, r),
+        r,
+        _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+    );
     let bits = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(magic));
-    let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(bits, _mm512_set1_epi32(127))));
+    let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+        bits,
+        _mm512_set1_epi32(127),
+    )));
     _mm512_mul_ps(pow2, e)
 }
 
@@ -29,7 +39,10 @@ pub fn exp(x: __m512) -> __m512 {
 #[target_feature(enable = "avx512f")]
 pub fn silu(x: __m512) -> __m512 {
     let one = _mm512_set1_ps(1.0);
-    _mm512_div_ps(x, _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), x))))
+    _mm512_div_ps(
+        x,
+        _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), x))),
+    )
 }
 
 /// In-place SiLU over a slice.
@@ -58,7 +71,10 @@ mod tests {
         unsafe { super::silu_slice(&mut v) };
         for (a, x) in v.iter().zip(&orig) {
             let e = *x as f64 / (1.0 + (-*x as f64).exp());
-            assert!((*a as f64 - e).abs() <= 1e-6 * (1.0 + e.abs()), "{x}: {a} vs {e}");
+            assert!(
+                (*a as f64 - e).abs() <= 1e-6 * (1.0 + e.abs()),
+                "{x}: {a} vs {e}"
+            );
         }
     }
 }

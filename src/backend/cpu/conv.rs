@@ -18,21 +18,50 @@ pub struct ConvGeom {
 /// Fused depthwise k×k conv + bias + SiLU, with per-channel sums of the output added to `pool`
 /// (for the squeeze-excite mean). `input` [h·w, c], `weights` [k·k, c] (tap-major, BN folded),
 /// `out` [oh·ow, c]. Channels are processed in register-resident blocks of 64, then 16, then one.
-pub fn depthwise_bias_silu(input: &[f32], weights: &[f32], bias: &[f32], out: &mut [f32], pool: &mut [f32], g: &ConvGeom) {
+pub fn depthwise_bias_silu(
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    pool: &mut [f32],
+    g: &ConvGeom,
+) {
     let c = bias.len();
-    assert!(input.len() >= g.h * g.w * c && out.len() >= g.oh * g.ow * c && weights.len() >= g.k * g.k * c && pool.len() >= c);
+    assert!(
+        input.len() >= g.h * g.w * c
+            && out.len() >= g.oh * g.ow * c
+            && weights.len() >= g.k * g.k * c
+            && pool.len() >= c
+    );
     #[cfg(target_arch = "x86_64")]
     if c % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F present; buffer lengths asserted above; c is a multiple of 16 so every
         // 16-lane access stays inside a pixel's channel row.
-        unsafe { dw_avx512::run(input.as_ptr(), weights.as_ptr(), bias.as_ptr(), out.as_mut_ptr(), pool.as_mut_ptr(), g, c) };
+        unsafe {
+            dw_avx512::run(
+                input.as_ptr(),
+                weights.as_ptr(),
+                bias.as_ptr(),
+                out.as_mut_ptr(),
+                pool.as_mut_ptr(),
+                g,
+                c,
+            )
+        };
         return;
     }
     depthwise_portable(input, weights, bias, out, pool, g)
 }
 
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
-fn depthwise_portable(input: &[f32], weights: &[f32], bias: &[f32], out: &mut [f32], pool: &mut [f32], g: &ConvGeom) {
+fn depthwise_portable(
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    pool: &mut [f32],
+    g: &ConvGeom,
+) {
     let c = bias.len();
     for oy in 0..g.oh {
         let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
@@ -42,7 +71,14 @@ fn depthwise_portable(input: &[f32], weights: &[f32], bias: &[f32], out: &mut [f
             let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
             let kx0 = (-ix0).max(0) as usize;
             let kx1 = ((g.w as isize - ix0).min(g.k as isize)).max(0) as usize;
-            let win = Window { iy0, ix0, ky0, ky1, kx0, kx1 };
+            let win = Window {
+                iy0,
+                ix0,
+                ky0,
+                ky1,
+                kx0,
+                kx1,
+            };
             let orow = &mut out[(oy * g.ow + ox) * c..][..c];
             let mut cb = 0;
             while cb + 64 <= c {
@@ -73,7 +109,17 @@ struct Window {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dw_block<const B: usize>(input: &[f32], weights: &[f32], bias: &[f32], orow: &mut [f32], pool: &mut [f32], g: &ConvGeom, c: usize, cb: usize, win: &Window) {
+fn dw_block<const B: usize>(
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    orow: &mut [f32],
+    pool: &mut [f32],
+    g: &ConvGeom,
+    c: usize,
+    cb: usize,
+    win: &Window,
+) {
     let mut acc = [0f32; B];
     acc.copy_from_slice(&bias[cb..cb + B]);
     for ky in win.ky0..win.ky1 {
@@ -103,7 +149,15 @@ mod dw_avx512 {
 
     /// Caller guarantees AVX-512F, c % 16 == 0 and buffers of the sizes `depthwise_bias_silu` asserts.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn run(input: *const f32, weights: *const f32, bias: *const f32, out: *mut f32, pool: *mut f32, g: &ConvGeom, c: usize) {
+    pub unsafe fn run(
+        input: *const f32,
+        weights: *const f32,
+        bias: *const f32,
+        out: *mut f32,
+        pool: *mut f32,
+        g: &ConvGeom,
+        c: usize,
+    ) {
         for oy in 0..g.oh {
             let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
             let ky0 = (-iy0).max(0) as usize;
@@ -112,7 +166,15 @@ mod dw_avx512 {
                 let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
                 let kx0 = (-ix0).max(0) as usize;
                 let kx1 = ((g.w as isize - ix0).min(g.k as isize)).max(0) as usize;
-                let px = Px { iy0, ix0, ky0, ky1, kx0, kx1, out: out.add((oy * g.ow + ox) * c) };
+                let px = Px {
+                    iy0,
+                    ix0,
+                    ky0,
+                    ky1,
+                    kx0,
+                    kx1,
+                    out: out.add((oy * g.ow + ox) * c),
+                };
                 let mut cb = 0;
                 while cb + 64 <= c {
                     block::<4>(input, weights, bias, pool, g, c, cb, &px);
@@ -143,7 +205,16 @@ mod dw_avx512 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const V: usize>(input: *const f32, weights: *const f32, bias: *const f32, pool: *mut f32, g: &ConvGeom, c: usize, cb: usize, px: &Px) {
+    unsafe fn block<const V: usize>(
+        input: *const f32,
+        weights: *const f32,
+        bias: *const f32,
+        pool: *mut f32,
+        g: &ConvGeom,
+        c: usize,
+        cb: usize,
+        px: &Px,
+    ) {
         let mut acc = [_mm512_setzero_ps(); V];
         for v in 0..V {
             acc[v] = _mm512_loadu_ps(bias.add(cb + 16 * v));
@@ -155,7 +226,11 @@ mod dw_avx512 {
                 let src = input.add((iy * g.w + ix) * c + cb);
                 let wt = weights.add((ky * g.k + kx) * c + cb);
                 for v in 0..V {
-                    acc[v] = _mm512_fmadd_ps(_mm512_loadu_ps(src.add(16 * v)), _mm512_loadu_ps(wt.add(16 * v)), acc[v]);
+                    acc[v] = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(src.add(16 * v)),
+                        _mm512_loadu_ps(wt.add(16 * v)),
+                        acc[v],
+                    );
                 }
             }
         }
@@ -182,11 +257,12 @@ pub fn im2col_nchw(input: &[f32], c: usize, g: &ConvGeom, cols: &mut [f32]) {
                     let iy = (oy * g.stride + ky) as isize - g.pad_top as isize;
                     for kx in 0..g.k {
                         let ix = (ox * g.stride + kx) as isize - g.pad_left as isize;
-                        row[ch * kk + ky * g.k + kx] = if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                            plane[iy as usize * g.w + ix as usize]
-                        } else {
-                            0.0
-                        };
+                        row[ch * kk + ky * g.k + kx] =
+                            if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                                plane[iy as usize * g.w + ix as usize]
+                            } else {
+                                0.0
+                            };
                     }
                 }
             }
@@ -209,9 +285,22 @@ mod tests {
 
     fn depthwise_case(c: usize) {
         let (h, w, k, s) = (7, 6, 5, 2);
-        let g = ConvGeom { h, w, k, stride: s, pad_top: 1, pad_left: 2, oh: 4, ow: 3 };
-        let input: Vec<f32> = (0..h * w * c).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
-        let wts: Vec<f32> = (0..k * k * c).map(|i| ((i * 13 % 17) as f32 - 8.0) / 9.0).collect();
+        let g = ConvGeom {
+            h,
+            w,
+            k,
+            stride: s,
+            pad_top: 1,
+            pad_left: 2,
+            oh: 4,
+            ow: 3,
+        };
+        let input: Vec<f32> = (0..h * w * c)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let wts: Vec<f32> = (0..k * k * c)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 9.0)
+            .collect();
         let bias: Vec<f32> = (0..c).map(|i| 0.1 * (i % 7) as f32 - 0.3).collect();
         let mut out = vec![0f32; g.oh * g.ow * c];
         let mut pool = vec![0f32; c];
@@ -226,7 +315,8 @@ mod tests {
                             let iy = (oy * s + ky) as isize - 1;
                             let ix = (ox * s + kx) as isize - 2;
                             if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                a += input[(iy as usize * w + ix as usize) * c + ch] as f64 * wts[(ky * k + kx) * c + ch] as f64;
+                                a += input[(iy as usize * w + ix as usize) * c + ch] as f64
+                                    * wts[(ky * k + kx) * c + ch] as f64;
                             }
                         }
                     }

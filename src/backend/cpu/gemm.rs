@@ -13,11 +13,23 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// Contiguous row-major (rows × cols).
     pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef { data, rows, cols, row_stride: cols, col_stride: 1 }
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
     }
     /// The transpose of a contiguous row-major (cols × rows) matrix, i.e. W viewed as Wᵀ.
     pub fn transposed(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef { data, rows, cols, row_stride: 1, col_stride: rows }
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: 1,
+            col_stride: rows,
+        }
     }
     fn max_index(&self) -> usize {
         if self.rows == 0 || self.cols == 0 {
@@ -33,7 +45,10 @@ impl<'a> MatRef<'a> {
 pub fn matmul(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul inner dimensions");
-    assert!(dst.len() >= m * n && a.data.len() >= a.max_index() && b.data.len() >= b.max_index(), "matmul views out of bounds");
+    assert!(
+        dst.len() >= m * n && a.data.len() >= a.max_index() && b.data.len() >= b.max_index(),
+        "matmul views out of bounds"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -80,7 +95,12 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 3) % 7) as f32 - 3.0).collect(); // (n × k)
         let mut d = vec![1.0f32; m * n];
-        matmul(&mut d, MatRef::rows(&a, m, k), MatRef::transposed(&w, k, n), true);
+        matmul(
+            &mut d,
+            MatRef::rows(&a, m, k),
+            MatRef::transposed(&w, k, n),
+            true,
+        );
         for i in 0..m {
             for j in 0..n {
                 let e: f32 = 1.0 + (0..k).map(|t| a[i * k + t] * w[j * k + t]).sum::<f32>();

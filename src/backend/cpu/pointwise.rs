@@ -28,7 +28,10 @@ pub struct PackedPointwise {
 impl PackedPointwise {
     /// `w` is [n, k] row-major (OIHW with 1 × 1 spatial, or a dense conv's [out, in·kh·kw]).
     pub fn new(w: &[f32], bias: &[f32], n: usize, k: usize) -> Self {
-        assert!(w.len() == n * k && bias.len() == n, "packed weights: shape mismatch");
+        assert!(
+            w.len() == n * k && bias.len() == n,
+            "packed weights: shape mismatch"
+        );
         let np = n.div_ceil(NR);
         let mut panels = vec![0f32; np * k * NR];
         for o in 0..n {
@@ -39,7 +42,14 @@ impl PackedPointwise {
         }
         let mut bias_padded = vec![0f32; np * NR];
         bias_padded[..n].copy_from_slice(bias);
-        PackedPointwise { n, k, w: w.to_vec(), bias: bias.to_vec(), panels, bias_padded }
+        PackedPointwise {
+            n,
+            k,
+            w: w.to_vec(),
+            bias: bias.to_vec(),
+            panels,
+            bias_padded,
+        }
     }
 
     pub fn out_channels(&self) -> usize {
@@ -62,7 +72,10 @@ impl PackedPointwise {
     /// dst (m × n) = [dst +] a (m × k) · wᵀ + bias, then SiLU if `silu`.
     pub fn forward(&self, a: &[f32], m: usize, dst: &mut [f32], accumulate: bool, silu: bool) {
         let (n, k) = (self.n, self.k);
-        assert!(a.len() >= m * k && dst.len() >= m * n, "pointwise: buffers too short");
+        assert!(
+            a.len() >= m * k && dst.len() >= m * n,
+            "pointwise: buffers too short"
+        );
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: AVX-512F is present (checked above); a has ≥ m·k and dst ≥ m·n elements (asserted),
@@ -74,7 +87,12 @@ impl PackedPointwise {
             dst[..m * n].fill(0.0);
         }
         add_bias_rows(&mut dst[..m * n], &self.bias);
-        matmul(dst, MatRef::rows(a, m, k), MatRef::transposed(&self.w, k, n), true);
+        matmul(
+            dst,
+            MatRef::rows(a, m, k),
+            MatRef::transposed(&self.w, k, n),
+            true,
+        );
         if silu {
             silu_inplace(&mut dst[..m * n]);
         }
@@ -82,7 +100,14 @@ impl PackedPointwise {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn forward_avx512(&self, a: *const f32, m: usize, dst: *mut f32, accumulate: bool, silu: bool) {
+    unsafe fn forward_avx512(
+        &self,
+        a: *const f32,
+        m: usize,
+        dst: *mut f32,
+        accumulate: bool,
+        silu: bool,
+    ) {
         let (n, k) = (self.n, self.k);
         let np = n.div_ceil(NR);
         let mut m0 = 0;
@@ -92,9 +117,28 @@ impl PackedPointwise {
                 let panel = self.panels.as_ptr().add(p * k * NR);
                 let bias = self.bias_padded.as_ptr().add(p * NR);
                 let cols = (n - p * NR).min(NR);
-                let mask0 = if cols >= 16 { 0xFFFFu16 } else { ((1u32 << cols) - 1) as u16 };
-                let mask1 = if cols >= 32 { 0xFFFFu16 } else if cols <= 16 { 0 } else { ((1u32 << (cols - 16)) - 1) as u16 };
-                let t = Tile { k, lda: k, ldd: n, panel, bias, mask0, mask1, accumulate };
+                let mask0 = if cols >= 16 {
+                    0xFFFFu16
+                } else {
+                    ((1u32 << cols) - 1) as u16
+                };
+                let mask1 = if cols >= 32 {
+                    0xFFFFu16
+                } else if cols <= 16 {
+                    0
+                } else {
+                    ((1u32 << (cols - 16)) - 1) as u16
+                };
+                let t = Tile {
+                    k,
+                    lda: k,
+                    ldd: n,
+                    panel,
+                    bias,
+                    mask0,
+                    mask1,
+                    accumulate,
+                };
                 let mut r = 0;
                 while r + 8 <= mb {
                     t.run::<8>(a.add((m0 + r) * k), dst.add((m0 + r) * n + p * NR));
@@ -145,8 +189,14 @@ impl Tile {
         let mut c1 = [b1; MR];
         if self.accumulate {
             for r in 0..MR {
-                c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(self.mask0, d.add(r * self.ldd)));
-                c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(self.mask1, d.add(r * self.ldd + 16)));
+                c0[r] = _mm512_add_ps(
+                    c0[r],
+                    _mm512_maskz_loadu_ps(self.mask0, d.add(r * self.ldd)),
+                );
+                c1[r] = _mm512_add_ps(
+                    c1[r],
+                    _mm512_maskz_loadu_ps(self.mask1, d.add(r * self.ldd + 16)),
+                );
             }
         }
         for kk in 0..self.k {
@@ -171,9 +221,20 @@ mod tests {
 
     #[test]
     fn matches_naive_for_every_tail() {
-        for &(m, n, k) in &[(1usize, 1usize, 1usize), (13, 24, 7), (70, 40, 33), (9, 112, 672), (65, 1280, 20), (8, 16, 96)] {
-            let a: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 19) as f32 - 9.0) / 8.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 17 % 23) as f32 - 11.0) / 16.0).collect();
+        for &(m, n, k) in &[
+            (1usize, 1usize, 1usize),
+            (13, 24, 7),
+            (70, 40, 33),
+            (9, 112, 672),
+            (65, 1280, 20),
+            (8, 16, 96),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 31 % 19) as f32 - 9.0) / 8.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 17 % 23) as f32 - 11.0) / 16.0)
+                .collect();
             let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01 - 0.1).collect();
             let p = PackedPointwise::new(&w, &bias, n, k);
             for (accumulate, silu) in [(false, false), (true, false), (false, true)] {
@@ -184,7 +245,10 @@ mod tests {
                 assert_eq!(d[m * n], 123.0);
                 for i in 0..m {
                     for j in 0..n {
-                        let mut e: f64 = bias[j] as f64 + (0..k).map(|t| a[i * k + t] as f64 * w[j * k + t] as f64).sum::<f64>();
+                        let mut e: f64 = bias[j] as f64
+                            + (0..k)
+                                .map(|t| a[i * k + t] as f64 * w[j * k + t] as f64)
+                                .sum::<f64>();
                         if accumulate {
                             e += init[i * n + j] as f64;
                         }
@@ -192,7 +256,10 @@ mod tests {
                             e /= 1.0 + (-e).exp();
                         }
                         let got = d[i * n + j] as f64;
-                        assert!((got - e).abs() <= 1e-4 * (1.0 + e.abs()), "m{m} n{n} k{k} ({i},{j}): {got} vs {e}");
+                        assert!(
+                            (got - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "m{m} n{n} k{k} ({i},{j}): {got} vs {e}"
+                        );
                     }
                 }
             }

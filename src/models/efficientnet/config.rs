@@ -14,7 +14,9 @@ impl Padding {
         match s {
             "symmetric" => Ok(Padding::Symmetric),
             "tf_same" => Ok(Padding::TfSame),
-            _ => Err(Error::InvalidArgument(format!("unknown padding {s:?}: expected symmetric or tf_same"))),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown padding {s:?}: expected symmetric or tf_same"
+            ))),
         }
     }
 
@@ -56,7 +58,12 @@ pub enum Precision {
 impl Default for EfficientNetConfig {
     fn default() -> Self {
         // Cell Painting: 5 channels (DNA, RNA, ER, AGP, Mito); torchvision conventions.
-        EfficientNetConfig { in_channels: 5, num_classes: 1000, padding: Padding::Symmetric, bn_eps: 1e-5 }
+        EfficientNetConfig {
+            in_channels: 5,
+            num_classes: 1000,
+            padding: Padding::Symmetric,
+            bn_eps: 1e-5,
+        }
     }
 }
 
@@ -95,7 +102,15 @@ impl BlockSpec {
 
 macro_rules! b {
     ($s:expr, $i:expr, $e:expr, $k:expr, $st:expr, $in:expr, $out:expr) => {
-        BlockSpec { stage: $s, index: $i, expand: $e, kernel: $k, stride: $st, in_ch: $in, out_ch: $out }
+        BlockSpec {
+            stage: $s,
+            index: $i,
+            expand: $e,
+            kernel: $k,
+            stride: $st,
+            in_ch: $in,
+            out_ch: $out,
+        }
     };
 }
 
@@ -129,7 +144,10 @@ mod tests {
     #[test]
     fn se_widths_match_reference() {
         let w: Vec<usize> = BLOCKS.iter().map(|b| b.se_width()).collect();
-        assert_eq!(w, vec![8, 4, 6, 6, 10, 10, 20, 20, 20, 28, 28, 28, 48, 48, 48, 48]);
+        assert_eq!(
+            w,
+            vec![8, 4, 6, 6, 10, 10, 20, 20, 20, 28, 28, 28, 48, 48, 48, 48]
+        );
     }
 
     #[test]

@@ -17,10 +17,10 @@ use crate::backend::cpu::conv::{depthwise_bias_silu, im2col_nchw, ConvGeom};
 use crate::backend::cpu::gemm::{matmul, MatRef};
 use crate::backend::cpu::pointwise::PackedPointwise;
 use crate::backend::cpu::pointwise_bf16::Pointwise;
-use std::cell::RefCell;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// A convolution with BN folded in: `w` is [out, in·k·k] (OIHW flattened), `b` [out].
 pub struct FoldedConv {
@@ -51,13 +51,20 @@ pub struct Folded {
 }
 
 fn get<'a>(s: &'a StateDict, k: &str) -> Result<&'a [f32]> {
-    s.get(k).ok_or_else(|| Error::MissingKey(format!("missing key {k:?}")))?.as_f32()
+    s.get(k)
+        .ok_or_else(|| Error::MissingKey(format!("missing key {k:?}")))?
+        .as_f32()
 }
 
 /// Folds BN `{bn}.{weight,bias,running_mean,running_var}` into conv weight `conv` ([out, …]).
 fn fold(s: &StateDict, conv: &str, bn: &str, eps: f32) -> Result<FoldedConv> {
     let w = get(s, conv)?;
-    let (gamma, beta, mean, var) = (get(s, &format!("{bn}.weight"))?, get(s, &format!("{bn}.bias"))?, get(s, &format!("{bn}.running_mean"))?, get(s, &format!("{bn}.running_var"))?);
+    let (gamma, beta, mean, var) = (
+        get(s, &format!("{bn}.weight"))?,
+        get(s, &format!("{bn}.bias"))?,
+        get(s, &format!("{bn}.running_mean"))?,
+        get(s, &format!("{bn}.running_var"))?,
+    );
     let out = gamma.len();
     let inp = w.len() / out;
     let mut fw = w.to_vec();
@@ -85,10 +92,20 @@ impl Folded {
         for spec in BLOCKS {
             let k = block_keys(&spec);
             let expand = match &k.expand {
-                Some(p) => Some(packed(fold(s, &format!("{p}.0.weight"), &format!("{p}.1"), eps)?)),
+                Some(p) => Some(packed(fold(
+                    s,
+                    &format!("{p}.0.weight"),
+                    &format!("{p}.1"),
+                    eps,
+                )?)),
                 None => None,
             };
-            let dw = fold(s, &format!("{}.0.weight", k.dw), &format!("{}.1", k.dw), eps)?;
+            let dw = fold(
+                s,
+                &format!("{}.0.weight", k.dw),
+                &format!("{}.1", k.dw),
+                eps,
+            )?;
             let (hid, kk) = (spec.hidden(), spec.kernel * spec.kernel);
             let mut dw_w = vec![0f32; kk * hid];
             for c in 0..hid {
@@ -105,7 +122,12 @@ impl Folded {
                 se1_b: get(s, &format!("{}.fc1.bias", k.se))?.to_vec(),
                 se2_w: get(s, &format!("{}.fc2.weight", k.se))?.to_vec(),
                 se2_b: get(s, &format!("{}.fc2.bias", k.se))?.to_vec(),
-                project: packed(fold(s, &format!("{}.0.weight", k.project), &format!("{}.1", k.project), eps)?),
+                project: packed(fold(
+                    s,
+                    &format!("{}.0.weight", k.project),
+                    &format!("{}.1", k.project),
+                    eps,
+                )?),
             });
         }
         let top = packed(fold(s, "features.8.0.weight", "features.8.1", eps)?);
@@ -146,7 +168,14 @@ fn ensure(v: &mut Vec<f32>, len: usize) {
 }
 
 /// Computes the requested taps for `x` (N, C, H, W): one (N, D) tensor per tap.
-pub fn run(f: &Folded, cfg: &EfficientNetConfig, x: &Tensor, taps: &[LayerTap], batch: usize, progress: Progress) -> Result<Vec<Tensor>> {
+pub fn run(
+    f: &Folded,
+    cfg: &EfficientNetConfig,
+    x: &Tensor,
+    taps: &[LayerTap],
+    batch: usize,
+    progress: Progress,
+) -> Result<Vec<Tensor>> {
     let s = x.shape();
     if s.len() != 4 || s[1] != cfg.in_channels {
         return Err(Error::Shape(format!(
@@ -156,11 +185,22 @@ pub fn run(f: &Folded, cfg: &EfficientNetConfig, x: &Tensor, taps: &[LayerTap], 
     }
     let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
     if h == 0 || w == 0 {
-        return Err(Error::Shape(format!("crops have an empty spatial size {h} × {w}")));
+        return Err(Error::Shape(format!(
+            "crops have an empty spatial size {h} × {w}"
+        )));
     }
     let data = x.as_f32()?;
     x.check_finite("crops")?;
-    let dims: Vec<usize> = taps.iter().map(|t| if t.point == TapPoint::Logits { f.num_classes } else { t.channels() }).collect();
+    let dims: Vec<usize> = taps
+        .iter()
+        .map(|t| {
+            if t.point == TapPoint::Logits {
+                f.num_classes
+            } else {
+                t.channels()
+            }
+        })
+        .collect();
     let mut outs: Vec<Vec<f32>> = dims.iter().map(|d| vec![0f32; n * d]).collect();
     let deepest = taps.iter().map(|t| t.point.order()).max().unwrap_or((0, 0));
     let per = c * h * w;
@@ -175,7 +215,23 @@ pub fn run(f: &Folded, cfg: &EfficientNetConfig, x: &Tensor, taps: &[LayerTap], 
         let results: Vec<Vec<Vec<f32>>> = crate::threads::install(|| {
             input
                 .par_chunks(group * per)
-                .map(|chunk| SCRATCH.with(|s| run_group(f, chunk, chunk.len() / per, c, h, w, cfg, taps, &dims, deepest, &mut s.borrow_mut())))
+                .map(|chunk| {
+                    SCRATCH.with(|s| {
+                        run_group(
+                            f,
+                            chunk,
+                            chunk.len() / per,
+                            c,
+                            h,
+                            w,
+                            cfg,
+                            taps,
+                            &dims,
+                            deepest,
+                            &mut s.borrow_mut(),
+                        )
+                    })
+                })
                 .collect()
         });
         let mut row = done;
@@ -191,11 +247,22 @@ pub fn run(f: &Folded, cfg: &EfficientNetConfig, x: &Tensor, taps: &[LayerTap], 
             return Err(Error::Cancelled);
         }
     }
-    outs.into_iter().zip(&dims).map(|(v, &d)| Tensor::from_f32(&[n, d], v)).collect()
+    outs.into_iter()
+        .zip(&dims)
+        .map(|(v, &d)| Tensor::from_f32(&[n, d], v))
+        .collect()
 }
 
 /// Writes the spatial mean of `act` ([g·hw, ch]) for every tap at `point` into `outs`.
-fn tap_mean(point: TapPoint, act: &[f32], g: usize, hw: usize, ch: usize, taps: &[LayerTap], outs: &mut [Vec<f32>]) {
+fn tap_mean(
+    point: TapPoint,
+    act: &[f32],
+    g: usize,
+    hw: usize,
+    ch: usize,
+    taps: &[LayerTap],
+    outs: &mut [Vec<f32>],
+) {
     for (t, tap) in taps.iter().enumerate() {
         if tap.point == point {
             for s in 0..g {
@@ -210,7 +277,14 @@ fn tap_mean(point: TapPoint, act: &[f32], g: usize, hw: usize, ch: usize, taps: 
 }
 
 /// Writes already-pooled per-sample vectors ([g, ch]) for taps at `point`.
-fn tap_pooled(point: TapPoint, pooled: &[f32], g: usize, ch: usize, taps: &[LayerTap], outs: &mut [Vec<f32>]) {
+fn tap_pooled(
+    point: TapPoint,
+    pooled: &[f32],
+    g: usize,
+    ch: usize,
+    taps: &[LayerTap],
+    outs: &mut [Vec<f32>],
+) {
     for (t, tap) in taps.iter().enumerate() {
         if tap.point == point {
             outs[t][..g * ch].copy_from_slice(&pooled[..g * ch]);
@@ -238,11 +312,25 @@ fn run_group(
     // Stem: 3×3 stride-2 conv as im2col + GEMM, bias, SiLU.
     let (oh, pt) = cfg.padding.out_and_pad(h, 3, 2);
     let (ow, pl) = cfg.padding.out_and_pad(w, 3, 2);
-    let geom = ConvGeom { h, w, k: 3, stride: 2, pad_top: pt, pad_left: pl, oh, ow };
+    let geom = ConvGeom {
+        h,
+        w,
+        k: 3,
+        stride: 2,
+        pad_top: pt,
+        pad_left: pl,
+        oh,
+        ow,
+    };
     let (hw, kdim) = (oh * ow, c * 9);
     ensure(&mut sc.cols, g * hw * kdim);
     for s in 0..g {
-        im2col_nchw(&input[s * c * h * w..(s + 1) * c * h * w], c, &geom, &mut sc.cols[s * hw * kdim..(s + 1) * hw * kdim]);
+        im2col_nchw(
+            &input[s * c * h * w..(s + 1) * c * h * w],
+            c,
+            &geom,
+            &mut sc.cols[s * hw * kdim..(s + 1) * hw * kdim],
+        );
     }
     ensure(&mut sc.cur, g * hw * STEM_CH);
     f.stem.forward(&sc.cols, g * hw, &mut sc.cur, false, true);
@@ -259,17 +347,44 @@ fn run_group(
         // Expand 1×1 + bias + SiLU.
         if let Some(e) = &blk.expand {
             ensure(&mut sc.expanded, g * hw_in * hid);
-            e.forward(&sc.cur[..g * hw_in * cin], g * hw_in, &mut sc.expanded, false, true);
-            tap_mean(TapPoint::Expand(bi), &sc.expanded, g, hw_in, hid, taps, &mut outs);
+            e.forward(
+                &sc.cur[..g * hw_in * cin],
+                g * hw_in,
+                &mut sc.expanded,
+                false,
+                true,
+            );
+            tap_mean(
+                TapPoint::Expand(bi),
+                &sc.expanded,
+                g,
+                hw_in,
+                hid,
+                taps,
+                &mut outs,
+            );
             if past(TapPoint::Expand(bi)) {
                 return outs;
             }
         }
-        let x_exp: &[f32] = if blk.expand.is_some() { &sc.expanded } else { &sc.cur };
+        let x_exp: &[f32] = if blk.expand.is_some() {
+            &sc.expanded
+        } else {
+            &sc.cur
+        };
         // Depthwise + bias + SiLU, pooled sums for SE.
         let (oh, pt) = cfg.padding.out_and_pad(hh, spec.kernel, spec.stride);
         let (ow, pl) = cfg.padding.out_and_pad(ww, spec.kernel, spec.stride);
-        let geom = ConvGeom { h: hh, w: ww, k: spec.kernel, stride: spec.stride, pad_top: pt, pad_left: pl, oh, ow };
+        let geom = ConvGeom {
+            h: hh,
+            w: ww,
+            k: spec.kernel,
+            stride: spec.stride,
+            pad_top: pt,
+            pad_left: pl,
+            oh,
+            ow,
+        };
         let hw_out = oh * ow;
         ensure(&mut sc.dw, g * hw_out * hid);
         ensure(&mut sc.pool, g * hid);
@@ -297,15 +412,30 @@ fn run_group(
         for v in sc.se_mid[..g * sq].chunks_exact_mut(sq) {
             v.copy_from_slice(&blk.se1_b);
         }
-        matmul(&mut sc.se_mid, MatRef::rows(&sc.pool, g, hid), MatRef::transposed(&blk.se1_w, hid, sq), true);
+        matmul(
+            &mut sc.se_mid,
+            MatRef::rows(&sc.pool, g, hid),
+            MatRef::transposed(&blk.se1_w, hid, sq),
+            true,
+        );
         sc.se_mid[..g * sq].iter_mut().for_each(|v| *v = silu(*v));
         for v in sc.se_scale[..g * hid].chunks_exact_mut(hid) {
             v.copy_from_slice(&blk.se2_b);
         }
-        matmul(&mut sc.se_scale, MatRef::rows(&sc.se_mid, g, sq), MatRef::transposed(&blk.se2_w, sq, hid), true);
-        sc.se_scale[..g * hid].iter_mut().for_each(|v| *v = sigmoid(*v));
+        matmul(
+            &mut sc.se_scale,
+            MatRef::rows(&sc.se_mid, g, sq),
+            MatRef::transposed(&blk.se2_w, sq, hid),
+            true,
+        );
+        sc.se_scale[..g * hid]
+            .iter_mut()
+            .for_each(|v| *v = sigmoid(*v));
         for s in 0..g {
-            scale_rows(&mut sc.dw[s * hw_out * hid..(s + 1) * hw_out * hid], &sc.se_scale[s * hid..(s + 1) * hid]);
+            scale_rows(
+                &mut sc.dw[s * hw_out * hid..(s + 1) * hw_out * hid],
+                &sc.se_scale[s * hid..(s + 1) * hid],
+            );
         }
         if taps.iter().any(|t| t.point == TapPoint::SeExcite(bi)) {
             for (p, s) in sc.pool[..g * hid].iter_mut().zip(&sc.se_scale) {
@@ -323,12 +453,24 @@ fn run_group(
                 ensure(&mut sc.pool2, g * cout);
                 sc.pool2[..g * cout].fill(0.0);
                 for s in 0..g {
-                    sum_rows(&sc.cur[s * hw_in * cout..(s + 1) * hw_in * cout], &mut sc.pool2[s * cout..(s + 1) * cout]);
+                    sum_rows(
+                        &sc.cur[s * hw_in * cout..(s + 1) * hw_in * cout],
+                        &mut sc.pool2[s * cout..(s + 1) * cout],
+                    );
                 }
             }
-            blk.project.forward(&sc.dw, g * hw_out, &mut sc.cur, true, false);
+            blk.project
+                .forward(&sc.dw, g * hw_out, &mut sc.cur, true, false);
             if want_project {
-                tap_mean(TapPoint::Project(bi), &sc.cur, g, hw_out, cout, taps, &mut outs);
+                tap_mean(
+                    TapPoint::Project(bi),
+                    &sc.cur,
+                    g,
+                    hw_out,
+                    cout,
+                    taps,
+                    &mut outs,
+                );
                 let inv = 1.0 / hw_out as f32;
                 for (t, tap) in taps.iter().enumerate() {
                     if tap.point == TapPoint::Project(bi) {
@@ -340,11 +482,28 @@ fn run_group(
             }
         } else {
             ensure(&mut sc.next, g * hw_out * cout);
-            blk.project.forward(&sc.dw, g * hw_out, &mut sc.next, false, false);
+            blk.project
+                .forward(&sc.dw, g * hw_out, &mut sc.next, false, false);
             std::mem::swap(&mut sc.cur, &mut sc.next);
-            tap_mean(TapPoint::Project(bi), &sc.cur, g, hw_out, cout, taps, &mut outs);
+            tap_mean(
+                TapPoint::Project(bi),
+                &sc.cur,
+                g,
+                hw_out,
+                cout,
+                taps,
+                &mut outs,
+            );
         }
-        tap_mean(TapPoint::Output(bi), &sc.cur, g, hw_out, cout, taps, &mut outs);
+        tap_mean(
+            TapPoint::Output(bi),
+            &sc.cur,
+            g,
+            hw_out,
+            cout,
+            taps,
+            &mut outs,
+        );
         if past(TapPoint::Output(bi)) {
             return outs;
         }
@@ -356,11 +515,20 @@ fn run_group(
     let hw = hh * ww;
     let cin = BLOCKS[BLOCKS.len() - 1].out_ch;
     ensure(&mut sc.expanded, g * hw * TOP_CH);
-    f.top.forward(&sc.cur[..g * hw * cin], g * hw, &mut sc.expanded, false, true);
+    f.top.forward(
+        &sc.cur[..g * hw * cin],
+        g * hw,
+        &mut sc.expanded,
+        false,
+        true,
+    );
     ensure(&mut sc.pool, g * TOP_CH);
     sc.pool[..g * TOP_CH].fill(0.0);
     for s in 0..g {
-        sum_rows(&sc.expanded[s * hw * TOP_CH..(s + 1) * hw * TOP_CH], &mut sc.pool[s * TOP_CH..(s + 1) * TOP_CH]);
+        sum_rows(
+            &sc.expanded[s * hw * TOP_CH..(s + 1) * hw * TOP_CH],
+            &mut sc.pool[s * TOP_CH..(s + 1) * TOP_CH],
+        );
     }
     let inv = 1.0 / hw as f32;
     sc.pool[..g * TOP_CH].iter_mut().for_each(|v| *v *= inv);
@@ -373,7 +541,12 @@ fn run_group(
     for v in logits.chunks_exact_mut(k) {
         v.copy_from_slice(&f.cls_b);
     }
-    matmul(&mut logits, MatRef::rows(&sc.pool, g, TOP_CH), MatRef::transposed(&f.cls_w, TOP_CH, k), true);
+    matmul(
+        &mut logits,
+        MatRef::rows(&sc.pool, g, TOP_CH),
+        MatRef::transposed(&f.cls_w, TOP_CH, k),
+        true,
+    );
     tap_pooled(TapPoint::Logits, &logits, g, k, taps, &mut outs);
     outs
 }

@@ -53,7 +53,11 @@ impl LayerTap {
     }
     /// The logits (channels = classes, filled in by the model).
     pub fn logits() -> Self {
-        LayerTap { name: "logits".into(), point: TapPoint::Logits, channels: 0 }
+        LayerTap {
+            name: "logits".into(),
+            point: TapPoint::Logits,
+            channels: 0,
+        }
     }
 }
 
@@ -68,7 +72,11 @@ fn block_channels(point: TapPoint) -> usize {
 }
 
 fn tap(name: &str, point: TapPoint) -> LayerTap {
-    LayerTap { name: name.to_string(), point, channels: block_channels(point) }
+    LayerTap {
+        name: name.to_string(),
+        point,
+        channels: block_channels(point),
+    }
 }
 
 fn find_block(pred: impl Fn(&BlockSpec) -> bool) -> Option<usize> {
@@ -80,10 +88,16 @@ top_activation, avg_pool, logits; torchvision paths features.0, features.S, feat
 
 /// Resolves a layer name (Keras or torchvision) to a tap. Logits report 0 channels here; the model knows its classes.
 pub fn resolve(name: &str) -> Result<LayerTap> {
-    let unknown = || Error::UnknownLayer(format!("{name:?} is not a layer of EfficientNet-B0 (supported: {SUPPORTED})"));
+    let unknown = || {
+        Error::UnknownLayer(format!(
+            "{name:?} is not a layer of EfficientNet-B0 (supported: {SUPPORTED})"
+        ))
+    };
     match name {
         "stem_activation" | "features.0" => return Ok(tap(name, TapPoint::Stem)),
-        "top_activation" | "features.8" | "features" | "avg_pool" | "avgpool" => return Ok(tap(name, TapPoint::Top)),
+        "top_activation" | "features.8" | "features" | "avg_pool" | "avgpool" => {
+            return Ok(tap(name, TapPoint::Top))
+        }
         "logits" | "classifier" | "classifier.1" => return Ok(tap(name, TapPoint::Logits)),
         _ => {}
     }
@@ -115,7 +129,11 @@ pub fn resolve(name: &str) -> Result<LayerTap> {
             return Err(unknown());
         }
         let point = match parts.len() {
-            1 => TapPoint::Output(find_block(|s| s.stage == stage).map(|b| b + BLOCKS.iter().filter(|s| s.stage == stage).count() - 1).ok_or_else(unknown)?),
+            1 => TapPoint::Output(
+                find_block(|s| s.stage == stage)
+                    .map(|b| b + BLOCKS.iter().filter(|s| s.stage == stage).count() - 1)
+                    .ok_or_else(unknown)?,
+            ),
             2 | 4 => {
                 let index = num(parts[1])?;
                 let b = find_block(|s| s.stage == stage && s.index == index).ok_or_else(unknown)?;
@@ -153,17 +171,32 @@ mod tests {
         let t = resolve("features.6.0.block.1").unwrap();
         assert_eq!(k.point, t.point);
         assert_eq!(k.channels(), 672);
-        assert_eq!(resolve("block6a_expand_activation").unwrap().channels(), 672);
+        assert_eq!(
+            resolve("block6a_expand_activation").unwrap().channels(),
+            672
+        );
         assert_ne!(resolve("block6a_expand_activation").unwrap().point, k.point);
         assert_eq!(resolve("top_activation").unwrap().channels(), 1280);
-        assert_eq!(resolve("features.1.0.block.0").unwrap().point, TapPoint::Depthwise(0));
+        assert_eq!(
+            resolve("features.1.0.block.0").unwrap().point,
+            TapPoint::Depthwise(0)
+        );
         assert_eq!(resolve("features.6").unwrap().point, TapPoint::Output(14));
         assert_eq!(resolve("block2b_add").unwrap().point, TapPoint::Output(2));
     }
 
     #[test]
     fn unknown_layers_are_named() {
-        for bad in ["block8a_activation", "block1a_expand_activation", "block2a_add", "features.9", "features.6.0.block.7", "conv1", "block6e_activation", ""] {
+        for bad in [
+            "block8a_activation",
+            "block1a_expand_activation",
+            "block2a_add",
+            "features.9",
+            "features.6.0.block.7",
+            "conv1",
+            "block6e_activation",
+            "",
+        ] {
             let e = resolve(bad).unwrap_err();
             assert!(matches!(e, Error::UnknownLayer(_)), "{bad}");
             assert!(e.to_string().contains(bad), "{e}");

@@ -46,11 +46,17 @@ impl EfficientNet {
         let config = weights::config_from_state_dict(&state, padding, bn_eps)?;
         weights::validate(&state, &config)?;
         let folded = forward::Folded::build(&state, &config)?;
-        Ok(EfficientNet { config, state, folded, precision: Precision::F32 })
+        Ok(EfficientNet {
+            config,
+            state,
+            folded,
+            precision: Precision::F32,
+        })
     }
 
     pub fn load(path: &Path, padding: Padding, bn_eps: f32) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::Io(format!("cannot read {}: {e}", path.display())))?;
         Self::from_safetensors_bytes(&bytes, padding, bn_eps)
     }
 
@@ -69,7 +75,8 @@ impl EfficientNet {
     pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
         let on = precision == Precision::Bf16;
         let f = &mut self.folded;
-        let mut convs: Vec<&mut crate::backend::cpu::pointwise_bf16::Pointwise> = vec![&mut f.stem, &mut f.top];
+        let mut convs: Vec<&mut crate::backend::cpu::pointwise_bf16::Pointwise> =
+            vec![&mut f.stem, &mut f.top];
         for b in &mut f.blocks {
             convs.extend(b.expand.as_mut());
             convs.push(&mut b.project);
@@ -101,7 +108,11 @@ impl EfficientNet {
     /// Feature dimension of a named layer (channels; spatial dims are mean-pooled).
     pub fn layer_dim(&self, layer: &str) -> Result<usize> {
         let tap = layers::resolve(layer)?;
-        Ok(if tap.point == TapPoint::Logits { self.config.num_classes } else { tap.channels() })
+        Ok(if tap.point == TapPoint::Logits {
+            self.config.num_classes
+        } else {
+            tap.channels()
+        })
     }
 
     /// Mean-pooled features of each requested layer: one (N, D_layer) tensor per layer, in order.
@@ -118,7 +129,10 @@ impl EfficientNet {
         batch: usize,
         progress: Progress,
     ) -> Result<Vec<Tensor>> {
-        let taps = layers.iter().map(|l| layers::resolve(l)).collect::<Result<Vec<_>>>()?;
+        let taps = layers
+            .iter()
+            .map(|l| layers::resolve(l))
+            .collect::<Result<Vec<_>>>()?;
         if taps.is_empty() {
             return Err(Error::InvalidArgument("no layer requested".into()));
         }
@@ -128,7 +142,9 @@ impl EfficientNet {
     /// Class logits (N, num_classes) for (N, C, H, W) float32 crops.
     pub fn logits(&self, crops: &Tensor) -> Result<Tensor> {
         let tap = layers::LayerTap::logits();
-        let mut out = forward::run(&self.folded, &self.config, crops, &[tap], 0, &mut |_, _| true)?;
+        let mut out = forward::run(&self.folded, &self.config, crops, &[tap], 0, &mut |_, _| {
+            true
+        })?;
         Ok(out.remove(0))
     }
 }

@@ -22,9 +22,19 @@ pub struct BlockKeys {
 pub fn block_keys(b: &BlockSpec) -> BlockKeys {
     let p = b.torch_prefix();
     if b.expand == 1 {
-        BlockKeys { expand: None, dw: format!("{p}.0"), se: format!("{p}.1"), project: format!("{p}.2") }
+        BlockKeys {
+            expand: None,
+            dw: format!("{p}.0"),
+            se: format!("{p}.1"),
+            project: format!("{p}.2"),
+        }
     } else {
-        BlockKeys { expand: Some(format!("{p}.0")), dw: format!("{p}.1"), se: format!("{p}.2"), project: format!("{p}.3") }
+        BlockKeys {
+            expand: Some(format!("{p}.0")),
+            dw: format!("{p}.1"),
+            se: format!("{p}.2"),
+            project: format!("{p}.3"),
+        }
     }
 }
 
@@ -60,23 +70,40 @@ pub fn expected_shapes(cfg: &EfficientNetConfig) -> Vec<(String, Vec<usize>)> {
 }
 
 /// Reads in-channels and classes from the stem and classifier shapes.
-pub fn config_from_state_dict(state: &StateDict, padding: Padding, bn_eps: f32) -> Result<EfficientNetConfig> {
+pub fn config_from_state_dict(
+    state: &StateDict,
+    padding: Padding,
+    bn_eps: f32,
+) -> Result<EfficientNetConfig> {
     if !(bn_eps.is_finite() && bn_eps > 0.0) {
-        return Err(Error::InvalidArgument(format!("BN epsilon must be a positive number, got {bn_eps}")));
+        return Err(Error::InvalidArgument(format!(
+            "BN epsilon must be a positive number, got {bn_eps}"
+        )));
     }
-    let stem = state
-        .get("features.0.0.weight")
-        .ok_or_else(|| Error::MissingKey("missing key \"features.0.0.weight\" (stem convolution)".into()))?;
-    let cls = state
-        .get("classifier.1.weight")
-        .ok_or_else(|| Error::MissingKey("missing key \"classifier.1.weight\" (classifier)".into()))?;
+    let stem = state.get("features.0.0.weight").ok_or_else(|| {
+        Error::MissingKey("missing key \"features.0.0.weight\" (stem convolution)".into())
+    })?;
+    let cls = state.get("classifier.1.weight").ok_or_else(|| {
+        Error::MissingKey("missing key \"classifier.1.weight\" (classifier)".into())
+    })?;
     if stem.rank() != 4 || stem.shape()[1] == 0 {
-        return Err(Error::Shape(format!("\"features.0.0.weight\" has shape {:?}, expected [32, C, 3, 3]", stem.shape())));
+        return Err(Error::Shape(format!(
+            "\"features.0.0.weight\" has shape {:?}, expected [32, C, 3, 3]",
+            stem.shape()
+        )));
     }
     if cls.rank() != 2 || cls.shape()[0] == 0 {
-        return Err(Error::Shape(format!("\"classifier.1.weight\" has shape {:?}, expected [classes, 1280]", cls.shape())));
+        return Err(Error::Shape(format!(
+            "\"classifier.1.weight\" has shape {:?}, expected [classes, 1280]",
+            cls.shape()
+        )));
     }
-    Ok(EfficientNetConfig { in_channels: stem.shape()[1], num_classes: cls.shape()[0], padding, bn_eps })
+    Ok(EfficientNetConfig {
+        in_channels: stem.shape()[1],
+        num_classes: cls.shape()[0],
+        padding,
+        bn_eps,
+    })
 }
 
 /// Every expected key present with its shape, no extra keys, all values finite.
@@ -84,17 +111,30 @@ pub fn validate(state: &StateDict, cfg: &EfficientNetConfig) -> Result<()> {
     let expected = expected_shapes(cfg);
     for (name, shape) in &expected {
         match state.get(name) {
-            None => return Err(Error::MissingKey(format!("missing key {name:?} (expected shape {shape:?})"))),
+            None => {
+                return Err(Error::MissingKey(format!(
+                    "missing key {name:?} (expected shape {shape:?})"
+                )))
+            }
             Some(t) if t.shape() != shape.as_slice() => {
-                return Err(Error::Shape(format!("key {name:?} has shape {:?}, expected {shape:?}", t.shape())))
+                return Err(Error::Shape(format!(
+                    "key {name:?} has shape {:?}, expected {shape:?}",
+                    t.shape()
+                )))
             }
             Some(t) => t.check_finite(&format!("weight {name:?}"))?,
         }
     }
     if state.len() != expected.len() {
-        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-        let extra: Vec<&String> = state.keys().filter(|k| !known.contains(k.as_str())).collect();
-        return Err(Error::MissingKey(format!("unexpected keys for EfficientNet-B0: {extra:?}")));
+        let known: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        let extra: Vec<&String> = state
+            .keys()
+            .filter(|k| !known.contains(k.as_str()))
+            .collect();
+        return Err(Error::MissingKey(format!(
+            "unexpected keys for EfficientNet-B0: {extra:?}"
+        )));
     }
     Ok(())
 }
@@ -120,7 +160,10 @@ pub fn init_state_dict(cfg: &EfficientNetConfig, seed: u64) -> StateDict {
         } else {
             vec![0.0; n]
         };
-        state.insert(name, Tensor::from_f32(&shape, data).expect("shape from expected_shapes"));
+        state.insert(
+            name,
+            Tensor::from_f32(&shape, data).expect("shape from expected_shapes"),
+        );
     }
     state
 }
@@ -129,10 +172,14 @@ pub fn init_state_dict(cfg: &EfficientNetConfig, seed: u64) -> StateDict {
 /// channel i = ImageNet channel i % 3 (REFERENCE §1).
 pub fn expand_stem_channels(state: &mut StateDict, channels: usize) -> Result<()> {
     let key = "features.0.0.weight";
-    let w = state.get(key).ok_or_else(|| Error::MissingKey(format!("missing key {key:?}")))?;
+    let w = state
+        .get(key)
+        .ok_or_else(|| Error::MissingKey(format!("missing key {key:?}")))?;
     let s = w.shape().to_vec();
     if s.len() != 4 || channels == 0 {
-        return Err(Error::Shape(format!("{key:?} has shape {s:?}; cannot expand to {channels} channels")));
+        return Err(Error::Shape(format!(
+            "{key:?} has shape {s:?}; cannot expand to {channels} channels"
+        )));
     }
     let (o, c, kh, kw) = (s[0], s[1], s[2], s[3]);
     let src = w.as_f32()?;
@@ -154,7 +201,11 @@ mod tests {
     #[test]
     fn parameter_count_matches_torchvision() {
         // torchvision efficientnet_b0 (3 → 1000): 5,288,548 parameters (+ BN running stats, not counted).
-        let cfg = EfficientNetConfig { in_channels: 3, num_classes: 1000, ..Default::default() };
+        let cfg = EfficientNetConfig {
+            in_channels: 3,
+            num_classes: 1000,
+            ..Default::default()
+        };
         let params: usize = expected_shapes(&cfg)
             .iter()
             .filter(|(n, _)| !n.ends_with("running_mean") && !n.ends_with("running_var"))
@@ -165,23 +216,47 @@ mod tests {
 
     #[test]
     fn validation_names_the_key() {
-        let cfg = EfficientNetConfig { num_classes: 7, ..Default::default() };
+        let cfg = EfficientNetConfig {
+            num_classes: 7,
+            ..Default::default()
+        };
         let mut s = init_state_dict(&cfg, 1);
         validate(&s, &cfg).unwrap();
-        s.insert("features.3.1.block.1.0.weight".into(), Tensor::from_f32(&[240, 1, 3, 3], vec![0.0; 2160]).unwrap());
+        s.insert(
+            "features.3.1.block.1.0.weight".into(),
+            Tensor::from_f32(&[240, 1, 3, 3], vec![0.0; 2160]).unwrap(),
+        );
         let e = validate(&s, &cfg).unwrap_err().to_string();
-        assert!(e.contains("features.3.1.block.1.0.weight") && e.contains("[240, 1, 5, 5]") && e.contains("[240, 1, 3, 3]"), "{e}");
+        assert!(
+            e.contains("features.3.1.block.1.0.weight")
+                && e.contains("[240, 1, 5, 5]")
+                && e.contains("[240, 1, 3, 3]"),
+            "{e}"
+        );
         s.remove("features.3.1.block.1.0.weight");
         let e = validate(&s, &cfg).unwrap_err().to_string();
-        assert!(e.contains("missing key \"features.3.1.block.1.0.weight\""), "{e}");
+        assert!(
+            e.contains("missing key \"features.3.1.block.1.0.weight\""),
+            "{e}"
+        );
         let mut s = init_state_dict(&cfg, 1);
-        s.insert("extra.bias".into(), Tensor::from_f32(&[1], vec![0.0]).unwrap());
-        assert!(validate(&s, &cfg).unwrap_err().to_string().contains("extra.bias"));
+        s.insert(
+            "extra.bias".into(),
+            Tensor::from_f32(&[1], vec![0.0]).unwrap(),
+        );
+        assert!(validate(&s, &cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("extra.bias"));
     }
 
     #[test]
     fn stem_expansion_repeats_imagenet_channels() {
-        let cfg = EfficientNetConfig { in_channels: 3, num_classes: 2, ..Default::default() };
+        let cfg = EfficientNetConfig {
+            in_channels: 3,
+            num_classes: 2,
+            ..Default::default()
+        };
         let mut s = init_state_dict(&cfg, 3);
         let orig = s["features.0.0.weight"].as_f32().unwrap().to_vec();
         expand_stem_channels(&mut s, 5).unwrap();
@@ -189,7 +264,10 @@ mod tests {
         assert_eq!(s["features.0.0.weight"].shape(), &[32, 5, 3, 3]);
         for o in 0..32 {
             for i in 0..5 {
-                assert_eq!(&w[(o * 5 + i) * 9..][..9], &orig[(o * 3 + i % 3) * 9..][..9]);
+                assert_eq!(
+                    &w[(o * 5 + i) * 9..][..9],
+                    &orig[(o * 3 + i % 3) * 9..][..9]
+                );
             }
         }
     }
