@@ -49,14 +49,14 @@ fi
 echo "== NVRTC from $libdir"
 export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
-echo "== cargo build --features cuda"
-cargo build --features cuda
+echo "== cargo build --release --features cuda"
+cargo build --release --features cuda
 
 echo "== NVRTC check (sm_80, sm_90)"
-cargo test --features cuda --test nvrtc_check -- --include-ignored
+cargo test --release --features cuda --test nvrtc_check -- --include-ignored
 
 if [ "$gpu" = 1 ]; then
     echo "== GPU tests"
-    cargo test --features cuda --test cuda_ops -- --include-ignored
+    cargo test --release --features cuda --test cuda_ops -- --include-ignored
 fi
 echo "== CUDA checks passed"
