@@ -56,36 +56,6 @@ fn silu_inplace_portable(v: &mut [f32]) {
     }
 }
 
-/// y = silu(x + bias[c]) over a [rows, c] slab.
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+fma+avx2",
-    "x86_64+avx2+fma"
-))]
-pub fn bias_silu_rows(v: &mut [f32], bias: &[f32]) {
-    let c = bias.len();
-    for row in v.chunks_exact_mut(c) {
-        for (x, b) in row.iter_mut().zip(bias) {
-            *x = silu(*x + *b);
-        }
-    }
-}
-
-/// As `bias_silu_rows`, also adding each row into `pool` (per-channel sums for mean pooling).
-#[multiversion::multiversion(targets(
-    "x86_64+avx512f+avx512vl+avx512dq+fma+avx2",
-    "x86_64+avx2+fma"
-))]
-pub fn bias_silu_rows_pool(v: &mut [f32], bias: &[f32], pool: &mut [f32]) {
-    let c = bias.len();
-    for row in v.chunks_exact_mut(c) {
-        for ((x, b), p) in row.iter_mut().zip(bias).zip(pool.iter_mut()) {
-            let y = silu(*x + *b);
-            *x = y;
-            *p += y;
-        }
-    }
-}
-
 /// v[r, c] += bias[c].
 #[multiversion::multiversion(targets(
     "x86_64+avx512f+avx512vl+avx512dq+fma+avx2",
