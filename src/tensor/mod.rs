@@ -25,6 +25,7 @@ pub struct Tensor {
 
 /// True when no element is NaN or ±Inf. x − x is 0 for finite x and NaN otherwise; 16 lane-wise
 /// sums vectorise (a single running sum would not: float addition is not reassociated).
+#[allow(clippy::eq_op)] // x − x is the point: 0 for finite x, NaN otherwise
 pub fn all_finite_f32(v: &[f32]) -> bool {
     let mut acc = [0f32; 16];
     let mut chunks = v.chunks_exact(16);

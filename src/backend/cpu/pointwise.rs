@@ -116,19 +116,7 @@ impl PackedPointwise {
             for p in 0..np {
                 let panel = self.panels.as_ptr().add(p * k * NR);
                 let bias = self.bias_padded.as_ptr().add(p * NR);
-                let cols = (n - p * NR).min(NR);
-                let mask0 = if cols >= 16 {
-                    0xFFFFu16
-                } else {
-                    ((1u32 << cols) - 1) as u16
-                };
-                let mask1 = if cols >= 32 {
-                    0xFFFFu16
-                } else if cols <= 16 {
-                    0
-                } else {
-                    ((1u32 << (cols - 16)) - 1) as u16
-                };
+                let (mask0, mask1) = panel_masks((n - p * NR).min(NR));
                 let t = Tile {
                     k,
                     lda: k,
@@ -139,22 +127,7 @@ impl PackedPointwise {
                     mask1,
                     accumulate,
                 };
-                let mut r = 0;
-                while r + 8 <= mb {
-                    t.run::<8>(a.add((m0 + r) * k), dst.add((m0 + r) * n + p * NR));
-                    r += 8;
-                }
-                let (ap, dp) = (a.add((m0 + r) * k), dst.add((m0 + r) * n + p * NR));
-                match mb - r {
-                    1 => t.run::<1>(ap, dp),
-                    2 => t.run::<2>(ap, dp),
-                    3 => t.run::<3>(ap, dp),
-                    4 => t.run::<4>(ap, dp),
-                    5 => t.run::<5>(ap, dp),
-                    6 => t.run::<6>(ap, dp),
-                    7 => t.run::<7>(ap, dp),
-                    _ => {}
-                }
+                row_tiles(&t, mb, a.add(m0 * k), k, dst.add(m0 * n + p * NR), n);
             }
             if silu {
                 silu_inplace(std::slice::from_raw_parts_mut(dst.add(m0 * n), mb * n));
@@ -183,22 +156,14 @@ impl Tile {
     #[inline]
     unsafe fn run<const MR: usize>(&self, a: *const f32, d: *mut f32) {
         use std::arch::x86_64::*;
-        let b0 = _mm512_loadu_ps(self.bias);
-        let b1 = _mm512_loadu_ps(self.bias.add(16));
-        let mut c0 = [b0; MR];
-        let mut c1 = [b1; MR];
-        if self.accumulate {
-            for r in 0..MR {
-                c0[r] = _mm512_add_ps(
-                    c0[r],
-                    _mm512_maskz_loadu_ps(self.mask0, d.add(r * self.ldd)),
-                );
-                c1[r] = _mm512_add_ps(
-                    c1[r],
-                    _mm512_maskz_loadu_ps(self.mask1, d.add(r * self.ldd + 16)),
-                );
-            }
-        }
+        let (mut c0, mut c1) = tile_init::<MR>(
+            self.bias,
+            d,
+            self.ldd,
+            self.mask0,
+            self.mask1,
+            self.accumulate,
+        );
         for kk in 0..self.k {
             let w0 = _mm512_loadu_ps(self.panel.add(kk * NR));
             let w1 = _mm512_loadu_ps(self.panel.add(kk * NR + 16));
@@ -208,10 +173,115 @@ impl Tile {
                 c1[r] = _mm512_fmadd_ps(av, w1, c1[r]);
             }
         }
-        for r in 0..MR {
-            _mm512_mask_storeu_ps(d.add(r * self.ldd), self.mask0, c0[r]);
-            _mm512_mask_storeu_ps(d.add(r * self.ldd + 16), self.mask1, c1[r]);
+        tile_store::<MR>(d, self.ldd, self.mask0, self.mask1, &c0, &c1);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowTile for Tile {
+    type A = f32;
+    unsafe fn tile<const MR: usize>(&self, a: *const f32, d: *mut f32) {
+        self.run::<MR>(a, d)
+    }
+}
+
+/// Lane masks of the two 16-lane halves of a 32-column panel with `cols` valid columns.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn panel_masks(cols: usize) -> (u16, u16) {
+    let half = |c: usize| {
+        if c >= 16 {
+            0xFFFFu16
+        } else {
+            ((1u32 << c) - 1) as u16
         }
+    };
+    (half(cols.min(16)), half(cols.saturating_sub(16)))
+}
+
+/// Accumulators of an MR × 32 tile: the bias, plus the tile of `d` when accumulating.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn tile_init<const MR: usize>(
+    bias: *const f32,
+    d: *const f32,
+    ldd: usize,
+    mask0: u16,
+    mask1: u16,
+    accumulate: bool,
+) -> (
+    [std::arch::x86_64::__m512; MR],
+    [std::arch::x86_64::__m512; MR],
+) {
+    use std::arch::x86_64::*;
+    let mut c0 = [_mm512_loadu_ps(bias); MR];
+    let mut c1 = [_mm512_loadu_ps(bias.add(16)); MR];
+    if accumulate {
+        for r in 0..MR {
+            c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(mask0, d.add(r * ldd)));
+            c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(mask1, d.add(r * ldd + 16)));
+        }
+    }
+    (c0, c1)
+}
+
+/// Stores an MR × 32 tile, masked to the panel's valid columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn tile_store<const MR: usize>(
+    d: *mut f32,
+    ldd: usize,
+    mask0: u16,
+    mask1: u16,
+    c0: &[std::arch::x86_64::__m512; MR],
+    c1: &[std::arch::x86_64::__m512; MR],
+) {
+    use std::arch::x86_64::*;
+    for r in 0..MR {
+        _mm512_mask_storeu_ps(d.add(r * ldd), mask0, c0[r]);
+        _mm512_mask_storeu_ps(d.add(r * ldd + 16), mask1, c1[r]);
+    }
+}
+
+/// An MR × 32 register tile over rows of `A` (f32 values or bf16 pairs).
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait RowTile {
+    type A;
+    /// # Safety
+    /// `a` holds MR rows and `d` MR rows of the tile's leading dimensions; the CPU has the
+    /// features the implementation needs.
+    unsafe fn tile<const MR: usize>(&self, a: *const Self::A, d: *mut f32);
+}
+
+/// Runs `t` over an `mb`-row block: tiles of 8 rows, then one tile of the remaining rows.
+///
+/// # Safety
+/// As `RowTile::tile`, for all `mb` rows (`a` rows `lda` apart, `d` rows `ldd` apart).
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn row_tiles<T: RowTile>(
+    t: &T,
+    mb: usize,
+    a: *const T::A,
+    lda: usize,
+    d: *mut f32,
+    ldd: usize,
+) {
+    let mut r = 0;
+    while r + 8 <= mb {
+        t.tile::<8>(a.add(r * lda), d.add(r * ldd));
+        r += 8;
+    }
+    let (ap, dp) = (a.add(r * lda), d.add(r * ldd));
+    match mb - r {
+        1 => t.tile::<1>(ap, dp),
+        2 => t.tile::<2>(ap, dp),
+        3 => t.tile::<3>(ap, dp),
+        4 => t.tile::<4>(ap, dp),
+        5 => t.tile::<5>(ap, dp),
+        6 => t.tile::<6>(ap, dp),
+        7 => t.tile::<7>(ap, dp),
+        _ => {}
     }
 }
 

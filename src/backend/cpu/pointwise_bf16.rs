@@ -16,6 +16,8 @@
 //! `PackedPointwiseBf16` only exists where its kernel can run.
 
 use super::pointwise::PackedPointwise;
+#[cfg(target_arch = "x86_64")]
+use super::pointwise::{panel_masks, row_tiles, tile_init, tile_store, RowTile};
 use crate::error::{Error, Result};
 #[cfg(target_arch = "x86_64")]
 use std::cell::RefCell;
@@ -173,19 +175,7 @@ impl PackedPointwiseBf16 {
             for p in 0..np {
                 let panel = self.panels.as_ptr().add(p * k2 * NR);
                 let bias = self.bias_padded.as_ptr().add(p * NR);
-                let cols = (n - p * NR).min(NR);
-                let mask0 = if cols >= 16 {
-                    0xFFFFu16
-                } else {
-                    ((1u32 << cols) - 1) as u16
-                };
-                let mask1 = if cols >= 32 {
-                    0xFFFFu16
-                } else if cols <= 16 {
-                    0
-                } else {
-                    ((1u32 << (cols - 16)) - 1) as u16
-                };
+                let (mask0, mask1) = panel_masks((n - p * NR).min(NR));
                 let t = Tile {
                     k2,
                     ldd: n,
@@ -195,22 +185,7 @@ impl PackedPointwiseBf16 {
                     mask1,
                     accumulate,
                 };
-                let mut r = 0;
-                while r + 8 <= mb {
-                    t.run::<8>(abuf.add(r * k2), dst.add((m0 + r) * n + p * NR));
-                    r += 8;
-                }
-                let (ap, dp) = (abuf.add(r * k2), dst.add((m0 + r) * n + p * NR));
-                match mb - r {
-                    1 => t.run::<1>(ap, dp),
-                    2 => t.run::<2>(ap, dp),
-                    3 => t.run::<3>(ap, dp),
-                    4 => t.run::<4>(ap, dp),
-                    5 => t.run::<5>(ap, dp),
-                    6 => t.run::<6>(ap, dp),
-                    7 => t.run::<7>(ap, dp),
-                    _ => {}
-                }
+                row_tiles(&t, mb, abuf as *const u32, k2, dst.add(m0 * n + p * NR), n);
             }
             if silu {
                 silu_inplace(std::slice::from_raw_parts_mut(dst.add(m0 * n), mb * n));
@@ -287,22 +262,14 @@ impl Tile {
     #[inline]
     unsafe fn run<const MR: usize>(&self, a: *const u32, d: *mut f32) {
         use std::arch::x86_64::*;
-        let b0 = _mm512_loadu_ps(self.bias);
-        let b1 = _mm512_loadu_ps(self.bias.add(16));
-        let mut c0 = [b0; MR];
-        let mut c1 = [b1; MR];
-        if self.accumulate {
-            for r in 0..MR {
-                c0[r] = _mm512_add_ps(
-                    c0[r],
-                    _mm512_maskz_loadu_ps(self.mask0, d.add(r * self.ldd)),
-                );
-                c1[r] = _mm512_add_ps(
-                    c1[r],
-                    _mm512_maskz_loadu_ps(self.mask1, d.add(r * self.ldd + 16)),
-                );
-            }
-        }
+        let (mut c0, mut c1) = tile_init::<MR>(
+            self.bias,
+            d,
+            self.ldd,
+            self.mask0,
+            self.mask1,
+            self.accumulate,
+        );
         for t in 0..self.k2 {
             let w0: __m512bh =
                 std::mem::transmute(_mm512_loadu_si512(self.panel.add(t * NR) as *const _));
@@ -315,10 +282,15 @@ impl Tile {
                 c1[r] = _mm512_dpbf16_ps(c1[r], av, w1);
             }
         }
-        for r in 0..MR {
-            _mm512_mask_storeu_ps(d.add(r * self.ldd), self.mask0, c0[r]);
-            _mm512_mask_storeu_ps(d.add(r * self.ldd + 16), self.mask1, c1[r]);
-        }
+        tile_store::<MR>(d, self.ldd, self.mask0, self.mask1, &c0, &c1);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl RowTile for Tile {
+    type A = u32;
+    unsafe fn tile<const MR: usize>(&self, a: *const u32, d: *mut f32) {
+        self.run::<MR>(a, d)
     }
 }
 
