@@ -2,50 +2,16 @@
 //! (tests/fixtures/effnet/, symmetric padding, BN eps 1e-5), and f32 restored after switching back.
 //! Skipped (with a note) on CPUs without AVX512_BF16, where selecting bf16 must fail cleanly instead.
 
-use phenocore::io::safetensors::{read_f32_tensors, TensorMap};
+mod common;
+
+use common::{expected, fixture_dir, get, rel_err, values};
 use phenocore::models::efficientnet::{EfficientNet, Padding, Precision};
 use phenocore::{Error, Tensor};
-use std::path::PathBuf;
 
 /// Max |ours − ref| / max |ref| for bf16 GEMM inputs (8-bit mantissa, f32 accumulation).
 const BF16_TOL: f32 = 3e-2;
 /// The f32 path's tolerance (as tests/effnet_parity.rs).
 const F32_TOL: f32 = 1e-4;
-
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/effnet")
-}
-
-fn expected() -> TensorMap {
-    let path = fixture_dir().join("expected.safetensors");
-    let bytes =
-        std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    read_f32_tensors(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn get<'a>(map: &'a TensorMap, key: &str) -> &'a Tensor {
-    map.get(key)
-        .unwrap_or_else(|| panic!("fixture has no tensor {key:?}"))
-}
-
-fn values(t: &Tensor) -> &[f32] {
-    t.as_f32().unwrap_or_else(|e| panic!("not f32: {e}"))
-}
-
-/// max |ours − ref| / max |ref|.
-fn rel_err(what: &str, ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.shape(), reference.shape(), "{what}: shape");
-    let (a, b) = (values(ours), values(reference));
-    assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite output");
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    assert!(
-        scale > 1e-3,
-        "{what}: reference is degenerate (max |ref| = {scale})"
-    );
-    let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    eprintln!("{what}: max|ours − ref| / max|ref| = {:.2e}", err / scale);
-    err / scale
-}
 
 fn outputs(model: &EfficientNet, input: &Tensor) -> (Tensor, Tensor) {
     let logits = model

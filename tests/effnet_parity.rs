@@ -2,10 +2,11 @@
 //! Fixture: tests/fixtures/effnet/, made by tests/fixtures/make_effnet_fixture.py (random weights with
 //! non-trivial BN statistics, 5-channel stem, 10 classes, two 5 × 128 × 128 crops).
 
-use phenocore::io::safetensors::{read_f32_tensors, TensorMap};
-use phenocore::models::efficientnet::{EfficientNet, Padding};
+mod common;
+
+use common::{expected, get, load, rel_err, values};
+use phenocore::models::efficientnet::Padding;
 use phenocore::Tensor;
-use std::path::PathBuf;
 
 /// Max |ours − ref| / max |ref| allowed: f32 forward with folded BN against a float64 reference.
 const REL_TOL: f32 = 1e-4;
@@ -22,48 +23,9 @@ const LAYERS: [(&str, usize); 8] = [
     ("features.8", 1280),
 ];
 
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/effnet")
-}
-
-fn expected() -> TensorMap {
-    let path = fixture_dir().join("expected.safetensors");
-    let bytes =
-        std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    read_f32_tensors(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn get<'a>(map: &'a TensorMap, key: &str) -> &'a Tensor {
-    map.get(key)
-        .unwrap_or_else(|| panic!("fixture has no tensor {key:?}"))
-}
-
-fn load(padding: Padding, bn_eps: f32) -> EfficientNet {
-    let path = fixture_dir().join("weights_f16.safetensors");
-    EfficientNet::load(&path, padding, bn_eps)
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
-}
-
-fn values(t: &Tensor) -> &[f32] {
-    t.as_f32().unwrap_or_else(|e| panic!("not f32: {e}"))
-}
-
 fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
-    assert_eq!(ours.shape(), reference.shape(), "{what}: shape");
-    let (a, b) = (values(ours), values(reference));
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    assert!(
-        scale > 1e-3,
-        "{what}: reference is degenerate (max |ref| = {scale})"
-    );
-    let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite output");
-    eprintln!("{what}: max|ours − ref| / max|ref| = {:.2e}", err / scale);
-    assert!(
-        err / scale <= REL_TOL,
-        "{what}: max|ours − ref| / max|ref| = {:.3e} (max|ref| = {scale})",
-        err / scale
-    );
+    let e = rel_err(what, ours, reference);
+    assert!(e <= REL_TOL, "{what}: max|ours − ref| / max|ref| = {e:.3e}");
 }
 
 fn assert_identical(what: &str, a: &Tensor, b: &Tensor) {
