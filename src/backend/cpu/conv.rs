@@ -64,21 +64,8 @@ fn depthwise_portable(
 ) {
     let c = bias.len();
     for oy in 0..g.oh {
-        let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
-        let ky0 = (-iy0).max(0) as usize;
-        let ky1 = ((g.h as isize - iy0).min(g.k as isize)).max(0) as usize;
         for ox in 0..g.ow {
-            let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
-            let kx0 = (-ix0).max(0) as usize;
-            let kx1 = ((g.w as isize - ix0).min(g.k as isize)).max(0) as usize;
-            let win = Window {
-                iy0,
-                ix0,
-                ky0,
-                ky1,
-                kx0,
-                kx1,
-            };
+            let win = g.window(oy, ox);
             let orow = &mut out[(oy * g.ow + ox) * c..][..c];
             let mut cb = 0;
             while cb + 64 <= c {
@@ -97,7 +84,8 @@ fn depthwise_portable(
     }
 }
 
-/// Valid tap range of one output pixel.
+/// Valid tap range of one output pixel: input origin (iy0, ix0) and the taps ky0..ky1 × kx0..kx1
+/// that fall inside the image.
 struct Window {
     iy0: isize,
     ix0: isize,
@@ -105,6 +93,27 @@ struct Window {
     ky1: usize,
     kx0: usize,
     kx1: usize,
+}
+
+impl ConvGeom {
+    fn window(&self, oy: usize, ox: usize) -> Window {
+        let iy0 = (oy * self.stride) as isize - self.pad_top as isize;
+        let ix0 = (ox * self.stride) as isize - self.pad_left as isize;
+        let span = |origin: isize, size: usize| {
+            let lo = (-origin).max(0) as usize;
+            let hi = ((size as isize - origin).min(self.k as isize)).max(0) as usize;
+            (lo, hi)
+        };
+        let ((ky0, ky1), (kx0, kx1)) = (span(iy0, self.h), span(ix0, self.w));
+        Window {
+            iy0,
+            ix0,
+            ky0,
+            ky1,
+            kx0,
+            kx1,
+        }
+    }
 }
 
 #[inline(always)]
@@ -143,7 +152,7 @@ fn dw_block<const B: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod dw_avx512 {
-    use super::ConvGeom;
+    use super::{ConvGeom, Window};
     use crate::backend::cpu::avx512::silu;
     use std::arch::x86_64::*;
 
@@ -159,20 +168,9 @@ mod dw_avx512 {
         c: usize,
     ) {
         for oy in 0..g.oh {
-            let iy0 = (oy * g.stride) as isize - g.pad_top as isize;
-            let ky0 = (-iy0).max(0) as usize;
-            let ky1 = ((g.h as isize - iy0).min(g.k as isize)).max(0) as usize;
             for ox in 0..g.ow {
-                let ix0 = (ox * g.stride) as isize - g.pad_left as isize;
-                let kx0 = (-ix0).max(0) as usize;
-                let kx1 = ((g.w as isize - ix0).min(g.k as isize)).max(0) as usize;
                 let px = Px {
-                    iy0,
-                    ix0,
-                    ky0,
-                    ky1,
-                    kx0,
-                    kx1,
+                    win: g.window(oy, ox),
                     out: out.add((oy * g.ow + ox) * c),
                 };
                 let mut cb = 0;
@@ -193,12 +191,7 @@ mod dw_avx512 {
     }
 
     struct Px {
-        iy0: isize,
-        ix0: isize,
-        ky0: usize,
-        ky1: usize,
-        kx0: usize,
-        kx1: usize,
+        win: Window,
         out: *mut f32,
     }
 
@@ -219,10 +212,11 @@ mod dw_avx512 {
         for v in 0..V {
             acc[v] = _mm512_loadu_ps(bias.add(cb + 16 * v));
         }
-        for ky in px.ky0..px.ky1 {
-            let iy = (px.iy0 + ky as isize) as usize;
-            for kx in px.kx0..px.kx1 {
-                let ix = (px.ix0 + kx as isize) as usize;
+        let w = &px.win;
+        for ky in w.ky0..w.ky1 {
+            let iy = (w.iy0 + ky as isize) as usize;
+            for kx in w.kx0..w.kx1 {
+                let ix = (w.ix0 + kx as isize) as usize;
                 let src = input.add((iy * g.w + ix) * c + cb);
                 let wt = weights.add((ky * g.k + kx) * c + cb);
                 for v in 0..V {
