@@ -3,6 +3,7 @@ pub mod backend;
 pub mod error;
 pub mod ffi;
 pub mod io;
+pub mod metrics;
 pub mod models;
 pub mod ops;
 pub mod profiling;

@@ -171,3 +171,20 @@ pub(crate) unsafe fn write_out<T>(p: *mut T, v: T, what: &str) -> Result<()> {
     p.write_unaligned(v);
     Ok(())
 }
+
+/// `n` NUL-terminated UTF-8 strings from a `const char *const *` array; `p` may be NULL when `n`
+/// is 0. Errors name the array and the index of a NULL or non-UTF-8 entry.
+///
+/// # Safety
+/// A non-NULL `p` must point to `n` pointers, each NULL or a NUL-terminated string, outliving `'a`.
+pub(crate) unsafe fn c_str_array<'a>(
+    p: *const *const c_char,
+    n: usize,
+    what: &str,
+) -> Result<Vec<&'a str>> {
+    let ptrs = slice(p, n, what)?;
+    ptrs.iter()
+        .enumerate()
+        .map(|(i, &s)| c_str(s, &format!("{what}[{i}]")))
+        .collect()
+}

@@ -1,5 +1,6 @@
 //! File formats: safetensors weights, images, tables; atomic writes.
 pub mod image;
+pub mod profiles;
 pub mod npz;
 pub mod safetensors;
 pub mod table;

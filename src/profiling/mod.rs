@@ -1,4 +1,4 @@
-//! Profile making: single-cell crops (and, later, aggregation, sphering, ...).
+//! Profile making: single-cell crops, aggregation, sphering, Harmony, treatment effect.
 pub mod crops;
 pub mod profile;
 pub mod synthetic;

@@ -16,9 +16,11 @@ from . import _lib
 from ._lib import LibraryNotFoundError, find_library
 from .crops import crop_cells
 from .efficientnet import DEFAULT_LAYER, EfficientNet
+from . import metrics
 
 __all__ = [
     "EfficientNet",
+    "metrics",
     "crop_cells",
     "set_num_threads",
     "library_version",

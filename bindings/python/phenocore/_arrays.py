@@ -23,6 +23,62 @@ def f32_ptr(a: np.ndarray):
     return a.ctypes.data_as(c_float_p)
 
 
+def as_f64(a: Any) -> np.ndarray:
+    """`a` itself when it is already a C-contiguous aligned native float64 array, else a float64 copy."""
+    return np.require(a, dtype=np.float64, requirements=_C_ALIGNED)
+
+
+def f64_ptr(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+
+
+def matrix_f64(what: str, a: Any) -> np.ndarray:
+    """A 2-D (N, D) float64 array (copied only when needed); errors name `what`."""
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise PhenoError(Status.SHAPE, f"{what} must be a 2-D (N, D) array, got {a.ndim}-D with shape {a.shape}")
+    _require_numeric(what, a)
+    return as_f64(a)
+
+
+def c_strings(what: str, items: Any):
+    """A `const char *const *` array over `items` (str each; bytes kept as they are): returns the ctypes
+    array, which owns the encoded strings for as long as it lives."""
+    encoded = []
+    for i, s in enumerate(items):
+        if isinstance(s, bytes):
+            encoded.append(s)
+        elif isinstance(s, str):
+            encoded.append(s.encode("utf-8"))
+        else:
+            raise PhenoError(Status.INVALID_ARGUMENT, f"{what}[{i}] must be a string, got {type(s).__name__}")
+        if b"\0" in encoded[-1]:
+            raise PhenoError(Status.INVALID_ARGUMENT, f"{what}[{i}] contains a NUL character")
+    arr = (ctypes.c_char_p * max(len(encoded), 1))(*encoded)
+    return arr
+
+
+def joined_labels(what: str, labels: Any) -> list:
+    """Labels per item as `|`-joined strings: accepts a list of strings ("a|b") or of lists of strings."""
+    out = []
+    for i, item in enumerate(labels):
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, (list, tuple, set, frozenset, np.ndarray)):
+            parts = [str(x) for x in item]
+            for p in parts:
+                if "|" in p:
+                    raise PhenoError(Status.INVALID_ARGUMENT, f"{what}[{i}]: label {p!r} contains '|'")
+            out.append("|".join(sorted(parts) if isinstance(item, (set, frozenset)) else parts))
+        elif item is None:
+            out.append("")
+        else:
+            raise PhenoError(
+                Status.INVALID_ARGUMENT, f"{what}[{i}] must be a string or a list of strings, got {type(item).__name__}"
+            )
+    return out
+
+
 def crops_array(crops: Any) -> np.ndarray:
     """(N, C, H, W) float32 crops; a 3-D (C, H, W) array is not accepted (ambiguous with N)."""
     a = np.asarray(crops)

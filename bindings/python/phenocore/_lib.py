@@ -144,6 +144,27 @@ _lib: Optional[ctypes.CDLL] = None
 _lib_lock = threading.Lock()
 
 
+def register(signatures: dict) -> None:
+    """Adds `{name: (restype, argtypes)}` declarations (each binding module registers its own at
+    import); declared at once when the library is already loaded, else when it loads."""
+    with _lib_lock:
+        _SIGNATURES.update(signatures)
+        if _lib is not None:
+            _declare(_lib, signatures, getattr(_lib, "_phenocore_path", "libphenocore"))
+
+
+def _declare(lib: ctypes.CDLL, signatures: dict, where) -> None:
+    missing = [name for name in signatures if not hasattr(lib, name)]
+    if missing:
+        raise LibraryNotFoundError(
+            f"{where} lacks {', '.join(missing)}: it is older than this package; rebuild it (cargo build --release)"
+        )
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+
+
 def load_library(path: Optional[os.PathLike] = None) -> ctypes.CDLL:
     """Loads libphenocore once (found with `find_library` unless `path` is given) and declares its functions."""
     global _lib
@@ -155,15 +176,7 @@ def load_library(path: Optional[os.PathLike] = None) -> ctypes.CDLL:
             lib = ctypes.CDLL(str(where))
         except OSError as e:
             raise LibraryNotFoundError(f"cannot load {where}: {e}") from e
-        missing = [name for name in _SIGNATURES if not hasattr(lib, name)]
-        if missing:
-            raise LibraryNotFoundError(
-                f"{where} lacks {', '.join(missing)}: it is older than this package; rebuild it (cargo build --release)"
-            )
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype = restype
-            fn.argtypes = argtypes
+        _declare(lib, _SIGNATURES, where)
         lib._phenocore_path = where  # type: ignore[attr-defined]
         _lib = lib
         return lib
