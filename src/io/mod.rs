@@ -2,6 +2,7 @@
 pub mod image;
 pub mod profiles;
 pub mod npz;
+pub mod plot;
 pub mod safetensors;
 pub mod table;
 
