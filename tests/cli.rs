@@ -244,3 +244,289 @@ fn bad_options_and_weights_are_errors() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("model.safetensors"), "{err}");
 }
+
+/// Naive copairs-style AP (rank by cosine similarity; no ties in these data): the reference the
+/// `evaluate` output is checked against.
+fn naive_map(x: &[f64], d: usize, labels: &[String]) -> (f64, usize) {
+    let n = x.len() / d;
+    let unit: Vec<Vec<f64>> = (0..n)
+        .map(|i| {
+            let r = &x[i * d..(i + 1) * d];
+            let norm = r.iter().map(|v| v * v).sum::<f64>().sqrt();
+            r.iter().map(|v| v / norm).collect()
+        })
+        .collect();
+    let (mut sum, mut queries) = (0.0, 0);
+    for i in 0..n {
+        if labels[i].is_empty() {
+            continue;
+        }
+        let mut others: Vec<(f64, bool)> = (0..n)
+            .filter(|&j| j != i)
+            .map(|j| {
+                let s: f64 = unit[i].iter().zip(&unit[j]).map(|(a, b)| a * b).sum();
+                (s, labels[j] == labels[i])
+            })
+            .collect();
+        let n_pos = others.iter().filter(|o| o.1).count();
+        if n_pos == 0 {
+            continue;
+        }
+        others.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let (mut hits, mut ap) = (0.0, 0.0);
+        for (k, o) in others.iter().enumerate() {
+            if o.1 {
+                hits += 1.0;
+                ap += hits / (k + 1) as f64;
+            }
+        }
+        sum += ap / n_pos as f64;
+        queries += 1;
+    }
+    (sum / queries as f64, queries)
+}
+
+#[test]
+fn aggregate_sphere_evaluate_chain() {
+    use phenocore::io::profiles::{read_profiles, ReadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let s = |p: &str| root.join(p).display().to_string();
+    let o = phenocore(&["demo", "--small", "--output", &s(""), "--threads", "2"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "demo failed:\n{out}\n{err}");
+    assert!(out.contains("mAP before sphering"), "{out}");
+    for f in [
+        "wells.parquet",
+        "treatments.parquet",
+        "wells_sphered.parquet",
+        "sphering.safetensors",
+        "lambda_sweep.svg",
+    ] {
+        assert!(root.join("profiles").join(f).is_file(), "demo wrote no {f}");
+    }
+
+    // aggregate: the same wells as the demo's (parquet there, CSV here: exact round trip).
+    let o = phenocore(&[
+        "aggregate",
+        "--input",
+        &s("features"),
+        "--output",
+        &s("agg"),
+        "--format",
+        "csv",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("wells") && out.contains("6 profiles x 672 features"),
+        "{out}"
+    );
+    let wells = read_profiles(&root.join("agg/wells.csv"), &ReadOptions::default()).unwrap();
+    let demo_wells = read_profiles(
+        &root.join("profiles/wells.parquet"),
+        &ReadOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(wells.data, demo_wells.data);
+    assert_eq!(
+        wells.meta_column("Metadata_Well").unwrap(),
+        demo_wells.meta_column("Metadata_Well").unwrap()
+    );
+    let treatments =
+        read_profiles(&root.join("agg/treatments.csv"), &ReadOptions::default()).unwrap();
+    assert_eq!(treatments.n_rows(), 3);
+
+    // sphere: fit + save, then apply the saved transform: identical tables; controls centred.
+    let o = phenocore(&[
+        "sphere",
+        "--input",
+        &s("agg/wells.csv"),
+        "--output",
+        &s("sphered.csv"),
+        "--controls",
+        "Metadata_Control=1",
+        "--lambda",
+        "1e-20",
+        "--save-transform",
+        &s("t.safetensors"),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let o = phenocore(&[
+        "sphere",
+        "--input",
+        &s("agg/wells.csv"),
+        "--output",
+        &s("sphered2.csv"),
+        "--transform",
+        &s("t.safetensors"),
+    ]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    let a = read_profiles(&root.join("sphered.csv"), &ReadOptions::default()).unwrap();
+    let b = read_profiles(&root.join("sphered2.csv"), &ReadOptions::default()).unwrap();
+    assert_eq!(a.data, b.data);
+    let ctrl: Vec<usize> = (0..a.n_rows())
+        .filter(|&r| a.meta_column("Metadata_Control").unwrap()[r] == "1")
+        .collect();
+    assert!(ctrl.len() >= 2);
+    let max_abs = a.data.iter().fold(0f64, |m, v| m.max(v.abs()));
+    for j in 0..a.n_features() {
+        let m: f64 = ctrl.iter().map(|&r| a.row(r)[j]).sum::<f64>() / ctrl.len() as f64;
+        assert!(m.abs() <= 1e-9 * max_abs, "feature {j}: control mean {m}");
+    }
+
+    // evaluate: copairs mAP equals a naive AP computed here; per-query table and chart written.
+    let o = phenocore(&[
+        "evaluate",
+        "--input",
+        &s("sphered.csv"),
+        "--labels",
+        "Metadata_Treatment",
+        "--unlabel",
+        "Metadata_Control=1",
+        "--method",
+        "copairs",
+        "--null-size",
+        "200",
+        "--per-query",
+        &s("pq.csv"),
+        "--plot",
+        &s("ap.svg"),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let labels: Vec<String> = a
+        .meta_column("Metadata_Treatment")
+        .unwrap()
+        .iter()
+        .zip(a.meta_column("Metadata_Control").unwrap())
+        .map(|(t, c)| if c == "1" { String::new() } else { t.clone() })
+        .collect();
+    let (want, queries) = naive_map(&a.data, a.n_features(), &labels);
+    assert!(
+        out.contains(&format!("mAP {want:.4}  ({queries} queries)")),
+        "want mAP {want:.4}:\n{out}"
+    );
+    assert!(out.contains("q < 0.05"), "{out}");
+    let pq = read_profiles(
+        &root.join("pq.csv"),
+        &ReadOptions {
+            metadata_columns: None,
+            npy_metadata: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(pq.n_rows(), a.n_rows());
+    assert!(std::fs::read_to_string(root.join("ap.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+
+    // A λ sweep prints one row per λ and draws the curve.
+    let o = phenocore(&[
+        "evaluate",
+        "--input",
+        &s("agg/wells.csv"),
+        "--labels",
+        "Metadata_Treatment",
+        "--unlabel",
+        "Metadata_Control=1",
+        "--sweep",
+        "1e-30,1e-20,1e-10",
+        "--controls",
+        "Metadata_Control=1",
+        "--plot",
+        &s("sweep.svg"),
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("1e-30") && out.contains("1e-10") && out.contains("best λ"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("sweep.svg"))
+            .unwrap()
+            .matches("<circle")
+            .count(),
+        3
+    );
+
+    // Bad input: errors that name the problem, exit code 1.
+    for (args, want) in [
+        (
+            vec![
+                "sphere",
+                "--input",
+                &s("agg/wells.csv"),
+                "--output",
+                &s("x.csv"),
+            ],
+            "--controls",
+        ),
+        (
+            vec![
+                "sphere",
+                "--input",
+                &s("agg/wells.csv"),
+                "--output",
+                &s("x.csv"),
+                "--controls",
+                "Metadata_Nope=1",
+            ],
+            "Metadata_Nope",
+        ),
+        (
+            vec![
+                "sphere",
+                "--input",
+                &s("agg/wells.csv"),
+                "--output",
+                &s("x.csv"),
+                "--controls",
+                "Metadata_Control=1",
+                "--method",
+                "QR",
+            ],
+            "QR",
+        ),
+        (
+            vec![
+                "evaluate",
+                "--input",
+                &s("agg/wells.csv"),
+                "--labels",
+                "Metadata_MoA",
+            ],
+            "Metadata_MoA",
+        ),
+        (
+            vec![
+                "evaluate",
+                "--input",
+                &s("agg/wells.csv"),
+                "--labels",
+                "Metadata_Treatment",
+                "--sweep",
+                "1e-3",
+            ],
+            "--controls",
+        ),
+        (
+            vec![
+                "aggregate",
+                "--input",
+                &s("nothing-here"),
+                "--output",
+                &s("agg2"),
+            ],
+            "nothing-here",
+        ),
+    ] {
+        let o = phenocore(&args);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert!(!root.join("x.csv").exists(), "a failed run left an output");
+}

@@ -1,13 +1,32 @@
 //! `phenocore`: the command line over the library.
 //! - `phenocore profile …`: single-cell CNN features of a DeepProfiler-style dataset (per-site npz).
-//! - `phenocore demo …`: synthetic Cell Painting plates → a seeded model → profiles, end to end.
+//! - `phenocore aggregate …`: per-cell features → site / well / treatment profiles.
+//! - `phenocore sphere …`: batch correction fitted on negative controls (ZCA, PCA, ZCA-cor, PCA-cor).
+//! - `phenocore evaluate …`: mAP, folds of enrichment, replicate reproducibility; a sphering λ sweep.
+//! - `phenocore demo …`: synthetic Cell Painting plates → a seeded model → profiles → aggregate →
+//!   sphere → evaluate, end to end.
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use phenocore::io::plot::{Histogram, LineChart, Series};
+use phenocore::io::profiles::{read_profiles, write_profiles, Profiles, ReadOptions, WriteOptions};
+use phenocore::metrics::enrichment::{folds_of_enrichment, EnrichmentOptions, EnrichmentResult};
+use phenocore::metrics::retrieval::{
+    mean_average_precision, replicate_reproducibility, MapMethod, MapOptions, MapResult,
+    ReplicateOptions, ReplicateResult,
+};
+use phenocore::metrics::similarity::CosineSimilarity;
+use phenocore::metrics::Labels;
 use phenocore::models::efficientnet::{EfficientNet, EfficientNetConfig, Padding};
+use phenocore::profiling::aggregate::{
+    aggregate_cells, aggregate_npz_dir, AggregateOptions, Cells,
+};
 use phenocore::profiling::crops::Normalization;
 use phenocore::profiling::profile::{
     profile, ProfileEvent, ProfileOptions, ProfileSummary, DEFAULT_LAYER,
+};
+use phenocore::profiling::sphere::{
+    lambda_sweep, ControlSelector, ProfileSphering, Regularization, SphereMethod, SphereOptions,
 };
 use phenocore::profiling::synthetic::{write_dataset, SyntheticConfig};
 use phenocore::{Error, Result};
@@ -29,8 +48,129 @@ struct Cli {
 enum Command {
     /// Profile every site of a dataset: features/{plate}/{well}_{site}.npz (resumable).
     Profile(Box<ProfileArgs>),
-    /// Make synthetic Cell Painting plates and a seeded model, then profile them end to end.
+    /// Aggregate per-cell features (a `profile` output folder or a per-cell table) to site, well
+    /// and treatment profiles: sites.*, wells.*, treatments.* in the output folder.
+    Aggregate(AggregateArgs),
+    /// Fit sphering on negative controls and apply it (or apply a saved transform).
+    Sphere(SphereArgs),
+    /// Score profiles: mAP, folds of enrichment, replicate reproducibility; optionally per λ of a
+    /// sphering sweep (the CP-CNN paper's Fig. 6B).
+    Evaluate(EvaluateArgs),
+    /// Make synthetic Cell Painting plates and a seeded model, then profile, aggregate, sphere and
+    /// evaluate them end to end.
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct AggregateArgs {
+    /// A `phenocore profile` output folder (per-site .npz files) or a per-cell table (.csv, .tsv,
+    /// .csv.gz, .parquet) with Metadata_* columns.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output folder: sites.EXT, wells.EXT and (with a treatment column) treatments.EXT.
+    #[arg(long)]
+    output: PathBuf,
+    /// Output format: parquet, csv or tsv.
+    #[arg(long, default_value = "parquet")]
+    format: String,
+    /// Operations: paper (site median, well mean, treatment mean), mean or median.
+    #[arg(long, default_value = "paper")]
+    preset: String,
+    #[arg(long, default_value = "Metadata_Plate")]
+    plate_column: String,
+    #[arg(long, default_value = "Metadata_Well")]
+    well_column: String,
+    /// Site column; "" = every cell of a well is one site.
+    #[arg(long, default_value = "Metadata_Site")]
+    site_column: String,
+    /// Treatment column; "" = stop at wells.
+    #[arg(long, default_value = "Metadata_Treatment")]
+    treatment_column: String,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct SphereArgs {
+    /// Profile table (.csv, .tsv, .csv.gz, .parquet).
+    #[arg(long)]
+    input: PathBuf,
+    /// Output table (format from the extension).
+    #[arg(long)]
+    output: PathBuf,
+    /// Negative controls: COLUMN=VALUE[,VALUE...] (e.g. Metadata_Control=1).
+    #[arg(long)]
+    controls: Option<String>,
+    /// ZCA, PCA, ZCA-cor or PCA-cor.
+    #[arg(long, default_value = "ZCA")]
+    method: String,
+    /// λ added to the covariance eigenvalues (REFERENCE §5; ε on singular values with
+    /// --regularization pycytominer).
+    #[arg(long, default_value_t = 1e-3)]
+    lambda: f64,
+    /// eigenvalue (the CP-CNN paper) or pycytominer.
+    #[arg(long, default_value = "eigenvalue")]
+    regularization: String,
+    /// Fit one transform per plate of this column instead of pooling the controls.
+    #[arg(long)]
+    per_plate: Option<String>,
+    /// Save the fitted transform (safetensors).
+    #[arg(long)]
+    save_transform: Option<PathBuf>,
+    /// Apply a saved transform instead of fitting.
+    #[arg(long, conflicts_with_all = ["controls", "save_transform", "per_plate"])]
+    transform: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    /// Profile table (.csv, .tsv, .csv.gz, .parquet).
+    #[arg(long)]
+    input: PathBuf,
+    /// Annotation column; cells hold `|`-separated labels (MoA, pathway, treatment for replicate
+    /// retrieval). Rows with an empty cell are never queries but stay in the library.
+    #[arg(long)]
+    labels: String,
+    /// Rows matching COLUMN=VALUE[,VALUE...] get no label (e.g. negative controls): library only.
+    #[arg(long)]
+    unlabel: Option<String>,
+    /// mAP: interpolated (the CP-CNN paper), deepprofiler (DeepProfilerExperiments exactly) or
+    /// copairs (with permutation p-values when --null-size > 0).
+    #[arg(long, default_value = "interpolated")]
+    method: String,
+    #[arg(long, default_value_t = 0)]
+    null_size: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Percentile of each query's similarities for folds of enrichment.
+    #[arg(long, default_value_t = 99.0)]
+    percentile: f64,
+    /// Replicate groups for replicate reproducibility (a metadata column).
+    #[arg(long)]
+    replicates: Option<String>,
+    /// Per-query results (CSV).
+    #[arg(long)]
+    per_query: Option<PathBuf>,
+    /// Sphering λ sweep: comma-separated λs; needs --controls. Prints mAP and enrichment per λ.
+    #[arg(long, value_delimiter = ',')]
+    sweep: Option<Vec<f64>>,
+    /// Negative controls for the sweep: COLUMN=VALUE[,VALUE...].
+    #[arg(long)]
+    controls: Option<String>,
+    /// Sphering method of the sweep.
+    #[arg(long, default_value = "ZCA")]
+    sphere_method: String,
+    /// Sweep with one transform per plate of this column.
+    #[arg(long)]
+    per_plate: Option<String>,
+    /// SVG chart: the λ sweep (with --sweep) or the histogram of per-query AP.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -300,6 +440,500 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
     opts.batch_size = a.run.batch_size;
     let s = run_profile(&model, &opts)?;
     print_summary(&s, &opts.output);
+    demo_profiles(root, &opts.output)
+}
+
+/// The demo after profiling: aggregate → sphere → evaluate, printing mAP before and after sphering.
+fn demo_profiles(root: &Path, features: &Path) -> Result<()> {
+    let agg = aggregate_npz_dir(features, &AggregateOptions::default(), &mut |_, _| true)?;
+    let profiles = root.join("profiles");
+    std::fs::create_dir_all(&profiles)
+        .map_err(|e| Error::Io(format!("cannot create {}: {e}", profiles.display())))?;
+    let wells = agg.wells;
+    write_profiles(
+        &profiles.join("wells.parquet"),
+        &wells,
+        &WriteOptions::default(),
+    )?;
+    if let Some(t) = &agg.treatments {
+        write_profiles(
+            &profiles.join("treatments.parquet"),
+            t,
+            &WriteOptions::default(),
+        )?;
+    }
+    println!(
+        "aggregated:   {} cells -> {} sites -> {} wells -> {} treatments (site median, well mean, treatment mean) -> {}",
+        agg.cells,
+        agg.sites.n_rows(),
+        wells.n_rows(),
+        agg.treatments.as_ref().map_or(0, |t| t.n_rows()),
+        profiles.display()
+    );
+    // Replicate retrieval at well level: a treated well's positives are the other wells of its
+    // treatment; DMSO wells are never queries but stay in every library as negatives.
+    let controls = ControlSelector::meta("Metadata_Control", "1");
+    let labels = row_labels(&wells, "Metadata_Treatment", Some(&controls))?;
+    let map_opts = MapOptions::default();
+    let enr_opts = EnrichmentOptions::default();
+    let before = score(&wells, &labels, &map_opts, &enr_opts, None)?;
+    // λ relative to the controls' mean feature variance: the demo model's random weights give
+    // features of a tiny scale, where an absolute λ of 1e-3 would leave the profiles unwhitened.
+    let ctrl = controls.rows(&wells)?;
+    let d = wells.n_features();
+    let mut var = 0.0;
+    for j in 0..d {
+        let col: Vec<f64> = ctrl.iter().map(|&r| wells.row(r)[j]).collect();
+        let m = col.iter().sum::<f64>() / col.len() as f64;
+        var += col.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / col.len() as f64;
+    }
+    let scale = var / d as f64;
+    let rel = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0];
+    let lambdas: Vec<f64> = rel.iter().map(|r| r * scale).collect();
+    let mut enr = Vec::new();
+    let curve = lambda_sweep(
+        &wells,
+        &controls,
+        None,
+        &SphereOptions::default(),
+        &lambdas,
+        &mut |sphered| {
+            let s = score(sphered, &labels, &map_opts, &enr_opts, None)?;
+            enr.push(s.enrichment.mean_odds_ratio);
+            Ok(s.map.mean)
+        },
+    )?;
+    println!(
+        "evaluation:   {} wells, {} queries (treated wells; DMSO wells are library only), cosine similarity, interpolated mAP",
+        wells.n_rows(),
+        before.map.n_queries
+    );
+    println!(
+        "  before sphering                   mAP {:.4}   folds of enrichment {:.2}",
+        before.map.mean, before.enrichment.mean_odds_ratio
+    );
+    for ((r, (l, m)), e) in rel.iter().zip(&curve).zip(&enr) {
+        println!("  ZCA, λ = {r:<6} x var ({l:.1e})  mAP {m:.4}   folds of enrichment {e:.2}");
+    }
+    let best = curve
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.1.is_finite())
+        .max_by(|a, b| a.1 .1.total_cmp(&b.1 .1))
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    let fit = ProfileSphering::fit(
+        &wells,
+        &controls,
+        None,
+        &SphereOptions {
+            lambda: lambdas[best],
+            ..SphereOptions::default()
+        },
+    )?;
+    fit.save(&profiles.join("sphering.safetensors"))?;
+    write_profiles(
+        &profiles.join("wells_sphered.parquet"),
+        &fit.transform_profiles(&wells)?,
+        &WriteOptions::default(),
+    )?;
+    LineChart {
+        title: "demo: well-level mAP after ZCA sphering".into(),
+        x_label: "λ".into(),
+        y_label: "mAP (interpolated)".into(),
+        x_log: true,
+        series: vec![Series {
+            name: "ZCA".into(),
+            points: curve.clone(),
+        }],
+    }
+    .save(&profiles.join("lambda_sweep.svg"))?;
+    println!(
+        "mAP before sphering {:.4} -> after sphering {:.4} (ZCA, λ = {:.1e}, the best of the sweep); sphered wells, transform and the λ-sweep chart in {}",
+        before.map.mean,
+        curve[best].1,
+        lambdas[best],
+        profiles.display()
+    );
+    Ok(())
+}
+
+// ---- aggregate / sphere / evaluate ---------------------------------------------------------------
+
+fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let ext = match a.format.to_ascii_lowercase().as_str() {
+        "parquet" => "parquet",
+        "csv" => "csv",
+        "tsv" => "tsv",
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "--format {other:?}: expected parquet, csv or tsv"
+            )))
+        }
+    };
+    let mut opts = AggregateOptions::preset(&a.preset)?;
+    opts.plate = a.plate_column;
+    opts.well = a.well_column;
+    opts.site = Some(a.site_column).filter(|s| !s.is_empty());
+    opts.treatment = Some(a.treatment_column).filter(|s| !s.is_empty());
+    let agg = if a.input.is_dir() {
+        let pb = bar(
+            0,
+            "{spinner} aggregating [{bar:30}] {pos}/{len} sites  eta {eta}",
+        );
+        let r = aggregate_npz_dir(&a.input, &opts, &mut |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+            true
+        });
+        pb.finish_and_clear();
+        r?
+    } else {
+        let cells = read_profiles(&a.input, &ReadOptions::default())?;
+        aggregate_cells(
+            &Cells {
+                features: &cells.data,
+                n_features: cells.n_features(),
+                feature_names: &cells.feature_names,
+                meta_names: &cells.meta_names,
+                meta: &cells.meta,
+            },
+            &opts,
+        )?
+    };
+    std::fs::create_dir_all(&a.output)
+        .map_err(|e| Error::Io(format!("cannot create {}: {e}", a.output.display())))?;
+    println!(
+        "cells: {} ({} dropped for NaN/inf), preset {} (site {}, well {}, treatment {})",
+        agg.cells,
+        agg.dropped_cells,
+        a.preset,
+        opts.site_op.name(),
+        opts.well_op.name(),
+        opts.treatment_op.name()
+    );
+    for g in &agg.empty {
+        eprintln!("warning: left out {}", g.label());
+    }
+    let mut levels = vec![("sites", &agg.sites), ("wells", &agg.wells)];
+    if let Some(t) = &agg.treatments {
+        levels.push(("treatments", t));
+    }
+    for (name, p) in levels {
+        let path = a.output.join(format!("{name}.{ext}"));
+        write_profiles(&path, p, &WriteOptions::default())?;
+        println!(
+            "{name:<11} {:>7} profiles x {} features -> {}",
+            p.n_rows(),
+            p.n_features(),
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `COLUMN=VALUE[,VALUE...]` → a control selector.
+fn parse_selector(s: &str, flag: &str) -> Result<ControlSelector> {
+    let (col, vals) = s.split_once('=').ok_or_else(|| {
+        Error::InvalidArgument(format!("{flag} {s:?}: expected COLUMN=VALUE[,VALUE...]"))
+    })?;
+    let values: Vec<String> = vals.split(',').map(|v| v.trim().to_string()).collect();
+    if col.trim().is_empty() || values.iter().all(|v| v.is_empty()) {
+        return Err(Error::InvalidArgument(format!(
+            "{flag} {s:?}: expected COLUMN=VALUE[,VALUE...]"
+        )));
+    }
+    Ok(ControlSelector::Meta {
+        column: col.trim().to_string(),
+        values,
+    })
+}
+
+fn sphere_options(method: &str, lambda: f64, regularization: &str) -> Result<SphereOptions> {
+    let o = SphereOptions {
+        method: method.parse::<SphereMethod>()?,
+        lambda,
+        regularization: regularization.parse::<Regularization>()?,
+    };
+    o.validate()?;
+    Ok(o)
+}
+
+fn cmd_sphere(a: SphereArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let p = read_profiles(&a.input, &ReadOptions::default())?;
+    let fit = if let Some(t) = &a.transform {
+        ProfileSphering::load(t)?
+    } else {
+        let controls = a.controls.as_deref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "sphere: name the negative controls with --controls COLUMN=VALUE (or apply a saved --transform)".into(),
+            )
+        })?;
+        let sel = parse_selector(controls, "--controls")?;
+        let opts = sphere_options(&a.method, a.lambda, &a.regularization)?;
+        let n_controls = sel.rows(&p)?.len();
+        let fit = ProfileSphering::fit(&p, &sel, a.per_plate.as_deref(), &opts)?;
+        println!(
+            "fitted {} (λ = {:e}, {} regularisation) on {n_controls} control profiles{}",
+            opts.method,
+            opts.lambda,
+            opts.regularization,
+            a.per_plate
+                .as_deref()
+                .map(|c| format!(", one transform per {c}"))
+                .unwrap_or_else(|| ", pooled".into())
+        );
+        if let Some(path) = &a.save_transform {
+            fit.save(path)?;
+            println!("transform -> {}", path.display());
+        }
+        fit
+    };
+    let out = fit.transform_profiles(&p)?;
+    write_profiles(&a.output, &out, &WriteOptions::default())?;
+    println!(
+        "{} profiles x {} features -> {}",
+        out.n_rows(),
+        out.n_features(),
+        a.output.display()
+    );
+    Ok(())
+}
+
+/// Labels per row from `column` (`|`-separated), with rows matching `unlabel` cleared.
+fn row_labels(p: &Profiles, column: &str, unlabel: Option<&ControlSelector>) -> Result<Labels> {
+    let mut cells: Vec<String> = p.meta_column(column)?.to_vec();
+    if let Some(sel) = unlabel {
+        for (c, clear) in cells.iter_mut().zip(sel.mask(p)?) {
+            if clear {
+                c.clear();
+            }
+        }
+    }
+    Ok(Labels::from_joined(&cells))
+}
+
+/// The scores `evaluate` reports for one table.
+struct Scores {
+    map: MapResult,
+    enrichment: EnrichmentResult,
+    replicate: Option<ReplicateResult>,
+}
+
+fn score(
+    p: &Profiles,
+    labels: &Labels,
+    map_opts: &MapOptions,
+    enr_opts: &EnrichmentOptions,
+    replicates: Option<&str>,
+) -> Result<Scores> {
+    let sim = CosineSimilarity::new(&p.data, p.n_rows(), p.n_features())?;
+    let map = mean_average_precision(&sim, labels, map_opts, None)?;
+    let enrichment = folds_of_enrichment(&sim, labels, enr_opts, None)?;
+    let replicate = match replicates {
+        Some(col) => Some(replicate_reproducibility(
+            &sim,
+            p.meta_column(col)?,
+            &ReplicateOptions::default(),
+            None,
+        )?),
+        None => None,
+    };
+    Ok(Scores {
+        map,
+        enrichment,
+        replicate,
+    })
+}
+
+fn map_options(method: &str, null_size: usize, seed: u64) -> Result<MapOptions> {
+    let method = match method.to_ascii_lowercase().as_str() {
+        "interpolated" => MapMethod::Interpolated,
+        "deepprofiler" => MapMethod::DeepProfiler,
+        "copairs" => MapMethod::Copairs,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "--method {other:?}: expected interpolated, deepprofiler or copairs"
+            )))
+        }
+    };
+    if null_size > 0 && method != MapMethod::Copairs {
+        return Err(Error::InvalidArgument(
+            "--null-size needs --method copairs (p-values are defined for copairs' AP)".into(),
+        ));
+    }
+    Ok(MapOptions {
+        method,
+        null_size,
+        seed,
+        ..MapOptions::default()
+    })
+}
+
+fn write_per_query(path: &Path, p: &Profiles, labels_col: &str, s: &Scores) -> Result<()> {
+    let mut names: Vec<String> = p.meta_names.clone();
+    let mut meta: Vec<Vec<String>> = p.meta.clone();
+    let mut push = |name: &str, v: Vec<String>| {
+        names.push(name.to_string());
+        meta.push(v);
+    };
+    let f = |v: f64| {
+        if v.is_nan() {
+            String::new()
+        } else {
+            format!("{v}")
+        }
+    };
+    push(
+        "Metadata_is_query",
+        s.map
+            .per_query
+            .iter()
+            .map(|v| (!v.is_nan() as u8).to_string())
+            .collect(),
+    );
+    push(
+        "Metadata_n_positives",
+        s.map.n_positives.iter().map(|v| v.to_string()).collect(),
+    );
+    push(
+        "Metadata_average_precision",
+        s.map.per_query.iter().map(|&v| f(v)).collect(),
+    );
+    if let Some(pv) = &s.map.p_values {
+        push("Metadata_p_value", pv.iter().map(|&v| f(v)).collect());
+    }
+    if let Some(q) = &s.map.q_values {
+        push("Metadata_q_value", q.iter().map(|&v| f(v)).collect());
+    }
+    push(
+        "Metadata_enrichment_odds_ratio",
+        s.enrichment.odds_ratio.iter().map(|&v| f(v)).collect(),
+    );
+    push(
+        "Metadata_enrichment_p_value",
+        s.enrichment.p_value.iter().map(|&v| f(v)).collect(),
+    );
+    let _ = labels_col;
+    let table = Profiles::new(names, meta, vec![], vec![])?;
+    write_profiles(path, &table, &WriteOptions::default())
+}
+
+fn print_scores(what: &str, s: &Scores, percentile: f64) {
+    let mut line = format!(
+        "{what:<22} mAP {:.4}  ({} queries)   folds of enrichment (top {}%) {:.2}",
+        s.map.mean,
+        s.map.n_queries,
+        100.0 - percentile,
+        s.enrichment.mean_odds_ratio
+    );
+    if let Some(q) = &s.map.q_values {
+        let sig = q.iter().filter(|v| **v < 0.05).count();
+        line += &format!("   q < 0.05: {sig}/{}", s.map.n_queries);
+    }
+    if let Some(r) = &s.replicate {
+        line += &format!("   replicate reproducibility {:.3}", r.fraction);
+    }
+    println!("{line}");
+}
+
+fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let p = read_profiles(&a.input, &ReadOptions::default())?;
+    let unlabel = a
+        .unlabel
+        .as_deref()
+        .map(|s| parse_selector(s, "--unlabel"))
+        .transpose()?;
+    let labels = row_labels(&p, &a.labels, unlabel.as_ref())?;
+    let map_opts = map_options(&a.method, a.null_size, a.seed)?;
+    let enr_opts = EnrichmentOptions {
+        percentile: a.percentile,
+        ..EnrichmentOptions::default()
+    };
+    println!(
+        "{}: {} profiles x {} features, labels from {} ({} distinct), mAP method {}",
+        a.input.display(),
+        p.n_rows(),
+        p.n_features(),
+        a.labels,
+        labels.names.len(),
+        a.method
+    );
+    let s = score(&p, &labels, &map_opts, &enr_opts, a.replicates.as_deref())?;
+    print_scores("profiles as given", &s, a.percentile);
+    if let Some(path) = &a.per_query {
+        write_per_query(path, &p, &a.labels, &s)?;
+        println!("per-query results -> {}", path.display());
+    }
+    let Some(lambdas) = &a.sweep else {
+        if let Some(path) = &a.plot {
+            Histogram {
+                title: format!("AP per query ({})", a.method),
+                x_label: "average precision".into(),
+                values: s.map.per_query.clone(),
+                bins: 20,
+                lo: 0.0,
+                hi: 1.0,
+            }
+            .save(path)?;
+            println!("plot -> {}", path.display());
+        }
+        return Ok(());
+    };
+    let controls = a.controls.as_deref().ok_or_else(|| {
+        Error::InvalidArgument(
+            "--sweep needs --controls COLUMN=VALUE (the negative controls)".into(),
+        )
+    })?;
+    let sel = parse_selector(controls, "--controls")?;
+    let base = sphere_options(&a.sphere_method, 0.0, "eigenvalue")?;
+    let mut rows: Vec<(f64, f64)> = Vec::new();
+    let curve = lambda_sweep(
+        &p,
+        &sel,
+        a.per_plate.as_deref(),
+        &base,
+        lambdas,
+        &mut |sphered| {
+            let s = score(
+                sphered,
+                &labels,
+                &map_opts,
+                &enr_opts,
+                a.replicates.as_deref(),
+            )?;
+            rows.push((s.map.mean, s.enrichment.mean_odds_ratio));
+            Ok(s.map.mean)
+        },
+    )?;
+    println!("{:>10}  {:>8}  {:>10}", "lambda", "mAP", "enrichment");
+    for ((l, m), (_, e)) in curve.iter().zip(&rows) {
+        println!("{l:>10.0e}  {m:>8.4}  {e:>10.2}");
+    }
+    if let Some(best) = curve
+        .iter()
+        .filter(|c| c.1.is_finite())
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+    {
+        println!("best λ = {:e} (mAP {:.4})", best.0, best.1);
+    }
+    if let Some(path) = &a.plot {
+        LineChart {
+            title: format!("mAP after {} sphering vs λ", base.method),
+            x_label: "λ".into(),
+            y_label: format!("mAP ({})", a.method),
+            x_log: curve.iter().all(|c| c.0 > 0.0),
+            series: vec![Series {
+                name: format!("{}", base.method),
+                points: curve.clone(),
+            }],
+        }
+        .save(path)?;
+        println!("plot -> {}", path.display());
+    }
     Ok(())
 }
 
@@ -310,6 +944,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = std::panic::catch_unwind(move || match cli.command {
         Command::Profile(a) => cmd_profile(*a),
+        Command::Aggregate(a) => cmd_aggregate(a),
+        Command::Sphere(a) => cmd_sphere(a),
+        Command::Evaluate(a) => cmd_evaluate(a),
         Command::Demo(a) => cmd_demo(a),
     });
     match res {
