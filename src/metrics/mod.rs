@@ -1,6 +1,11 @@
 //! Scoring profiles: retrieval (mAP, folds of enrichment, precision@k), classification metrics
 //! (sklearn-style AP, ROC-AUC), subprofiles and Biosimilarity, and the statistics around them.
 
+pub mod enrichment;
+pub mod pvalues;
+pub mod retrieval;
+pub mod similarity;
+
 use crate::io::profiles::split_labels;
 use std::collections::HashMap;
 
