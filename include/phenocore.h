@@ -68,12 +68,50 @@ typedef enum {
     PHENO_PADDING_TF_SAME = 1,
 } PhenoPadding;
 
+// Sphering method (pycytominer's names).
+typedef enum {
+    // Q = U W Uᵀ, the paper's sphering (default).
+    PHENO_SPHERE_ZCA = 0,
+    // Q = W Uᵀ: output column k is principal component k (decreasing eigenvalue).
+    PHENO_SPHERE_PCA = 1,
+    // ZCA on features standardised by the controls' sd (the correlation matrix).
+    PHENO_SPHERE_ZCA_COR = 2,
+    // PCA on the correlation matrix.
+    PHENO_SPHERE_PCA_COR = 3,
+} PhenoSphereMethod;
+
+// How `lambda` regularises the whitening weights W.
+typedef enum {
+    // W = (Δ + λ)^(-1/2) on the eigenvalues Δ of the controls' covariance (divisor n),
+    // REFERENCE §5 (default).
+    PHENO_SPHERE_REG_EIGENVALUE = 0,
+    // pycytominer Spherize: W = sqrt(n - 1) / (s + λ) on the singular values s of the centred
+    // controls (λ is pycytominer's epsilon, default there 1e-6).
+    PHENO_SPHERE_REG_PYCYTOMINER = 1,
+} PhenoSphereRegularization;
+
+// Group of a treatment after ranking by effect, as written by `pheno_treatment_effect`.
+typedef enum {
+    // Control well, or a treatment in none of the three groups.
+    PHENO_TIER_NONE = -1,
+    PHENO_TIER_BOTTOM = 0,
+    PHENO_TIER_MIDDLE = 1,
+    PHENO_TIER_TOP = 2,
+} PhenoEffectTier;
+
 // An EfficientNet-B0 (Cell Painting CNN) ready for inference on the CPU.
 //
 // Thread safety: immutable after creation, so any number of threads may call functions on one
 // model at the same time. `pheno_effnet_free` must be called exactly once, after every other call
 // on the model has returned.
 typedef struct PhenoModel PhenoModel;
+
+// A fitted sphering transform, pooled or per plate.
+//
+// Thread safety: immutable after creation, so any number of threads may use one handle at the
+// same time. `pheno_sphering_free` must be called exactly once, after every other call on the
+// handle has returned.
+typedef struct PhenoSphering PhenoSphering;
 
 // A field-of-view image: `channels` planes of `height` x `width` pixels, planar and row-major
 // (C x H x W), of type `pixel_type`. `data` must be aligned for that type. The library only
@@ -127,6 +165,29 @@ typedef struct {
     // returns PHENO_ERR_UNSUPPORTED).
     int32_t device;
 } PhenoEffnetOptions;
+
+// Options for `pheno_sphering_fit`. Initialise with `pheno_sphere_default_options()`.
+typedef struct {
+    // `sizeof(PhenoSphereOptions)`; set by `pheno_sphere_default_options()`.
+    size_t struct_size;
+    // Default PHENO_SPHERE_ZCA.
+    PhenoSphereMethod method;
+    // λ (or pycytominer's epsilon), finite and >= 0; default 1e-3. λ = 0 with a singular
+    // covariance (constant features, fewer controls than features) is PHENO_ERR_INVALID_ARGUMENT.
+    double lambda;
+    // Default PHENO_SPHERE_REG_EIGENVALUE.
+    PhenoSphereRegularization regularization;
+} PhenoSphereOptions;
+
+// Options for `pheno_treatment_effect`. Initialise with `pheno_effect_default_options()`.
+typedef struct {
+    // `sizeof(PhenoEffectOptions)`; set by `pheno_effect_default_options()`.
+    size_t struct_size;
+    // Delta degrees of freedom of the sd of the control wells' distances (default 1).
+    size_t ddof;
+    // Share of treatments in each of the bottom / middle / top groups, 0..=1/3 (default 0.2).
+    double fraction;
+} PhenoEffectOptions;
 
 #ifdef __cplusplus
 extern "C" {
@@ -266,6 +327,131 @@ PhenoFeatureOptions pheno_feature_default_options(void);
 
 // Default crop options: 128-pixel box, DeepProfiler legacy normalisation.
 PhenoCropOptions pheno_crop_default_options(void);
+
+// Default sphering options: ZCA, λ = 1e-3, eigenvalue regularisation.
+PhenoSphereOptions pheno_sphere_default_options(void);
+
+// Default treatment-effect options: ddof 1, fraction 0.2.
+PhenoEffectOptions pheno_effect_default_options(void);
+
+// Fits a sphering on `n` control profiles of `d` features (`controls`: n x d row-major
+// **double**, finite, n >= 2 per fit). `plates` NULL fits one pooled transform; otherwise it
+// holds one plate name per row and one transform is fitted per plate. `opts` may be NULL
+// (defaults). On success `*out_sphering` owns a new handle (free it with
+// `pheno_sphering_free`); on failure it is set to NULL.
+//
+// # Safety
+// `controls` points to n * d doubles; `plates` is NULL or points to n NUL-terminated strings;
+// `opts` is NULL or initialised by `pheno_sphere_default_options()`; `out_sphering` is valid
+// for a write.
+PhenoStatus pheno_sphering_fit(const double *controls,
+                               size_t n,
+                               size_t d,
+                               const char *const *plates,
+                               const PhenoSphereOptions *opts,
+                               PhenoSphering **out_sphering);
+
+// Sphers `n` profiles of `d` features (`x`: n x d row-major **double**) into `out`
+// (`out_len` >= n * d doubles). `plates` (one name per row) is required for a per-plate fit
+// and ignored (may be NULL) for a pooled one; a plate without a fit is
+// PHENO_ERR_INVALID_ARGUMENT. `x` and `out` may be the same buffer.
+//
+// # Safety
+// `sphering` is a live handle; `x` points to n * d doubles; `plates` is NULL or points to n
+// NUL-terminated strings; `out` points to `out_len` writable doubles.
+PhenoStatus pheno_sphering_transform(const PhenoSphering *sphering,
+                                     const double *x,
+                                     size_t n,
+                                     size_t d,
+                                     const char *const *plates,
+                                     double *out,
+                                     size_t out_len);
+
+// Writes the sphering as safetensors (float64 `mean`, `matrix`, `eigenvalues`, optional `scale`;
+// method, λ and regularisation in the metadata) to `path`, atomically.
+//
+// # Safety
+// `sphering` is a live handle; `path` is a NUL-terminated string.
+PhenoStatus pheno_sphering_save(const PhenoSphering *sphering, const char *path);
+
+// Loads a sphering written by `pheno_sphering_save` (or `phenocore sphere --save`). On success
+// `*out_sphering` owns a new handle; on failure it is set to NULL.
+//
+// # Safety
+// `path` is a NUL-terminated string; `out_sphering` is valid for a write.
+PhenoStatus pheno_sphering_load(const char *path, PhenoSphering **out_sphering);
+
+// Describes a sphering: features d, method, λ, regularisation and number of plates (0 for a
+// pooled fit). Any out-pointer may be NULL to skip it.
+//
+// # Safety
+// `sphering` is a live handle; each out-pointer is NULL or valid for a write.
+PhenoStatus pheno_sphering_info(const PhenoSphering *sphering,
+                                size_t *out_d,
+                                PhenoSphereMethod *out_method,
+                                double *out_lambda,
+                                PhenoSphereRegularization *out_regularization,
+                                size_t *out_n_plates);
+
+// Name of plate `index` (0-based, in sorted order) of a per-plate sphering. `*out_name` stays
+// valid until the handle is freed.
+//
+// # Safety
+// `sphering` is a live handle; `out_name` is valid for a write.
+PhenoStatus pheno_sphering_plate(const PhenoSphering *sphering, size_t index, const char **out_name);
+
+// Copies the fitted parameters of the pooled fit (`plate` NULL) or of one plate: `out_mean`
+// (d), `out_scale` (d; the controls' sd for the -cor methods, all 1 otherwise), `out_matrix`
+// (d x d row-major; sphered = matrix · ((x − mean) / scale)), `out_eigenvalues` (d, decreasing)
+// and `out_n_controls`. `d` must equal the fit's feature count. Any out-pointer may be NULL.
+//
+// # Safety
+// `sphering` is a live handle; `plate` is NULL or a NUL-terminated string; each non-NULL
+// buffer holds the number of doubles stated above.
+PhenoStatus pheno_sphering_parameters(const PhenoSphering *sphering,
+                                      const char *plate,
+                                      size_t d,
+                                      double *out_mean,
+                                      double *out_scale,
+                                      double *out_matrix,
+                                      double *out_eigenvalues,
+                                      size_t *out_n_controls);
+
+// Frees a sphering; NULL is a no-op.
+//
+// # Safety
+// `sphering` is NULL or a handle from this library not yet freed, with no call on it in flight.
+void pheno_sphering_free(PhenoSphering *sphering);
+
+// Treatment effect (REFERENCE §6) of `n` (sphered) well profiles of `d` features (`x`: n x d
+// row-major **double**, finite): per plate, the Euclidean distance of every well to the plate's
+// median control profile, z-scored with the mean and sd (`ddof`) of the control wells' own
+// distances; a treatment's effect is the mean z over its non-control wells. `plates` and
+// `treatments` hold one string per well, `is_control` one flag per well (non-zero = control;
+// every plate needs >= 3 controls). Treatments are ranked by ascending effect (ties by name);
+// with N treatments and k = floor(fraction * N + 0.5), bottom = ranks [0, k), top =
+// [N - k, N), middle = [floor((N - k) / 2), floor((N - k) / 2) + k).
+//
+// Outputs, one value per well, each NULL to skip, each holding `out_len` >= n values:
+// `out_distance`, `out_z` (control wells included), `out_effect` (the effect of the well's
+// treatment; NaN for control wells) and `out_tier` (the treatment's group; PHENO_TIER_NONE for
+// control wells). `opts` may be NULL (ddof 1, fraction 0.2). Thread-safe.
+//
+// # Safety
+// `x` points to n * d doubles; `plates` and `treatments` to n NUL-terminated strings;
+// `is_control` to n bytes; each non-NULL output to `out_len` writable values.
+PhenoStatus pheno_treatment_effect(const double *x,
+                                   size_t n,
+                                   size_t d,
+                                   const char *const *plates,
+                                   const char *const *treatments,
+                                   const uint8_t *is_control,
+                                   const PhenoEffectOptions *opts,
+                                   double *out_distance,
+                                   double *out_z,
+                                   double *out_effect,
+                                   PhenoEffectTier *out_tier,
+                                   size_t out_len);
 
 // Static English text for a status code; never NULL ("unknown status code" for values this
 // library does not define). Thread-safe.

@@ -10,6 +10,7 @@ mod boundary;
 mod crops;
 mod model;
 mod options;
+mod sphere;
 mod status;
 
 pub use crate::error::PhenoStatus;
@@ -23,6 +24,13 @@ pub use options::{
     pheno_crop_default_options, pheno_effnet_default_options, pheno_feature_default_options,
     PhenoCropOptions, PhenoEffnetOptions, PhenoFeatureOptions, PhenoNormalization, PhenoPadding,
     PhenoPixelType, PhenoProgressFn,
+};
+pub use sphere::{
+    pheno_effect_default_options, pheno_sphere_default_options, pheno_sphering_fit,
+    pheno_sphering_free, pheno_sphering_info, pheno_sphering_load, pheno_sphering_parameters,
+    pheno_sphering_plate, pheno_sphering_save, pheno_sphering_transform, pheno_treatment_effect,
+    PhenoEffectOptions, PhenoEffectTier, PhenoSphereMethod, PhenoSphereOptions,
+    PhenoSphereRegularization, PhenoSphering,
 };
 pub use status::{
     pheno_last_error, pheno_set_num_threads, pheno_status_str, pheno_version_number,

@@ -1,4 +1,6 @@
 //! Profile making: single-cell crops, aggregation, sphering, Harmony, treatment effect.
 pub mod crops;
+pub mod effect;
 pub mod profile;
+pub mod sphere;
 pub mod synthetic;

@@ -17,10 +17,14 @@ from ._lib import LibraryNotFoundError, find_library
 from .crops import crop_cells
 from .efficientnet import DEFAULT_LAYER, EfficientNet
 from . import metrics
+from .sphering import Sphering, TreatmentEffects, treatment_effect
 
 __all__ = [
     "EfficientNet",
     "metrics",
+    "Sphering",
+    "TreatmentEffects",
+    "treatment_effect",
     "crop_cells",
     "set_num_threads",
     "library_version",
