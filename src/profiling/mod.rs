@@ -1,4 +1,5 @@
 //! Profile making: single-cell crops, aggregation, sphering, Harmony, treatment effect.
+pub mod aggregate;
 pub mod crops;
 pub mod effect;
 pub mod profile;
