@@ -816,7 +816,7 @@ mod tests {
         let names = ["c", "c", "c", "t0", "t1", "t1"].map(|s| CString::new(s).unwrap());
         let treat: Vec<*const c_char> = names.iter().map(|s| s.as_ptr()).collect();
         let plate = CString::new("p").unwrap();
-        let plates = vec![plate.as_ptr(); 6];
+        let plates = [plate.as_ptr(); 6];
         let ctl = [1u8, 1, 1, 0, 0, 0];
         let mut o = pheno_effect_default_options();
         o.fraction = 1.0 / 3.0; // N = 2: k = 1, bottom t0, top t1
