@@ -68,6 +68,27 @@ typedef enum {
     PHENO_PADDING_TF_SAME = 1,
 } PhenoPadding;
 
+// How the rows of a group become one profile.
+typedef enum {
+    PHENO_REDUCE_MEDIAN = 0,
+    PHENO_REDUCE_MEAN = 1,
+} PhenoReduce;
+
+// Level of the profiles `pheno_aggregate*` returns.
+typedef enum {
+    PHENO_LEVEL_SITE = 0,
+    PHENO_LEVEL_WELL = 1,
+    PHENO_LEVEL_TREATMENT = 2,
+} PhenoAggregateLevel;
+
+// What a NaN in the cell features does.
+typedef enum {
+    // A cell holding any NaN or infinity is dropped (REFERENCE §4; default).
+    PHENO_NAN_DROP_ROWS = 0,
+    // pandas / pycytominer: each feature skips its own NaN values.
+    PHENO_NAN_PER_FEATURE = 1,
+} PhenoNanPolicy;
+
 // Sphering method (pycytominer's names).
 typedef enum {
     // Q = U W Uᵀ, the paper's sphering (default).
@@ -105,6 +126,14 @@ typedef enum {
 // model at the same time. `pheno_effnet_free` must be called exactly once, after every other call
 // on the model has returned.
 typedef struct PhenoModel PhenoModel;
+
+// A profile table: `n_rows` profiles, each with metadata (strings, e.g. `Metadata_Plate`) and
+// `n_features` feature values (double).
+//
+// Thread safety: immutable after creation, so any number of threads may call functions on one
+// table at the same time. `pheno_profiles_free` must be called exactly once, after every other
+// call on the table has returned.
+typedef struct PhenoProfiles PhenoProfiles;
 
 // A fitted sphering transform, pooled or per plate.
 //
@@ -165,6 +194,57 @@ typedef struct {
     // returns PHENO_ERR_UNSUPPORTED).
     int32_t device;
 } PhenoEffnetOptions;
+
+// Options for `pheno_profiles_read` / `pheno_profiles_write`. Initialise with
+// `pheno_profiles_io_default_options()`.
+typedef struct {
+    // `sizeof(PhenoProfilesIoOptions)`; set by `pheno_profiles_io_default_options()`.
+    size_t struct_size;
+    // Reading: the names of the metadata columns (all others are features). NULL with
+    // `n_metadata_columns` 0 (default) = every column whose name starts with "Metadata_".
+    const char *const *metadata_columns;
+    size_t n_metadata_columns;
+    // `.npy` only: a CSV/TSV beside the matrix holding the metadata columns, read with the matrix
+    // or written with it. NULL (default) = none.
+    const char *npy_metadata_path;
+    // Writing `.npy`: non-zero stores float32, 0 (default) float64.
+    int32_t npy_float32;
+} PhenoProfilesIoOptions;
+
+// Options for `pheno_aggregate*`. Initialise with `pheno_aggregate_default_options()`; the
+// defaults are the paper's chain (site median, well mean, treatment mean).
+typedef struct {
+    // `sizeof(PhenoAggregateOptions)`; set by `pheno_aggregate_default_options()`.
+    size_t struct_size;
+    // Cells → site (default median).
+    PhenoReduce site_op;
+    // Sites → well (default mean).
+    PhenoReduce well_op;
+    // Wells → treatment (default mean).
+    PhenoReduce treatment_op;
+    // Which profiles to return (default PHENO_LEVEL_TREATMENT).
+    PhenoAggregateLevel level;
+    // Default PHENO_NAN_DROP_ROWS.
+    PhenoNanPolicy nan_policy;
+    // 0 (default): a site (well, treatment) with no usable cells is left out and listed by
+    // `pheno_profiles_empty_group`; non-zero: it is PHENO_ERR_INVALID_ARGUMENT naming it.
+    int32_t fail_on_empty;
+    // Non-zero (default): add Metadata_Object_Count / Metadata_Site_Count / Metadata_Well_Count.
+    int32_t counts;
+    // Key columns; NULL = "Metadata_Plate", "Metadata_Well".
+    const char *plate_column;
+    const char *well_column;
+    // NULL = "Metadata_Site"; "" = no site column (the cells of a well form one site).
+    const char *site_column;
+    // NULL = "Metadata_Treatment"; "" = none (then `level` must not be TREATMENT). Only used
+    // for treatment profiles; below that level it is carried like any other column.
+    const char *treatment_column;
+    // `pheno_aggregate_npz_dir` only: called with (site files done, total) after every few sites;
+    // may be NULL. Return non-zero to cancel (PHENO_ERR_CANCELLED). Runs on the calling thread.
+    PhenoProgressFn progress;
+    // Passed unchanged to `progress`.
+    void *user_data;
+} PhenoAggregateOptions;
 
 // Options for `pheno_sphering_fit`. Initialise with `pheno_sphere_default_options()`.
 typedef struct {
@@ -327,6 +407,206 @@ PhenoFeatureOptions pheno_feature_default_options(void);
 
 // Default crop options: 128-pixel box, DeepProfiler legacy normalisation.
 PhenoCropOptions pheno_crop_default_options(void);
+
+// Default I/O options: `Metadata_*` columns are metadata; no `.npy` side file; float64 `.npy`.
+PhenoProfilesIoOptions pheno_profiles_io_default_options(void);
+
+// Default aggregation options: the paper's chain, treatment profiles, NaN cells dropped, empty
+// groups left out, count columns, pycytominer's key column names.
+PhenoAggregateOptions pheno_aggregate_default_options(void);
+
+// Reads a profile table from `path`; the format follows the extension: `.csv`, `.tsv` (optionally
+// `.gz`), `.parquet` / `.pq` (as pandas writes it), `.npy` (a 2-D feature matrix; metadata from
+// `opts->npy_metadata_path`). `opts` may be NULL. On success `*out_profiles` owns a new table
+// (free it with `pheno_profiles_free`); on failure it is set to NULL.
+//
+// # Safety
+// `path` is a NUL-terminated string; `opts` is NULL or initialised by
+// `pheno_profiles_io_default_options()`; `out_profiles` is valid for a write.
+PhenoStatus pheno_profiles_read(const char *path,
+                                const PhenoProfilesIoOptions *opts,
+                                PhenoProfiles **out_profiles);
+
+// Writes `profiles` to `path` atomically (a temp file renamed over `path`); the format follows
+// the extension as in `pheno_profiles_read`. CSV: metadata columns then features, NaN as an
+// empty cell; Parquet: metadata as UTF-8 strings, features as DOUBLE, snappy; `.npy`: the
+// feature matrix (float64, or float32 with `opts->npy_float32`), metadata to
+// `opts->npy_metadata_path` when set. `opts` may be NULL.
+//
+// # Safety
+// `profiles` is a live table; `path` a NUL-terminated string; `opts` as in `pheno_profiles_read`.
+PhenoStatus pheno_profiles_write(const PhenoProfiles *profiles,
+                                 const char *path,
+                                 const PhenoProfilesIoOptions *opts);
+
+// Builds a table from `x` (n × d doubles, row-major), `feature_names` (d strings; NULL =
+// "feature_0", "feature_1", ...), and `n_meta` metadata columns named by `meta_names` whose
+// values are `meta_values` (n_meta × n strings, **column by column**: the value of column c at
+// row r is `meta_values[c * n + r]`). Names must be unique.
+//
+// # Safety
+// `x` points to n * d doubles; `feature_names` is NULL or points to d strings; `meta_names` to
+// n_meta strings and `meta_values` to n_meta * n strings (each NUL-terminated; either array may
+// be NULL when n_meta is 0); `out_profiles` is valid for a write.
+PhenoStatus pheno_profiles_new(const double *x,
+                               size_t n,
+                               size_t d,
+                               const char *const *feature_names,
+                               const char *const *meta_names,
+                               size_t n_meta,
+                               const char *const *meta_values,
+                               PhenoProfiles **out_profiles);
+
+// Rows, features and metadata columns of a table; any out-pointer may be NULL to skip it.
+//
+// # Safety
+// `profiles` is a live table; each out-pointer is NULL or valid for a write.
+PhenoStatus pheno_profiles_info(const PhenoProfiles *profiles,
+                                size_t *out_n_rows,
+                                size_t *out_n_features,
+                                size_t *out_n_meta_columns);
+
+// Copies the feature values (n_rows × n_features doubles, row-major) into `out`
+// (`out_len` >= n_rows * n_features).
+//
+// # Safety
+// `profiles` is a live table; `out` points to `out_len` writable doubles.
+PhenoStatus pheno_profiles_data(const PhenoProfiles *profiles, double *out, size_t out_len);
+
+// Name of feature column `j` into `buf` (module doc: sqlite-style copy).
+//
+// # Safety
+// `profiles` is a live table; `buf` is NULL or points to `buf_len` writable bytes;
+// `out_needed` is NULL or valid for a write.
+PhenoStatus pheno_profiles_feature_name(const PhenoProfiles *profiles,
+                                        size_t j,
+                                        char *buf,
+                                        size_t buf_len,
+                                        size_t *out_needed);
+
+// All feature names into `buf`, each followed by a NUL (module doc: sqlite-style copy;
+// `*out_needed` is the total length).
+//
+// # Safety
+// As `pheno_profiles_feature_name`.
+PhenoStatus pheno_profiles_feature_names(const PhenoProfiles *profiles,
+                                         char *buf,
+                                         size_t buf_len,
+                                         size_t *out_needed);
+
+// Name of metadata column `c` into `buf` (module doc: sqlite-style copy).
+//
+// # Safety
+// As `pheno_profiles_feature_name`.
+PhenoStatus pheno_profiles_meta_name(const PhenoProfiles *profiles,
+                                     size_t c,
+                                     char *buf,
+                                     size_t buf_len,
+                                     size_t *out_needed);
+
+// Index of the metadata column named `name`; PHENO_ERR_INVALID_ARGUMENT (listing the columns)
+// when there is none.
+//
+// # Safety
+// `profiles` is a live table; `name` a NUL-terminated string; `out_index` valid for a write.
+PhenoStatus pheno_profiles_meta_index(const PhenoProfiles *profiles, const char *name, size_t *out_index);
+
+// Value of metadata column `c` at row `row` into `buf` (module doc: sqlite-style copy).
+//
+// # Safety
+// As `pheno_profiles_feature_name`.
+PhenoStatus pheno_profiles_meta_value(const PhenoProfiles *profiles,
+                                      size_t c,
+                                      size_t row,
+                                      char *buf,
+                                      size_t buf_len,
+                                      size_t *out_needed);
+
+// Every value of metadata column `c` into `buf`, row after row, each followed by a NUL (module
+// doc: sqlite-style copy; `*out_needed` is the total length).
+//
+// # Safety
+// As `pheno_profiles_feature_name`.
+PhenoStatus pheno_profiles_meta_column(const PhenoProfiles *profiles,
+                                       size_t c,
+                                       char *buf,
+                                       size_t buf_len,
+                                       size_t *out_needed);
+
+// Number of groups `pheno_aggregate*` left out of this table's level and the ones below it for
+// having no usable cells (0 for tables not made by aggregation).
+//
+// # Safety
+// `profiles` is a live table; `out_count` valid for a write.
+PhenoStatus pheno_profiles_empty_groups(const PhenoProfiles *profiles, size_t *out_count);
+
+// Description of left-out group `i` (e.g. "site Metadata_Plate=P1, Metadata_Well=A01,
+// Metadata_Site=3 (12 cells, all with NaN)") into `buf` (module doc: sqlite-style copy).
+//
+// # Safety
+// As `pheno_profiles_feature_name`.
+PhenoStatus pheno_profiles_empty_group(const PhenoProfiles *profiles,
+                                       size_t i,
+                                       char *buf,
+                                       size_t buf_len,
+                                       size_t *out_needed);
+
+// Releases a table. NULL is accepted and ignored.
+//
+// # Safety
+// `profiles` is NULL or a live table not used after this call.
+void pheno_profiles_free(PhenoProfiles *profiles);
+
+// Aggregates single cells into site, well or treatment profiles (REFERENCE §4; `opts->level`).
+// `x` holds n × d cell features (float32, row-major); `feature_names` d names (NULL =
+// "feature_0", ...); `n_meta` metadata columns named `meta_names` with values `meta_values`
+// (n_meta × n strings, column by column: column c, row r at `meta_values[c * n + r]`), which must
+// include the key columns of `opts`. The table keeps the key columns, the metadata columns
+// constant within each group, and count columns. Groups come out sorted by key. A site whose
+// cells all hold NaN has no profile; see `pheno_profiles_empty_group`. `opts` may be NULL
+// (the paper's chain to treatments). On success `*out_profiles` owns a new table; on failure it
+// is set to NULL.
+//
+// # Safety
+// `x` points to n * d floats; string arrays as in `pheno_profiles_new`; `opts` is NULL or
+// initialised by `pheno_aggregate_default_options()`; `out_profiles` is valid for a write.
+PhenoStatus pheno_aggregate(const float *x,
+                            size_t n,
+                            size_t d,
+                            const char *const *feature_names,
+                            const char *const *meta_names,
+                            size_t n_meta,
+                            const char *const *meta_values,
+                            const PhenoAggregateOptions *opts,
+                            PhenoProfiles **out_profiles);
+
+// As `pheno_aggregate` with double cell features (e.g. CellProfiler measurements).
+//
+// # Safety
+// As `pheno_aggregate`, with `x` pointing to n * d doubles.
+PhenoStatus pheno_aggregate_f64(const double *x,
+                                size_t n,
+                                size_t d,
+                                const char *const *feature_names,
+                                const char *const *meta_names,
+                                size_t n_meta,
+                                const char *const *meta_values,
+                                const PhenoAggregateOptions *opts,
+                                PhenoProfiles **out_profiles);
+
+// Aggregates the per-site `.npz` files under `dir` (a `phenocore profile` output folder,
+// `{plate}/{well}_{site}.npz`), streaming: each worker thread holds one site file at a time, so
+// memory does not grow with the number of cells. Keys and carried metadata come from each
+// file's `Metadata_*` entries (plate/well/site fall back to the path). `opts->progress` is
+// called with the site files done and their total. Otherwise as `pheno_aggregate`.
+//
+// # Safety
+// `dir` is a NUL-terminated string; `opts` is NULL or initialised by
+// `pheno_aggregate_default_options()` (its callback must not unwind); `out_profiles` is valid
+// for a write.
+PhenoStatus pheno_aggregate_npz_dir(const char *dir,
+                                    const PhenoAggregateOptions *opts,
+                                    PhenoProfiles **out_profiles);
 
 // Default sphering options: ZCA, λ = 1e-3, eigenvalue regularisation.
 PhenoSphereOptions pheno_sphere_default_options(void);

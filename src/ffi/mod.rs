@@ -10,6 +10,7 @@ mod boundary;
 mod crops;
 mod model;
 mod options;
+mod profiles;
 mod sphere;
 mod status;
 
@@ -24,6 +25,15 @@ pub use options::{
     pheno_crop_default_options, pheno_effnet_default_options, pheno_feature_default_options,
     PhenoCropOptions, PhenoEffnetOptions, PhenoFeatureOptions, PhenoNormalization, PhenoPadding,
     PhenoPixelType, PhenoProgressFn,
+};
+pub use profiles::{
+    pheno_aggregate, pheno_aggregate_default_options, pheno_aggregate_f64, pheno_aggregate_npz_dir,
+    pheno_profiles_data, pheno_profiles_empty_group, pheno_profiles_empty_groups,
+    pheno_profiles_feature_name, pheno_profiles_feature_names, pheno_profiles_free,
+    pheno_profiles_info, pheno_profiles_io_default_options, pheno_profiles_meta_column,
+    pheno_profiles_meta_index, pheno_profiles_meta_name, pheno_profiles_meta_value,
+    pheno_profiles_new, pheno_profiles_read, pheno_profiles_write, PhenoAggregateLevel,
+    PhenoAggregateOptions, PhenoNanPolicy, PhenoProfiles, PhenoProfilesIoOptions, PhenoReduce,
 };
 pub use sphere::{
     pheno_effect_default_options, pheno_sphere_default_options, pheno_sphering_fit,

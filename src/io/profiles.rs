@@ -49,7 +49,7 @@ impl Profiles {
         let n = if d == 0 {
             self.meta.first().map_or(0, |c| c.len())
         } else {
-            if self.data.len() % d != 0 {
+            if !self.data.len().is_multiple_of(d) {
                 return Err(Error::Shape(format!(
                     "profiles: {} values is not a multiple of {d} features",
                     self.data.len()

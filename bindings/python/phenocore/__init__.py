@@ -17,9 +17,15 @@ from ._lib import LibraryNotFoundError, find_library
 from .crops import crop_cells
 from .efficientnet import DEFAULT_LAYER, EfficientNet
 from . import metrics
+from .profiles import Profiles, aggregate, aggregate_npz, read_profiles, write_profiles
 from .sphering import Sphering, TreatmentEffects, treatment_effect
 
 __all__ = [
+    "Profiles",
+    "aggregate",
+    "aggregate_npz",
+    "read_profiles",
+    "write_profiles",
     "EfficientNet",
     "metrics",
     "Sphering",
