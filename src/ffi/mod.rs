@@ -8,6 +8,7 @@
 
 mod boundary;
 mod crops;
+mod harmony;
 mod model;
 mod options;
 mod profiles;
@@ -16,6 +17,7 @@ mod status;
 
 pub use crate::error::PhenoStatus;
 pub use crops::{pheno_crop_cells, pheno_effnet_features_from_image, PhenoImage};
+pub use harmony::{pheno_harmony, pheno_harmony_default_options, PhenoHarmonyOptions};
 pub use model::{
     pheno_effnet_features, pheno_effnet_free, pheno_effnet_info, pheno_effnet_layer_dim,
     pheno_effnet_load, pheno_effnet_load_from_memory, pheno_effnet_logits, pheno_effnet_new,

@@ -127,7 +127,7 @@ pub extern "C" fn pheno_crop_default_options() -> PhenoCropOptions {
 pub(crate) const DEFAULT_BATCH: usize = 64;
 
 /// Reads the caller's struct field by field within its `struct_size`.
-struct Prefix {
+pub(crate) struct Prefix {
     base: *const u8,
     size: usize,
 }
@@ -135,7 +135,11 @@ struct Prefix {
 impl Prefix {
     /// # Safety
     /// `p`, if not NULL, must point to at least `p->struct_size` readable bytes.
-    unsafe fn new<T>(p: *const T, what: &str, default_fn: &str) -> Result<Option<Prefix>> {
+    pub(crate) unsafe fn new<T>(
+        p: *const T,
+        what: &str,
+        default_fn: &str,
+    ) -> Result<Option<Prefix>> {
         if p.is_null() {
             return Ok(None);
         }
@@ -161,7 +165,7 @@ impl Prefix {
     ///
     /// # Safety
     /// `F` must be valid for any bit pattern of its size (integers, floats, pointers, Option<fn>).
-    unsafe fn field<F: Copy>(&self, offset: usize) -> Option<F> {
+    pub(crate) unsafe fn field<F: Copy>(&self, offset: usize) -> Option<F> {
         (offset + size_of::<F>() <= self.size)
             .then(|| (self.base.add(offset) as *const F).read_unaligned())
     }

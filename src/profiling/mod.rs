@@ -1,6 +1,7 @@
 //! Profile making: single-cell crops, aggregation, sphering, Harmony, treatment effect.
 pub mod aggregate;
 pub mod crops;
+pub mod harmony;
 pub mod effect;
 pub mod profile;
 pub mod sphere;

@@ -16,6 +16,7 @@ from . import _lib
 from ._lib import LibraryNotFoundError, find_library
 from .crops import crop_cells
 from .efficientnet import DEFAULT_LAYER, EfficientNet
+from .harmony import harmony
 from . import metrics
 from .profiles import Profiles, aggregate, aggregate_npz, read_profiles, write_profiles
 from .sphering import Sphering, TreatmentEffects, treatment_effect
@@ -32,6 +33,7 @@ __all__ = [
     "TreatmentEffects",
     "treatment_effect",
     "crop_cells",
+    "harmony",
     "set_num_threads",
     "library_version",
     "PhenoError",
