@@ -60,6 +60,38 @@ typedef enum {
     PHENO_NORM_NONE = 2,
 } PhenoNormalization;
 
+// How average precision is computed (see `pheno_mean_average_precision`).
+typedef enum {
+    // The CP-CNN paper: interpolated precision max_{r' >= r} p(r') (tied similarities are one
+    // threshold), averaged over `recall_points` evenly spaced recall values in [0, 1].
+    PHENO_MAP_INTERPOLATED = 0,
+    // DeepProfilerExperiments' `interpolated_precision_recall_curve`, exactly (recall axis
+    // linspace(0, 1, N), scikit-learn PR curve semantics, queries with >= 2 positives by default).
+    PHENO_MAP_DEEPPROFILER = 1,
+    // copairs: mean over positives of precision at their rank, ties in favour of positives;
+    // permutation p-values when `null_size` > 0.
+    PHENO_MAP_COPAIRS = 2,
+} PhenoMapMethod;
+
+// What happens to items whose label string is empty.
+typedef enum {
+    // They stay in every library as negatives (never queries). Default.
+    PHENO_UNLABELED_NEGATIVES = 0,
+    // They are left out entirely (DeepProfilerExperiments evaluates annotated items only).
+    PHENO_UNLABELED_DROP = 1,
+} PhenoUnlabeled;
+
+// How an infinite (v12 * v21 = 0) or undefined (an empty row or column) odds ratio is reported;
+// finite odds ratios are always scipy's (v11 * v22) / (v12 * v21).
+typedef enum {
+    // Haldane-Anscombe: 0.5 added to every cell of such a table (finite). Default.
+    PHENO_ODDS_HALDANE = 0,
+    // DeepProfilerExperiments: an infinite odds ratio becomes v22 (NaN stays NaN).
+    PHENO_ODDS_DEEPPROFILER = 1,
+    // scipy's values unchanged (inf, NaN).
+    PHENO_ODDS_KEEP = 2,
+} PhenoInfiniteOdds;
+
 // Convolution padding convention of an EfficientNet.
 typedef enum {
     // torchvision: (k - 1) / 2 on every side (models trained in PyTorch).
@@ -218,6 +250,40 @@ typedef struct {
     // Passed unchanged to `progress`.
     void *user_data;
 } PhenoHarmonyOptions;
+
+// Options of the retrieval metrics (each function reads the fields it documents). Initialise
+// with `pheno_retrieval_default_options()`, then change fields.
+typedef struct {
+    // `sizeof(PhenoRetrievalOptions)`; set by `pheno_retrieval_default_options()`.
+    size_t struct_size;
+    // mAP convention (default PHENO_MAP_INTERPOLATED).
+    PhenoMapMethod method;
+    // Interpolated mAP: points of the recall axis; 0 (default) = the number of items taking part.
+    size_t recall_points;
+    // DeepProfiler mAP: non-zero = scikit-learn before 1.1, whose precision_recall_curve stopped at
+    // the first full-recall threshold (default 0).
+    int32_t sklearn_before_1_1;
+    // Minimum positives for an item to be a query; 0 (default) = 2 for DeepProfiler mAP, else 1.
+    size_t min_positives;
+    // Items without labels (default PHENO_UNLABELED_NEGATIVES).
+    PhenoUnlabeled unlabeled;
+    // copairs mAP: random rankings per (positives, library size) for p-values; 0 (default) = none.
+    size_t null_size;
+    // Seed of the permutation nulls (default 0).
+    uint64_t seed;
+    // Folds of enrichment: percentile of the similarities separating "above" (default 99).
+    double enrichment_percentile;
+    // Folds of enrichment: infinite odds ratios (default PHENO_ODDS_HALDANE).
+    PhenoInfiniteOdds infinite_odds;
+    // Replicate reproducibility: percentile of the non-replicate similarities (default 95).
+    double replicate_percentile;
+    // Query rows per similarity block; 0 (default) = automatic (about 32 MiB per block).
+    size_t block_rows;
+    // Called between blocks with (rows done, total) on the calling thread; may be NULL.
+    PhenoProgressFn progress;
+    // Passed unchanged to `progress`.
+    void *user_data;
+} PhenoRetrievalOptions;
 
 // Options for loading or creating an EfficientNet. Initialise with
 // `pheno_effnet_default_options()`, then change fields.
@@ -384,6 +450,153 @@ PhenoStatus pheno_harmony(const double *x,
                           size_t out_len,
                           size_t *iterations,
                           int32_t *converged);
+
+// Default retrieval options: interpolated mAP on a recall axis of N points, queries with >= 1
+// positive (2 for DeepProfiler), unlabelled items as negatives, no p-values, seed 0, enrichment at
+// the 99th percentile with Haldane-Anscombe odds for empty cells, replicate reproducibility at the
+// 95th percentile, automatic blocks, no progress callback.
+PhenoRetrievalOptions pheno_retrieval_default_options(void);
+
+// Mean average precision of cosine-similarity retrieval over the `n` x `d` row-major profiles
+// `x` (double), with one `|`-joined label string per profile in `labels` ("" = none;
+// `n_labels` must equal n). A query is an item sharing a label with at least
+// `opts->min_positives` others; its library is every other item; a hit shares a label.
+//
+// Outputs (each may be NULL; `*_len` is its capacity, checked before any work):
+// - `ap` (n): AP of each query, NaN for non-queries;
+// - `p_values`, `q_values` (n): copairs method with `null_size` > 0: permutation p-values
+//   (#null APs >= AP + 1) / (null_size + 1) and Benjamini-Hochberg q-values over the queries;
+//   NaN for non-queries and when no p-values were computed;
+// - `n_positives` (n): positives of every item in its library;
+// - `curve`: interpolated and DeepProfiler methods: the mean over queries of their interpolated
+//   precision at recall i / (R - 1), i = 0..R-1 (R = `recall_points`, or the number of items taking
+//   part); `curve_len` must be >= R. `curve_points` (may be NULL) receives R (0 for copairs).
+// `mean` (required) receives the mean AP over queries (NaN when there are none).
+//
+// Memory is O(block x n), never n x n. Returns PHENO_ERR_NON_FINITE for NaN/Inf in `x` (naming
+// row and column), PHENO_ERR_SHAPE for mismatched lengths or short buffers,
+// PHENO_ERR_INVALID_ARGUMENT for bad options, PHENO_ERR_CANCELLED when `progress` asks to stop.
+// Thread-safe; `progress` runs on the calling thread.
+//
+// # Safety
+// `x` points to n * d doubles, `labels` to n_labels NUL-terminated strings, `opts` is NULL or
+// initialised by `pheno_retrieval_default_options()`, every non-NULL output points to its
+// capacity in elements, `curve_points` is NULL or writable, `mean` is writable.
+PhenoStatus pheno_mean_average_precision(const double *x,
+                                         size_t n,
+                                         size_t d,
+                                         const char *const *labels,
+                                         size_t n_labels,
+                                         const PhenoRetrievalOptions *opts,
+                                         double *ap,
+                                         size_t ap_len,
+                                         double *p_values,
+                                         size_t p_values_len,
+                                         double *q_values,
+                                         size_t q_values_len,
+                                         size_t *n_positives,
+                                         size_t n_positives_len,
+                                         double *curve,
+                                         size_t curve_len,
+                                         size_t *curve_points,
+                                         double *mean);
+
+// Folds of enrichment (CP-CNN paper) over the `n` x `d` profiles `x` (double) with `|`-joined
+// `labels` (as `pheno_mean_average_precision`). Per query: threshold = the
+// `opts->enrichment_percentile` percentile (numpy linear) of its similarities to its library;
+// table [[v11, v12], [v21, v22]] = above / at-or-below x same / different annotation; one-sided
+// (greater) Fisher exact p-value; odds ratio (v11 v22) / (v12 v21) with `opts->infinite_odds`.
+//
+// Outputs (each may be NULL, capacity-checked; NaN / zeros for non-queries): `odds_ratio`,
+// `p_values`, `thresholds` (n each); `tables` (4 n uint64: v11, v12, v21, v22 per item).
+// `mean_odds_ratio` (required): the mean over queries. Errors and thread-safety as
+// `pheno_mean_average_precision`.
+//
+// # Safety
+// As `pheno_mean_average_precision`; `mean_odds_ratio` is writable.
+PhenoStatus pheno_folds_of_enrichment(const double *x,
+                                      size_t n,
+                                      size_t d,
+                                      const char *const *labels,
+                                      size_t n_labels,
+                                      const PhenoRetrievalOptions *opts,
+                                      double *odds_ratio,
+                                      size_t odds_ratio_len,
+                                      double *p_values,
+                                      size_t p_values_len,
+                                      double *thresholds,
+                                      size_t thresholds_len,
+                                      uint64_t *tables,
+                                      size_t tables_len,
+                                      double *mean_odds_ratio);
+
+// Folds of enrichment with one threshold over all (query, library item) pairs (cytominer-eval's
+// `enrichment`): the `opts->enrichment_percentile` percentile of all those similarities, one
+// pooled table `table` (4 uint64: v11, v12, v21, v22; required), its odds ratio
+// (`opts->infinite_odds`) and one-sided Fisher p-value. Exact in memory O(block x n) (extra passes
+// over the similarities when there are more than 2^23 pairs). `threshold`, `odds_ratio` and
+// `p_value` are required. Errors and thread-safety as `pheno_mean_average_precision`.
+//
+// # Safety
+// As `pheno_mean_average_precision`; `table` points to 4 writable uint64, the others are
+// writable.
+PhenoStatus pheno_folds_of_enrichment_pooled(const double *x,
+                                             size_t n,
+                                             size_t d,
+                                             const char *const *labels,
+                                             size_t n_labels,
+                                             const PhenoRetrievalOptions *opts,
+                                             double *threshold,
+                                             uint64_t *table,
+                                             double *odds_ratio,
+                                             double *p_value);
+
+// precision@k and recall@k per query for each of the `n_ks` values in `ks` (each in 1..=library
+// size), over the profiles `x` (double) with `|`-joined `labels`: hits among the k most similar
+// library items / k, and / #positives; similarity ties ordered by item index. `precision` and
+// `recall` (n x n_ks, row-major, NaN rows for non-queries; may be NULL) and `mean_precision`,
+// `mean_recall` (n_ks, means over queries; may be NULL) are capacity-checked. Errors and
+// thread-safety as `pheno_mean_average_precision`.
+//
+// # Safety
+// As `pheno_mean_average_precision`; `ks` points to n_ks size_t values.
+PhenoStatus pheno_precision_recall_at_k(const double *x,
+                                        size_t n,
+                                        size_t d,
+                                        const char *const *labels,
+                                        size_t n_labels,
+                                        const size_t *ks,
+                                        size_t n_ks,
+                                        const PhenoRetrievalOptions *opts,
+                                        double *precision,
+                                        size_t precision_len,
+                                        double *recall,
+                                        size_t recall_len,
+                                        double *mean_precision,
+                                        size_t mean_precision_len,
+                                        double *mean_recall,
+                                        size_t mean_recall_len);
+
+// Replicate reproducibility (cytominer-eval): over all pairs i < j of the `n` x `d` profiles `x`
+// (double), replicate pairs share a non-empty string of `groups` (`n_groups` must equal n; ""
+// = in no replicate pair); `threshold` = the `opts->replicate_percentile` percentile (numpy
+// linear) of the non-replicate pairs' cosine similarities; `fraction` = the fraction of replicate
+// pairs above it. `fraction` is required; `threshold` and `n_replicate_pairs` may be NULL. Exact
+// in memory O(block x n). PHENO_ERR_INVALID_ARGUMENT when there is no replicate or no
+// non-replicate pair; otherwise errors and thread-safety as `pheno_mean_average_precision`.
+//
+// # Safety
+// `x` points to n * d doubles, `groups` to n_groups NUL-terminated strings, `opts` is NULL or
+// initialised, `fraction` is writable, `threshold` and `n_replicate_pairs` are NULL or writable.
+PhenoStatus pheno_replicate_reproducibility(const double *x,
+                                            size_t n,
+                                            size_t d,
+                                            const char *const *groups,
+                                            size_t n_groups,
+                                            const PhenoRetrievalOptions *opts,
+                                            double *fraction,
+                                            double *threshold,
+                                            uint64_t *n_replicate_pairs);
 
 // Loads safetensors weights (torchvision names, f32/f16/bf16/f64) from `path`. In-channels and
 // classes come from the weight shapes. `opts` may be NULL (defaults). On success `*out_model`

@@ -9,6 +9,7 @@
 mod boundary;
 mod crops;
 mod harmony;
+mod metrics;
 mod model;
 mod options;
 mod profiles;
@@ -18,6 +19,11 @@ mod status;
 pub use crate::error::PhenoStatus;
 pub use crops::{pheno_crop_cells, pheno_effnet_features_from_image, PhenoImage};
 pub use harmony::{pheno_harmony, pheno_harmony_default_options, PhenoHarmonyOptions};
+pub use metrics::{
+    pheno_folds_of_enrichment, pheno_folds_of_enrichment_pooled, pheno_mean_average_precision,
+    pheno_precision_recall_at_k, pheno_replicate_reproducibility, pheno_retrieval_default_options,
+    PhenoInfiniteOdds, PhenoMapMethod, PhenoRetrievalOptions, PhenoUnlabeled,
+};
 pub use model::{
     pheno_effnet_features, pheno_effnet_free, pheno_effnet_info, pheno_effnet_layer_dim,
     pheno_effnet_load, pheno_effnet_load_from_memory, pheno_effnet_logits, pheno_effnet_new,
