@@ -542,6 +542,167 @@ static void test_model(const char *expected_path) {
     pheno_effnet_free(m);
 }
 
+
+/* ---- profile math: aggregate -> sphere -> mAP, each checked against a computation done here ---- */
+
+#define PC_PLATES 3
+#define PC_WELLS 4   /* per plate: DMSO, DMSO, T1, T2 */
+#define PC_SITES 2
+#define PC_CELLS 3   /* per site */
+#define PC_D 3
+#define PC_N (PC_PLATES * PC_WELLS * PC_SITES * PC_CELLS)
+#define PC_NW (PC_PLATES * PC_WELLS)
+
+static double cell_value(size_t p, size_t w, size_t s, size_t c, size_t j) {
+    /* Deterministic, irregular values; treatments shift features 0 / 1. */
+    double v = sin(1.7 * (double)(p * 97 + w * 31 + s * 7 + c * 3 + j) + 0.3 * (double)j);
+    if (w == 2) v += j == 0 ? 2.0 : 0.0;
+    if (w == 3) v += j == 1 ? 2.0 : 0.0;
+    return v + 0.25 * (double)p;
+}
+
+static double median3(double a, double b, double c) {
+    double lo = a < b ? a : b, hi = a < b ? b : a;
+    return c < lo ? lo : (c > hi ? hi : c);
+}
+
+static void test_profile_chain(void) {
+    static float x[PC_N * PC_D];
+    static char names[4][PC_N][16];
+    static const char *values[4 * PC_N];
+    const char *meta_names[4] = {"Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Treatment"};
+    size_t r = 0;
+    for (size_t p = 0; p < PC_PLATES; p++)
+        for (size_t w = 0; w < PC_WELLS; w++)
+            for (size_t s = 0; s < PC_SITES; s++)
+                for (size_t c = 0; c < PC_CELLS; c++, r++) {
+                    for (size_t j = 0; j < PC_D; j++) x[r * PC_D + j] = (float)cell_value(p, w, s, c, j);
+                    snprintf(names[0][r], 16, "P%zu", p);
+                    snprintf(names[1][r], 16, "W%zu", w);
+                    snprintf(names[2][r], 16, "%zu", s);
+                    snprintf(names[3][r], 16, "%s", w < 2 ? "DMSO" : (w == 2 ? "T1" : "T2"));
+                    for (size_t m = 0; m < 4; m++) values[m * PC_N + r] = names[m][r];
+                }
+
+    PhenoAggregateOptions ao = pheno_aggregate_default_options();
+    ao.level = PHENO_LEVEL_WELL;
+    ao.counts = 0;
+    PhenoProfiles *wells = NULL;
+    PhenoStatus st = pheno_aggregate(x, PC_N, PC_D, NULL, meta_names, 4, values, &ao, &wells);
+    CHECK(st == PHENO_OK && wells != NULL, "pheno_aggregate: %d %s", st, pheno_last_error());
+    if (!wells) return;
+    size_t nr = 0, nf = 0, nm = 0;
+    CHECK(pheno_profiles_info(wells, &nr, &nf, &nm) == PHENO_OK && nr == PC_NW && nf == PC_D,
+          "wells: %zu x %zu", nr, nf);
+    static double wd[PC_NW * PC_D];
+    CHECK(pheno_profiles_data(wells, wd, PC_NW * PC_D) == PHENO_OK, "profiles data: %s", pheno_last_error());
+    /* Site median of the float cells, then well mean of the sites (groups come sorted by key). */
+    double max_diff = 0;
+    for (size_t p = 0; p < PC_PLATES; p++)
+        for (size_t w = 0; w < PC_WELLS; w++)
+            for (size_t j = 0; j < PC_D; j++) {
+                double acc = 0;
+                for (size_t s = 0; s < PC_SITES; s++) {
+                    double v[PC_CELLS];
+                    for (size_t c = 0; c < PC_CELLS; c++) v[c] = (double)(float)cell_value(p, w, s, c, j);
+                    acc += median3(v[0], v[1], v[2]);
+                }
+                double want = acc / PC_SITES, got = wd[(p * PC_WELLS + w) * PC_D + j];
+                if (fabs(got - want) > max_diff) max_diff = fabs(got - want);
+            }
+    CHECK(max_diff <= 1e-12, "aggregate vs C reference: max diff %g", max_diff);
+    size_t needed = 0;
+    char buf[32];
+    CHECK(pheno_profiles_meta_index(wells, "Metadata_Treatment", &nm) == PHENO_OK, "meta index: %s", pheno_last_error());
+    CHECK(pheno_profiles_meta_value(wells, nm, 2, buf, sizeof buf, &needed) == PHENO_OK && strcmp(buf, "T1") == 0,
+          "treatment of well 2: %s", buf);
+    pheno_profiles_free(wells);
+
+    /* Sphering with lambda = 0 on the 6 DMSO wells (6 > 3 features): whitened controls have
+       identity covariance (divisor n) and zero mean. */
+    static double ctrl[6 * PC_D], white[6 * PC_D], all_white[PC_NW * PC_D];
+    size_t k = 0;
+    for (size_t i = 0; i < PC_NW; i++)
+        if (i % PC_WELLS < 2) memcpy(&ctrl[PC_D * k++], &wd[i * PC_D], PC_D * sizeof(double));
+    PhenoSphereOptions so = pheno_sphere_default_options();
+    so.lambda = 0.0;
+    PhenoSphering *sph = NULL;
+    st = pheno_sphering_fit(ctrl, 6, PC_D, NULL, &so, &sph);
+    CHECK(st == PHENO_OK && sph, "sphering fit: %d %s", st, pheno_last_error());
+    if (!sph) return;
+    CHECK(pheno_sphering_transform(sph, ctrl, 6, PC_D, NULL, white, 6 * PC_D) == PHENO_OK, "transform: %s", pheno_last_error());
+    double worst = 0;
+    for (size_t a = 0; a < PC_D; a++)
+        for (size_t b = 0; b < PC_D; b++) {
+            double ma = 0, mb = 0, cov = 0;
+            for (size_t i = 0; i < 6; i++) ma += white[i * PC_D + a] / 6, mb += white[i * PC_D + b] / 6;
+            for (size_t i = 0; i < 6; i++) cov += (white[i * PC_D + a] - ma) * (white[i * PC_D + b] - mb) / 6;
+            double e = fabs(cov - (a == b ? 1.0 : 0.0));
+            if (e > worst) worst = e;
+            if (fabs(ma) > worst) worst = fabs(ma);
+        }
+    CHECK(worst < 1e-9, "whitened controls: |cov - I|, |mean| up to %g", worst);
+    CHECK(pheno_sphering_transform(sph, wd, PC_NW, PC_D, NULL, all_white, 3) == PHENO_ERR_SHAPE,
+          "short output buffer must be a shape error");
+    CHECK(pheno_sphering_transform(sph, wd, PC_NW, PC_D, NULL, all_white, PC_NW * PC_D) == PHENO_OK, "transform all");
+    pheno_sphering_free(sph);
+
+    /* copairs mAP of the treated wells (DMSO unlabelled: library only) vs a naive AP here. */
+    const char *labels[PC_NW];
+    for (size_t i = 0; i < PC_NW; i++) labels[i] = i % PC_WELLS < 2 ? "" : (i % PC_WELLS == 2 ? "T1" : "T2");
+    PhenoRetrievalOptions ro = pheno_retrieval_default_options();
+    ro.method = PHENO_MAP_COPAIRS;
+    double ap[PC_NW], mean = -1;
+    st = pheno_mean_average_precision(all_white, PC_NW, PC_D, labels, PC_NW, &ro, ap, PC_NW, NULL, 0, NULL, 0,
+                                      NULL, 0, NULL, 0, NULL, &mean);
+    CHECK(st == PHENO_OK, "mAP: %d %s", st, pheno_last_error());
+    double want_sum = 0, ap_diff = 0;
+    size_t queries = 0;
+    for (size_t i = 0; i < PC_NW; i++) {
+        if (labels[i][0] == 0) {
+            CHECK(isnan(ap[i]), "unlabelled well %zu must have AP NaN", i);
+            continue;
+        }
+        double sims[PC_NW];
+        int pos[PC_NW];
+        size_t m = 0, npos = 0;
+        double ni = 0;
+        for (size_t j = 0; j < PC_D; j++) ni += all_white[i * PC_D + j] * all_white[i * PC_D + j];
+        for (size_t o = 0; o < PC_NW; o++) {
+            if (o == i) continue;
+            double dot = 0, no = 0;
+            for (size_t j = 0; j < PC_D; j++) {
+                dot += all_white[i * PC_D + j] * all_white[o * PC_D + j];
+                no += all_white[o * PC_D + j] * all_white[o * PC_D + j];
+            }
+            sims[m] = dot / sqrt(ni * no);
+            pos[m] = strcmp(labels[o], labels[i]) == 0;
+            npos += (size_t)pos[m];
+            m++;
+        }
+        double a = 0;
+        for (size_t t = 0; t < m; t++) {
+            if (!pos[t]) continue;
+            size_t rank = 1, hits = 1; /* ties counted in favour of positives */
+            for (size_t u = 0; u < m; u++) {
+                if (u == t) continue;
+                if (sims[u] > sims[t] || (sims[u] == sims[t] && pos[u])) rank++, hits += (size_t)pos[u];
+            }
+            a += (double)hits / (double)rank;
+        }
+        a /= (double)npos;
+        want_sum += a;
+        queries++;
+        if (fabs(a - ap[i]) > ap_diff) ap_diff = fabs(a - ap[i]);
+    }
+    CHECK(queries == 6 && ap_diff <= 1e-12 && fabs(mean - want_sum / (double)queries) <= 1e-12,
+          "mAP %g vs naive %g (max per-query diff %g)", mean, want_sum / (double)queries, ap_diff);
+    CHECK(pheno_mean_average_precision(all_white, PC_NW, PC_D, labels, PC_NW - 1, &ro, ap, PC_NW, NULL, 0, NULL, 0,
+                                       NULL, 0, NULL, 0, NULL, &mean) == PHENO_ERR_SHAPE,
+          "label count mismatch must be a shape error");
+    CHECK(strstr(pheno_last_error(), "label") != NULL, "error names the labels: %s", pheno_last_error());
+}
+
 int main(int argc, char **argv) {
     const char *expected = NULL;
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -554,6 +715,7 @@ int main(int argc, char **argv) {
     }
     test_basics();
     test_crops();
+    test_profile_chain();
     test_model(expected);
     printf("%d checks, %d failures%s\n", checks, failures, expected ? "" : " (no --expected: Rust comparison skipped)");
     return failures == 0 ? 0 : 1;
