@@ -273,13 +273,17 @@ impl Aggregated {
 
 /// Feature values the kernel reduces (f32 cells, f64 profiles).
 pub trait FeatureValue: Copy + Send + Sync + 'static {
+    /// An unsigned integer ordered like `total_cmp` orders the values (medians select on it).
+    type Key: Ord + Copy + Send + Sync + Default;
     fn to_f64(self) -> f64;
     fn is_nan(self) -> bool;
     fn is_finite(self) -> bool;
-    fn total_cmp(&self, other: &Self) -> Ordering;
+    fn key(self) -> Self::Key;
+    fn from_key(k: Self::Key) -> Self;
 }
 
 impl FeatureValue for f32 {
+    type Key = u32;
     fn to_f64(self) -> f64 {
         self as f64
     }
@@ -289,12 +293,21 @@ impl FeatureValue for f32 {
     fn is_finite(self) -> bool {
         f32::is_finite(self)
     }
-    fn total_cmp(&self, other: &Self) -> Ordering {
-        f32::total_cmp(self, other)
+    fn key(self) -> u32 {
+        let b = self.to_bits();
+        if b >> 31 == 1 {
+            !b
+        } else {
+            b | 0x8000_0000
+        }
+    }
+    fn from_key(k: u32) -> f32 {
+        f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k })
     }
 }
 
 impl FeatureValue for f64 {
+    type Key = u64;
     fn to_f64(self) -> f64 {
         self
     }
@@ -304,8 +317,20 @@ impl FeatureValue for f64 {
     fn is_finite(self) -> bool {
         f64::is_finite(self)
     }
-    fn total_cmp(&self, other: &Self) -> Ordering {
-        f64::total_cmp(self, other)
+    fn key(self) -> u64 {
+        let b = self.to_bits();
+        if b >> 63 == 1 {
+            !b
+        } else {
+            b | 0x8000_0000_0000_0000
+        }
+    }
+    fn from_key(k: u64) -> f64 {
+        f64::from_bits(if k >> 63 == 1 {
+            k & 0x7fff_ffff_ffff_ffff
+        } else {
+            !k
+        })
     }
 }
 
@@ -332,23 +357,24 @@ fn row_ok<T: FeatureValue>(row: &[T]) -> bool {
     row.iter().all(|v| v.is_finite())
 }
 
-/// Median of `v` (no NaN), averaging the two middle values of an even count; NaN when empty.
-fn median_in_place<T: FeatureValue>(v: &mut [T]) -> f64 {
+/// Median of the values whose keys are `v` (no NaN), averaging the two middle values of an even
+/// count; NaN when empty.
+fn median_in_place<T: FeatureValue>(v: &mut [T::Key]) -> f64 {
     let m = v.len();
     if m == 0 {
         return f64::NAN;
     }
     let k = m / 2;
-    let (lo, hi, _) = v.select_nth_unstable_by(k, T::total_cmp);
-    let hi = hi.to_f64();
+    v.select_nth_unstable(k);
+    let hi = T::from_key(v[k]).to_f64();
     if m % 2 == 1 {
         return hi;
     }
-    let lo = lo
+    let lo = v[..k]
         .iter()
         .copied()
-        .max_by(T::total_cmp)
-        .map_or(hi, T::to_f64);
+        .max()
+        .map_or(hi, |k| T::from_key(k).to_f64());
     (lo + hi) / 2.0
 }
 
@@ -393,24 +419,30 @@ fn reduce_block<T: FeatureValue>(
         }
         Reduce::Median => {
             let m = rows.len();
-            // Column-major gather of the block: buf[j * m + i] (rows is never empty here).
-            let mut buf: Vec<T> = vec![data[rows[0] as usize * d]; m * b];
-            for (i, &r) in rows.iter().enumerate() {
-                let src = &data[r as usize * d + j0..r as usize * d + j0 + b];
-                for j in 0..b {
-                    buf[j * m + i] = src[j];
+            // Column-major gather of the block as order keys, NaN left out: column j holds
+            // count[j] keys at buf[j * m..].
+            let mut buf: Vec<T::Key> = vec![T::Key::default(); m * b];
+            let mut count = vec![m; b];
+            if nan == NanPolicy::DropRows {
+                // The rows are finite: a plain transpose.
+                for (i, &r) in rows.iter().enumerate() {
+                    let src = &data[r as usize * d + j0..r as usize * d + j0 + b];
+                    for (j, &v) in src.iter().enumerate() {
+                        buf[j * m + i] = v.key();
+                    }
+                }
+            } else {
+                count.fill(0);
+                for &r in rows {
+                    let src = &data[r as usize * d + j0..r as usize * d + j0 + b];
+                    for (j, &v) in src.iter().enumerate() {
+                        buf[j * m + count[j]] = v.key();
+                        count[j] += !v.is_nan() as usize;
+                    }
                 }
             }
             for j in 0..b {
-                let col = &mut buf[j * m..(j + 1) * m];
-                let mut k = 0;
-                for i in 0..m {
-                    if !col[i].is_nan() {
-                        col[k] = col[i];
-                        k += 1;
-                    }
-                }
-                out[j] = median_in_place(&mut col[..k]);
+                out[j] = median_in_place::<T>(&mut buf[j * m..j * m + count[j]]);
             }
         }
     }
@@ -1428,16 +1460,62 @@ mod tests {
         }
     }
 
+    fn med<T: FeatureValue>(v: &[T]) -> f64 {
+        let mut keys: Vec<T::Key> = v.iter().map(|x| x.key()).collect();
+        median_in_place::<T>(&mut keys)
+    }
+
     #[test]
     fn medians_by_selection_match_closed_forms() {
-        assert_eq!(median_in_place(&mut [3.0f32, 1.0, 2.0]), 2.0);
-        assert_eq!(median_in_place(&mut [4.0f32, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median_in_place(&mut [7.5f64]), 7.5);
-        assert_eq!(median_in_place(&mut [-1.0f64, 1.0]), 0.0);
-        assert!(median_in_place::<f64>(&mut []).is_nan());
+        assert_eq!(med(&[3.0f32, 1.0, 2.0]), 2.0);
+        assert_eq!(med(&[4.0f32, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(med(&[7.5f64]), 7.5);
+        assert_eq!(med(&[-1.0f64, 1.0]), 0.0);
+        assert!(med::<f64>(&[]).is_nan());
         // Even count with duplicated middles and an odd count with ties.
-        assert_eq!(median_in_place(&mut [5.0f32, 1.0, 5.0, 9.0]), 5.0);
-        assert_eq!(median_in_place(&mut [2.0f32, 2.0, 1.0, 2.0, 3.0]), 2.0);
+        assert_eq!(med(&[5.0f32, 1.0, 5.0, 9.0]), 5.0);
+        assert_eq!(med(&[2.0f32, 2.0, 1.0, 2.0, 3.0]), 2.0);
+        assert_eq!(med(&[-3.5f32, -1e-30, -7.0]), -3.5);
+    }
+
+    #[test]
+    fn order_keys_sort_like_total_cmp_and_round_trip() {
+        let v32 = [
+            f32::NEG_INFINITY,
+            -1e30,
+            -1.5,
+            -1e-40,
+            -0.0,
+            0.0,
+            1e-40,
+            2.0,
+            1e30,
+            f32::INFINITY,
+        ];
+        let v64 = [
+            f64::NEG_INFINITY,
+            -1e300,
+            -1.5,
+            -5e-324,
+            -0.0,
+            0.0,
+            5e-324,
+            2.0,
+            1e300,
+            f64::INFINITY,
+        ];
+        for w in v32.windows(2) {
+            assert!(w[0].key() < w[1].key(), "{} {}", w[0], w[1]);
+        }
+        for w in v64.windows(2) {
+            assert!(w[0].key() < w[1].key(), "{} {}", w[0], w[1]);
+        }
+        for v in v32 {
+            assert_eq!(f32::from_key(v.key()).to_bits(), v.to_bits());
+        }
+        for v in v64 {
+            assert_eq!(f64::from_key(v.key()).to_bits(), v.to_bits());
+        }
     }
 
     #[test]
