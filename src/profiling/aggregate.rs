@@ -607,8 +607,8 @@ fn group_rows<S: AsRef<str>>(
     })
 }
 
-/// For each column: None when constant within every one of `groups` (those listed), else the
-/// first group and two rows that differ.
+/// None when `col` is constant within each of the groups listed in `which`, else the first group
+/// where it is not and two of its rows that differ.
 fn first_difference<S: AsRef<str> + Sync>(
     col: &[S],
     groups: &Groups,
@@ -725,7 +725,8 @@ fn reduce_level<T: FeatureValue, S: AsRef<str> + Sync>(
 
 /// pycytominer's `aggregate(population_df, strata, operation=op)`: one level of grouping of a
 /// profile table. Returns the grouped table (keys, constant metadata columns, features; no count
-/// columns), the rows used per output row, and the groups left out for having no usable rows.
+/// columns), the rows used per output row, and the groups left out for having no usable rows
+/// (tagged `Level::Site`, the level one grouping stands for).
 pub fn aggregate_profiles(
     p: &Profiles,
     strata: &[&str],
@@ -758,15 +759,7 @@ pub fn aggregate_profiles(
         Level::Site,
         &|i| format!("row {i}"),
     )?;
-    let empty = r
-        .empty
-        .into_iter()
-        .map(|mut e| {
-            e.level = Level::Site;
-            e
-        })
-        .collect();
-    Ok((r.profiles, r.used, empty))
+    Ok((r.profiles, r.used, r.empty))
 }
 
 // ---- the chain ----------------------------------------------------------------------------------
