@@ -8,7 +8,7 @@
 use super::boundary::{
     c_path, c_str, c_str_array, checked_len, guard, null, reference, slice, slice_mut, write_out,
 };
-use super::options::PhenoProgressFn;
+use super::options::{PhenoProgressFn, Prefix};
 use crate::error::{Error, PhenoStatus, Result};
 use crate::io::profiles::{read_profiles, write_profiles, Profiles, ReadOptions, WriteOptions};
 use crate::profiling::aggregate::{
@@ -155,46 +155,12 @@ pub extern "C" fn pheno_aggregate_default_options() -> PhenoAggregateOptions {
     }
 }
 
-/// Reads the fields of a caller's option struct that lie within its `struct_size`.
-struct Prefix {
-    base: *const u8,
-    size: usize,
-}
-
-impl Prefix {
-    /// # Safety
-    /// `p`, if not NULL, must point to at least `p->struct_size` readable bytes.
-    unsafe fn new<T>(p: *const T, default_fn: &str) -> Result<Option<Prefix>> {
-        if p.is_null() {
-            return Ok(None);
-        }
-        let size = (p as *const usize).read_unaligned();
-        if size < size_of::<usize>() || size > size_of::<T>() {
-            return Err(Error::InvalidArgument(format!(
-                "opts->struct_size is {size}; expected {} (initialise the struct with {default_fn}())",
-                size_of::<T>()
-            )));
-        }
-        Ok(Some(Prefix {
-            base: p as *const u8,
-            size,
-        }))
-    }
-
-    /// # Safety
-    /// `F` must be valid for any bit pattern of its size.
-    unsafe fn field<F: Copy>(&self, offset: usize) -> Option<F> {
-        (offset + size_of::<F>() <= self.size)
-            .then(|| (self.base.add(offset) as *const F).read_unaligned())
-    }
-}
-
 /// # Safety
 /// `p` is NULL or points to a `PhenoProfilesIoOptions` of at least `p->struct_size` bytes whose
 /// pointers are valid as documented there.
 unsafe fn io_opts(p: *const PhenoProfilesIoOptions) -> Result<(ReadOptions, WriteOptions)> {
     let (mut r, mut w) = (ReadOptions::default(), WriteOptions::default());
-    let Some(pre) = Prefix::new(p, "pheno_profiles_io_default_options")? else {
+    let Some(pre) = Prefix::new(p, "opts", "pheno_profiles_io_default_options")? else {
         return Ok((r, w));
     };
     let cols = pre
@@ -247,7 +213,7 @@ unsafe fn agg_opts(p: *const PhenoAggregateOptions) -> Result<AggOpts> {
         progress: None,
         user_data: std::ptr::null_mut(),
     };
-    let Some(pre) = Prefix::new(p, "pheno_aggregate_default_options")? else {
+    let Some(pre) = Prefix::new(p, "opts", "pheno_aggregate_default_options")? else {
         return Ok(o);
     };
     let reduce = |off: usize, what: &str| -> Result<Option<Reduce>> {
@@ -1159,6 +1125,15 @@ mod tests {
             let mut raw = pheno_aggregate_default_options();
             (std::ptr::addr_of_mut!(raw.site_op) as *mut i32).write(5);
             assert!(agg_opts(&raw).is_err());
+            // An older caller's shorter struct: fields past struct_size keep their defaults.
+            let mut old = pheno_aggregate_default_options();
+            old.site_op = PhenoReduce::PHENO_REDUCE_MEAN;
+            old.level = PhenoAggregateLevel::PHENO_LEVEL_SITE;
+            old.struct_size = offset_of!(PhenoAggregateOptions, well_op);
+            let r = agg_opts(&old).unwrap();
+            assert_eq!((r.opts.site_op, r.level), (Reduce::Mean, Level::Treatment));
+            old.struct_size = size_of::<PhenoAggregateOptions>() + 8;
+            assert!(agg_opts(&old).is_err());
             // A NULL metadata value names its column and row.
             let mut vals = values.clone();
             vals[7] = std::ptr::null();
