@@ -283,6 +283,9 @@ typedef struct {
     PhenoProgressFn progress;
     // Passed unchanged to `progress`.
     void *user_data;
+    // copairs mAP: non-zero (default 1) = rank by similarities rounded to float32, as copairs 0.5.5
+    // stores them (values equal in float32 tie, ties favour positives); 0 = by the float64 values.
+    int32_t copairs_float32;
 } PhenoRetrievalOptions;
 
 // Options for loading or creating an EfficientNet. Initialise with
@@ -452,7 +455,8 @@ PhenoStatus pheno_harmony(const double *x,
                           int32_t *converged);
 
 // Default retrieval options: interpolated mAP on a recall axis of N points, queries with >= 1
-// positive (2 for DeepProfiler), unlabelled items as negatives, no p-values, seed 0, enrichment at
+// positive (2 for DeepProfiler), unlabelled items as negatives, no p-values, copairs ranking in
+// float32, seed 0, enrichment at
 // the 99th percentile with Haldane-Anscombe odds for empty cells, replicate reproducibility at the
 // 95th percentile, automatic blocks, no progress callback.
 PhenoRetrievalOptions pheno_retrieval_default_options(void);

@@ -296,6 +296,45 @@ fn copairs_mode_matches_copairs() {
     }
 }
 
+/// copairs stores similarities as float32: near-duplicates with different labels tie there (in
+/// favour of positives). The default reproduces that; `copairs_float32: false` ranks the float64
+/// similarities (the fixture's `cp_ap`), and the two differ on this data.
+#[test]
+fn copairs_float32_ranking() {
+    let f = Fixture::load("copairs_f32");
+    let (sim, labels) = (f.sim(), f.labels());
+    let opts = MapOptions {
+        method: MapMethod::Copairs,
+        ..Default::default()
+    };
+    let r = mean_average_precision(&sim, &labels, &opts, None).unwrap();
+    close(
+        "AP with float32 similarities vs copairs",
+        &r.per_query,
+        &f.f64s("peer_ap"),
+        1e-12,
+    );
+    let f64_opts = MapOptions {
+        copairs_float32: false,
+        ..opts
+    };
+    let r = mean_average_precision(&sim, &labels, &f64_opts, None).unwrap();
+    close(
+        "AP with float64 similarities",
+        &r.per_query,
+        &f.f64s("cp_ap"),
+        1e-12,
+    );
+    let (a, b) = (f.f64s("peer_ap"), f.f64s("cp_ap"));
+    assert!(
+        a.iter()
+            .zip(&b)
+            .filter(|(x, y)| (*x - *y).abs() > 1e-3)
+            .count()
+            > 10
+    );
+}
+
 #[test]
 fn folds_of_enrichment_per_query() {
     for name in MULTI {

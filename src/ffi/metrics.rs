@@ -92,10 +92,14 @@ pub struct PhenoRetrievalOptions {
     pub progress: PhenoProgressFn,
     /// Passed unchanged to `progress`.
     pub user_data: *mut c_void,
+    /// copairs mAP: non-zero (default 1) = rank by similarities rounded to float32, as copairs 0.5.5
+    /// stores them (values equal in float32 tie, ties favour positives); 0 = by the float64 values.
+    pub copairs_float32: i32,
 }
 
 /// Default retrieval options: interpolated mAP on a recall axis of N points, queries with >= 1
-/// positive (2 for DeepProfiler), unlabelled items as negatives, no p-values, seed 0, enrichment at
+/// positive (2 for DeepProfiler), unlabelled items as negatives, no p-values, copairs ranking in
+/// float32, seed 0, enrichment at
 /// the 99th percentile with Haldane-Anscombe odds for empty cells, replicate reproducibility at the
 /// 95th percentile, automatic blocks, no progress callback.
 #[no_mangle]
@@ -115,6 +119,7 @@ pub extern "C" fn pheno_retrieval_default_options() -> PhenoRetrievalOptions {
         block_rows: 0,
         progress: None,
         user_data: std::ptr::null_mut(),
+        copairs_float32: 1,
     }
 }
 
@@ -166,6 +171,7 @@ unsafe fn retrieval_opts(p: *const PhenoRetrievalOptions) -> Result<Opts> {
             }
         });
         read!(null_size, usize, |v| map.null_size = v);
+        read!(copairs_float32, i32, |v| map.copairs_float32 = v != 0);
         read!(seed, u64, |v| map.seed = v);
         read!(enrichment_percentile, f64, |v| enrichment.percentile = v);
         read!(infinite_odds, i32, |v| {

@@ -17,7 +17,7 @@ use super::similarity::{check_percentile, CosineSimilarity, PairStream, Progress
 use super::Labels;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// What happens to items without labels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -155,8 +155,9 @@ pub enum MapMethod {
     /// positives (its code clears the diagonal before counting matches).
     DeepProfiler,
     /// copairs: AP = Σ over positives of precision at the positive's rank / #positives, similarity
-    /// ties broken in favour of positives; with `null_size` > 0, permutation p-values and
-    /// Benjamini–Hochberg q-values.
+    /// ties broken in favour of positives (similarities compared in float32 as copairs stores them,
+    /// see `copairs_float32`); with `null_size` > 0, permutation p-values and Benjamini–Hochberg
+    /// q-values.
     Copairs,
 }
 
@@ -174,6 +175,10 @@ pub struct MapOptions {
     pub unlabeled: Unlabeled,
     /// Copairs: random rankings per (#positives, library size) configuration; 0 = no p-values.
     pub null_size: usize,
+    /// Copairs: rank as copairs 0.5.5 does, by 1 − s in float32 of the similarity s stored as
+    /// float32 (values that collide in float32 tie, and ties favour positives); false ranks by the
+    /// float64 similarities. Default true.
+    pub copairs_float32: bool,
     pub seed: u64,
     /// Query rows per similarity block; 0 = automatic (about 32 MiB of similarities per block).
     pub block_rows: usize,
@@ -188,10 +193,17 @@ impl Default for MapOptions {
             min_positives: 0,
             unlabeled: Unlabeled::Negatives,
             null_size: 0,
+            copairs_float32: true,
             seed: 0,
             block_rows: 0,
         }
     }
+}
+
+/// copairs' ranking key (higher ranks first): −(1 − f32(s)) computed in float32, as its
+/// `np.lexsort([1 - sim_all, ix])` on float32 similarities.
+fn copairs_key(s: f64) -> f64 {
+    -((1.0f32 - s as f32) as f64)
 }
 
 /// A precision–recall curve on a recall axis (recall increasing).
@@ -246,9 +258,10 @@ impl Ranking {
         marks: &[u32],
         pos: &[usize],
         extra_negative: Option<f64>,
+        key: impl Fn(f64) -> f64,
     ) {
         self.psims.clear();
-        self.psims.extend(pos.iter().map(|&j| row[j]));
+        self.psims.extend(pos.iter().map(|&j| key(row[j])));
         self.psims.sort_unstable_by(|a, b| b.total_cmp(a));
         self.level_score.clear();
         self.level_count.clear();
@@ -283,7 +296,7 @@ impl Ranking {
         };
         for (j, &s) in row.iter().enumerate() {
             if set.is_negative(q, j, marks) {
-                classify(s);
+                classify(key(s));
             }
         }
         if let Some(s) = extra_negative {
@@ -454,6 +467,7 @@ pub fn mean_average_precision(
     let curve_len = axis.as_ref().map_or(0, |a| a.asc.len());
     let method = opts.method;
     let legacy = opts.sklearn_before_1_1;
+    let copairs_f32 = method == MapMethod::Copairs && opts.copairs_float32;
     let confs: BTreeSet<usize> = set.queries.iter().map(|&q| set.n_positives[q]).collect();
     let with_null = method == MapMethod::Copairs && opts.null_size > 0;
     let total = set.queries.len() + if with_null { confs.len() } else { 0 };
@@ -478,7 +492,11 @@ pub fn mean_average_precision(
                     let row = &sims[i * n..(i + 1) * n];
                     set.positives(labels, q, &mut marks, &mut pos);
                     let extra = (method == MapMethod::DeepProfiler).then_some(-1.0);
-                    ranking.build(row, q, &set, &marks, &pos, extra);
+                    if copairs_f32 {
+                        ranking.build(row, q, &set, &marks, &pos, extra, copairs_key);
+                    } else {
+                        ranking.build(row, q, &set, &marks, &pos, extra, |s| s);
+                    }
                     match (method, &axis) {
                         (MapMethod::Copairs, _) => ranking.ap_copairs(),
                         (MapMethod::DeepProfiler, Some(ax)) => ap_deepprofiler(
@@ -529,21 +547,35 @@ pub fn mean_average_precision(
 
     let (mut p_values, mut q_values) = (None, None);
     if with_null {
+        // Nulls of a wave of configurations in parallel, used and dropped before the next wave.
         let library = set.library_size();
-        let mut nulls: HashMap<usize, Vec<f64>> = HashMap::new();
-        for (i, &k) in confs.iter().enumerate() {
-            let null =
-                crate::threads::install(|| ap_null_sorted(k, library, opts.null_size, opts.seed));
-            nulls.insert(k, null);
-            if let Some(p) = progress.as_mut() {
-                if !p(n_queries + i + 1, total) {
+        let mut by_conf: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &q in &set.queries {
+            by_conf.entry(set.n_positives[q]).or_default().push(q);
+        }
+        let confs: Vec<(&usize, &Vec<usize>)> = by_conf.iter().collect();
+        let wave = 4 * crate::threads::num_threads().max(1);
+        let mut p = vec![f64::NAN; n];
+        let mut done = n_queries;
+        for group in confs.chunks(wave) {
+            let pv: Vec<Vec<(usize, f64)>> = crate::threads::install(|| {
+                group
+                    .par_iter()
+                    .map(|&(&k, qs)| {
+                        let null = ap_null_sorted(k, library, opts.null_size, opts.seed);
+                        qs.iter()
+                            .map(|&q| (q, permutation_p_value(&null, per_query[q])))
+                            .collect()
+                    })
+                    .collect()
+            });
+            pv.into_iter().flatten().for_each(|(q, v)| p[q] = v);
+            done += group.len();
+            if let Some(cb) = progress.as_mut() {
+                if !cb(done, total) {
                     return Err(Error::Cancelled);
                 }
             }
-        }
-        let mut p = vec![f64::NAN; n];
-        for &q in &set.queries {
-            p[q] = permutation_p_value(&nulls[&set.n_positives[q]], per_query[q]);
         }
         q_values = Some(benjamini_hochberg(&p));
         p_values = Some(p);

@@ -60,6 +60,7 @@ class PhenoRetrievalOptions(Structure):
         ("block_rows", c_size_t),
         ("progress", PhenoProgressFn),
         ("user_data", c_void_p),
+        ("copairs_float32", c_int32),
     ]
 
 
@@ -233,6 +234,7 @@ def mean_average_precision(
     min_positives: int = 0,
     unlabeled: str = "negatives",
     sklearn_before_1_1: bool = False,
+    copairs_float32: bool = True,
     block_rows: int = 0,
     progress: Optional[ProgressFn] = None,
 ) -> MapResult:
@@ -245,8 +247,9 @@ def mean_average_precision(
     - "deepprofiler": DeepProfilerExperiments' `interpolated_precision_recall_curve` exactly (recall axis
       linspace(0, 1, N), scikit-learn `precision_recall_curve`, its running maximum and lag; queries need
       >= 2 positives as in its code; `sklearn_before_1_1=True` for the PR curve of scikit-learn < 1.1);
-    - "copairs": copairs' AP (precision at each positive's rank, similarity ties in favour of positives);
-      with `null_size` > 0, p-values from `null_size` random rankings per (positives, library size),
+    - "copairs": copairs' AP (precision at each positive's rank, similarity ties in favour of positives;
+      similarities compared in float32 as copairs 0.5.5 stores them, `copairs_float32=False` compares the
+      float64 values); with `null_size` > 0, p-values from `null_size` random rankings per (positives, library size),
       (#null >= AP + 1) / (null_size + 1), seeded by `seed`, and Benjamini-Hochberg q-values.
     `min_positives` (0 = 2 for "deepprofiler", else 1) is the least number of positives of a query.
     `progress(done, total)` is called between blocks; returning False cancels (PhenoError CANCELLED).
@@ -256,7 +259,8 @@ def mean_average_precision(
         method=_choice("method", method, _METHODS), null_size=_count("null_size", null_size),
         seed=_count("seed", seed), recall_points=_count("recall_points", recall_points),
         min_positives=_count("min_positives", min_positives), unlabeled=_choice("unlabeled", unlabeled, _UNLABELED),
-        sklearn_before_1_1=int(bool(sklearn_before_1_1)), block_rows=_count("block_rows", block_rows),
+        sklearn_before_1_1=int(bool(sklearn_before_1_1)), copairs_float32=int(bool(copairs_float32)),
+        block_rows=_count("block_rows", block_rows),
     )
     n = call.n
     ap, p, q = _nan(n), _nan(n), _nan(n)

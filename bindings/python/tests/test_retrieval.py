@@ -80,6 +80,9 @@ def test_copairs_ap_and_p_values_against_copairs():
     np.testing.assert_array_equal(again.p_values, r.p_values)
     g = load("ties_single")
     same(mean_average_precision(g["x"], list(g["labels"]), "copairs").per_query, g["peer_ap"])
+    h = load("copairs_f32")  # near-duplicates that tie only in copairs' float32 similarities
+    same(mean_average_precision(h["x"], list(h["labels"]), "copairs").per_query, h["peer_ap"])
+    same(mean_average_precision(h["x"], list(h["labels"]), "copairs", copairs_float32=False).per_query, h["cp_ap"])
 
 
 @pytest.mark.parametrize("name", MULTI)
