@@ -200,3 +200,185 @@ pub unsafe extern "C" fn pheno_harmony(
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::pheno_last_error;
+    use std::ffi::{CStr, CString};
+
+    fn data(n: usize, d: usize) -> (Vec<f64>, Vec<CString>) {
+        let x = (0..n * d)
+            .map(|i| {
+                ((i * 7919) % 101) as f64 / 25.0 + if (i / d).is_multiple_of(2) { 2.0 } else { 0.0 }
+            })
+            .collect();
+        let labels = (0..n)
+            .map(|i| CString::new(format!("plate{}", i % 3)).unwrap())
+            .collect();
+        (x, labels)
+    }
+
+    fn last_error() -> String {
+        unsafe { CStr::from_ptr(pheno_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn matches_the_rust_api_and_checks_arguments() {
+        let (n, d) = (90, 3);
+        let (x, labels) = data(n, d);
+        let ptrs: Vec<*const c_char> = labels.iter().map(|s| s.as_ptr()).collect();
+        let mut o = pheno_harmony_default_options();
+        o.seed = 5;
+        o.lambda = 1.0;
+        let mut out = vec![0.0; n * d];
+        let (mut iterations, mut converged) = (0usize, -1i32);
+        let st = unsafe {
+            pheno_harmony(
+                x.as_ptr(),
+                n,
+                d,
+                ptrs.as_ptr(),
+                1,
+                &o,
+                out.as_mut_ptr(),
+                out.len(),
+                &mut iterations,
+                &mut converged,
+            )
+        };
+        assert_eq!(st, PhenoStatus::PHENO_OK, "{}", last_error());
+        let strings: Vec<&str> = labels.iter().map(|s| s.to_str().unwrap()).collect();
+        let opts = HarmonyOptions {
+            seed: 5,
+            lambda: Some(1.0),
+            ..Default::default()
+        };
+        let expected = harmony(&x, n, d, &[strings], &opts, None).unwrap();
+        assert_eq!(out, expected.corrected);
+        assert_eq!(
+            (iterations, converged),
+            (expected.iterations, expected.converged as i32)
+        );
+
+        // A caller built against a struct that ends before `seed` gets the default seed.
+        let mut short = o;
+        short.struct_size = offset_of!(PhenoHarmonyOptions, seed);
+        let mut out2 = vec![0.0; n * d];
+        let st = unsafe {
+            pheno_harmony(
+                x.as_ptr(),
+                n,
+                d,
+                ptrs.as_ptr(),
+                1,
+                &short,
+                out2.as_mut_ptr(),
+                out2.len(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(st, PhenoStatus::PHENO_OK);
+        let opts0 = HarmonyOptions {
+            lambda: Some(1.0),
+            ..Default::default()
+        };
+        let strings: Vec<&str> = labels.iter().map(|s| s.to_str().unwrap()).collect();
+        let seed0 = harmony(&x, n, d, &[strings], &opts0, None).unwrap();
+        assert_eq!(out2, seed0.corrected);
+
+        let call = |x: *const f64, batches: *const *const c_char, out_len: usize| unsafe {
+            pheno_harmony(
+                x,
+                n,
+                d,
+                batches,
+                1,
+                std::ptr::null(),
+                out.clone().as_mut_ptr(),
+                out_len,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(
+            call(x.as_ptr(), ptrs.as_ptr(), n * d - 1),
+            PhenoStatus::PHENO_ERR_SHAPE
+        );
+        assert!(last_error().contains("out_len"));
+        assert_eq!(
+            call(std::ptr::null(), ptrs.as_ptr(), n * d),
+            PhenoStatus::PHENO_ERR_NULL_POINTER
+        );
+        assert_eq!(
+            call(x.as_ptr(), std::ptr::null(), n * d),
+            PhenoStatus::PHENO_ERR_NULL_POINTER
+        );
+        let mut bad = x.clone();
+        bad[4] = f64::NAN;
+        assert_eq!(
+            call(bad.as_ptr(), ptrs.as_ptr(), n * d),
+            PhenoStatus::PHENO_ERR_NON_FINITE
+        );
+        assert!(last_error().contains("row 1, column 1"), "{}", last_error());
+        let mut too_big = o;
+        too_big.struct_size = size_of::<PhenoHarmonyOptions>() + 8;
+        let st = unsafe {
+            pheno_harmony(
+                x.as_ptr(),
+                n,
+                d,
+                ptrs.as_ptr(),
+                1,
+                &too_big,
+                out.as_mut_ptr(),
+                out.len(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(st, PhenoStatus::PHENO_ERR_INVALID_ARGUMENT);
+    }
+
+    #[test]
+    fn two_columns_are_read_column_after_column() {
+        let (n, d) = (60, 2);
+        let (x, plates) = data(n, d);
+        let donors: Vec<CString> = (0..n)
+            .map(|i| CString::new(format!("d{}", i % 2)).unwrap())
+            .collect();
+        let ptrs: Vec<*const c_char> = plates.iter().chain(&donors).map(|s| s.as_ptr()).collect();
+        let mut out = vec![0.0; n * d];
+        let st = unsafe {
+            pheno_harmony(
+                x.as_ptr(),
+                n,
+                d,
+                ptrs.as_ptr(),
+                2,
+                std::ptr::null(),
+                out.as_mut_ptr(),
+                out.len(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(st, PhenoStatus::PHENO_OK, "{}", last_error());
+        let col = |v: &[CString]| -> Vec<String> {
+            v.iter().map(|s| s.to_str().unwrap().to_string()).collect()
+        };
+        let expected = harmony(
+            &x,
+            n,
+            d,
+            &[col(&plates), col(&donors)],
+            &HarmonyOptions::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(out, expected.corrected);
+    }
+}
