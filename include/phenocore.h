@@ -152,6 +152,29 @@ typedef enum {
     PHENO_TIER_TOP = 2,
 } PhenoEffectTier;
 
+// Form of the Biosimilarity. Passed as an `int32_t`.
+typedef enum {
+    // Pearson correlation over the subprofile's features (LDM paper eq. 3); NaN when undefined
+    // (fewer than 2 features, or a constant vector).
+    PHENO_BIOSIM_PEARSON = 0,
+    // Pahl et al.'s code: both clipped to ±25, Pearson, negative or NaN → 0, percent rounded to 0.1.
+    PHENO_BIOSIM_PAHL = 1,
+} PhenoBiosimilarity;
+
+// How a multi-label metric is averaged (scikit-learn's `average`). Passed as an `int32_t`.
+typedef enum {
+    // Unweighted mean over labels (sklearn's default).
+    PHENO_AVERAGE_MACRO = 0,
+    // One binary problem over all n × n_labels entries.
+    PHENO_AVERAGE_MICRO = 1,
+    // Mean over labels weighted by their number of positives.
+    PHENO_AVERAGE_WEIGHTED = 2,
+    // Mean over samples (rows); the LDM paper's mAP for average precision.
+    PHENO_AVERAGE_SAMPLES = 3,
+    // No average: one value per label.
+    PHENO_AVERAGE_NONE = 4,
+} PhenoAverage;
+
 // An EfficientNet-B0 (Cell Painting CNN) ready for inference on the CPU.
 //
 // Thread safety: immutable after creation, so any number of threads may call functions on one
@@ -375,6 +398,51 @@ typedef struct {
     // Share of treatments in each of the bottom / middle / top groups, 0..=1/3 (default 0.2).
     double fraction;
 } PhenoEffectOptions;
+
+// Options of `pheno_moa_prediction`. Initialise with `pheno_prediction_default_options()`.
+typedef struct {
+    // `sizeof(PhenoPredictionOptions)`; set by `pheno_prediction_default_options()`.
+    size_t struct_size;
+    // Labels need at least this many eligible compounds (default 10).
+    size_t min_compounds;
+    // Reference compounds drawn per label and fold (default 5).
+    size_t n_reference;
+    // Folds drawn when no references are given (default 10).
+    size_t n_folds;
+    // Seed of the reference draws (default 0).
+    uint64_t seed;
+    // Subprofile consistency threshold, 0 < t <= 1 (default 0.85).
+    double threshold;
+    // Default PHENO_BIOSIM_PEARSON.
+    PhenoBiosimilarity form;
+    // Non-zero (default): only compounds with exactly one label take part (MoAs); 0 for targets.
+    int32_t single_label;
+} PhenoPredictionOptions;
+
+// Query metrics of one fold for one subset of its queries (NaN metrics when the subset is empty).
+typedef struct {
+    size_t n_queries;
+    // Labels with both positive and negative queries, over which the macro averages run.
+    size_t n_labels_scored;
+    // Mean over queries of the sklearn AP of each query's label ranking (LDM paper eq. 4–5).
+    double map;
+    // Mean over scored labels of the AP of each label's query ranking.
+    double ap_macro;
+    // Mean over scored labels of the ROC-AUC (LDM paper eq. 7).
+    double roc_auc_macro;
+    // Fraction of queries whose most similar reference subprofile is one of their labels.
+    double top1_accuracy;
+} PhenoSubsetMetrics;
+
+// Metrics of one fold of `pheno_moa_prediction`.
+typedef struct {
+    // Distinct reference compounds of the fold.
+    size_t n_references;
+    PhenoSubsetMetrics all;
+    // Queries flagged seen (all queries when `seen` is NULL).
+    PhenoSubsetMetrics seen;
+    PhenoSubsetMetrics unseen;
+} PhenoFoldMetrics;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1026,6 +1094,140 @@ PhenoStatus pheno_treatment_effect(const double *x,
                                    double *out_effect,
                                    PhenoEffectTier *out_tier,
                                    size_t out_len);
+
+// Default prediction options, the LDM paper's MoA protocol: labels with >= 10 compounds, 5
+// references per label, 10 folds, seed 0, threshold 0.85, Pearson Biosimilarity, single-label
+// compounds only.
+PhenoPredictionOptions pheno_prediction_default_options(void);
+
+// Average precision with scikit-learn 1.9 semantics (`average_precision_score(truth, scores)`):
+// Σ (R_n − R_{n−1}) P_n over the distinct scores, tied scores forming one threshold; 0 for a label
+// without positives. `scores` (double) and `truth` (0 = negative, anything else = positive) are
+// n × n_labels row-major; n_labels = 1 is the binary problem (`average` then ignored, as sklearn
+// does). `average` is a `PhenoAverage`: one value is written to `out`, or n_labels values for
+// PHENO_AVERAGE_NONE; `out_len` is the capacity of `out`. Scores must be finite.
+// # Safety
+// `scores` and `truth` point to n × n_labels values; `out` to `out_len` writable doubles.
+PhenoStatus pheno_average_precision_score(const double *scores,
+                                          const uint8_t *truth,
+                                          size_t n,
+                                          size_t n_labels,
+                                          int32_t average,
+                                          double *out,
+                                          size_t out_len);
+
+// ROC-AUC with scikit-learn 1.9 semantics (`roc_auc_score(truth, scores)`): trapezoidal area
+// under the ROC curve, tied scores as one threshold. A label with only one class has NaN (sklearn
+// 1.9 warns and returns NaN); a macro or samples average containing it is NaN. Arguments as
+// `pheno_average_precision_score`.
+// # Safety
+// `scores` and `truth` point to n × n_labels values; `out` to `out_len` writable doubles.
+PhenoStatus pheno_roc_auc_score(const double *scores,
+                                const uint8_t *truth,
+                                size_t n,
+                                size_t n_labels,
+                                int32_t average,
+                                double *out,
+                                size_t out_len);
+
+// One-way ANOVA (scipy `f_oneway`): F statistic and p-value of `n_groups` >= 2 groups, stored one
+// after another in `values` (double) with `group_sizes[g]` values each (>= 1 each, more values
+// than groups, all finite). When every group is constant F is +inf and p 0; when all values are
+// equal both are NaN (as scipy).
+//
+// # Safety
+// `group_sizes` points to n_groups sizes, `values` to their sum of doubles; `out_f` and `out_p`
+// are valid for a write.
+PhenoStatus pheno_anova_oneway(const double *values,
+                               const size_t *group_sizes,
+                               size_t n_groups,
+                               double *out_f,
+                               double *out_p);
+
+// Tukey's HSD for all pairs of `n_groups` >= 2 groups (scipy `tukey_hsd`; Tukey–Kramer for
+// unequal sizes), groups laid out as in `pheno_anova_oneway` with >= 2 values each. Writes
+// k × k row-major matrices (k = n_groups, each `out_len` >= k²): `out_statistic[i,j]` =
+// mean_i − mean_j, `out_pvalue` the adjusted p-values from the studentized range distribution, and,
+// when `out_low` and `out_high` are not NULL, the simultaneous confidence interval at
+// `confidence_level` (0 < level < 1, e.g. 0.95).
+//
+// # Safety
+// `values` and `group_sizes` as in `pheno_anova_oneway`; each non-NULL output points to `out_len`
+// writable doubles.
+PhenoStatus pheno_tukey_hsd(const double *values,
+                            const size_t *group_sizes,
+                            size_t n_groups,
+                            double confidence_level,
+                            double *out_statistic,
+                            double *out_pvalue,
+                            double *out_low,
+                            double *out_high,
+                            size_t out_len);
+
+// The reference subprofile of a group of `n` profiles `x` (double, n × d row-major, finite): feature
+// j is kept when max(#(x_j >= 0), #(x_j < 0)) / n >= `threshold` (0 < threshold <= 1; 0.85 in the
+// LDM paper; zero counts as positive). Writes `out_mask[j]` (1 kept, 0 not) and `out_values[j]`
+// (the group median of feature j if kept, else NaN) for all d features (`out_len` >= d), and the
+// number of kept features to `*out_n_features` (may be NULL).
+//
+// # Safety
+// `x` points to n × d doubles; `out_mask` and `out_values` to `out_len` writable elements;
+// `out_n_features` is NULL or valid for a write.
+PhenoStatus pheno_reference_subprofile(const double *x,
+                                       size_t n,
+                                       size_t d,
+                                       double threshold,
+                                       uint8_t *out_mask,
+                                       double *out_values,
+                                       size_t out_len,
+                                       size_t *out_n_features);
+
+// Biosimilarity of each of the `n` profiles `x` (double, n × d row-major) to `reference` (d values,
+// e.g. `out_values` of `pheno_reference_subprofile`) over the features with `mask[j]` != 0 (all
+// features when `mask` is NULL). `form` is a `PhenoBiosimilarity`. Writes n values to `out`
+// (`out_len` >= n); the masked features must be finite.
+//
+// # Safety
+// `x` points to n × d doubles, `reference` to d doubles, `mask` is NULL or points to d bytes, `out`
+// to `out_len` writable doubles.
+PhenoStatus pheno_biosimilarity(const double *x,
+                                size_t n,
+                                size_t d,
+                                const double *reference,
+                                const uint8_t *mask,
+                                int32_t form,
+                                double *out,
+                                size_t out_len);
+
+// MoA / target prediction by nearest reference subprofile, the LDM paper's protocol (see
+// src/metrics/subprofile.rs for every rule). `x` (double, n × d row-major, finite) holds one
+// profile per compound, `labels` one `|`-joined annotation per compound (`n_labels` must equal n),
+// `seen` one flag per compound (non-zero = seen during the generative model's training; NULL = all
+// seen). With `references` NULL, `opts->n_folds` folds draw `opts->n_reference` reference compounds
+// per label (seeded); otherwise `references` gives `n_reference_folds` folds explicitly as
+// n_reference_folds × n row-major `|`-joined strings: the labels each compound is a reference for
+// in that fold ("" = none). Writes one `PhenoFoldMetrics` per fold to `out_folds` (`out_len` >=
+// folds), the number of folds to `*out_n_folds` and the number of labels taking part to
+// `*out_n_labels` (either may be NULL). `opts` may be NULL for the defaults.
+//
+// # Safety
+// `x` points to n × d doubles; `labels` to n NUL-terminated strings; `seen` is NULL or points to n
+// bytes; `references` is NULL or points to n_reference_folds × n NUL-terminated strings; `opts` is
+// NULL or initialised by `pheno_prediction_default_options()`; `out_folds` points to `out_len`
+// writable structs; `out_n_folds` and `out_n_labels` are NULL or valid for a write.
+PhenoStatus pheno_moa_prediction(const double *x,
+                                 size_t n,
+                                 size_t d,
+                                 const char *const *labels,
+                                 size_t n_labels,
+                                 const uint8_t *seen,
+                                 const char *const *references,
+                                 size_t n_reference_folds,
+                                 const PhenoPredictionOptions *opts,
+                                 PhenoFoldMetrics *out_folds,
+                                 size_t out_len,
+                                 size_t *out_n_folds,
+                                 size_t *out_n_labels);
 
 // Static English text for a status code; never NULL ("unknown status code" for values this
 // library does not define). Thread-safe.

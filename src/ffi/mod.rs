@@ -14,6 +14,7 @@ mod model;
 mod options;
 mod profiles;
 mod sphere;
+mod stats;
 mod status;
 
 pub use crate::error::PhenoStatus;
@@ -49,6 +50,12 @@ pub use sphere::{
     pheno_sphering_plate, pheno_sphering_save, pheno_sphering_transform, pheno_treatment_effect,
     PhenoEffectOptions, PhenoEffectTier, PhenoSphereMethod, PhenoSphereOptions,
     PhenoSphereRegularization, PhenoSphering,
+};
+pub use stats::{
+    pheno_anova_oneway, pheno_average_precision_score, pheno_biosimilarity, pheno_moa_prediction,
+    pheno_prediction_default_options, pheno_reference_subprofile, pheno_roc_auc_score,
+    pheno_tukey_hsd, PhenoAverage, PhenoBiosimilarity, PhenoFoldMetrics, PhenoPredictionOptions,
+    PhenoSubsetMetrics,
 };
 pub use status::{
     pheno_last_error, pheno_set_num_threads, pheno_status_str, pheno_version_number,

@@ -1,6 +1,9 @@
 //! Scoring profiles: retrieval (mAP, folds of enrichment, precision@k), classification metrics
 //! (sklearn-style AP, ROC-AUC), subprofiles and Biosimilarity, and the statistics around them.
 
+pub mod classification;
+pub mod stats;
+pub mod subprofile;
 pub mod enrichment;
 pub mod pvalues;
 pub mod retrieval;
