@@ -1,8 +1,8 @@
 //! Profile making: single-cell crops, aggregation, sphering, Harmony, treatment effect.
 pub mod aggregate;
 pub mod crops;
-pub mod harmony;
 pub mod effect;
+pub mod harmony;
 pub mod profile;
 pub mod sphere;
 pub mod synthetic;
