@@ -1,8 +1,8 @@
 //! File formats: safetensors weights, images, tables; atomic writes.
 pub mod image;
-pub mod profiles;
 pub mod npz;
 pub mod plot;
+pub mod profiles;
 pub mod safetensors;
 pub mod table;
 

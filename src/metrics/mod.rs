@@ -2,12 +2,12 @@
 //! (sklearn-style AP, ROC-AUC), subprofiles and Biosimilarity, and the statistics around them.
 
 pub mod classification;
-pub mod stats;
-pub mod subprofile;
 pub mod enrichment;
 pub mod pvalues;
 pub mod retrieval;
 pub mod similarity;
+pub mod stats;
+pub mod subprofile;
 
 use crate::io::profiles::split_labels;
 use std::collections::HashMap;
@@ -83,7 +83,10 @@ mod tests {
     fn labels_split_intern_and_share() {
         let l = Labels::from_joined(&["a|b", "", "b", " c | a |a", "d"]);
         assert_eq!(l.names, vec!["a", "b", "c", "d"]);
-        assert_eq!(l.items, vec![vec![0, 1], vec![], vec![1], vec![0, 2], vec![3]]);
+        assert_eq!(
+            l.items,
+            vec![vec![0, 1], vec![], vec![1], vec![0, 2], vec![3]]
+        );
         assert!(l.share(0, 2) && l.share(0, 3) && !l.share(2, 3) && !l.share(1, 0));
         assert!(!l.share(4, 0));
     }
