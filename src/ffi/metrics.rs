@@ -284,6 +284,7 @@ fn need(p_is_null: bool, cap: usize, needed: usize, what: &str) -> Result<()> {
 /// - `curve`: interpolated and DeepProfiler methods: the mean over queries of their interpolated
 ///   precision at recall i / (R - 1), i = 0..R-1 (R = `recall_points`, or the number of items taking
 ///   part); `curve_len` must be >= R. `curve_points` (may be NULL) receives R (0 for copairs).
+///
 /// `mean` (required) receives the mean AP over queries (NaN when there are none).
 ///
 /// Memory is O(block x n), never n x n. Returns PHENO_ERR_NON_FINITE for NaN/Inf in `x` (naming

@@ -169,16 +169,15 @@ pub fn folds_of_enrichment_pooled(
     check_items(sim, labels)?;
     check_percentile(opts.percentile, "percentile")?;
     let set = QuerySet::new(labels, opts.unlabeled, opts.min_positives.max(1))?;
-    let n = sim.n();
     let stream = PairStream {
         sim,
         rows: &set.queries,
         block_rows: opts.block_rows,
         visit: |q: usize, row: &[f64], emit: &mut dyn FnMut(f64, usize)| {
             // Same-annotation flags for this row, from the labels directly (no shared scratch).
-            for j in 0..n {
+            for (j, &s) in row.iter().enumerate() {
                 if j != q && set.in_library[j] {
-                    emit(row[j], labels.share(q, j) as usize);
+                    emit(s, labels.share(q, j) as usize);
                 }
             }
         },

@@ -228,7 +228,7 @@ pub fn ap_null_sorted(n_pos: usize, n_total: usize, null_size: usize, seed: u64)
 }
 
 fn fill_null_chunk(out: &mut [f64], n_pos: usize, n_total: usize, seed: u64, chunk: usize) {
-    let key = mix(mix(mix(seed ^ 0x5EED_0F_A7E5) ^ n_pos as u64) ^ ((n_total as u64) << 1))
+    let key = mix(mix(mix(seed ^ 0x005E_ED0F_A7E5) ^ n_pos as u64) ^ ((n_total as u64) << 1))
         ^ chunk as u64;
     let mut rng = ChaCha8Rng::seed_from_u64(mix(key));
     let mut sampler = SortedSampler::new(n_total);

@@ -250,6 +250,7 @@ struct Ranking {
 }
 
 impl Ranking {
+    #[allow(clippy::too_many_arguments)]
     fn build(
         &mut self,
         row: &[f64],

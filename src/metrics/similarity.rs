@@ -125,7 +125,7 @@ impl CosineSimilarity {
         let by_threads = rows
             .div_ceil(4 * crate::threads::num_threads().max(1))
             .max(16);
-        by_memory.min(by_threads).min(1024).max(1)
+        by_memory.min(by_threads).clamp(1, 1024)
     }
 
     /// Runs `work(block_rows, similarities)` on blocks of `rows` (similarities: block × N,
@@ -328,10 +328,10 @@ where
             let t = percentile_linear(&mut sel, pct);
             let mut counts = ClassCounts::default();
             if !t.is_nan() {
-                for c in 0..2 {
-                    let above = all[c].iter().filter(|&&v| v > t).count() as u64;
+                for (c, values) in all.iter().enumerate() {
+                    let above = values.iter().filter(|&&v| v > t).count() as u64;
                     counts.above[c] = above;
-                    counts.at_or_below[c] = all[c].len() as u64 - above;
+                    counts.at_or_below[c] = values.len() as u64 - above;
                 }
             }
             return Ok((t, counts));
@@ -687,7 +687,7 @@ mod tests {
             visit: |r: usize, row: &[f64], emit: &mut dyn FnMut(f64, usize)| {
                 for (j, &v) in row.iter().enumerate() {
                     if j > r {
-                        emit(v, ((r + j) % 3 == 0) as usize);
+                        emit(v, (r + j).is_multiple_of(3) as usize);
                     }
                 }
             },
