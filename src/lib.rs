@@ -1,4 +1,5 @@
 //! phenocore: Cell Painting images → phenotypic profiles.
+pub mod autograd;
 pub mod backend;
 pub mod error;
 pub mod ffi;
@@ -6,9 +7,11 @@ pub mod io;
 pub mod metrics;
 pub mod models;
 pub mod ops;
+pub mod optim;
 pub mod profiling;
 pub mod tensor;
 pub mod threads;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Device, Tensor};

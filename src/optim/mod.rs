@@ -1,0 +1,1 @@
+//! Optimisers (SGD as torch.optim.SGD, AdamW), learning-rate schedules and gradient clipping.
