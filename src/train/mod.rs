@@ -1,2 +1,7 @@
 //! Weakly supervised training of the Cell Painting CNN (REFERENCE §2): data, augmentation, sampling,
 //! splits, validation, the training loop and checkpoints.
+pub mod augment;
+pub mod prefetch;
+pub mod sampler;
+pub mod split;
+pub mod validation;
