@@ -1,1 +1,294 @@
 //! Reverse-mode automatic differentiation: a tape of recorded ops, parameters and their gradients.
+//!
+//! Ownership:
+//! - [`Params`] owns every trainable tensor (value + gradient accumulator, torchvision-style names)
+//!   and every non-trainable buffer (BN running statistics). Values are `Arc`-shared so the tape can
+//!   keep them for backward without copying; after the tape is gone the optimiser updates them in
+//!   place (`Arc::make_mut` never copies then).
+//! - A [`Tape`] lives for one forward + backward. Ops append a node holding exactly what their
+//!   backward needs (saved activations as `Arc`s). `Tape::backward` drops the tape's own references
+//!   first, then runs the nodes newest-first and drops each node — and with it its saved activations —
+//!   right after it ran, so memory falls as backward proceeds.
+//! - Gradients of intermediate values live in [`Grads`] only until the op that consumes them ran.
+//!
+//! Everything is generic over [`Float`] (f32 for training, f64 for finite-difference checks).
+
+mod float;
+mod params;
+
+pub use float::Float;
+pub use params::{ParamKind, Params};
+
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// A value recorded on a tape: an id and its shape. Cheap to clone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Var {
+    id: usize,
+    shape: Vec<usize>,
+}
+
+impl Var {
+    pub fn id(&self) -> usize {
+        self.id
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+type Backward<T> = Box<dyn FnOnce(&mut Grads<T>) -> Result<()> + Send>;
+
+/// The tape of one forward pass.
+pub struct Tape<T: Float> {
+    values: Vec<Option<Arc<Vec<T>>>>,
+    requires_grad: Vec<bool>,
+    /// Leaf vars that are parameters: (var id, parameter index).
+    param_leaves: Vec<(usize, usize)>,
+    nodes: Vec<Backward<T>>,
+    training: bool,
+}
+
+impl<T: Float> Tape<T> {
+    /// A new tape; `training` selects train-mode behaviour of BN / dropout / drop-connect.
+    pub fn new(training: bool) -> Self {
+        Tape {
+            values: Vec::new(),
+            requires_grad: Vec::new(),
+            param_leaves: Vec::new(),
+            nodes: Vec::new(),
+            training,
+        }
+    }
+
+    pub fn training(&self) -> bool {
+        self.training
+    }
+
+    /// Records an input (no gradient unless `requires_grad`).
+    pub fn input(&mut self, shape: &[usize], data: Vec<T>, requires_grad: bool) -> Result<Var> {
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(Error::Shape(format!(
+                "input of shape {shape:?} needs {} values, got {}",
+                shape.iter().product::<usize>(),
+                data.len()
+            )));
+        }
+        Ok(self.leaf(shape, Arc::new(data), requires_grad))
+    }
+
+    /// Records parameter `index` of `params` as a leaf whose gradient flows into `params`.
+    pub fn param(&mut self, params: &Params<T>, index: usize) -> Var {
+        let (value, shape, trainable) = params.leaf_parts(index);
+        let v = self.leaf(&shape, value, trainable);
+        if trainable {
+            self.param_leaves.push((v.id, index));
+        }
+        v
+    }
+
+    /// Records parameter `name` (see [`Tape::param`]).
+    pub fn param_named(&mut self, params: &Params<T>, name: &str) -> Result<Var> {
+        let i = params.index(name)?;
+        Ok(self.param(params, i))
+    }
+
+    fn leaf(&mut self, shape: &[usize], value: Arc<Vec<T>>, requires_grad: bool) -> Var {
+        let id = self.values.len();
+        self.values.push(Some(value));
+        self.requires_grad.push(requires_grad);
+        Var {
+            id,
+            shape: shape.to_vec(),
+        }
+    }
+
+    /// The value of `v` (shared). Panics only on a var of another tape (a programming error).
+    pub fn value(&self, v: &Var) -> Arc<Vec<T>> {
+        self.values[v.id]
+            .clone()
+            .unwrap_or_else(|| panic!("value of var {} was released", v.id))
+    }
+
+    /// Borrowed value of `v`.
+    pub fn data(&self, v: &Var) -> &[T] {
+        self.values[v.id]
+            .as_deref()
+            .unwrap_or_else(|| panic!("value of var {} was released", v.id))
+    }
+
+    pub fn requires_grad(&self, v: &Var) -> bool {
+        self.requires_grad[v.id]
+    }
+
+    /// Records the output of an op. `backward` is called with the gradient store during
+    /// `Tape::backward` if any input requires a gradient; it must take the output's gradient with
+    /// `Grads::take(out_id)` and accumulate the inputs' gradients.
+    pub fn push(
+        &mut self,
+        shape: &[usize],
+        data: Vec<T>,
+        inputs_require_grad: bool,
+        backward: impl FnOnce(usize, &mut Grads<T>) -> Result<()> + Send + 'static,
+    ) -> Var {
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        let v = self.leaf(shape, Arc::new(data), inputs_require_grad);
+        if inputs_require_grad {
+            let id = v.id;
+            self.nodes.push(Box::new(move |g| backward(id, g)));
+        }
+        v
+    }
+
+    /// Releases the tape's own reference to `v`'s value (ops that saved it keep theirs).
+    pub fn release(&mut self, v: &Var) {
+        self.values[v.id] = None;
+    }
+
+    /// Number of recorded backward nodes.
+    pub fn num_nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Back-propagates from the scalar `loss` (gradient 1) and adds parameter gradients into
+    /// `params`. Consumes the tape.
+    pub fn backward(self, loss: &Var, params: &mut Params<T>) -> Result<()> {
+        let seed = vec![T::ONE; loss.numel()];
+        self.backward_with(loss, seed, params).map(|_| ())
+    }
+
+    /// Back-propagates `grad` (same shape as `out`) and returns the gradients of the leaves that
+    /// required one and are not parameters (by var id), after adding parameter gradients into `params`.
+    pub fn backward_with(
+        self,
+        out: &Var,
+        grad: Vec<T>,
+        params: &mut Params<T>,
+    ) -> Result<Grads<T>> {
+        if grad.len() != out.numel() {
+            return Err(Error::Shape(format!(
+                "output gradient has {} values, the output {:?} has {}",
+                grad.len(),
+                out.shape,
+                out.numel()
+            )));
+        }
+        let Tape {
+            values,
+            requires_grad,
+            param_leaves,
+            mut nodes,
+            ..
+        } = self;
+        drop(values);
+        let mut grads = Grads {
+            slots: (0..requires_grad.len()).map(|_| None).collect(),
+            requires: requires_grad,
+        };
+        if grads.requires[out.id] {
+            grads.slots[out.id] = Some(grad);
+        }
+        while let Some(node) = nodes.pop() {
+            node(&mut grads)?;
+        }
+        for (id, index) in param_leaves {
+            if let Some(g) = grads.slots[id].take() {
+                params.add_grad(index, &g)?;
+            }
+        }
+        Ok(grads)
+    }
+}
+
+/// Gradients of the values of one tape, by var id, during backward.
+pub struct Grads<T> {
+    slots: Vec<Option<Vec<T>>>,
+    requires: Vec<bool>,
+}
+
+impl<T: Float> Grads<T> {
+    /// Takes the gradient of var `id` (None when nothing downstream produced one).
+    pub fn take(&mut self, id: usize) -> Option<Vec<T>> {
+        self.slots[id].take()
+    }
+
+    /// Whether var `id` needs a gradient.
+    pub fn wants(&self, id: usize) -> bool {
+        self.requires[id]
+    }
+
+    /// The gradient of `v` after backward (leaves), if one was produced.
+    pub fn get(&self, v: &Var) -> Option<&[T]> {
+        self.slots[v.id].as_deref()
+    }
+
+    /// Adds `g` into var `id`'s gradient (moves it in when there is none yet). No-op when `id`
+    /// does not require a gradient.
+    pub fn add(&mut self, id: usize, g: Vec<T>) {
+        if !self.requires[id] {
+            return;
+        }
+        match &mut self.slots[id] {
+            Some(acc) => {
+                debug_assert_eq!(acc.len(), g.len());
+                acc.iter_mut().zip(&g).for_each(|(a, b)| *a += *b);
+            }
+            slot => *slot = Some(g),
+        }
+    }
+
+    /// Runs `f` on var `id`'s gradient buffer of length `len` (zeros when new) so an op can
+    /// accumulate into it in place; returns false (and does nothing) if `id` needs no gradient.
+    /// `f` gets `fresh = true` when the buffer was just created (all zeros) — ops may overwrite.
+    pub fn accumulate(&mut self, id: usize, len: usize, f: impl FnOnce(&mut [T], bool)) -> bool {
+        if !self.requires[id] {
+            return false;
+        }
+        let slot = &mut self.slots[id];
+        let fresh = slot.is_none();
+        let buf = slot.get_or_insert_with(|| vec![T::ZERO; len]);
+        debug_assert_eq!(buf.len(), len);
+        f(buf, fresh);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gradients_reach_parameters_and_accumulate() {
+        // y = p * x (elementwise, p a parameter), used twice: loss = sum(y) + sum(y) -> dp = 2x.
+        let mut params = Params::<f64>::new();
+        params
+            .add("p", &[3], vec![1.0, 2.0, 3.0], ParamKind::Weight)
+            .unwrap();
+        let mut tape = Tape::<f64>::new(true);
+        let x = tape.input(&[3], vec![4.0, 5.0, 6.0], false).unwrap();
+        let p = tape.param(&params, 0);
+        let (xv, pv) = (tape.value(&x), tape.value(&p));
+        let y: Vec<f64> = xv.iter().zip(pv.iter()).map(|(a, b)| a * b).collect();
+        let (pid, xs) = (p.id(), xv.clone());
+        let yv = tape.push(&[3], y, true, move |out, g| {
+            if let Some(dy) = g.take(out) {
+                let dp: Vec<f64> = dy.iter().zip(xs.iter()).map(|(d, x)| d * x).collect();
+                g.add(pid, dp);
+            }
+            Ok(())
+        });
+        let yid = yv.id();
+        let s = tape.push(&[1], vec![0.0], true, move |out, g| {
+            if let Some(d) = g.take(out) {
+                g.add(yid, vec![2.0 * d[0]; 3]);
+            }
+            Ok(())
+        });
+        tape.backward(&s, &mut params).unwrap();
+        assert_eq!(params.grad(0), &[8.0, 10.0, 12.0]);
+    }
+}

@@ -85,6 +85,94 @@ pub fn matmul(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) {
     }
 }
 
+/// Strided view for [`gemm_t`]: element (r, c) at `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+pub struct View<'a, T> {
+    pub data: &'a [T],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> View<'a, T> {
+    /// Contiguous row-major matrix with `cols` columns.
+    pub fn rows(data: &'a [T], cols: usize) -> Self {
+        View {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose of a contiguous row-major matrix with `cols` columns.
+    pub fn t(data: &'a [T], cols: usize) -> Self {
+        View {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+}
+
+/// dst (m × n, contiguous) = [dst if accumulate] + a (m × k) · b (k × n), f32 or f64, optionally
+/// parallel over the pool's threads. Panics (a bug: shapes are checked by the ops) if views do not fit.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_t<T: crate::autograd::Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    a: View<T>,
+    b: View<T>,
+    parallel: bool,
+) {
+    let fits = |v: &View<T>, r: usize, c: usize| {
+        r == 0 || c == 0 || v.data.len() > (r - 1) * v.rs + (c - 1) * v.cs
+    };
+    assert!(
+        dst.len() >= m * n && fits(&a, m, k) && fits(&b, k, n),
+        "gemm views out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].iter_mut().for_each(|v| *v = T::ZERO);
+        }
+        return;
+    }
+    let threads = crate::threads::num_threads().max(1);
+    let par = if parallel && threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every index touched is inside the views (checked above); dst does not alias a or b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

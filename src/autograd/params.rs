@@ -1,0 +1,188 @@
+//! Named parameters (trainable tensors with gradient accumulators) and buffers (BN running stats).
+
+use super::Float;
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// What a tensor is, which decides weight decay defaults and whether it trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    /// Convolution / linear kernels (the "kernels" REFERENCE §2 applies L2 to).
+    Weight,
+    /// Biases and BN γ / β.
+    Bias,
+    /// Non-trainable state (BN running mean / var): saved and loaded, never given a gradient.
+    Buffer,
+}
+
+struct Entry<T> {
+    name: String,
+    shape: Vec<usize>,
+    kind: ParamKind,
+    value: Arc<Vec<T>>,
+    grad: Vec<T>,
+}
+
+/// Parameters and buffers in insertion (forward) order, looked up by name.
+pub struct Params<T: Float> {
+    entries: Vec<Entry<T>>,
+    by_name: HashMap<String, usize>,
+}
+
+impl<T: Float> Default for Params<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Float> Params<T> {
+    pub fn new() -> Self {
+        Params {
+            entries: Vec::new(),
+            by_name: HashMap::new(),
+        }
+    }
+
+    /// Adds a tensor; returns its index.
+    pub fn add(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        value: Vec<T>,
+        kind: ParamKind,
+    ) -> Result<usize> {
+        if value.len() != shape.iter().product::<usize>() {
+            return Err(Error::Shape(format!(
+                "parameter {name:?} of shape {shape:?} given {} values",
+                value.len()
+            )));
+        }
+        if self.by_name.contains_key(name) {
+            return Err(Error::InvalidArgument(format!(
+                "parameter {name:?} added twice"
+            )));
+        }
+        let i = self.entries.len();
+        let grad = if kind == ParamKind::Buffer {
+            Vec::new()
+        } else {
+            vec![T::ZERO; value.len()]
+        };
+        self.entries.push(Entry {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            kind,
+            value: Arc::new(value),
+            grad,
+        });
+        self.by_name.insert(name.to_string(), i);
+        Ok(i)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn index(&self, name: &str) -> Result<usize> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::MissingKey(format!("no parameter named {name:?}")))
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        &self.entries[i].name
+    }
+    pub fn shape(&self, i: usize) -> &[usize] {
+        &self.entries[i].shape
+    }
+    pub fn kind(&self, i: usize) -> ParamKind {
+        self.entries[i].kind
+    }
+    pub fn value(&self, i: usize) -> &[T] {
+        &self.entries[i].value
+    }
+    /// Mutable value (copies only if a tape still holds it).
+    pub fn value_mut(&mut self, i: usize) -> &mut Vec<T> {
+        Arc::make_mut(&mut self.entries[i].value)
+    }
+    pub fn grad(&self, i: usize) -> &[T] {
+        &self.entries[i].grad
+    }
+    pub fn grad_mut(&mut self, i: usize) -> &mut [T] {
+        &mut self.entries[i].grad
+    }
+    pub fn trainable(&self, i: usize) -> bool {
+        self.entries[i].kind != ParamKind::Buffer
+    }
+
+    /// Value and gradient of every trainable tensor, for the optimiser: (name, kind, value, grad).
+    pub fn trainable_mut(&mut self) -> Vec<(&str, ParamKind, &mut Vec<T>, &[T])> {
+        self.entries
+            .iter_mut()
+            .filter(|e| e.kind != ParamKind::Buffer)
+            .map(|e| {
+                (
+                    e.name.as_str(),
+                    e.kind,
+                    Arc::make_mut(&mut e.value),
+                    e.grad.as_slice(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn zero_grad(&mut self) {
+        for e in &mut self.entries {
+            e.grad.iter_mut().for_each(|g| *g = T::ZERO);
+        }
+    }
+
+    /// Mutable gradient buffers of every trainable tensor (for clipping).
+    pub fn grads_mut(&mut self) -> Vec<&mut [T]> {
+        self.entries
+            .iter_mut()
+            .filter(|e| e.kind != ParamKind::Buffer)
+            .map(|e| e.grad.as_mut_slice())
+            .collect()
+    }
+
+    pub(super) fn leaf_parts(&self, i: usize) -> (Arc<Vec<T>>, Vec<usize>, bool) {
+        let e = &self.entries[i];
+        (
+            e.value.clone(),
+            e.shape.clone(),
+            e.kind != ParamKind::Buffer,
+        )
+    }
+
+    pub(super) fn add_grad(&mut self, i: usize, g: &[T]) -> Result<()> {
+        let e = &mut self.entries[i];
+        if e.grad.len() != g.len() {
+            return Err(Error::Internal(format!(
+                "gradient of {:?} has {} values, expected {}",
+                e.name,
+                g.len(),
+                e.grad.len()
+            )));
+        }
+        e.grad.iter_mut().zip(g).for_each(|(a, b)| *a += *b);
+        Ok(())
+    }
+
+    /// Iterates (name, shape, kind, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[usize], ParamKind, &[T])> {
+        self.entries.iter().map(|e| {
+            (
+                e.name.as_str(),
+                e.shape.as_slice(),
+                e.kind,
+                e.value.as_slice(),
+            )
+        })
+    }
+}

@@ -1,0 +1,461 @@
+//! Convolutions with backward, on NHWC activations ([N, H, W, C] row-major) and torch OIHW weights:
+//! dense k × k (im2col + GEMM, any stride, `symmetric` or TF `same` padding), 1 × 1 (one GEMM over
+//! the batch) and depthwise (per-channel k × k, vectorised across channels).
+
+use crate::autograd::{Float, Tape, Var};
+use crate::backend::cpu::gemm::{gemm_t, View};
+use crate::error::{Error, Result};
+use crate::models::efficientnet::Padding;
+use rayon::prelude::*;
+
+/// Geometry of a 2-D convolution over one sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geom {
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Geom {
+    pub fn new(h: usize, w: usize, k: usize, stride: usize, padding: Padding) -> Result<Self> {
+        if k == 0 || stride == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "convolution kernel {k} / stride {stride} must be positive"
+            )));
+        }
+        let (oh, pad_top) = padding.out_and_pad(h, k, stride);
+        let (ow, pad_left) = padding.out_and_pad(w, k, stride);
+        if oh == 0 || ow == 0 {
+            return Err(Error::Shape(format!(
+                "a {k}×{k} stride-{stride} convolution of a {h}×{w} input has no output"
+            )));
+        }
+        Ok(Geom {
+            h,
+            w,
+            k,
+            stride,
+            pad_top,
+            pad_left,
+            oh,
+            ow,
+        })
+    }
+
+    /// Valid input row / tap range of output row `o` along one axis: (origin, first tap, end tap).
+    #[inline(always)]
+    fn span(&self, o: usize, pad: usize, size: usize) -> (isize, usize, usize) {
+        let origin = (o * self.stride) as isize - pad as isize;
+        let lo = (-origin).max(0) as usize;
+        let hi = (size as isize - origin).clamp(0, self.k as isize) as usize;
+        (origin, lo, hi.max(lo))
+    }
+}
+
+fn nhwc(x: &Var, what: &str) -> Result<(usize, usize, usize, usize)> {
+    match x.shape() {
+        &[n, h, w, c] => Ok((n, h, w, c)),
+        s => Err(Error::Shape(format!(
+            "{what}: input must be NHWC (N, H, W, C), got shape {s:?}"
+        ))),
+    }
+}
+
+/// im2col of one NHWC sample: cols[p, ci·k² + ky·k + kx] (matches OIHW weights flattened).
+fn im2col<T: Float>(x: &[T], c: usize, g: &Geom, cols: &mut [T]) {
+    let (k, kdim) = (g.k, c * g.k * g.k);
+    for oy in 0..g.oh {
+        let (iy0, ky0, ky1) = g.span(oy, g.pad_top, g.h);
+        for ox in 0..g.ow {
+            let (ix0, kx0, kx1) = g.span(ox, g.pad_left, g.w);
+            let row = &mut cols[(oy * g.ow + ox) * kdim..][..kdim];
+            row.iter_mut().for_each(|v| *v = T::ZERO);
+            for ky in ky0..ky1 {
+                let iy = (iy0 + ky as isize) as usize;
+                for kx in kx0..kx1 {
+                    let ix = (ix0 + kx as isize) as usize;
+                    let px = &x[(iy * g.w + ix) * c..][..c];
+                    for (ci, &v) in px.iter().enumerate() {
+                        row[ci * k * k + ky * k + kx] = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adjoint of [`im2col`]: dx += col2im(dcols).
+fn col2im<T: Float>(dcols: &[T], c: usize, g: &Geom, dx: &mut [T]) {
+    let (k, kdim) = (g.k, c * g.k * g.k);
+    for oy in 0..g.oh {
+        let (iy0, ky0, ky1) = g.span(oy, g.pad_top, g.h);
+        for ox in 0..g.ow {
+            let (ix0, kx0, kx1) = g.span(ox, g.pad_left, g.w);
+            let row = &dcols[(oy * g.ow + ox) * kdim..][..kdim];
+            for ky in ky0..ky1 {
+                let iy = (iy0 + ky as isize) as usize;
+                for kx in kx0..kx1 {
+                    let ix = (ix0 + kx as isize) as usize;
+                    let px = &mut dx[(iy * g.w + ix) * c..][..c];
+                    for (ci, v) in px.iter_mut().enumerate() {
+                        *v += row[ci * k * k + ky * k + kx];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Dense convolution without bias: x [N, H, W, Cin], w [Cout, Cin, k, k] → [N, OH, OW, Cout].
+pub fn conv2d<T: Float>(
+    tape: &mut Tape<T>,
+    x: &Var,
+    w: &Var,
+    stride: usize,
+    padding: Padding,
+) -> Result<Var> {
+    let (n, h, wd, cin) = nhwc(x, "conv2d")?;
+    let (cout, k) = match w.shape() {
+        &[o, i, kh, kw] if i == cin && kh == kw => (o, kh),
+        s => {
+            return Err(Error::Shape(format!(
+                "conv2d: weight must be (Cout, {cin}, k, k), got {s:?}"
+            )))
+        }
+    };
+    let g = Geom::new(h, wd, k, stride, padding)?;
+    if k == 1 && stride == 1 && g.pad_top == 0 && g.pad_left == 0 {
+        return pointwise(tape, x, w);
+    }
+    let (xv, wv) = (tape.value(x), tape.value(w));
+    let (p, kdim) = (g.oh * g.ow, cin * k * k);
+    let mut out = vec![T::ZERO; n * p * cout];
+    out.par_chunks_mut(p * cout)
+        .zip(xv.par_chunks(h * wd * cin))
+        .for_each(|(o, xs)| {
+            let mut cols = vec![T::ZERO; p * kdim];
+            im2col(xs, cin, &g, &mut cols);
+            gemm_t(
+                p,
+                cout,
+                kdim,
+                o,
+                false,
+                View::rows(&cols, kdim),
+                View::t(&wv, kdim),
+                false,
+            );
+        });
+    let (xid, wid) = (x.id(), w.id());
+    let need = tape.requires_grad(x) || tape.requires_grad(w);
+    Ok(
+        tape.push(&[n, g.oh, g.ow, cout], out, need, move |out_id, gr| {
+            let Some(dy) = gr.take(out_id) else {
+                return Ok(());
+            };
+            let (want_x, want_w) = (gr.wants(xid), gr.wants(wid));
+            let per_in = h * wd * cin;
+            if want_w {
+                let dw: Vec<T> = (0..n)
+                    .into_par_iter()
+                    .fold(
+                        || (vec![T::ZERO; cout * kdim], vec![T::ZERO; p * kdim]),
+                        |(mut dwp, mut cols), s| {
+                            im2col(&xv[s * per_in..(s + 1) * per_in], cin, &g, &mut cols);
+                            // dW [Cout, kdim] += dYᵀ [Cout, P] · cols [P, kdim]
+                            gemm_t(
+                                cout,
+                                kdim,
+                                p,
+                                &mut dwp,
+                                true,
+                                View::t(&dy[s * p * cout..(s + 1) * p * cout], cout),
+                                View::rows(&cols, kdim),
+                                false,
+                            );
+                            (dwp, cols)
+                        },
+                    )
+                    .map(|(dwp, _)| dwp)
+                    .reduce(|| vec![T::ZERO; cout * kdim], add_vec);
+                gr.add(wid, dw);
+            }
+            if want_x {
+                let mut dx = vec![T::ZERO; n * per_in];
+                dx.par_chunks_mut(per_in).enumerate().for_each(|(s, dxs)| {
+                    // dcols [P, kdim] = dY [P, Cout] · W [Cout, kdim]
+                    let mut cols = vec![T::ZERO; p * kdim];
+                    gemm_t(
+                        p,
+                        kdim,
+                        cout,
+                        &mut cols,
+                        false,
+                        View::rows(&dy[s * p * cout..(s + 1) * p * cout], cout),
+                        View::rows(&wv, kdim),
+                        false,
+                    );
+                    col2im(&cols, cin, &g, dxs);
+                });
+                gr.add(xid, dx);
+            }
+            Ok(())
+        }),
+    )
+}
+
+/// 1 × 1 convolution without bias (one GEMM over all pixels): x [N, H, W, Cin], w [Cout, Cin, 1, 1].
+pub fn pointwise<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var) -> Result<Var> {
+    let (n, h, wd, cin) = nhwc(x, "1×1 conv")?;
+    let cout = match w.shape() {
+        &[o, i, 1, 1] | &[o, i] if i == cin => o,
+        s => {
+            return Err(Error::Shape(format!(
+                "1×1 conv: weight must be (Cout, {cin}, 1, 1), got {s:?}"
+            )))
+        }
+    };
+    let m = n * h * wd;
+    let (xv, wv) = (tape.value(x), tape.value(w));
+    let mut out = vec![T::ZERO; m * cout];
+    par_rows_gemm(&mut out, &xv, &wv, m, cin, cout);
+    let (xid, wid) = (x.id(), w.id());
+    let need = tape.requires_grad(x) || tape.requires_grad(w);
+    Ok(tape.push(&[n, h, wd, cout], out, need, move |out_id, gr| {
+        let Some(dy) = gr.take(out_id) else {
+            return Ok(());
+        };
+        gr.accumulate(wid, cout * cin, |acc, _| {
+            // dW [Cout, Cin] += dYᵀ [Cout, M] · X [M, Cin]
+            gemm_t(
+                cout,
+                cin,
+                m,
+                acc,
+                true,
+                View::t(&dy, cout),
+                View::rows(&xv, cin),
+                true,
+            );
+        });
+        if gr.wants(xid) {
+            // dX [M, Cin] = dY [M, Cout] · W [Cout, Cin]
+            let mut dx = vec![T::ZERO; m * cin];
+            par_rows_gemm_nn(&mut dx, &dy, &wv, m, cout, cin);
+            gr.add(xid, dx);
+        }
+        Ok(())
+    }))
+}
+
+/// out [M, N] = a [M, K] · wᵀ (w [N, K]), split over row blocks across the pool.
+pub(crate) fn par_rows_gemm<T: Float>(
+    out: &mut [T],
+    a: &[T],
+    w: &[T],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    let rows = row_block(m);
+    out.par_chunks_mut(rows * n)
+        .zip(a.par_chunks(rows * k))
+        .for_each(|(o, a)| {
+            let r = o.len() / n;
+            gemm_t(r, n, k, o, false, View::rows(a, k), View::t(w, k), false);
+        });
+}
+
+/// out [M, N] = a [M, K] · w (w [K, N]), split over row blocks across the pool.
+pub(crate) fn par_rows_gemm_nn<T: Float>(
+    out: &mut [T],
+    a: &[T],
+    w: &[T],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    let rows = row_block(m);
+    out.par_chunks_mut(rows * n)
+        .zip(a.par_chunks(rows * k))
+        .for_each(|(o, a)| {
+            let r = o.len() / n;
+            gemm_t(r, n, k, o, false, View::rows(a, k), View::rows(w, n), false);
+        });
+}
+
+fn row_block(m: usize) -> usize {
+    let t = crate::threads::num_threads().max(1);
+    m.div_ceil(4 * t).clamp(64, 4096).min(m.max(1))
+}
+
+/// Depthwise convolution without bias: x [N, H, W, C], w [C, 1, k, k] → [N, OH, OW, C].
+pub fn depthwise<T: Float>(
+    tape: &mut Tape<T>,
+    x: &Var,
+    w: &Var,
+    stride: usize,
+    padding: Padding,
+) -> Result<Var> {
+    let (n, h, wd, c) = nhwc(x, "depthwise conv")?;
+    let k = match w.shape() {
+        &[cc, 1, kh, kw] if cc == c && kh == kw => kh,
+        s => {
+            return Err(Error::Shape(format!(
+                "depthwise conv: weight must be ({c}, 1, k, k), got {s:?}"
+            )))
+        }
+    };
+    let g = Geom::new(h, wd, k, stride, padding)?;
+    let kk = k * k;
+    let wv = tape.value(w);
+    // Tap-major copy [k², C] so the inner loop runs over contiguous channels.
+    let mut wt = vec![T::ZERO; kk * c];
+    for ch in 0..c {
+        for t in 0..kk {
+            wt[t * c + ch] = wv[ch * kk + t];
+        }
+    }
+    let xv = tape.value(x);
+    let (per_in, per_out) = (h * wd * c, g.oh * g.ow * c);
+    let mut out = vec![T::ZERO; n * per_out];
+    out.par_chunks_mut(per_out)
+        .zip(xv.par_chunks(per_in))
+        .for_each(|(o, xs)| dw_forward(xs, &wt, o, &g, c));
+    let (xid, wid) = (x.id(), w.id());
+    let need = tape.requires_grad(x) || tape.requires_grad(w);
+    Ok(
+        tape.push(&[n, g.oh, g.ow, c], out, need, move |out_id, gr| {
+            let Some(dy) = gr.take(out_id) else {
+                return Ok(());
+            };
+            let (want_x, want_w) = (gr.wants(xid), gr.wants(wid));
+            let mut dx = vec![T::ZERO; if want_x { n * per_in } else { per_in }];
+            let dwt = if want_x {
+                dx.par_chunks_mut(per_in)
+                    .enumerate()
+                    .fold(
+                        || vec![T::ZERO; kk * c],
+                        |mut acc, (s, dxs)| {
+                            dw_backward(
+                                &xv[s * per_in..(s + 1) * per_in],
+                                &wt,
+                                &dy[s * per_out..(s + 1) * per_out],
+                                Some(dxs),
+                                want_w.then_some(&mut acc[..]),
+                                &g,
+                                c,
+                            );
+                            acc
+                        },
+                    )
+                    .reduce(|| vec![T::ZERO; kk * c], add_vec)
+            } else {
+                (0..n)
+                    .into_par_iter()
+                    .fold(
+                        || vec![T::ZERO; kk * c],
+                        |mut acc, s| {
+                            dw_backward(
+                                &xv[s * per_in..(s + 1) * per_in],
+                                &wt,
+                                &dy[s * per_out..(s + 1) * per_out],
+                                None,
+                                Some(&mut acc[..]),
+                                &g,
+                                c,
+                            );
+                            acc
+                        },
+                    )
+                    .reduce(|| vec![T::ZERO; kk * c], add_vec)
+            };
+            if want_w {
+                gr.accumulate(wid, c * kk, |acc, _| {
+                    for ch in 0..c {
+                        for t in 0..kk {
+                            acc[ch * kk + t] += dwt[t * c + ch];
+                        }
+                    }
+                });
+            }
+            if want_x {
+                gr.add(xid, dx);
+            }
+            Ok(())
+        }),
+    )
+}
+
+fn add_vec<T: Float>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
+    a
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
+fn dw_forward<T: Float>(x: &[T], wt: &[T], out: &mut [T], g: &Geom, c: usize) {
+    for oy in 0..g.oh {
+        let (iy0, ky0, ky1) = g.span(oy, g.pad_top, g.h);
+        for ox in 0..g.ow {
+            let (ix0, kx0, kx1) = g.span(ox, g.pad_left, g.w);
+            let o = &mut out[(oy * g.ow + ox) * c..][..c];
+            o.iter_mut().for_each(|v| *v = T::ZERO);
+            for ky in ky0..ky1 {
+                let iy = (iy0 + ky as isize) as usize;
+                for kx in kx0..kx1 {
+                    let ix = (ix0 + kx as isize) as usize;
+                    let xr = &x[(iy * g.w + ix) * c..][..c];
+                    let wr = &wt[(ky * g.k + kx) * c..][..c];
+                    for ((o, &a), &b) in o.iter_mut().zip(xr).zip(wr) {
+                        *o += a * b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Backward of one sample: dx += Σ taps dy·w (if `dx`), dwt += Σ pixels x·dy (if `dwt`).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
+fn dw_backward<T: Float>(
+    x: &[T],
+    wt: &[T],
+    dy: &[T],
+    mut dx: Option<&mut [T]>,
+    mut dwt: Option<&mut [T]>,
+    g: &Geom,
+    c: usize,
+) {
+    for oy in 0..g.oh {
+        let (iy0, ky0, ky1) = g.span(oy, g.pad_top, g.h);
+        for ox in 0..g.ow {
+            let (ix0, kx0, kx1) = g.span(ox, g.pad_left, g.w);
+            let d = &dy[(oy * g.ow + ox) * c..][..c];
+            for ky in ky0..ky1 {
+                let iy = (iy0 + ky as isize) as usize;
+                for kx in kx0..kx1 {
+                    let ix = (ix0 + kx as isize) as usize;
+                    let t = ky * g.k + kx;
+                    let at = (iy * g.w + ix) * c;
+                    if let Some(dx) = dx.as_deref_mut() {
+                        let wr = &wt[t * c..][..c];
+                        for ((o, &a), &b) in dx[at..at + c].iter_mut().zip(d).zip(wr) {
+                            *o += a * b;
+                        }
+                    }
+                    if let Some(dwt) = dwt.as_deref_mut() {
+                        let xr = &x[at..at + c];
+                        for ((o, &a), &b) in dwt[t * c..][..c].iter_mut().zip(d).zip(xr) {
+                            *o += a * b;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
