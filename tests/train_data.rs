@@ -169,6 +169,31 @@ fn augment_is_deterministic_and_none_is_identity() {
     let mut y2 = x.clone();
     apply(&p, &mut y2, c, n, n, &mut Vec::new()).unwrap();
     assert_eq!(y1, y2);
+    // augment_batch == augment on each crop in turn
+    let mut batch: Vec<f32> = x.iter().chain(&x).chain(&x).copied().collect();
+    a.augment_batch(
+        &mut batch,
+        3,
+        c,
+        n,
+        n,
+        &mut ChaCha8Rng::seed_from_u64(11),
+        &mut Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(batch, run(11)[..3].concat());
+    assert!(matches!(
+        a.augment_batch(
+            &mut batch,
+            2,
+            c,
+            n,
+            n,
+            &mut ChaCha8Rng::seed_from_u64(11),
+            &mut Vec::new()
+        ),
+        Err(Error::Shape(_))
+    ));
 }
 
 #[test]

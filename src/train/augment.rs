@@ -214,6 +214,33 @@ impl Augmentation {
     }
 }
 
+impl Augmentation {
+    /// Augments `n` crops of c × h × w stored back to back, one after the other from `rng`.
+    pub fn augment_batch(
+        &self,
+        batch: &mut [f32],
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        rng: &mut ChaCha8Rng,
+        scratch: &mut Vec<f32>,
+    ) -> Result<()> {
+        let per = numel(c, h, w)?;
+        if per.checked_mul(n) != Some(batch.len()) {
+            return Err(Error::shape_mismatch(
+                "augment_batch: batch buffer",
+                &[n, c, h, w],
+                &[batch.len()],
+            ));
+        }
+        for crop in batch.chunks_exact_mut(per) {
+            self.augment(crop, c, h, w, rng, scratch)?;
+        }
+        Ok(())
+    }
+}
+
 /// Applies drawn parameters to one c × h × w crop in place (crop+resize → flip → rot90 →
 /// brightness → contrast).
 pub fn apply(
@@ -244,7 +271,7 @@ pub fn apply(
     if p.flip {
         flip_horizontal(crop, c, h, w)?;
     }
-    if p.rot_k % 4 != 0 {
+    if !p.rot_k.is_multiple_of(4) {
         rot90(crop, c, h, w, p.rot_k, scratch)?;
     }
     for (name, v) in [("brightness", &p.brightness), ("contrast", &p.contrast)] {

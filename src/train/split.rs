@@ -68,18 +68,17 @@ fn check_lengths(what: &str, plates: &[u32], treatments: &[u32], wells: &[u32]) 
     Ok(())
 }
 
+/// treatment → its distinct (plate, well) pairs.
+type WellsByTreatment = BTreeMap<u32, BTreeSet<(u32, u32)>>;
+
 /// Distinct (plate, well) pairs per treatment, split by whether the plate is in `held`.
 fn wells_per_treatment(
     plates: &[u32],
     treatments: &[u32],
     wells: &[u32],
     held: &BTreeSet<u32>,
-) -> (
-    BTreeMap<u32, BTreeSet<(u32, u32)>>,
-    BTreeMap<u32, BTreeSet<(u32, u32)>>,
-) {
-    let (mut train, mut val): (BTreeMap<_, BTreeSet<_>>, BTreeMap<_, BTreeSet<_>>) =
-        Default::default();
+) -> (WellsByTreatment, WellsByTreatment) {
+    let (mut train, mut val): (WellsByTreatment, WellsByTreatment) = Default::default();
     for i in 0..plates.len() {
         train.entry(treatments[i]).or_default();
         val.entry(treatments[i]).or_default();
@@ -133,10 +132,10 @@ pub fn leave_plates_out(
         }
     }
     let (train, val) = wells_per_treatment(plates, treatments, wells, &held);
-    let count = |m: &BTreeMap<u32, BTreeSet<(u32, u32)>>| -> Vec<(u32, usize)> {
+    let count = |m: &WellsByTreatment| -> Vec<(u32, usize)> {
         m.iter().map(|(&t, s)| (t, s.len())).collect()
     };
-    let missing = |m: &BTreeMap<u32, BTreeSet<(u32, u32)>>| -> Vec<u32> {
+    let missing = |m: &WellsByTreatment| -> Vec<u32> {
         m.iter()
             .filter(|(_, s)| s.is_empty())
             .map(|(&t, _)| t)
