@@ -110,6 +110,21 @@ impl<T: Float> Params<T> {
     pub fn value_mut(&mut self, i: usize) -> &mut Vec<T> {
         Arc::make_mut(&mut self.entries[i].value)
     }
+    /// Two different tensors' values, mutably (e.g. BN running mean and variance).
+    pub fn pair_mut(&mut self, i: usize, j: usize) -> (&mut [T], &mut [T]) {
+        assert_ne!(i, j, "pair_mut of one tensor");
+        let (lo, hi) = (i.min(j), i.max(j));
+        let (a, b) = self.entries.split_at_mut(hi);
+        let (x, y) = (
+            Arc::make_mut(&mut a[lo].value).as_mut_slice(),
+            Arc::make_mut(&mut b[0].value).as_mut_slice(),
+        );
+        if i < j {
+            (x, y)
+        } else {
+            (y, x)
+        }
+    }
     pub fn grad(&self, i: usize) -> &[T] {
         &self.entries[i].grad
     }

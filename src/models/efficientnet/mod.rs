@@ -11,10 +11,12 @@
 mod config;
 mod forward;
 mod layers;
+mod train;
 mod weights;
 
 pub use config::{EfficientNetConfig, Padding, Precision, BLOCKS};
 pub use layers::{LayerTap, TapPoint};
+pub use train::{Regularisation, TrainableEfficientNet};
 pub use weights::{expand_stem_channels, StateDict};
 
 use crate::error::{Error, Result};
