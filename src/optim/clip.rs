@@ -19,12 +19,12 @@ pub fn clip_grad_norm(
     norm_type: f64,
     error_if_nonfinite: bool,
 ) -> Result<f64> {
-    if !(norm_type > 0.0) {
+    if norm_type.is_nan() || norm_type <= 0.0 {
         return Err(Error::InvalidArgument(format!(
             "clip_grad_norm: norm_type must be > 0 or infinity, got {norm_type}"
         )));
     }
-    if !(max_norm >= 0.0) {
+    if max_norm.is_nan() || max_norm < 0.0 {
         return Err(Error::InvalidArgument(format!(
             "clip_grad_norm: max_norm must be >= 0, got {max_norm}"
         )));
