@@ -6,6 +6,8 @@
 //! - `phenocore demo …`: synthetic Cell Painting plates → a seeded model → profiles → aggregate →
 //!   sphere → evaluate, end to end.
 
+mod train_cli;
+
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use phenocore::io::plot::{Histogram, LineChart, Series};
@@ -59,6 +61,9 @@ enum Command {
     /// Make synthetic Cell Painting plates and a seeded model, then profile, aggregate, sphere and
     /// evaluate them end to end.
     Demo(DemoArgs),
+    /// Time SGD training steps of EfficientNet-B0 on random crops (JSON line; used by
+    /// benches/train_step.py).
+    BenchTrain(train_cli::BenchTrainArgs),
 }
 
 #[derive(Args)]
@@ -948,6 +953,7 @@ fn main() -> ExitCode {
         Command::Sphere(a) => cmd_sphere(a),
         Command::Evaluate(a) => cmd_evaluate(a),
         Command::Demo(a) => cmd_demo(a),
+        Command::BenchTrain(a) => train_cli::cmd_bench_train(a),
     });
     match res {
         Ok(Ok(())) => ExitCode::SUCCESS,

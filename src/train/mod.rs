@@ -5,3 +5,8 @@ pub mod prefetch;
 pub mod sampler;
 pub mod split;
 pub mod validation;
+pub mod checkpoint;
+pub mod trainer;
+
+pub use trainer::{DecayScope, Dataset, EpochReport, Event, OptimizerKind, Trainer, TrainerOptions};
+pub mod synthetic;

@@ -1,0 +1,622 @@
+//! The training loop of the Cell Painting CNN (REFERENCE §2): one step on a pushed batch, or `fit`
+//! over an in-memory dataset with class-balanced epochs, augmentation on worker threads with
+//! prefetch, validation after every epoch, best-model export and atomic, resumable checkpoints.
+
+use super::augment::Augmentation;
+use super::prefetch::{batch_rng, epoch_rng, Prefetcher};
+use super::sampler::{balanced_epoch, batches};
+use super::validation::{evaluate, ClassReport};
+use crate::autograd::{ParamKind, Tape};
+use crate::error::{Error, Result};
+use crate::models::efficientnet::{EfficientNet, Regularisation, TrainableEfficientNet};
+use crate::ops::loss::softmax_cross_entropy;
+use crate::optim::{
+    clip_grad_norm, AdamW, AdamWOptions, LrSchedule, Optimizer, ParamView, Schedule, Sgd,
+    SgdOptions,
+};
+use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimizerKind {
+    Sgd,
+    AdamW,
+}
+
+/// Which parameters weight decay applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecayScope {
+    /// Every parameter (torch.optim with one param group — what `weight_decay=` does in PyTorch).
+    All,
+    /// Convolution and linear kernels only (REFERENCE §2: "L2 1e-5 on kernels", Keras regularisers).
+    Kernels,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainerOptions {
+    pub optimizer: OptimizerKind,
+    /// Base learning rate (REFERENCE §2: 0.005).
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    pub decay_scope: DecayScope,
+    /// AdamW betas / eps.
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub label_smoothing: f64,
+    pub regularisation: Regularisation,
+    /// Learning rate as a function of the epoch (`fit`) — `lr` is its base.
+    pub schedule: Schedule,
+    pub warmup_epochs: u64,
+    /// Gradient clipping by total 2-norm (None = off).
+    pub clip_grad_norm: Option<f64>,
+    /// Augmentation in `fit` (and in `step` when `augment_in_step`).
+    pub augmentation: Augmentation,
+    pub augment_in_step: bool,
+    pub batch_size: usize,
+    pub epochs: u64,
+    pub seed: u64,
+    /// Worker threads decoding / augmenting batches in `fit`, and batches prepared ahead.
+    pub workers: usize,
+    pub prefetch: usize,
+}
+
+impl Default for TrainerOptions {
+    /// REFERENCE §2: SGD lr 0.005, momentum 0.9, Nesterov, weight decay 1e-5, batch 32, 30 epochs,
+    /// dropout 0.2, drop-connect 0.2, the §2 augmentations.
+    fn default() -> Self {
+        TrainerOptions {
+            optimizer: OptimizerKind::Sgd,
+            lr: 0.005,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-5,
+            decay_scope: DecayScope::All,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            label_smoothing: 0.0,
+            regularisation: Regularisation::default(),
+            schedule: Schedule::Constant,
+            warmup_epochs: 0,
+            clip_grad_norm: None,
+            augmentation: Augmentation::default(),
+            augment_in_step: false,
+            batch_size: 32,
+            epochs: 30,
+            seed: 0,
+            workers: 1,
+            prefetch: 2,
+        }
+    }
+}
+
+impl TrainerOptions {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad(format!("lr must be a finite number ≥ 0, got {}", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.label_smoothing) {
+            return bad(format!(
+                "label_smoothing must be in [0, 1], got {}",
+                self.label_smoothing
+            ));
+        }
+        let r = &self.regularisation;
+        for (name, p) in [
+            ("dropout", r.dropout),
+            ("drop_connect_rate", r.drop_connect_rate),
+            ("bn_momentum", r.bn_momentum),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(format!("{name} must be in [0, 1], got {p}"));
+            }
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size must be positive".into());
+        }
+        if let Some(c) = self.clip_grad_norm {
+            if !(c.is_finite() && c > 0.0) {
+                return bad(format!("clip_grad_norm must be positive, got {c}"));
+            }
+        }
+        self.augmentation.validate()?;
+        self.lr_schedule().validate()
+    }
+
+    pub fn lr_schedule(&self) -> LrSchedule {
+        LrSchedule {
+            base_lr: self.lr,
+            schedule: self.schedule.clone(),
+            warmup_steps: self.warmup_epochs,
+            warmup_start_factor: if self.warmup_epochs > 0 { 0.1 } else { 1.0 },
+        }
+    }
+
+    fn build_optimizer(&self) -> Result<Box<dyn Optimizer>> {
+        Ok(match self.optimizer {
+            OptimizerKind::Sgd => Box::new(Sgd::new(SgdOptions {
+                momentum: self.momentum,
+                nesterov: self.nesterov,
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            })?),
+            OptimizerKind::AdamW => Box::new(AdamW::new(AdamWOptions {
+                betas: self.betas,
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+                amsgrad: false,
+            })?),
+        })
+    }
+}
+
+/// Crops in memory: `data` (N, C, H, W) f32 row-major, one label per crop.
+pub struct Dataset {
+    pub data: Arc<Vec<f32>>,
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub labels: Vec<u32>,
+}
+
+impl Dataset {
+    pub fn new(data: Vec<f32>, c: usize, h: usize, w: usize, labels: Vec<u32>) -> Result<Self> {
+        let per = c * h * w;
+        if per == 0 || data.len() % per != 0 || data.len() / per != labels.len() {
+            return Err(Error::Shape(format!(
+                "dataset: {} values and {} labels do not make crops of {c} × {h} × {w}",
+                data.len(),
+                labels.len()
+            )));
+        }
+        Ok(Dataset {
+            n: labels.len(),
+            data: Arc::new(data),
+            c,
+            h,
+            w,
+            labels,
+        })
+    }
+    fn crop(&self, i: usize) -> &[f32] {
+        let per = self.c * self.h * self.w;
+        &self.data[i * per..(i + 1) * per]
+    }
+}
+
+/// What `fit` reports per epoch.
+#[derive(Clone, Debug)]
+pub struct EpochReport {
+    pub epoch: u64,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub steps: u64,
+    pub validation: Option<ClassReport>,
+}
+
+/// Progress events of `fit`; the callback returns false to cancel.
+pub enum Event<'a> {
+    Step {
+        epoch: u64,
+        step: u64,
+        steps_in_epoch: u64,
+        loss: f64,
+    },
+    Epoch(&'a EpochReport),
+}
+
+pub struct Trainer {
+    model: TrainableEfficientNet<f32>,
+    opt: Box<dyn Optimizer>,
+    opts: TrainerOptions,
+    /// Optimiser steps taken.
+    step: u64,
+    /// Completed epochs of `fit`.
+    epoch: u64,
+    /// Randomness of `step` (dropout, drop-connect, augmentation when asked).
+    rng: ChaCha8Rng,
+    best: Option<(f64, u64)>,
+}
+
+impl Trainer {
+    pub fn new(model: TrainableEfficientNet<f32>, opts: TrainerOptions) -> Result<Self> {
+        opts.validate()?;
+        let opt = opts.build_optimizer()?;
+        let rng = epoch_rng(opts.seed, u64::MAX);
+        Ok(Trainer {
+            model,
+            opt,
+            opts,
+            step: 0,
+            epoch: 0,
+            rng,
+            best: None,
+        })
+    }
+
+    pub fn options(&self) -> &TrainerOptions {
+        &self.opts
+    }
+    pub fn model(&self) -> &TrainableEfficientNet<f32> {
+        &self.model
+    }
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+    pub fn epochs_done(&self) -> u64 {
+        self.epoch
+    }
+    /// The inference model (BN folded) with the current weights.
+    pub fn inference_model(&self) -> Result<EfficientNet> {
+        self.model.to_inference()
+    }
+
+    fn check_labels(&self, labels: &[u32]) -> Result<()> {
+        let k = self.model.config().num_classes;
+        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= k) {
+            return Err(Error::InvalidArgument(format!(
+                "label {l} of crop {i} is out of range: the model has {k} classes (0..{})",
+                k - 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// One optimiser step on a batch (N, C, H, W) with BN in training mode; returns the loss.
+    /// Augments only when `augment_in_step`. A non-finite loss or gradient stops with
+    /// `Error::NonFinite` naming the step, and leaves the weights unchanged.
+    pub fn step(
+        &mut self,
+        crops: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        labels: &[u32],
+    ) -> Result<f64> {
+        self.check_labels(labels)?;
+        if labels.len() != n {
+            return Err(Error::Shape(format!(
+                "{} labels for {n} crops",
+                labels.len()
+            )));
+        }
+        let lr = self.opts.lr_schedule().lr_at(self.epoch);
+        if self.opts.augment_in_step && self.opts.augmentation != Augmentation::none() {
+            let c = self.model.config().in_channels;
+            let mut batch = crops.to_vec();
+            let mut scratch = Vec::new();
+            let mut rng = std::mem::replace(&mut self.rng, epoch_rng(0, 0));
+            let r = self.opts.augmentation.augment_batch(
+                &mut batch,
+                n,
+                c,
+                h,
+                w,
+                &mut rng,
+                &mut scratch,
+            );
+            self.rng = rng;
+            r?;
+            self.step_at(&batch, n, h, w, labels, lr).map(|(l, _)| l)
+        } else {
+            self.step_at(crops, n, h, w, labels, lr).map(|(l, _)| l)
+        }
+    }
+
+    /// Forward + backward + update; returns (loss, correct top-1 predictions).
+    fn step_at(
+        &mut self,
+        crops: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        labels: &[u32],
+        lr: f64,
+    ) -> Result<(f64, usize)> {
+        let step_no = self.step + 1;
+        let params = self.model.params_mut();
+        params.zero_grad();
+        let snapshot_buffers: Vec<(usize, Vec<f32>)> = (0..params.len())
+            .filter(|&i| params.kind(i) == ParamKind::Buffer)
+            .map(|i| (i, params.value(i).to_vec()))
+            .collect();
+        let mut tape = Tape::<f32>::new(true);
+        let reg = self.opts.regularisation;
+        let logits = self
+            .model
+            .forward(&mut tape, crops, n, h, w, &reg, &mut self.rng)?;
+        let k = self.model.config().num_classes;
+        let correct = tape
+            .data(&logits)
+            .chunks_exact(k)
+            .zip(labels)
+            .filter(|(row, &y)| argmax(row) == y as usize)
+            .count();
+        let loss = softmax_cross_entropy(&mut tape, &logits, labels, self.opts.label_smoothing)?;
+        let lv = tape.data(&loss)[0] as f64;
+        let restore = |model: &mut TrainableEfficientNet<f32>| {
+            let p = model.params_mut();
+            for (i, v) in &snapshot_buffers {
+                p.value_mut(*i).copy_from_slice(v);
+            }
+        };
+        if !lv.is_finite() {
+            drop(tape);
+            restore(&mut self.model);
+            return Err(Error::NonFinite(format!(
+                "loss is {lv} at step {step_no}; the step was not applied (weights and BN statistics unchanged)"
+            )));
+        }
+        tape.backward(&loss, self.model.params_mut())?;
+        let params = self.model.params_mut();
+        if let Some(max_norm) = self.opts.clip_grad_norm {
+            let mut grads = params.grads_mut();
+            clip_grad_norm(&mut grads, max_norm, 2.0, false)?;
+        }
+        let bad = (0..params.len())
+            .filter(|&i| params.trainable(i))
+            .find(|&i| params.grad(i).iter().any(|g| !g.is_finite()));
+        if let Some(i) = bad {
+            let name = params.name(i).to_string();
+            restore(&mut self.model);
+            return Err(Error::NonFinite(format!(
+                "gradient of {name:?} is not finite at step {step_no}; the step was not applied"
+            )));
+        }
+        let scope = self.opts.decay_scope;
+        let mut views: Vec<ParamView> = params
+            .trainable_mut()
+            .into_iter()
+            .map(|(name, kind, value, grad)| ParamView {
+                name,
+                value: value.as_mut_slice(),
+                grad,
+                weight_decay: scope == DecayScope::All || kind == ParamKind::Weight,
+            })
+            .collect();
+        self.opt.step(&mut views, lr)?;
+        self.step += 1;
+        Ok((lv, correct))
+    }
+
+    /// Logits of `crops` with BN in eval mode (running statistics), in batches.
+    pub fn predict(&mut self, crops: &[f32], n: usize, h: usize, w: usize) -> Result<Vec<f32>> {
+        let c = self.model.config().in_channels;
+        let k = self.model.config().num_classes;
+        let per = c * h * w;
+        if crops.len() != n * per {
+            return Err(Error::Shape(format!(
+                "{} values are not {n} crops of {c} × {h} × {w}",
+                crops.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(n * k);
+        let bs = self.opts.batch_size.max(1) * 2;
+        let reg = self.opts.regularisation;
+        let mut rng = epoch_rng(0, 0);
+        for start in (0..n).step_by(bs) {
+            let m = bs.min(n - start);
+            let mut tape = Tape::<f32>::new(false);
+            let logits = self.model.forward(
+                &mut tape,
+                &crops[start * per..(start + m) * per],
+                m,
+                h,
+                w,
+                &reg,
+                &mut rng,
+            )?;
+            out.extend_from_slice(tape.data(&logits));
+        }
+        Ok(out)
+    }
+
+    /// Validation metrics (per class and macro precision / recall / F1, accuracy, top-1 and top-5).
+    pub fn evaluate(&mut self, data: &Dataset, indices: &[usize]) -> Result<ClassReport> {
+        let per = data.c * data.h * data.w;
+        let mut crops = Vec::with_capacity(indices.len() * per);
+        for &i in indices {
+            crops.extend_from_slice(data.crop(i));
+        }
+        let labels: Vec<u32> = indices.iter().map(|&i| data.labels[i]).collect();
+        let logits = self.predict(&crops, indices.len(), data.h, data.w)?;
+        let k = self.model.config().num_classes;
+        let ks: Vec<usize> = [1, 5].into_iter().filter(|&t| t <= k).collect();
+        evaluate(&logits, indices.len(), k, &labels, &ks)
+    }
+
+    /// Trains for the remaining epochs (`opts.epochs − epochs done`) on `train` indices of `data`
+    /// with class-balanced epochs, augmented on worker threads, validating on `val` after every
+    /// epoch. When `checkpoint` is given, the state is saved there (atomically) after every epoch
+    /// and the best model by validation accuracy (or training loss without validation) is written
+    /// to `best` as plain torchvision-named weights. `progress` returning false cancels: the
+    /// last checkpoint stays valid and `Error::Cancelled` is returned.
+    pub fn fit(
+        &mut self,
+        data: &Dataset,
+        train: &[usize],
+        val: &[usize],
+        checkpoint: Option<&Path>,
+        best: Option<&Path>,
+        progress: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<Vec<EpochReport>> {
+        let cfg = self.model.config().clone();
+        if data.c != cfg.in_channels {
+            return Err(Error::Shape(format!(
+                "dataset crops have {} channels, the model takes {}",
+                data.c, cfg.in_channels
+            )));
+        }
+        if let Some(&i) = train.iter().chain(val).find(|&&i| i >= data.n) {
+            return Err(Error::InvalidArgument(format!(
+                "crop index {i} is out of range: the dataset has {} crops",
+                data.n
+            )));
+        }
+        self.check_labels(&data.labels)?;
+        let train_labels: Vec<u32> = train.iter().map(|&i| data.labels[i]).collect();
+        let mut reports = Vec::new();
+        while self.epoch < self.opts.epochs {
+            let epoch = self.epoch;
+            let lr = self.opts.lr_schedule().lr_at(epoch);
+            let mut erng = epoch_rng(self.opts.seed, epoch);
+            let order: Vec<usize> = balanced_epoch(&train_labels, cfg.num_classes, &mut erng)?
+                .into_iter()
+                .map(|j| train[j])
+                .collect();
+            let order = Arc::new(order);
+            let nb = batches(&order, self.opts.batch_size, false)?.len();
+            let (bs, seed, aug) = (
+                self.opts.batch_size,
+                self.opts.seed,
+                self.opts.augmentation.clone(),
+            );
+            let (dc, dh, dw) = (data.c, data.h, data.w);
+            let src = data.data.clone();
+            let labels = Arc::new(data.labels.clone());
+            let ord = order.clone();
+            let producer = move |b: usize| -> Result<(Vec<f32>, Vec<u32>, usize)> {
+                let idx = &ord[b * bs..((b + 1) * bs).min(ord.len())];
+                let per = dc * dh * dw;
+                let mut crops = Vec::with_capacity(idx.len() * per);
+                for &i in idx {
+                    crops.extend_from_slice(&src[i * per..(i + 1) * per]);
+                }
+                let mut rng = batch_rng(seed, epoch, b as u64);
+                let mut scratch = Vec::new();
+                aug.augment_batch(&mut crops, idx.len(), dc, dh, dw, &mut rng, &mut scratch)?;
+                Ok((crops, idx.iter().map(|&i| labels[i]).collect(), idx.len()))
+            };
+            let feed = Prefetcher::new(
+                nb,
+                self.opts.workers.max(1),
+                self.opts.prefetch.max(1),
+                producer,
+            )?;
+            // Dropout / drop-connect randomness of this epoch, independent of the data pipeline.
+            self.rng = batch_rng(seed ^ 0x9E37_79B9_7F4A_7C15, epoch, u64::MAX);
+            let (mut loss_sum, mut seen, mut correct) = (0f64, 0usize, 0usize);
+            for (b, item) in feed.enumerate() {
+                let (crops, labels, m) = item?;
+                let (l, ok) = self.step_at(&crops, m, dh, dw, &labels, lr)?;
+                loss_sum += l * m as f64;
+                seen += m;
+                correct += ok;
+                if !progress(Event::Step {
+                    epoch,
+                    step: b as u64 + 1,
+                    steps_in_epoch: nb as u64,
+                    loss: l,
+                }) {
+                    return Err(Error::Cancelled);
+                }
+            }
+            let validation = if val.is_empty() {
+                None
+            } else {
+                Some(self.evaluate(data, val)?)
+            };
+            self.epoch += 1;
+            let report = EpochReport {
+                epoch,
+                lr,
+                train_loss: loss_sum / seen.max(1) as f64,
+                train_accuracy: correct as f64 / seen.max(1) as f64,
+                steps: nb as u64,
+                validation,
+            };
+            // Higher is better: validation accuracy, else −training loss.
+            let score = report
+                .validation
+                .as_ref()
+                .map(|v| v.accuracy)
+                .unwrap_or(-report.train_loss);
+            if self.best.is_none_or(|(s, _)| score > s) {
+                self.best = Some((score, epoch));
+                if let Some(p) = best {
+                    self.model.to_inference()?.save(p)?;
+                }
+            }
+            if let Some(p) = checkpoint {
+                self.save_checkpoint(p)?;
+            }
+            let go_on = progress(Event::Epoch(&report));
+            reports.push(report);
+            if !go_on {
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Writes weights (torchvision names), optimiser state, step / epoch counters, the step RNG and
+    /// the options to `path` atomically (temp file + rename).
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        super::checkpoint::save(self, path)
+    }
+
+    /// Restores a checkpoint written by `save_checkpoint`: the next step is exactly the one the
+    /// saved run would have taken.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
+        super::checkpoint::load(self, path)
+    }
+
+    pub(super) fn fresh_optimizer(&self) -> Result<Box<dyn Optimizer>> {
+        self.opts.build_optimizer()
+    }
+
+    pub(super) fn parts(
+        &self,
+    ) -> (
+        &TrainableEfficientNet<f32>,
+        &dyn Optimizer,
+        u64,
+        u64,
+        &ChaCha8Rng,
+        Option<(f64, u64)>,
+    ) {
+        (
+            &self.model,
+            self.opt.as_ref(),
+            self.step,
+            self.epoch,
+            &self.rng,
+            self.best,
+        )
+    }
+
+    pub(super) fn parts_mut(
+        &mut self,
+    ) -> (
+        &mut TrainableEfficientNet<f32>,
+        &mut Box<dyn Optimizer>,
+        &mut u64,
+        &mut u64,
+        &mut ChaCha8Rng,
+        &mut Option<(f64, u64)>,
+    ) {
+        (
+            &mut self.model,
+            &mut self.opt,
+            &mut self.step,
+            &mut self.epoch,
+            &mut self.rng,
+            &mut self.best,
+        )
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,176 @@
+//! The training loop: exact resume from a checkpoint, non-finite losses stop with an error naming
+//! the step and leave the weights and the last checkpoint intact, bad labels, cancel, and learning
+//! on synthetic plates.
+
+use phenocore::models::efficientnet::{
+    EfficientNetConfig, Padding, Regularisation, TrainableEfficientNet,
+};
+use phenocore::train::{Dataset, Event, Trainer, TrainerOptions};
+use phenocore::Error;
+use rand::{Rng, SeedableRng};
+
+fn cfg(classes: usize) -> EfficientNetConfig {
+    EfficientNetConfig {
+        in_channels: 5,
+        num_classes: classes,
+        padding: Padding::Symmetric,
+        bn_eps: 1e-5,
+    }
+}
+
+fn batch(n: usize, side: usize, seed: u64, classes: u32) -> (Vec<f32>, Vec<u32>) {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let x = (0..n * 5 * side * side).map(|_| r.gen::<f32>()).collect();
+    let y = (0..n).map(|_| r.gen_range(0..classes)).collect();
+    (x, y)
+}
+
+fn weights(t: &Trainer) -> Vec<Vec<f32>> {
+    t.model()
+        .params()
+        .iter()
+        .map(|(_, _, _, v)| v.to_vec())
+        .collect()
+}
+
+fn opts() -> TrainerOptions {
+    TrainerOptions {
+        lr: 0.05,
+        label_smoothing: 0.1,
+        augment_in_step: true,
+        batch_size: 4,
+        seed: 3,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn resume_reproduces_the_next_step_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck.safetensors");
+    let (x, y) = batch(4, 32, 1, 3);
+    let mut a = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), opts()).unwrap();
+    for _ in 0..2 {
+        a.step(&x, 4, 32, 32, &y).unwrap();
+    }
+    a.save_checkpoint(&ck).unwrap();
+    let la = a.step(&x, 4, 32, 32, &y).unwrap();
+    // A fresh trainer from another initialisation, restored from the checkpoint: the same third step
+    // (same momentum buffers, BN statistics, dropout / drop-connect / augmentation randomness).
+    let mut b = Trainer::new(TrainableEfficientNet::new(cfg(3), 99).unwrap(), opts()).unwrap();
+    b.load_checkpoint(&ck).unwrap();
+    assert_eq!(b.steps(), 2);
+    let lb = b.step(&x, 4, 32, 32, &y).unwrap();
+    assert_eq!(la, lb);
+    assert_eq!(weights(&a), weights(&b));
+    // A checkpoint from a model with another class count is refused, naming the tensor.
+    let mut c = Trainer::new(TrainableEfficientNet::new(cfg(4), 1).unwrap(), opts()).unwrap();
+    let e = c.load_checkpoint(&ck).unwrap_err().to_string();
+    assert!(e.contains("classifier.1"), "{e}");
+}
+
+#[test]
+fn non_finite_loss_names_the_step_and_keeps_weights_and_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck.safetensors");
+    let (x, y) = batch(4, 32, 2, 3);
+    let o = TrainerOptions {
+        lr: 1e30,
+        augment_in_step: false,
+        ..opts()
+    };
+    let mut t = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), o).unwrap();
+    t.save_checkpoint(&ck).unwrap();
+    let saved = std::fs::read(&ck).unwrap();
+    let mut failed = None;
+    for i in 1..=6 {
+        let before = weights(&t);
+        match t.step(&x, 4, 32, 32, &y) {
+            Ok(_) => {}
+            Err(e) => {
+                assert!(matches!(e, Error::NonFinite(_)), "{e}");
+                assert!(e.to_string().contains(&format!("step {i}")), "{e}");
+                assert_eq!(weights(&t), before, "a failed step changed the weights");
+                failed = Some(i);
+                break;
+            }
+        }
+    }
+    assert!(failed.is_some(), "lr 1e30 never produced a non-finite loss");
+    assert_eq!(std::fs::read(&ck).unwrap(), saved);
+    let mut r = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), opts()).unwrap();
+    r.load_checkpoint(&ck).unwrap();
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let mut t = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), opts()).unwrap();
+    let (x, _) = batch(2, 32, 3, 3);
+    let e = t.step(&x, 2, 32, 32, &[0, 3]).unwrap_err().to_string();
+    assert!(
+        e.contains("label 3 of crop 1") && e.contains("3 classes"),
+        "{e}"
+    );
+    let mut xn = x.clone();
+    xn[5 * 32 * 32 + 7] = f32::NAN;
+    let e = t.step(&xn, 2, 32, 32, &[0, 1]).unwrap_err();
+    assert!(
+        matches!(e, Error::NonFinite(_)) && e.to_string().contains("crop 1"),
+        "{e}"
+    );
+    assert!(t.step(&x, 3, 32, 32, &[0, 1, 2]).is_err());
+    let bad = TrainerOptions {
+        regularisation: Regularisation {
+            dropout: 1.5,
+            ..Default::default()
+        },
+        ..opts()
+    };
+    let e = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), bad)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("dropout"), "{e}");
+    // Empty classes: fit with a class that has no training crop still runs (the class is absent from
+    // balanced epochs); labels beyond the model's classes are refused before any step.
+    let d = Dataset::new(x.clone(), 5, 32, 32, vec![0, 7]).unwrap();
+    let e = t
+        .fit(&d, &[0, 1], &[], None, None, &mut |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("label 7"), "{e}");
+    assert_eq!(t.steps(), 0);
+}
+
+#[test]
+fn fit_cancel_leaves_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck.safetensors");
+    let (x, y) = batch(8, 32, 4, 2);
+    let d = Dataset::new(x, 5, 32, 32, y).unwrap();
+    let o = TrainerOptions {
+        epochs: 3,
+        batch_size: 4,
+        ..opts()
+    };
+    let mut t = Trainer::new(TrainableEfficientNet::new(cfg(2), 7).unwrap(), o.clone()).unwrap();
+    let mut epochs = 0;
+    let r = t.fit(
+        &d,
+        &(0..8).collect::<Vec<_>>(),
+        &[],
+        Some(&ck),
+        None,
+        &mut |e| {
+            if let Event::Epoch(_) = e {
+                epochs += 1;
+            }
+            // Cancel in the middle of the second epoch.
+            !(epochs == 1 && matches!(e, Event::Step { step: 1, .. }))
+        },
+    );
+    assert!(matches!(r, Err(Error::Cancelled)));
+    let mut back = Trainer::new(TrainableEfficientNet::new(cfg(2), 1).unwrap(), o).unwrap();
+    back.load_checkpoint(&ck).unwrap();
+    assert_eq!(back.epochs_done(), 1);
+}
