@@ -174,3 +174,46 @@ fn fit_cancel_leaves_the_last_checkpoint() {
     back.load_checkpoint(&ck).unwrap();
     assert_eq!(back.epochs_done(), 1);
 }
+
+#[test]
+fn imagenet_initialisation_expands_the_stem_and_replaces_the_classifier() {
+    // A torchvision-format 3-channel, 1000-class state dict (random here: no weights are downloaded).
+    let src_cfg = EfficientNetConfig {
+        in_channels: 3,
+        num_classes: 1000,
+        ..cfg(3)
+    };
+    let src = TrainableEfficientNet::<f32>::new(src_cfg, 5)
+        .unwrap()
+        .state_dict()
+        .unwrap();
+    let m = TrainableEfficientNet::<f32>::from_pretrained(&src, cfg(12), 9).unwrap();
+    let s = m.state_dict().unwrap();
+    let (a, b) = (
+        src["features.0.0.weight"].as_f32().unwrap(),
+        s["features.0.0.weight"].as_f32().unwrap(),
+    );
+    assert_eq!(s["features.0.0.weight"].shape(), &[32, 5, 3, 3]);
+    for o in 0..32 {
+        for i in 0..5 {
+            assert_eq!(&b[(o * 5 + i) * 9..][..9], &a[(o * 3 + i % 3) * 9..][..9]);
+        }
+    }
+    assert_eq!(s["classifier.1.weight"].shape(), &[12, 1280]);
+    assert_eq!(
+        s["features.6.0.block.1.0.weight"].as_f32().unwrap(),
+        src["features.6.0.block.1.0.weight"].as_f32().unwrap()
+    );
+    // torchvision's classifier init: uniform(±1/√classes), bias 0.
+    let bound = 1.0 / (12f32).sqrt();
+    assert!(s["classifier.1.weight"]
+        .as_f32()
+        .unwrap()
+        .iter()
+        .all(|v| v.abs() <= bound));
+    assert!(s["classifier.1.bias"]
+        .as_f32()
+        .unwrap()
+        .iter()
+        .all(|&v| v == 0.0));
+}

@@ -126,6 +126,36 @@ impl<T: Float> TrainableEfficientNet<T> {
         })
     }
 
+    /// ImageNet (or any torchvision-format) initialisation for a new task: the stem is expanded to
+    /// `config.in_channels` (channel i = source channel i % source channels, REFERENCE §1) and, when
+    /// the source classifier does not have `config.num_classes` outputs, a fresh classifier is drawn
+    /// with torchvision's initialisation from `seed`. Every other tensor must match EfficientNet-B0.
+    pub fn from_pretrained(
+        state: &StateDict,
+        config: EfficientNetConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut s = state.clone();
+        s.retain(|k, _| !k.ends_with("num_batches_tracked"));
+        let stem_in = s
+            .get("features.0.0.weight")
+            .map(|t| t.shape().get(1).copied().unwrap_or(0))
+            .ok_or_else(|| {
+                Error::MissingKey("missing key \"features.0.0.weight\" (stem convolution)".into())
+            })?;
+        if stem_in != config.in_channels {
+            weights::expand_stem_channels(&mut s, config.in_channels)?;
+        }
+        let classes = s.get("classifier.1.weight").map(|t| t.shape()[0]);
+        if classes != Some(config.num_classes) {
+            let fresh = weights::init_state_dict(&config, seed);
+            for k in ["classifier.1.weight", "classifier.1.bias"] {
+                s.insert(k.to_string(), fresh[k].clone());
+            }
+        }
+        Self::from_state_dict(&s, config)
+    }
+
     pub fn config(&self) -> &EfficientNetConfig {
         &self.config
     }
