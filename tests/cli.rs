@@ -2,7 +2,7 @@
 
 use phenocore::io::npz::read_site;
 use phenocore::io::table::read_csv;
-use phenocore::models::efficientnet::{EfficientNet, EfficientNetConfig};
+use phenocore::models::efficientnet::{EfficientNet, EfficientNetConfig, Padding};
 use phenocore::profiling::synthetic::{write_dataset, SyntheticConfig};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -31,7 +31,7 @@ fn small_dataset(root: &Path) {
     };
     EfficientNet::new(cfg, 0)
         .unwrap()
-        .save(&root.join("model.safetensors"))
+        .save(&root.join("model_random.safetensors"))
         .unwrap();
 }
 
@@ -46,9 +46,9 @@ fn profile_args<'a>(root: &'a Path, metadata: &'a str) -> Vec<String> {
         "--locations".into(),
         p("locations"),
         "--output".into(),
-        p("features"),
+        p("features_random"),
         "--weights".into(),
-        p("model.safetensors"),
+        p("model_random.safetensors"),
         "--threads".into(),
         "2".into(),
     ]
@@ -83,7 +83,8 @@ fn demo_small_then_profile_resumes() {
     ]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "demo failed:\n{out}\n{err}");
-    assert!(out.contains("random weights (seed 0)"), "{out}");
+    assert!(out.contains("torchvision initialisation (seed 0)"), "{out}");
+    assert!(out.contains("trained:      5 epochs"), "{out}");
     assert!(
         out.contains("sites:        6 (6 profiled, 0 already done, 0 with no cells)"),
         "{out}"
@@ -104,7 +105,8 @@ fn demo_small_then_profile_resumes() {
             &r[col("Metadata_Well")],
             &r[col("Metadata_Site")],
         );
-        let s = read_site(&root.join(format!("features/{plate}/{well}_{site}.npz"))).unwrap();
+        let s =
+            read_site(&root.join(format!("features_random/{plate}/{well}_{site}.npz"))).unwrap();
         let loc =
             read_csv(&root.join(format!("locations/{plate}/{well}-{site}-Nuclei.csv"))).unwrap();
         let xs = loc.f32_column(0).unwrap();
@@ -129,7 +131,7 @@ fn demo_small_then_profile_resumes() {
 
     // Rerun: every site is done, nothing is rewritten.
     let first = root.join(format!(
-        "features/{}/{}_{}.npz",
+        "features_random/{}/{}_{}.npz",
         meta.rows[0][0], meta.rows[0][1], meta.rows[0][2]
     ));
     let stamp = std::fs::metadata(&first).unwrap().modified().unwrap();
@@ -200,7 +202,7 @@ fn missing_column_is_an_error_naming_it() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
-    assert!(!root.join("features").exists());
+    assert!(!root.join("features_random").exists());
 }
 
 #[test]
@@ -216,7 +218,7 @@ fn missing_image_is_an_error_naming_the_file() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains(&rel) && err.contains("column ER"), "{err}");
     // Checked before any site is profiled.
-    assert!(!root.join("features").exists());
+    assert!(!root.join("features_random").exists());
 }
 
 #[test]
@@ -238,11 +240,11 @@ fn bad_options_and_weights_are_errors() {
     ));
     assert!(err.contains("zscore"), "{err}");
 
-    std::fs::write(root.join("model.safetensors"), b"not weights").unwrap();
+    std::fs::write(root.join("model_random.safetensors"), b"not weights").unwrap();
     let o = run_profile(root, "metadata.csv");
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("model.safetensors"), "{err}");
+    assert!(err.contains("model_random.safetensors"), "{err}");
 }
 
 /// Naive copairs-style AP (rank by cosine similarity; no ties in these data): the reference the
@@ -303,14 +305,19 @@ fn aggregate_sphere_evaluate_chain() {
         "sphering.safetensors",
         "lambda_sweep.svg",
     ] {
-        assert!(root.join("profiles").join(f).is_file(), "demo wrote no {f}");
+        for m in ["random", "trained"] {
+            assert!(
+                root.join("profiles").join(m).join(f).is_file(),
+                "demo wrote no {m}/{f}"
+            );
+        }
     }
 
     // aggregate: the same wells as the demo's (parquet there, CSV here: exact round trip).
     let o = phenocore(&[
         "aggregate",
         "--input",
-        &s("features"),
+        &s("features_random"),
         "--output",
         &s("agg"),
         "--format",
@@ -324,7 +331,7 @@ fn aggregate_sphere_evaluate_chain() {
     );
     let wells = read_profiles(&root.join("agg/wells.csv"), &ReadOptions::default()).unwrap();
     let demo_wells = read_profiles(
-        &root.join("profiles/wells.parquet"),
+        &root.join("profiles/random/wells.parquet"),
         &ReadOptions::default(),
     )
     .unwrap();
@@ -529,4 +536,149 @@ fn aggregate_sphere_evaluate_chain() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
     assert!(!root.join("x.csv").exists(), "a failed run left an output");
+}
+
+/// A training config over the small synthetic plates (images + locations), `epochs` epochs.
+fn train_config(root: &Path, epochs: u64, extra: &str) -> std::path::PathBuf {
+    let cfg = format!(
+        r#"{{
+  "dataset": {{
+    "metadata": {{"path": "metadata.csv", "label_field": "Metadata_Treatment"}},
+    "images": {{"root": "images"}},
+    "locations": {{"root": "locations", "box_size": 64}}
+  }},
+  "train": {{
+    "model": {{"epochs": {epochs}, "params": {{"batch_size": 8, "learning_rate": 0.01{extra}}}}},
+    "partition": {{"split": "cells", "train_fraction": 0.6}},
+    "sampling": {{"workers": 1, "augment": true}},
+    "seed": 1
+  }},
+  "output": {{"dir": "training"}}
+}}"#
+    );
+    let p = root.join("train.json");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+#[test]
+fn train_writes_weights_history_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    small_dataset(root);
+    let cfg = train_config(root, 2, "");
+    let c = cfg.display().to_string();
+    let o = phenocore(&["train", "--config", &c, "--threads", "2"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(out.contains("3 classes, 5×64×64 crops, 2 epochs"), "{out}");
+    let t = root.join("training");
+    for f in [
+        "model.safetensors",
+        "best.safetensors",
+        "checkpoint.safetensors",
+        "classes.txt",
+        "history.csv",
+        "validation.csv",
+    ] {
+        assert!(t.join(f).is_file(), "train wrote no {f}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(t.join("classes.txt")).unwrap(),
+        "DMSO\nbright_rna\nlarge_nuclei\n"
+    );
+    let hist = std::fs::read_to_string(t.join("history.csv")).unwrap();
+    assert_eq!(hist.lines().count(), 3, "{hist}");
+    // The trained weights load as an inference model (torchvision names, 3 classes).
+    let m = EfficientNet::load(&t.join("model.safetensors"), Padding::Symmetric, 1e-5).unwrap();
+    assert_eq!(m.config().num_classes, 3);
+    // Resume: one more epoch from the checkpoint.
+    let cfg = train_config(root, 3, "");
+    let o = phenocore(&[
+        "train",
+        "--config",
+        &cfg.display().to_string(),
+        "--resume",
+        "--threads",
+        "2",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("resumed from") && out.contains("at epoch 2"),
+        "{out}"
+    );
+    let hist = std::fs::read_to_string(t.join("history.csv")).unwrap();
+    assert!(hist.lines().nth(1).unwrap().starts_with("3,"), "{hist}");
+}
+
+#[test]
+fn train_config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    small_dataset(root);
+    let cfg = train_config(root, 1, r#", "learnig_rate": 0.1"#);
+    let o = phenocore(&["train", "--config", &cfg.display().to_string()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("unknown key train.model.params.learnig_rate"),
+        "{err}"
+    );
+    let cfg = train_config(root, 1, r#", "dropout": 2"#);
+    let (_, err) = text(&phenocore(&[
+        "train",
+        "--config",
+        &cfg.display().to_string(),
+    ]));
+    assert!(err.contains("dropout must be in [0, 1]"), "{err}");
+    std::fs::write(root.join("train.json"), "{ not json").unwrap();
+    let (_, err) = text(&phenocore(&[
+        "train",
+        "--config",
+        &root.join("train.json").display().to_string(),
+    ]));
+    assert!(err.contains("not valid JSON"), "{err}");
+}
+
+#[test]
+fn full_disk_while_checkpointing_keeps_the_previous_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    small_dataset(root);
+    let cfg = train_config(root, 1, "");
+    let c = cfg.display().to_string();
+    let o = phenocore(&["train", "--config", &c, "--threads", "2"]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let ck = root.join("training/checkpoint.safetensors");
+    let before = std::fs::read(&ck).unwrap();
+    // The next epoch's checkpoint (weights + momentum, > 30 MB) cannot be written: a 24 MB file-size
+    // limit makes writes fail with EFBIG as a full disk fails them with ENOSPC (SIGXFSZ ignored).
+    let cfg = train_config(root, 2, "");
+    let script = format!(
+        "ulimit -f 24000; trap '' XFSZ; exec {} train --config {} --resume --threads 2",
+        env!("CARGO_BIN_EXE_phenocore"),
+        cfg.display()
+    );
+    let o = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("cannot write") && err.contains("checkpoint.safetensors"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&ck).unwrap(),
+        before,
+        "the previous checkpoint was changed"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(root.join("training"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left behind");
 }

@@ -61,6 +61,9 @@ enum Command {
     /// Make synthetic Cell Painting plates and a seeded model, then profile, aggregate, sphere and
     /// evaluate them end to end.
     Demo(DemoArgs),
+    /// Train the Cell Painting CNN on labelled single-cell crops (weakly supervised: classes =
+    /// treatments) from a JSON config; resumable.
+    Train(train_cli::TrainArgs),
     /// Time SGD training steps of EfficientNet-B0 on random crops (JSON line; used by
     /// benches/train_step.py).
     BenchTrain(train_cli::BenchTrainArgs),
@@ -244,6 +247,10 @@ struct DemoArgs {
     /// A tiny plate set (2 plates, 3 treatments, 6 sites) for a quick check.
     #[arg(long)]
     small: bool,
+    /// Training epochs of the Cell Painting CNN on the synthetic plates (0 = skip training and
+    /// profile with the random initialisation only).
+    #[arg(long, default_value_t = 5)]
+    epochs: u64,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -389,7 +396,7 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         .map_err(|e| Error::Io(format!("cannot create {}: {e}", root.display())))?;
     // Features of an earlier demo with other settings would be skipped as "done": refuse instead.
     let stamp = root.join("demo.txt");
-    let stamp_text = format!("seed={} small={}\n", a.seed, a.small);
+    let stamp_text = format!("seed={} small={} epochs={}\n", a.seed, a.small, a.epochs);
     match std::fs::read_to_string(&stamp) {
         Ok(old) if old != stamp_text => {
             return Err(Error::InvalidArgument(format!(
@@ -420,38 +427,95 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
         println!("  {:<14} {}", t.name(), t.description());
     }
 
+    // 1. Weakly supervised training on the plates' single-cell crops (classes = treatments).
+    let trained = if a.epochs > 0 {
+        let tcfg = phenocore::train::config::TrainConfig {
+            source: phenocore::train::config::DataSource::Images {
+                metadata: data.metadata.clone(),
+                images: data.images.clone(),
+                locations: data.locations.clone(),
+                channels: None,
+                object: "Nuclei".into(),
+                box_size: 128,
+                normalization: Normalization::DeepProfilerLegacy,
+            },
+            label_field: "Metadata_Treatment".into(),
+            initialization: None,
+            padding: Padding::Symmetric,
+            bn_eps: 1e-5,
+            options: phenocore::train::TrainerOptions {
+                epochs: a.epochs,
+                batch_size: 32,
+                seed: a.seed,
+                ..Default::default()
+            },
+            split: phenocore::train::config::SplitKind::Cells {
+                train_fraction: 0.6,
+            },
+            output: root.join("training"),
+        };
+        let o = train_cli::run_training(&tcfg, false, false)?;
+        if let Some(v) = o.reports.last().and_then(|r| r.validation.as_ref()) {
+            println!(
+                "trained:      {} epochs, validation (leave-cells-out, 40 % of every well): accuracy {:.4}, macro-F1 {:.4} over {} classes",
+                a.epochs,
+                v.accuracy,
+                v.macro_f1,
+                o.classes.len()
+            );
+        }
+        Some(o.trainer.inference_model()?)
+    } else {
+        None
+    };
+
+    // 2. Profiles from the random initialisation and from the trained model, through the same
+    //    path as `phenocore profile --weights …`, each aggregated, sphered and evaluated.
     let config = EfficientNetConfig {
         in_channels: 5,
         num_classes: cfg.treatments.len(),
         padding: Padding::Symmetric,
         bn_eps: 1e-5,
     };
-    let weights = root.join("model.safetensors");
+    let weights = root.join("model_random.safetensors");
     EfficientNet::new(config.clone(), a.seed)?.save(&weights)?;
     println!(
-        "model: EfficientNet-B0 with random weights (seed {}): no pretrained weights are available offline, \
-         so these features exercise the pipeline, not biology. Saved to {}",
+        "random model: EfficientNet-B0, torchvision initialisation (seed {}) -> {}",
         a.seed,
         weights.display()
     );
-    // Profile through the same path as `phenocore profile --weights model.safetensors`.
     let model = EfficientNet::load(&weights, config.padding, config.bn_eps)?;
     let mut opts = ProfileOptions::new(
         &data.metadata,
         &data.images,
         &data.locations,
-        &root.join("features"),
+        &root.join("features_random"),
     );
     opts.batch_size = a.run.batch_size;
     let s = run_profile(&model, &opts)?;
     print_summary(&s, &opts.output);
-    demo_profiles(root, &opts.output)
+    let random = demo_profiles(root, &opts.output, "random")?;
+    if let Some(model) = trained {
+        let w = root.join("model_trained.safetensors");
+        model.save(&w)?;
+        println!("trained model -> {}", w.display());
+        opts.output = root.join("features_trained");
+        let s = run_profile(&model, &opts)?;
+        print_summary(&s, &opts.output);
+        let trained = demo_profiles(root, &opts.output, "trained")?;
+        println!(
+            "well-level mAP after sphering: random initialisation {:.4} -> trained {:.4} (before sphering {:.4} -> {:.4})",
+            random.1, trained.1, random.0, trained.0
+        );
+    }
+    Ok(())
 }
 
 /// The demo after profiling: aggregate → sphere → evaluate, printing mAP before and after sphering.
-fn demo_profiles(root: &Path, features: &Path) -> Result<()> {
+/// Returns (mAP before sphering, best mAP after).
+fn demo_profiles(root: &Path, features: &Path, label: &str) -> Result<(f64, f64)> {
     let agg = aggregate_npz_dir(features, &AggregateOptions::default(), &mut |_, _| true)?;
-    let profiles = root.join("profiles");
+    let profiles = root.join("profiles").join(label);
     std::fs::create_dir_all(&profiles)
         .map_err(|e| Error::Io(format!("cannot create {}: {e}", profiles.display())))?;
     let wells = agg.wells;
@@ -554,13 +618,13 @@ fn demo_profiles(root: &Path, features: &Path) -> Result<()> {
     }
     .save(&profiles.join("lambda_sweep.svg"))?;
     println!(
-        "mAP before sphering {:.4} -> after sphering {:.4} (ZCA, λ = {:.1e}, the best of the sweep); sphered wells, transform and the λ-sweep chart in {}",
+        "{label} model: mAP before sphering {:.4} -> after sphering {:.4} (ZCA, λ = {:.1e}, the best of the sweep); sphered wells, transform and the λ-sweep chart in {}",
         before.map.mean,
         curve[best].1,
         lambdas[best],
         profiles.display()
     );
-    Ok(())
+    Ok((before.map.mean, curve[best].1))
 }
 
 // ---- aggregate / sphere / evaluate ---------------------------------------------------------------
@@ -953,6 +1017,7 @@ fn main() -> ExitCode {
         Command::Sphere(a) => cmd_sphere(a),
         Command::Evaluate(a) => cmd_evaluate(a),
         Command::Demo(a) => cmd_demo(a),
+        Command::Train(a) => train_cli::cmd_train(a),
         Command::BenchTrain(a) => train_cli::cmd_bench_train(a),
     });
     match res {

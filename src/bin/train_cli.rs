@@ -2,8 +2,9 @@
 
 use clap::Args;
 use phenocore::models::efficientnet::{EfficientNetConfig, Padding, TrainableEfficientNet};
-use phenocore::train::{Trainer, TrainerOptions};
-use phenocore::Result;
+use phenocore::train::config::{load_data, split_indices, TrainConfig};
+use phenocore::train::{Event, Trainer, TrainerOptions};
+use phenocore::{Error, Result};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
@@ -82,6 +83,207 @@ pub fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
         "{{\"side\": \"phenocore\", \"crops_per_s\": {cps:.3}, \"step_s\": {times:?}, \"losses\": {losses:?}, \"peak_rss_mib\": {:.1}, \"threads\": {}}}",
         vm_hwm_mib(),
         phenocore::threads::num_threads()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// JSON training config (DeepProfiler-like sections; see `phenocore::train::config`).
+    #[arg(long)]
+    pub config: std::path::PathBuf,
+    /// Continue from OUTPUT/checkpoint.safetensors when it exists.
+    #[arg(long)]
+    pub resume: bool,
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Everything a finished run reports.
+pub struct TrainOutcome {
+    pub trainer: Trainer,
+    pub classes: Vec<String>,
+    pub reports: Vec<phenocore::train::EpochReport>,
+}
+
+fn bar(len: u64, template: &str) -> indicatif::ProgressBar {
+    let style = indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    indicatif::ProgressBar::new(len).with_style(style.progress_chars("=> "))
+}
+
+/// Loads the data the config names, trains (resuming when asked and possible) and writes into the
+/// output folder: checkpoint.safetensors (every epoch), best.safetensors (best validation
+/// accuracy), model.safetensors (final weights), classes.txt, history.csv, validation.csv.
+pub fn run_training(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<TrainOutcome> {
+    let out = &cfg.output;
+    std::fs::create_dir_all(out)
+        .map_err(|e| Error::Io(format!("cannot create {}: {e}", out.display())))?;
+    let pb = bar(0, "{spinner} loading crops [{bar:30}] {pos}/{len} sites");
+    if quiet {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let data = load_data(cfg, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    });
+    pb.finish_and_clear();
+    let data = data?;
+    let (train, val) = split_indices(cfg, &data)?;
+    let ds = &data.dataset;
+    let mcfg = EfficientNetConfig {
+        in_channels: ds.c,
+        num_classes: data.classes.len(),
+        padding: cfg.padding,
+        bn_eps: cfg.bn_eps,
+    };
+    let model = match &cfg.initialization {
+        None => TrainableEfficientNet::<f32>::new(mcfg, cfg.options.seed)?,
+        Some(p) => {
+            let bytes = std::fs::read(p)
+                .map_err(|e| Error::Io(format!("cannot read {}: {e}", p.display())))?;
+            let state = phenocore::io::safetensors::read_f32_tensors(&bytes)?;
+            TrainableEfficientNet::from_pretrained(&state, mcfg, cfg.options.seed)?
+        }
+    };
+    let mut trainer = Trainer::new(model, cfg.options.clone())?;
+    let ck = out.join("checkpoint.safetensors");
+    if resume && ck.exists() {
+        trainer.load_checkpoint(&ck)?;
+        if !quiet {
+            println!(
+                "resumed from {} at epoch {} (step {})",
+                ck.display(),
+                trainer.epochs_done(),
+                trainer.steps()
+            );
+        }
+    }
+    let names = data.classes.join("\n") + "\n";
+    phenocore::io::write_atomic(&out.join("classes.txt"), names.as_bytes())?;
+    if !quiet {
+        println!(
+            "training: {} crops ({} train, {} validation), {} classes, {}×{}×{} crops, {} epochs, batch {}, lr {}",
+            ds.n,
+            train.len(),
+            val.len(),
+            data.classes.len(),
+            ds.c,
+            ds.h,
+            ds.w,
+            cfg.options.epochs,
+            cfg.options.batch_size,
+            cfg.options.lr
+        );
+    }
+    let pb = bar(
+        0,
+        "{spinner} epoch {msg} [{bar:30}] {pos}/{len} steps  eta {eta}",
+    );
+    if quiet {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let reports = phenocore::threads::install(|| {
+        trainer.fit(
+            ds,
+            &train,
+            &val,
+            Some(&ck),
+            Some(&out.join("best.safetensors")),
+            &mut |e| {
+                match e {
+                    Event::Step {
+                        epoch,
+                        step,
+                        steps_in_epoch,
+                        loss,
+                    } => {
+                        pb.set_length(steps_in_epoch);
+                        pb.set_position(step);
+                        pb.set_message(format!("{} loss {loss:.3}", epoch + 1));
+                    }
+                    Event::Epoch(r) => {
+                        let v = r.validation.as_ref();
+                        let line = format!(
+                            "epoch {:>3}  lr {:.2e}  train loss {:.4}  train acc {:.3}  val acc {}  val macro-F1 {}",
+                            r.epoch + 1,
+                            r.lr,
+                            r.train_loss,
+                            r.train_accuracy,
+                            v.map_or("-".into(), |v| format!("{:.3}", v.accuracy)),
+                            v.map_or("-".into(), |v| format!("{:.3}", v.macro_f1)),
+                        );
+                        if !quiet {
+                            pb.println(line);
+                        }
+                    }
+                }
+                true
+            },
+        )
+    });
+    pb.finish_and_clear();
+    let reports = reports?;
+    trainer
+        .inference_model()?
+        .save(&out.join("model.safetensors"))?;
+    let mut hist =
+        String::from("epoch,lr,train_loss,train_accuracy,val_accuracy,val_macro_f1,val_top5\n");
+    for r in &reports {
+        let v = r.validation.as_ref();
+        let top5 = v
+            .and_then(|v| v.top_k.iter().find(|(k, _)| *k == 5).map(|(_, a)| *a))
+            .unwrap_or(f64::NAN);
+        hist += &format!(
+            "{},{},{},{},{},{},{}\n",
+            r.epoch + 1,
+            r.lr,
+            r.train_loss,
+            r.train_accuracy,
+            v.map_or(f64::NAN, |v| v.accuracy),
+            v.map_or(f64::NAN, |v| v.macro_f1),
+            top5
+        );
+    }
+    phenocore::io::write_atomic(&out.join("history.csv"), hist.as_bytes())?;
+    if let Some(v) = reports.last().and_then(|r| r.validation.as_ref()) {
+        let mut s = String::from("class,precision,recall,f1,support\n");
+        for (c, st) in data.classes.iter().zip(&v.per_class) {
+            s += &format!(
+                "{c},{},{},{},{}\n",
+                st.precision, st.recall, st.f1, st.support
+            );
+        }
+        phenocore::io::write_atomic(&out.join("validation.csv"), s.as_bytes())?;
+    }
+    Ok(TrainOutcome {
+        trainer,
+        classes: data.classes,
+        reports,
+    })
+}
+
+pub fn cmd_train(a: TrainArgs) -> Result<()> {
+    phenocore::threads::set_num_threads(a.threads)?;
+    let cfg = TrainConfig::from_file(&a.config)?;
+    let o = run_training(&cfg, a.resume, false)?;
+    if let Some(v) = o.reports.last().and_then(|r| r.validation.as_ref()) {
+        println!(
+            "validation: accuracy {:.4}, macro-F1 {:.4}{}",
+            v.accuracy,
+            v.macro_f1,
+            v.top_k
+                .iter()
+                .find(|(k, _)| *k == 5)
+                .map_or(String::new(), |(_, a)| format!(", top-5 {a:.4}"))
+        );
+    }
+    println!(
+        "weights: {} (final), {} (best); checkpoint {}",
+        cfg.output.join("model.safetensors").display(),
+        cfg.output.join("best.safetensors").display(),
+        cfg.output.join("checkpoint.safetensors").display()
     );
     Ok(())
 }

@@ -10,3 +10,4 @@ pub mod trainer;
 
 pub use trainer::{DecayScope, Dataset, EpochReport, Event, OptimizerKind, Trainer, TrainerOptions};
 pub mod synthetic;
+pub mod config;
