@@ -33,6 +33,8 @@ pub trait Float:
     fn sqrt(self) -> Self;
     fn is_finite(self) -> bool;
     fn max(self, other: Self) -> Self;
+    /// The process-wide recycling pool of buffers of this type.
+    fn pool() -> &'static super::pool::Pool<Self>;
     /// e^x for activations: f32 uses the vectorisable polynomial of `backend::cpu::activation`
     /// (relative error < 2e-7), f64 the exact one.
     fn exp_act(self) -> Self {
@@ -90,6 +92,10 @@ macro_rules! impl_float {
             #[inline(always)]
             fn max(self, other: Self) -> Self {
                 <$t>::max(self, other)
+            }
+            fn pool() -> &'static super::pool::Pool<Self> {
+                static POOL: super::pool::Pool<$t> = super::pool::Pool::new();
+                &POOL
             }
         }
     };

@@ -15,9 +15,11 @@
 
 mod float;
 mod params;
+pub mod pool;
 
 pub use float::Float;
 pub use params::{ParamKind, Params};
+pub use pool::Buf;
 
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -45,7 +47,7 @@ type Backward<T> = Box<dyn FnOnce(&mut Grads<T>) -> Result<()> + Send>;
 
 /// The tape of one forward pass.
 pub struct Tape<T: Float> {
-    values: Vec<Option<Arc<Vec<T>>>>,
+    values: Vec<Option<Arc<Buf<T>>>>,
     requires_grad: Vec<bool>,
     /// Leaf vars that are parameters: (var id, parameter index).
     param_leaves: Vec<(usize, usize)>,
@@ -78,7 +80,7 @@ impl<T: Float> Tape<T> {
                 data.len()
             )));
         }
-        Ok(self.leaf(shape, Arc::new(data), requires_grad))
+        Ok(self.leaf(shape, Arc::new(Buf::from(data)), requires_grad))
     }
 
     /// Records parameter `index` of `params` as a leaf whose gradient flows into `params`.
@@ -97,7 +99,7 @@ impl<T: Float> Tape<T> {
         Ok(self.param(params, i))
     }
 
-    fn leaf(&mut self, shape: &[usize], value: Arc<Vec<T>>, requires_grad: bool) -> Var {
+    fn leaf(&mut self, shape: &[usize], value: Arc<Buf<T>>, requires_grad: bool) -> Var {
         let id = self.values.len();
         self.values.push(Some(value));
         self.requires_grad.push(requires_grad);
@@ -108,7 +110,7 @@ impl<T: Float> Tape<T> {
     }
 
     /// The value of `v` (shared). Panics only on a var of another tape (a programming error).
-    pub fn value(&self, v: &Var) -> Arc<Vec<T>> {
+    pub fn value(&self, v: &Var) -> Arc<Buf<T>> {
         self.values[v.id]
             .clone()
             .unwrap_or_else(|| panic!("value of var {} was released", v.id))
@@ -131,10 +133,11 @@ impl<T: Float> Tape<T> {
     pub fn push(
         &mut self,
         shape: &[usize],
-        data: Vec<T>,
+        data: impl Into<Buf<T>>,
         inputs_require_grad: bool,
         backward: impl FnOnce(usize, &mut Grads<T>) -> Result<()> + Send + 'static,
     ) -> Var {
+        let data = data.into();
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
         let v = self.leaf(shape, Arc::new(data), inputs_require_grad);
         if inputs_require_grad {
@@ -190,7 +193,7 @@ impl<T: Float> Tape<T> {
             requires: requires_grad,
         };
         if grads.requires[out.id] {
-            grads.slots[out.id] = Some(grad);
+            grads.slots[out.id] = Some(Buf::from(grad));
         }
         while let Some(node) = nodes.pop() {
             node(&mut grads)?;
@@ -205,14 +208,14 @@ impl<T: Float> Tape<T> {
 }
 
 /// Gradients of the values of one tape, by var id, during backward.
-pub struct Grads<T> {
-    slots: Vec<Option<Vec<T>>>,
+pub struct Grads<T: Float> {
+    slots: Vec<Option<Buf<T>>>,
     requires: Vec<bool>,
 }
 
 impl<T: Float> Grads<T> {
     /// Takes the gradient of var `id` (None when nothing downstream produced one).
-    pub fn take(&mut self, id: usize) -> Option<Vec<T>> {
+    pub fn take(&mut self, id: usize) -> Option<Buf<T>> {
         self.slots[id].take()
     }
 
@@ -223,19 +226,20 @@ impl<T: Float> Grads<T> {
 
     /// The gradient of `v` after backward (leaves), if one was produced.
     pub fn get(&self, v: &Var) -> Option<&[T]> {
-        self.slots[v.id].as_deref()
+        self.slots[v.id].as_deref().map(|v| v.as_slice())
     }
 
     /// Adds `g` into var `id`'s gradient (moves it in when there is none yet). No-op when `id`
     /// does not require a gradient.
-    pub fn add(&mut self, id: usize, g: Vec<T>) {
+    pub fn add(&mut self, id: usize, g: impl Into<Buf<T>>) {
         if !self.requires[id] {
             return;
         }
+        let g = g.into();
         match &mut self.slots[id] {
             Some(acc) => {
                 debug_assert_eq!(acc.len(), g.len());
-                acc.iter_mut().zip(&g).for_each(|(a, b)| *a += *b);
+                acc.iter_mut().zip(g.iter()).for_each(|(a, b)| *a += *b);
             }
             slot => *slot = Some(g),
         }
@@ -250,7 +254,7 @@ impl<T: Float> Grads<T> {
         }
         let slot = &mut self.slots[id];
         let fresh = slot.is_none();
-        let buf = slot.get_or_insert_with(|| vec![T::ZERO; len]);
+        let buf = slot.get_or_insert_with(|| Buf::zeros(len));
         debug_assert_eq!(buf.len(), len);
         f(buf, fresh);
         true

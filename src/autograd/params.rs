@@ -1,6 +1,6 @@
 //! Named parameters (trainable tensors with gradient accumulators) and buffers (BN running stats).
 
-use super::Float;
+use super::{Buf, Float};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,11 +16,11 @@ pub enum ParamKind {
     Buffer,
 }
 
-struct Entry<T> {
+struct Entry<T: Float> {
     name: String,
     shape: Vec<usize>,
     kind: ParamKind,
-    value: Arc<Vec<T>>,
+    value: Arc<Buf<T>>,
     grad: Vec<T>,
 }
 
@@ -73,7 +73,7 @@ impl<T: Float> Params<T> {
             name: name.to_string(),
             shape: shape.to_vec(),
             kind,
-            value: Arc::new(value),
+            value: Arc::new(Buf::from(value)),
             grad,
         });
         self.by_name.insert(name.to_string(), i);
@@ -108,7 +108,7 @@ impl<T: Float> Params<T> {
     }
     /// Mutable value (copies only if a tape still holds it).
     pub fn value_mut(&mut self, i: usize) -> &mut Vec<T> {
-        Arc::make_mut(&mut self.entries[i].value)
+        &mut **Arc::make_mut(&mut self.entries[i].value)
     }
     /// Two different tensors' values, mutably (e.g. BN running mean and variance).
     pub fn pair_mut(&mut self, i: usize, j: usize) -> (&mut [T], &mut [T]) {
@@ -144,7 +144,7 @@ impl<T: Float> Params<T> {
                 (
                     e.name.as_str(),
                     e.kind,
-                    Arc::make_mut(&mut e.value),
+                    &mut **Arc::make_mut(&mut e.value),
                     e.grad.as_slice(),
                 )
             })
@@ -166,7 +166,7 @@ impl<T: Float> Params<T> {
             .collect()
     }
 
-    pub(super) fn leaf_parts(&self, i: usize) -> (Arc<Vec<T>>, Vec<usize>, bool) {
+    pub(super) fn leaf_parts(&self, i: usize) -> (Arc<Buf<T>>, Vec<usize>, bool) {
         let e = &self.entries[i];
         (
             e.value.clone(),

@@ -2,7 +2,7 @@
 //! dense k × k (im2col + GEMM, any stride, `symmetric` or TF `same` padding), 1 × 1 (one GEMM over
 //! the batch) and depthwise (per-channel k × k, vectorised across channels).
 
-use crate::autograd::{Float, Tape, Var};
+use crate::autograd::{Buf, Float, Tape, Var};
 use crate::backend::cpu::gemm::{gemm_t, View};
 use crate::error::{Error, Result};
 use crate::models::efficientnet::Padding;
@@ -134,11 +134,11 @@ pub fn conv2d<T: Float>(
     }
     let (xv, wv) = (tape.value(x), tape.value(w));
     let (p, kdim) = (g.oh * g.ow, cin * k * k);
-    let mut out = vec![T::ZERO; n * p * cout];
+    let mut out = Buf::alloc(n * p * cout);
     out.par_chunks_mut(p * cout)
         .zip(xv.par_chunks(h * wd * cin))
         .for_each(|(o, xs)| {
-            let mut cols = vec![T::ZERO; p * kdim];
+            let mut cols = Buf::<T>::alloc(p * kdim);
             im2col(xs, cin, &g, &mut cols);
             gemm_t(
                 p,
@@ -164,7 +164,7 @@ pub fn conv2d<T: Float>(
                 let dw: Vec<T> = (0..n)
                     .into_par_iter()
                     .fold(
-                        || (vec![T::ZERO; cout * kdim], vec![T::ZERO; p * kdim]),
+                        || (vec![T::ZERO; cout * kdim], Buf::<T>::alloc(p * kdim)),
                         |(mut dwp, mut cols), s| {
                             im2col(&xv[s * per_in..(s + 1) * per_in], cin, &g, &mut cols);
                             // dW [Cout, kdim] += dYᵀ [Cout, P] · cols [P, kdim]
@@ -186,10 +186,10 @@ pub fn conv2d<T: Float>(
                 gr.add(wid, dw);
             }
             if want_x {
-                let mut dx = vec![T::ZERO; n * per_in];
+                let mut dx = Buf::zeros(n * per_in);
                 dx.par_chunks_mut(per_in).enumerate().for_each(|(s, dxs)| {
                     // dcols [P, kdim] = dY [P, Cout] · W [Cout, kdim]
-                    let mut cols = vec![T::ZERO; p * kdim];
+                    let mut cols = Buf::<T>::alloc(p * kdim);
                     gemm_t(
                         p,
                         kdim,
@@ -222,7 +222,7 @@ pub fn pointwise<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var) -> Result<Var> 
     };
     let m = n * h * wd;
     let (xv, wv) = (tape.value(x), tape.value(w));
-    let mut out = vec![T::ZERO; m * cout];
+    let mut out = Buf::alloc(m * cout);
     par_rows_gemm(&mut out, &xv, &wv, m, cin, cout);
     let (xid, wid) = (x.id(), w.id());
     let need = tape.requires_grad(x) || tape.requires_grad(w);
@@ -245,7 +245,7 @@ pub fn pointwise<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var) -> Result<Var> 
         });
         if gr.wants(xid) {
             // dX [M, Cin] = dY [M, Cout] · W [Cout, Cin]
-            let mut dx = vec![T::ZERO; m * cin];
+            let mut dx = Buf::alloc(m * cin);
             par_rows_gemm_nn(&mut dx, &dy, &wv, m, cout, cin);
             gr.add(xid, dx);
         }
@@ -323,7 +323,7 @@ pub fn depthwise<T: Float>(
     }
     let xv = tape.value(x);
     let (per_in, per_out) = (h * wd * c, g.oh * g.ow * c);
-    let mut out = vec![T::ZERO; n * per_out];
+    let mut out = Buf::alloc(n * per_out);
     out.par_chunks_mut(per_out)
         .zip(xv.par_chunks(per_in))
         .for_each(|(o, xs)| dw_forward(xs, &wt, o, &g, c));
@@ -335,7 +335,7 @@ pub fn depthwise<T: Float>(
                 return Ok(());
             };
             let (want_x, want_w) = (gr.wants(xid), gr.wants(wid));
-            let mut dx = vec![T::ZERO; if want_x { n * per_in } else { per_in }];
+            let mut dx = Buf::zeros(if want_x { n * per_in } else { 0 });
             let dwt = if want_x {
                 dx.par_chunks_mut(per_in)
                     .enumerate()

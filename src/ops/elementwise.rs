@@ -1,7 +1,7 @@
 //! Elementwise ops with backward: SiLU, sigmoid, add, per-channel scale (squeeze-excite), dropout,
 //! drop-connect (stochastic depth), global average pooling, linear layers.
 
-use crate::autograd::{Float, Tape, Var};
+use crate::autograd::{Buf, Float, Tape, Var};
 use crate::backend::cpu::gemm::{gemm_t, View};
 use crate::error::{Error, Result};
 use rand::Rng;
@@ -12,7 +12,7 @@ const CHUNK: usize = 1 << 14;
 /// y = x·σ(x).
 pub fn silu<T: Float>(tape: &mut Tape<T>, x: &Var) -> Var {
     let xv = tape.value(x);
-    let mut out = vec![T::ZERO; xv.len()];
+    let mut out = Buf::alloc(xv.len());
     out.par_chunks_mut(CHUNK)
         .zip(xv.par_chunks(CHUNK))
         .for_each(|(o, xs)| o.iter_mut().zip(xs).for_each(|(o, &v)| *o = v.silu()));
@@ -56,7 +56,7 @@ pub fn add<T: Float>(tape: &mut Tape<T>, a: &Var, b: &Var) -> Result<Var> {
         )));
     }
     let (av, bv) = (tape.value(a), tape.value(b));
-    let mut out = vec![T::ZERO; av.len()];
+    let mut out = Buf::alloc(av.len());
     out.par_chunks_mut(CHUNK)
         .zip(av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK)))
         .for_each(|(o, (x, y))| {
@@ -94,7 +94,7 @@ pub fn scale_channels<T: Float>(tape: &mut Tape<T>, x: &Var, s: &Var) -> Result<
     }
     let per = x.numel() / n.max(1);
     let (xv, sv) = (tape.value(x), tape.value(s));
-    let mut out = vec![T::ZERO; xv.len()];
+    let mut out = Buf::alloc(xv.len());
     out.par_chunks_mut(per)
         .zip(xv.par_chunks(per))
         .enumerate()
@@ -311,11 +311,10 @@ fn check_p(p: f64, what: &str) -> Result<()> {
 /// y = x · mask[i / group] (mask entries broadcast over groups of `group` values).
 fn mask_op<T: Float>(tape: &mut Tape<T>, x: &Var, mask: Vec<T>, group: usize) -> Result<Var> {
     let xv = tape.value(x);
-    let out: Vec<T> = xv
-        .chunks(group)
-        .zip(&mask)
-        .flat_map(|(xs, &m)| xs.iter().map(move |&v| v * m))
-        .collect();
+    let mut out = Buf::alloc(xv.len());
+    for ((o, xs), &m) in out.chunks_mut(group).zip(xv.chunks(group)).zip(&mask) {
+        o.iter_mut().zip(xs).for_each(|(o, &v)| *o = v * m);
+    }
     let xid = x.id();
     let need = tape.requires_grad(x);
     Ok(tape.push(x.shape(), out, need, move |out_id, gr| {

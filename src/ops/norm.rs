@@ -7,7 +7,7 @@
 //! Keras' `momentum` 0.99 is `m = 1 − 0.99` ([`BatchNormConfig::keras`]).
 //! Only the BN input is saved for backward; the normalised value and the activation are recomputed.
 
-use crate::autograd::{Float, Tape, Var};
+use crate::autograd::{Buf, Float, Tape, Var};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -153,7 +153,7 @@ pub fn batch_norm<T: Float>(
     // y = x·a + b with a = γ·invstd, b = β − μ·a.
     let a: Vec<T> = (0..c).map(|j| gv[j] * invstd[j]).collect();
     let b: Vec<T> = (0..c).map(|j| bv[j] - mean[j] * a[j]).collect();
-    let mut out = vec![T::ZERO; m * c];
+    let mut out = Buf::alloc(m * c);
     out.par_chunks_mut(CHUNK_ROWS * c)
         .zip(xv.par_chunks(CHUNK_ROWS * c))
         .for_each(|(o, xs)| affine_act(o, xs, &a, &b, act));

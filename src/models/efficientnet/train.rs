@@ -234,7 +234,7 @@ impl<T: Float> TrainableEfficientNet<T> {
             )));
         }
         // NCHW → NHWC.
-        let mut nhwc = vec![T::ZERO; x.len()];
+        let mut nhwc = crate::autograd::Buf::<T>::alloc(x.len());
         for s in 0..n {
             for ch in 0..c {
                 let src = &x[(s * c + ch) * h * w..][..h * w];
@@ -245,7 +245,7 @@ impl<T: Float> TrainableEfficientNet<T> {
         }
         let bn = self.bn_cfg(reg);
         let pad = self.config.padding;
-        let input = tape.input(&[n, h, w, c], nhwc, false)?;
+        let input = tape.input(&[n, h, w, c], nhwc.into_vec(), false)?;
         let stem = self.stem;
         let mut cur = self.conv_bn(tape, &input, stem, Act::Silu, &bn, |t, x, w| {
             conv::conv2d(t, x, w, 2, pad)
