@@ -161,6 +161,28 @@ typedef enum {
     PHENO_BIOSIM_PAHL = 1,
 } PhenoBiosimilarity;
 
+// Optimiser of a training run.
+typedef enum {
+    // torch.optim.SGD (momentum, Nesterov, weight decay added to the gradient); REFERENCE §2.
+    PHENO_OPTIMIZER_SGD = 0,
+    // torch.optim.AdamW (decoupled weight decay).
+    PHENO_OPTIMIZER_ADAMW = 1,
+} PhenoOptimizer;
+
+// Learning rate as a function of the epoch (torch.optim.lr_scheduler closed forms).
+typedef enum {
+    // lr throughout (default).
+    PHENO_SCHEDULE_CONSTANT = 0,
+    // StepLR: lr · gamma^⌊epoch / step_size⌋.
+    PHENO_SCHEDULE_STEP = 1,
+    // MultiStepLR: lr · gamma^(milestones passed); `milestones` / `n_milestones`.
+    PHENO_SCHEDULE_MULTISTEP = 2,
+    // CosineAnnealingLR with `t_max` and `eta_min`.
+    PHENO_SCHEDULE_COSINE = 3,
+    // ExponentialLR: lr · gamma^epoch.
+    PHENO_SCHEDULE_EXPONENTIAL = 4,
+} PhenoLrSchedule;
+
 // How a multi-label metric is averaged (scikit-learn's `average`). Passed as an `int32_t`.
 typedef enum {
     // Unweighted mean over labels (sklearn's default).
@@ -174,6 +196,16 @@ typedef enum {
     // No average: one value per label.
     PHENO_AVERAGE_NONE = 4,
 } PhenoAverage;
+
+// How `pheno_trainer_fit` splits the pushed crops into training and validation.
+typedef enum {
+    // Every crop trains; no validation.
+    PHENO_SPLIT_NONE = 0,
+    // Leave-cells-out: in every well (plate, group), round(train_fraction · cells) train.
+    PHENO_SPLIT_CELLS = 1,
+    // Leave-plates-out: crops on `val_plates` validate, all others train.
+    PHENO_SPLIT_PLATES = 2,
+} PhenoTrainSplit;
 
 // An EfficientNet-B0 (Cell Painting CNN) ready for inference on the CPU.
 //
@@ -196,6 +228,14 @@ typedef struct PhenoProfiles PhenoProfiles;
 // same time. `pheno_sphering_free` must be called exactly once, after every other call on the
 // handle has returned.
 typedef struct PhenoSphering PhenoSphering;
+
+// A trainable EfficientNet-B0 with its optimiser state, counters, RNG and the crops pushed by
+// `pheno_trainer_add_crops`.
+//
+// Thread safety: not thread-safe. One thread at a time may call functions on a trainer (it may
+// move between threads between calls). `pheno_trainer_free` must be called exactly once, after
+// every other call on it has returned.
+typedef struct PhenoTrainer PhenoTrainer;
 
 // A field-of-view image: `channels` planes of `height` x `width` pixels, planar and row-major
 // (C x H x W), of type `pixel_type`. `data` must be aligned for that type. The library only
@@ -444,6 +484,107 @@ typedef struct {
     PhenoSubsetMetrics unseen;
 } PhenoFoldMetrics;
 
+// Options of a trainer. Initialise with `pheno_trainer_default_options()` (REFERENCE §2), then
+// change fields. Booleans are 0 / non-zero. A rate of 0 disables a regulariser.
+typedef struct {
+    // `sizeof(PhenoTrainerOptions)`; set by `pheno_trainer_default_options()`.
+    size_t struct_size;
+    // Default SGD.
+    PhenoOptimizer optimizer;
+    // Base learning rate (default 0.005).
+    double lr;
+    // SGD momentum (default 0.9).
+    double momentum;
+    // SGD Nesterov momentum (default 1).
+    int32_t nesterov;
+    // Weight decay (default 1e-5): L2 added to the gradient for SGD, decoupled for AdamW.
+    double weight_decay;
+    // Non-zero: weight decay on convolution and linear kernels only (Keras regularisers); 0
+    // (default): on every parameter, as torch.optim with one parameter group.
+    int32_t decay_kernels_only;
+    // AdamW betas and eps (default 0.9, 0.999, 1e-8).
+    double beta1;
+    double beta2;
+    double eps;
+    // Label smoothing of the cross-entropy, in [0, 1] (default 0).
+    double label_smoothing;
+    // Dropout before the classifier (default 0.2).
+    double dropout;
+    // Largest stochastic-depth (drop-connect) rate (default 0.2).
+    double drop_connect_rate;
+    // BN running-statistics momentum, torch convention (default 0.1; Keras 0.99 is 0.01 here).
+    double bn_momentum;
+    // Learning-rate schedule over epochs (default constant) and its parameters.
+    PhenoLrSchedule schedule;
+    // STEP: epochs per decay (default 10).
+    uint64_t step_size;
+    // STEP, MULTISTEP, EXPONENTIAL: decay factor (default 0.1).
+    double gamma;
+    // MULTISTEP: `n_milestones` increasing epochs (copied when the trainer is created).
+    const uint64_t *milestones;
+    size_t n_milestones;
+    // COSINE: period in epochs (default 30) and floor (default 0).
+    uint64_t t_max;
+    double eta_min;
+    // Linear warm-up from 0.1 · lr over this many epochs (default 0 = none).
+    uint64_t warmup_epochs;
+    // Gradient clipping by total 2-norm; 0 = off (default).
+    double clip_grad_norm;
+    // Augmentation in `pheno_trainer_fit`: non-zero (default) = the fields below; 0 = none.
+    int32_t augment;
+    // Augmentation also in `pheno_trainer_step` (default 0).
+    int32_t augment_in_step;
+    // Random crop probability (default 0.5) and its side range as a fraction of the crop
+    // (default 0.8, 1.0).
+    float aug_crop_p;
+    float aug_crop_scale_min;
+    float aug_crop_scale_max;
+    // Random horizontal flip and rot90 (default 1, 1).
+    int32_t aug_flip;
+    int32_t aug_rot90;
+    // Per-channel brightness shift U(-b, b) (default 0.1) and contrast factor range (0.8, 1.2).
+    float aug_brightness;
+    float aug_contrast_min;
+    float aug_contrast_max;
+    // Crops per step in `fit` (default 32).
+    size_t batch_size;
+    // Epochs of `fit` (default 30).
+    uint64_t epochs;
+    // Seed of the epochs, augmentation, dropout and the split (default 0).
+    uint64_t seed;
+    // Threads preparing batches in `fit` (default 1) and batches prepared ahead (default 2).
+    size_t workers;
+    size_t prefetch;
+} PhenoTrainerOptions;
+
+// What `pheno_trainer_fit` reports after every step and at the end of every epoch.
+typedef struct {
+    // `sizeof(PhenoTrainProgress)` of the library; fields past the caller's struct are newer.
+    size_t struct_size;
+    // 0-based epoch.
+    uint64_t epoch;
+    // 1-based step within the epoch, and the steps of the epoch.
+    uint64_t step;
+    uint64_t steps_in_epoch;
+    // Loss of this step; at the epoch end, the mean training loss of the epoch.
+    double loss;
+    // Non-zero at the end of an epoch; then the fields below are set (NaN when absent, e.g. the
+    // validation metrics without validation crops or top-5 with fewer than 5 classes).
+    int32_t is_epoch_end;
+    double lr;
+    double train_loss;
+    double train_accuracy;
+    double val_accuracy;
+    double val_macro_f1;
+    double val_top5;
+} PhenoTrainProgress;
+
+// Called by `pheno_trainer_fit` after every step and every epoch, on the calling thread. Return 0
+// to continue, non-zero to cancel (as `PhenoProgressFn`): the call then returns
+// PHENO_ERR_CANCELLED and the last checkpoint written stays valid. It must not unwind and must
+// not call functions on the trainer.
+typedef int32_t (*PhenoTrainProgressFn)(const PhenoTrainProgress *progress, void *user_data);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -543,6 +684,7 @@ PhenoRetrievalOptions pheno_retrieval_default_options(void);
 // - `curve`: interpolated and DeepProfiler methods: the mean over queries of their interpolated
 //   precision at recall i / (R - 1), i = 0..R-1 (R = `recall_points`, or the number of items taking
 //   part); `curve_len` must be >= R. `curve_points` (may be NULL) receives R (0 for copairs).
+//
 // `mean` (required) receives the mean AP over queries (NaN when there are none).
 //
 // Memory is O(block x n), never n x n. Returns PHENO_ERR_NON_FINITE for NaN/Inf in `x` (naming
@@ -1245,6 +1387,177 @@ uint32_t pheno_version_number(void);
 // Sets the number of CPU worker threads used by later calls from any thread (0 = one per core).
 // Calls already running keep their pool. Thread-safe.
 PhenoStatus pheno_set_num_threads(size_t n);
+
+// Default options (REFERENCE §2): SGD lr 0.005, momentum 0.9, Nesterov, weight decay 1e-5 on
+// every parameter, no label smoothing, dropout 0.2, drop-connect 0.2, BN momentum 0.1, constant
+// schedule, no clipping, the §2 augmentations in `fit` only, batch 32, 30 epochs, seed 0, one
+// worker, prefetch 2.
+PhenoTrainerOptions pheno_trainer_default_options(void);
+
+// A trainer of a freshly initialised EfficientNet-B0 (torchvision's initialisation, deterministic
+// in `init_seed`) with `in_channels` inputs and `num_classes` outputs. `opts` may be NULL
+// (REFERENCE §2 defaults); `model_opts` may be NULL (symmetric padding, bn_eps 1e-5, CPU). On
+// success `*out_trainer` owns a new trainer (free it with `pheno_trainer_free`); on failure it is
+// set to NULL.
+//
+// # Safety
+// `opts` is NULL or initialised by `pheno_trainer_default_options()`; `model_opts` is NULL or
+// initialised by `pheno_effnet_default_options()`; `out_trainer` is valid for a write.
+PhenoStatus pheno_trainer_new(const PhenoTrainerOptions *opts,
+                              size_t in_channels,
+                              size_t num_classes,
+                              uint64_t init_seed,
+                              const PhenoEffnetOptions *model_opts,
+                              PhenoTrainer **out_trainer);
+
+// A trainer starting from torchvision-format safetensors weights at `path` (e.g. ImageNet,
+// 3 channels): the stem is expanded to `in_channels` (channel i = source channel i % source
+// channels) and, when the file's classifier does not have `num_classes` outputs, a fresh
+// classifier is drawn from `seed`. Other arguments as `pheno_trainer_new`.
+//
+// # Safety
+// `path` is a NUL-terminated string; other arguments as `pheno_trainer_new`.
+PhenoStatus pheno_trainer_new_from_weights(const PhenoTrainerOptions *opts,
+                                           const char *path,
+                                           size_t in_channels,
+                                           size_t num_classes,
+                                           uint64_t seed,
+                                           const PhenoEffnetOptions *model_opts,
+                                           PhenoTrainer **out_trainer);
+
+// One optimiser step on `n` crops (N, C, H, W) float32 row-major with BN in training mode (no
+// augmentation unless `augment_in_step`); writes the batch's loss (before the update) to
+// `*out_loss`. Errors: C not the model's channels (SHAPE), a non-finite crop value (NON_FINITE
+// naming the crop), a label >= num_classes (INVALID_ARGUMENT naming the crop), a non-finite loss
+// or gradient (NON_FINITE naming the step; weights and BN statistics unchanged).
+//
+// # Safety
+// `trainer` is a live trainer; `crops` points to n·c·h·w floats; `labels` to n values;
+// `out_loss` is valid for a write.
+PhenoStatus pheno_trainer_step(PhenoTrainer *trainer,
+                               const float *crops,
+                               size_t n,
+                               size_t c,
+                               size_t h,
+                               size_t w,
+                               const uint32_t *labels,
+                               double *out_loss);
+
+// Logits (n × num_classes float32, row-major) of `n` crops with BN in eval mode (running
+// statistics) into `out_logits`, which holds `out_len` floats.
+//
+// # Safety
+// `trainer` is a live trainer; `crops` points to n·c·h·w floats; `out_logits` to `out_len`
+// writable floats.
+PhenoStatus pheno_trainer_predict(PhenoTrainer *trainer,
+                                  const float *crops,
+                                  size_t n,
+                                  size_t c,
+                                  size_t h,
+                                  size_t w,
+                                  float *out_logits,
+                                  size_t out_len);
+
+// Appends `n` crops (N, C, H, W float32) with their labels to the trainer's in-memory dataset for
+// `pheno_trainer_fit` (copied). `groups` (well id of each crop, e.g. plate-local well index) and
+// `plates` (plate id of each crop) may be NULL: without groups, the crops of one label on one
+// plate form one group for the leave-cells-out split; without plates, the crops are on plate 0.
+// Every call must use the same (C, H, W). Nothing is appended when an argument is rejected.
+//
+// # Safety
+// `trainer` is a live trainer; `crops` points to n·c·h·w floats; `labels`, and `groups` and
+// `plates` when not NULL, to n values each.
+PhenoStatus pheno_trainer_add_crops(PhenoTrainer *trainer,
+                                    const float *crops,
+                                    size_t n,
+                                    size_t c,
+                                    size_t h,
+                                    size_t w,
+                                    const uint32_t *labels,
+                                    const uint32_t *groups,
+                                    const uint32_t *plates);
+
+// Number of crops added with `pheno_trainer_add_crops` (and not cleared).
+//
+// # Safety
+// `trainer` is a live trainer; `out_n` is valid for a write.
+PhenoStatus pheno_trainer_num_crops(const PhenoTrainer *trainer, size_t *out_n);
+
+// Drops every crop added with `pheno_trainer_add_crops` (the model and its state are kept).
+//
+// # Safety
+// `trainer` is a live trainer.
+PhenoStatus pheno_trainer_clear_crops(PhenoTrainer *trainer);
+
+// Trains on the crops added with `pheno_trainer_add_crops` until `epochs` epochs are done in total
+// (0 = `opts->epochs`; a trainer restored from a checkpoint continues where it stopped), with
+// class-balanced epochs, augmentation on `opts->workers` threads and validation after every epoch.
+//
+// `split`: PHENO_SPLIT_NONE (all crops train), PHENO_SPLIT_CELLS (leave-cells-out:
+// round(`train_fraction` · cells) of every well train, drawn from `opts->seed`) or
+// PHENO_SPLIT_PLATES (crops on the `n_val_plates` plates `val_plates` validate). `checkpoint_path`
+// (NULL = none) gets an atomic checkpoint after every epoch; `best_path` (NULL = none) the best
+// model so far (validation accuracy, else training loss) as torchvision-named safetensors.
+// `progress` (NULL = none) is called after every step and every epoch; non-zero cancels with
+// PHENO_ERR_CANCELLED, the last checkpoint staying valid.
+//
+// # Safety
+// `trainer` is a live trainer; `val_plates` points to `n_val_plates` values (may be NULL when 0);
+// the paths are NULL or NUL-terminated strings; `progress` is NULL or a valid callback taking
+// `user_data`.
+PhenoStatus pheno_trainer_fit(PhenoTrainer *trainer,
+                              int32_t split,
+                              double train_fraction,
+                              const uint32_t *val_plates,
+                              size_t n_val_plates,
+                              uint64_t epochs,
+                              const char *checkpoint_path,
+                              const char *best_path,
+                              PhenoTrainProgressFn progress,
+                              void *user_data);
+
+// Writes the current weights and BN statistics as torchvision-named float32 safetensors (loadable
+// with `pheno_effnet_load`), atomically (temporary file renamed over `path`).
+//
+// # Safety
+// `trainer` is a live trainer; `path` is a NUL-terminated string.
+PhenoStatus pheno_trainer_save_weights(const PhenoTrainer *trainer, const char *path);
+
+// Writes a training checkpoint (weights, optimiser state, step and epoch counters, RNG state)
+// atomically: a failure leaves an earlier checkpoint at `path` as it was.
+//
+// # Safety
+// `trainer` is a live trainer; `path` is a NUL-terminated string.
+PhenoStatus pheno_trainer_save_checkpoint(const PhenoTrainer *trainer, const char *path);
+
+// Restores a checkpoint written by `pheno_trainer_save_checkpoint` (or by `fit`) into a trainer of
+// the same architecture and optimiser: the next step is exactly the one the saved run would have
+// taken. The trainer is unchanged when the checkpoint is rejected.
+//
+// # Safety
+// `trainer` is a live trainer; `path` is a NUL-terminated string.
+PhenoStatus pheno_trainer_load_checkpoint(PhenoTrainer *trainer, const char *path);
+
+// An inference model (`PhenoModel`, BN folded) with the trainer's current weights, for
+// `pheno_effnet_features` and friends; independent of the trainer afterwards. On success
+// `*out_model` owns it (free with `pheno_effnet_free`); on failure it is set to NULL.
+//
+// # Safety
+// `trainer` is a live trainer; `out_model` is valid for a write.
+PhenoStatus pheno_trainer_to_model(const PhenoTrainer *trainer, PhenoModel **out_model);
+
+// Optimiser steps taken so far (`pheno_trainer_step` and `fit`, restored by checkpoints) and
+// completed `fit` epochs.
+//
+// # Safety
+// `trainer` is a live trainer; the out-pointers are valid for a write.
+PhenoStatus pheno_trainer_steps(const PhenoTrainer *trainer, uint64_t *out_steps, uint64_t *out_epochs);
+
+// Releases a trainer and its crops. Accepts NULL.
+//
+// # Safety
+// `trainer` is NULL or a live trainer not used by any other call, now or later.
+void pheno_trainer_free(PhenoTrainer *trainer);
 
 #ifdef __cplusplus
 }  // extern "C"

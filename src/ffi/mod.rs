@@ -16,6 +16,7 @@ mod profiles;
 mod sphere;
 mod stats;
 mod status;
+mod train;
 
 pub use crate::error::PhenoStatus;
 pub use crops::{pheno_crop_cells, pheno_effnet_features_from_image, PhenoImage};
@@ -56,6 +57,14 @@ pub use stats::{
     pheno_prediction_default_options, pheno_reference_subprofile, pheno_roc_auc_score,
     pheno_tukey_hsd, PhenoAverage, PhenoBiosimilarity, PhenoFoldMetrics, PhenoPredictionOptions,
     PhenoSubsetMetrics,
+};
+pub use train::{
+    pheno_trainer_add_crops, pheno_trainer_clear_crops, pheno_trainer_default_options,
+    pheno_trainer_fit, pheno_trainer_free, pheno_trainer_load_checkpoint, pheno_trainer_new,
+    pheno_trainer_new_from_weights, pheno_trainer_num_crops, pheno_trainer_predict,
+    pheno_trainer_save_checkpoint, pheno_trainer_save_weights, pheno_trainer_step,
+    pheno_trainer_steps, pheno_trainer_to_model, PhenoLrSchedule, PhenoOptimizer,
+    PhenoTrainProgress, PhenoTrainProgressFn, PhenoTrainSplit, PhenoTrainer, PhenoTrainerOptions,
 };
 pub use status::{
     pheno_last_error, pheno_set_num_threads, pheno_status_str, pheno_version_number,

@@ -20,6 +20,7 @@ from .harmony import harmony
 from . import metrics
 from .profiles import Profiles, aggregate, aggregate_npz, read_profiles, write_profiles
 from .sphering import Sphering, TreatmentEffects, treatment_effect
+from .train import Trainer
 
 __all__ = [
     "Profiles",
@@ -28,6 +29,7 @@ __all__ = [
     "read_profiles",
     "write_profiles",
     "EfficientNet",
+    "Trainer",
     "metrics",
     "Sphering",
     "TreatmentEffects",
