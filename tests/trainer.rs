@@ -217,3 +217,38 @@ fn imagenet_initialisation_expands_the_stem_and_replaces_the_classifier() {
         .iter()
         .all(|&v| v == 0.0));
 }
+
+#[test]
+fn fit_is_deterministic_given_the_seed_whatever_the_worker_count() {
+    let (x, y) = batch(12, 32, 5, 3);
+    let d = Dataset::new(x, 5, 32, 32, y).unwrap();
+    let run = |workers: usize, seed: u64| {
+        let o = TrainerOptions {
+            epochs: 2,
+            batch_size: 4,
+            workers,
+            seed,
+            lr: 0.005,
+            ..opts()
+        };
+        let mut t = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), o).unwrap();
+        let r = t
+            .fit(
+                &d,
+                &(0..8).collect::<Vec<_>>(),
+                &[8, 9, 10, 11],
+                None,
+                None,
+                &mut |_| true,
+            )
+            .unwrap();
+        assert_eq!(r.len(), 2);
+        assert!(r
+            .iter()
+            .all(|e| e.validation.is_some() && e.train_loss.is_finite()));
+        weights(&t)
+    };
+    let a = run(1, 3);
+    assert_eq!(a, run(3, 3), "worker count changed the result");
+    assert_ne!(a, run(1, 4), "the seed did not matter");
+}

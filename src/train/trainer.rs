@@ -519,7 +519,14 @@ impl Trainer {
             let validation = if val.is_empty() {
                 None
             } else {
-                Some(self.evaluate(data, val)?)
+                Some(self.evaluate(data, val).map_err(|e| match e {
+                    Error::NonFinite(m) => Error::NonFinite(format!(
+                        "validation after epoch {} (step {}): {m}; the model in eval mode (BN running statistics) diverged — lower the learning rate",
+                        epoch + 1,
+                        self.step
+                    )),
+                    other => other,
+                })?)
             };
             self.epoch += 1;
             let report = EpochReport {
