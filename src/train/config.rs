@@ -420,7 +420,10 @@ pub struct LoadedData {
 }
 
 /// Loads the crops the config names (images + locations are cropped as `profile` crops them).
-pub fn load_data(cfg: &TrainConfig, progress: &mut dyn FnMut(usize, usize)) -> Result<LoadedData> {
+pub fn load_data(
+    cfg: &TrainConfig,
+    progress: &mut (dyn FnMut(usize, usize) + Send),
+) -> Result<LoadedData> {
     match &cfg.source {
         DataSource::Images {
             metadata,
@@ -443,46 +446,67 @@ pub fn load_data(cfg: &TrainConfig, progress: &mut dyn FnMut(usize, usize)) -> R
             let p = plan(&po)?;
             let c = p.channels.len();
             let per = c * box_size * box_size;
+            // Sites are decoded and cropped in parallel (each worker holds one site's images).
+            use rayon::prelude::*;
+            let total = p.sites.len();
+            let done = std::sync::atomic::AtomicUsize::new(0);
+            let progress = std::sync::Mutex::new(progress);
+            let per_site: Vec<Result<(Vec<f32>, usize, String)>> = crate::threads::install(|| {
+                p.sites
+                    .par_iter()
+                    .map(|site| {
+                        let label = site
+                            .metadata
+                            .iter()
+                            .find(|(key, _)| key == &cfg.label_field)
+                            .map(|(_, v)| v.trim().to_string())
+                            .ok_or_else(|| {
+                                Error::MissingKey(format!(
+                                    "{}: no column {:?} (dataset.metadata.label_field)",
+                                    metadata.display(),
+                                    cfg.label_field
+                                ))
+                            })?;
+                        let mut out = vec![0f32; site.centers.len() * per];
+                        if !site.centers.is_empty() {
+                            let (px, h, w) = load_site_images(&site.images)?;
+                            let image = match &px {
+                                crate::io::image::Pixels::U8(v) => {
+                                    Image::new(ImageData::U8(v), c, h, w)?
+                                }
+                                crate::io::image::Pixels::U16(v) => {
+                                    Image::new(ImageData::U16(v), c, h, w)?
+                                }
+                                crate::io::image::Pixels::F32(v) => {
+                                    Image::new(ImageData::F32(v), c, h, w)?
+                                }
+                            };
+                            crop_cells_into(
+                                &image,
+                                &site.centers,
+                                *box_size,
+                                *normalization,
+                                &mut out,
+                            )?;
+                        }
+                        let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        if let Ok(mut f) = progress.lock() {
+                            (*f)(k, total);
+                        }
+                        Ok((out, site.centers.len(), label))
+                    })
+                    .collect()
+            });
             let mut names = Vec::new();
             let (mut data, mut plates, mut wells) = (Vec::new(), Vec::new(), Vec::new());
-            let total = p.sites.len();
-            for (k, site) in p.sites.iter().enumerate() {
-                let label = site
-                    .metadata
-                    .iter()
-                    .find(|(key, _)| key == &cfg.label_field)
-                    .map(|(_, v)| v.trim().to_string())
-                    .ok_or_else(|| {
-                        Error::MissingKey(format!(
-                            "{}: no column {:?} (dataset.metadata.label_field)",
-                            metadata.display(),
-                            cfg.label_field
-                        ))
-                    })?;
-                if site.centers.is_empty() {
-                    continue;
-                }
-                let (px, h, w) = load_site_images(&site.images)?;
-                let image = match &px {
-                    crate::io::image::Pixels::U8(v) => Image::new(ImageData::U8(v), c, h, w)?,
-                    crate::io::image::Pixels::U16(v) => Image::new(ImageData::U16(v), c, h, w)?,
-                    crate::io::image::Pixels::F32(v) => Image::new(ImageData::F32(v), c, h, w)?,
-                };
-                let start = data.len();
-                data.resize(start + site.centers.len() * per, 0f32);
-                crop_cells_into(
-                    &image,
-                    &site.centers,
-                    *box_size,
-                    *normalization,
-                    &mut data[start..],
-                )?;
-                for _ in 0..site.centers.len() {
+            for (site, r) in p.sites.iter().zip(per_site) {
+                let (crops, n, label) = r?;
+                data.extend_from_slice(&crops);
+                for _ in 0..n {
                     names.push(label.clone());
                     plates.push(site.plate.clone());
                     wells.push(format!("{}/{}", site.plate, site.well));
                 }
-                progress(k + 1, total);
             }
             let (classes, labels) = index_labels(&names);
             Ok(LoadedData {
