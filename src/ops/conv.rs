@@ -253,6 +253,46 @@ pub fn pointwise<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var) -> Result<Var> 
     }))
 }
 
+/// Reinterprets a slice of `T` as f32 when `T` is f32.
+fn as_f32<T: Float>(v: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32 (same type id), so the layout is identical.
+        .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) })
+}
+
+fn as_f32_mut<T: Float>(v: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32 (same type id), so the layout is identical.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut f32, v.len()) })
+}
+
+/// f32 on AVX-512: out [M, N] = a [M, K] · wᵀ (w [N, K]) with the inference path's packed
+/// register-tile kernel, over row blocks across the pool. False (nothing done) otherwise.
+fn packed_rows_gemm<T: Float>(
+    out: &mut [T],
+    a: &[T],
+    w: &[T],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        if let (Some(out), Some(a), Some(w)) = (as_f32_mut(out), as_f32(a), as_f32(w)) {
+            let zero = vec![0f32; n];
+            let packed = crate::backend::cpu::pointwise::PackedPointwise::new(w, &zero, n, k);
+            let rows = row_block(m);
+            out[..m * n]
+                .par_chunks_mut(rows * n)
+                .zip(a[..m * k].par_chunks(rows * k))
+                .for_each(|(o, a)| packed.forward(a, o.len() / n, o, false, false));
+            return true;
+        }
+    }
+    let _ = (out, a, w, m, k, n);
+    false
+}
+
 /// out [M, N] = a [M, K] · wᵀ (w [N, K]), split over row blocks across the pool.
 pub(crate) fn par_rows_gemm<T: Float>(
     out: &mut [T],
@@ -262,6 +302,9 @@ pub(crate) fn par_rows_gemm<T: Float>(
     k: usize,
     n: usize,
 ) {
+    if packed_rows_gemm(out, a, w, m, k, n) {
+        return;
+    }
     let rows = row_block(m);
     out.par_chunks_mut(rows * n)
         .zip(a.par_chunks(rows * k))
@@ -280,6 +323,18 @@ pub(crate) fn par_rows_gemm_nn<T: Float>(
     k: usize,
     n: usize,
 ) {
+    if as_f32(w).is_some() {
+        // wᵀ as an [N, K] matrix for the packed kernel.
+        let mut wt = vec![T::ZERO; k * n];
+        for (i, row) in w.chunks_exact(n).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                wt[j * k + i] = v;
+            }
+        }
+        if packed_rows_gemm(out, a, &wt, m, k, n) {
+            return;
+        }
+    }
     let rows = row_block(m);
     out.par_chunks_mut(rows * n)
         .zip(a.par_chunks(rows * k))
