@@ -55,32 +55,35 @@ const CHUNK_ROWS: usize = 512;
 
 /// Per-channel Σx and Σx² in f64 over rows of a [M, C] matrix.
 fn moments<T: Float>(x: &[T], c: usize) -> (Vec<f64>, Vec<f64>) {
-    x.par_chunks(CHUNK_ROWS * c)
-        .fold(
-            || (vec![0f64; c], vec![0f64; c]),
-            |(mut s, mut q), rows| {
-                let (mut ls, mut lq) = (vec![T::ZERO; c], vec![T::ZERO; c]);
-                for r in rows.chunks_exact(c) {
-                    for ((a, b), &v) in ls.iter_mut().zip(lq.iter_mut()).zip(r) {
-                        *a += v;
-                        *b += v * v;
-                    }
+    // Per-chunk partial sums collected in chunk order and added sequentially: the result does not
+    // depend on how rayon splits the work (bitwise reproducible training).
+    let parts: Vec<(Vec<f64>, Vec<f64>)> = x
+        .par_chunks(CHUNK_ROWS * c)
+        .map(|rows| {
+            let (mut ls, mut lq) = (vec![T::ZERO; c], vec![T::ZERO; c]);
+            for r in rows.chunks_exact(c) {
+                for ((a, b), &v) in ls.iter_mut().zip(lq.iter_mut()).zip(r) {
+                    *a += v;
+                    *b += v * v;
                 }
-                for j in 0..c {
-                    s[j] += ls[j].to_f64();
-                    q[j] += lq[j].to_f64();
-                }
-                (s, q)
-            },
-        )
-        .reduce(
-            || (vec![0f64; c], vec![0f64; c]),
-            |(mut s, mut q), (s2, q2)| {
-                s.iter_mut().zip(&s2).for_each(|(a, b)| *a += b);
-                q.iter_mut().zip(&q2).for_each(|(a, b)| *a += b);
-                (s, q)
-            },
-        )
+            }
+            (
+                ls.iter().map(|v| v.to_f64()).collect(),
+                lq.iter().map(|v| v.to_f64()).collect(),
+            )
+        })
+        .collect();
+    sum_parts(parts, c)
+}
+
+/// Adds per-chunk (Σ, Σ) partials in order.
+fn sum_parts(parts: Vec<(Vec<f64>, Vec<f64>)>, c: usize) -> (Vec<f64>, Vec<f64>) {
+    let (mut s, mut q) = (vec![0f64; c], vec![0f64; c]);
+    for (s2, q2) in parts {
+        s.iter_mut().zip(&s2).for_each(|(a, b)| *a += b);
+        q.iter_mut().zip(&q2).for_each(|(a, b)| *a += b);
+    }
+    (s, q)
 }
 
 /// y = act(γ·(x − μ)/√(σ² + ε) + β) over the last axis of `x` (any rank ≥ 2; NHWC for images).
@@ -164,28 +167,18 @@ pub fn batch_norm<T: Float>(
             return Ok(());
         };
         // Pass 1: d ← dL/dy (through the activation), Σ dy and Σ dy·x̂ per channel.
-        let (sdy, sdyx) = d
+        let parts: Vec<(Vec<f64>, Vec<f64>)> = d
             .par_chunks_mut(CHUNK_ROWS * c)
             .zip(xv.par_chunks(CHUNK_ROWS * c))
-            .fold(
-                || (vec![0f64; c], vec![0f64; c]),
-                |(mut s1, mut s2), (ds, xs)| {
-                    let (l1, l2) = bn_reduce(ds, xs, &a, &b, &mean, &invstd, act);
-                    for j in 0..c {
-                        s1[j] += l1[j].to_f64();
-                        s2[j] += l2[j].to_f64();
-                    }
-                    (s1, s2)
-                },
-            )
-            .reduce(
-                || (vec![0f64; c], vec![0f64; c]),
-                |(mut s, mut q), (s2, q2)| {
-                    s.iter_mut().zip(&s2).for_each(|(a, b)| *a += b);
-                    q.iter_mut().zip(&q2).for_each(|(a, b)| *a += b);
-                    (s, q)
-                },
-            );
+            .map(|(ds, xs)| {
+                let (l1, l2) = bn_reduce(ds, xs, &a, &b, &mean, &invstd, act);
+                (
+                    l1.iter().map(|v| v.to_f64()).collect(),
+                    l2.iter().map(|v| v.to_f64()).collect(),
+                )
+            })
+            .collect();
+        let (sdy, sdyx) = sum_parts(parts, c);
         gr.accumulate(gid, c, |acc, _| {
             for j in 0..c {
                 acc[j] += T::from_f64(sdyx[j]);
