@@ -390,19 +390,22 @@ pub fn depthwise<T: Float>(
                 return Ok(());
             };
             let (want_x, want_w) = (gr.wants(xid), gr.wants(wid));
-            let mut dx = Buf::zeros(if want_x { n * per_in } else { 0 });
-            let dwt = if want_x {
-                dx.par_chunks_mut(per_in)
-                    .enumerate()
+            let mut dx = Buf::alloc(if want_x { n * per_in } else { 0 });
+            if want_x {
+                dx.par_chunks_mut(per_in).enumerate().for_each(|(s, dxs)| {
+                    dw_backward_x(&wt, &dy[s * per_out..(s + 1) * per_out], dxs, &g, c)
+                });
+            }
+            let dwt = if want_w {
+                (0..n)
+                    .into_par_iter()
                     .fold(
                         || vec![T::ZERO; kk * c],
-                        |mut acc, (s, dxs)| {
-                            dw_backward(
+                        |mut acc, s| {
+                            dw_backward_w(
                                 &xv[s * per_in..(s + 1) * per_in],
-                                &wt,
                                 &dy[s * per_out..(s + 1) * per_out],
-                                Some(dxs),
-                                want_w.then_some(&mut acc[..]),
+                                &mut acc,
                                 &g,
                                 c,
                             );
@@ -411,24 +414,7 @@ pub fn depthwise<T: Float>(
                     )
                     .reduce(|| vec![T::ZERO; kk * c], add_vec)
             } else {
-                (0..n)
-                    .into_par_iter()
-                    .fold(
-                        || vec![T::ZERO; kk * c],
-                        |mut acc, s| {
-                            dw_backward(
-                                &xv[s * per_in..(s + 1) * per_in],
-                                &wt,
-                                &dy[s * per_out..(s + 1) * per_out],
-                                None,
-                                Some(&mut acc[..]),
-                                &g,
-                                c,
-                            );
-                            acc
-                        },
-                    )
-                    .reduce(|| vec![T::ZERO; kk * c], add_vec)
+                Vec::new()
             };
             if want_w {
                 gr.accumulate(wid, c * kk, |acc, _| {
@@ -452,20 +438,47 @@ fn add_vec<T: Float>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
     a
 }
 
+/// Channels per register-resident accumulator block of the depthwise kernels.
+const LANES: usize = 16;
+
+/// acc[l] += a[l] · b[l] over one block of `LANES` channels.
+#[inline(always)]
+fn fma_block<T: Float>(acc: &mut [T; LANES], a: &[T], b: &[T]) {
+    let (a, b) = (&a[..LANES], &b[..LANES]);
+    for l in 0..LANES {
+        acc[l] += a[l] * b[l];
+    }
+}
+
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
 fn dw_forward<T: Float>(x: &[T], wt: &[T], out: &mut [T], g: &Geom, c: usize) {
+    let full = c - c % LANES;
     for oy in 0..g.oh {
         let (iy0, ky0, ky1) = g.span(oy, g.pad_top, g.h);
         for ox in 0..g.ow {
             let (ix0, kx0, kx1) = g.span(ox, g.pad_left, g.w);
             let o = &mut out[(oy * g.ow + ox) * c..][..c];
+            // Blocks of LANES channels accumulate over all taps in registers.
+            for c0 in (0..full).step_by(LANES) {
+                let mut acc = [T::ZERO; LANES];
+                for ky in ky0..ky1 {
+                    let iy = (iy0 + ky as isize) as usize;
+                    for kx in kx0..kx1 {
+                        let ix = (ix0 + kx as isize) as usize;
+                        let at = (iy * g.w + ix) * c + c0;
+                        fma_block(&mut acc, &x[at..], &wt[(ky * g.k + kx) * c + c0..]);
+                    }
+                }
+                o[c0..c0 + LANES].copy_from_slice(&acc);
+            }
+            let o = &mut o[full..];
             o.iter_mut().for_each(|v| *v = T::ZERO);
             for ky in ky0..ky1 {
                 let iy = (iy0 + ky as isize) as usize;
                 for kx in kx0..kx1 {
                     let ix = (ix0 + kx as isize) as usize;
-                    let xr = &x[(iy * g.w + ix) * c..][..c];
-                    let wr = &wt[(ky * g.k + kx) * c..][..c];
+                    let xr = &x[(iy * g.w + ix) * c + full..][..c - full];
+                    let wr = &wt[(ky * g.k + kx) * c + full..][..c - full];
                     for ((o, &a), &b) in o.iter_mut().zip(xr).zip(wr) {
                         *o += a * b;
                     }
@@ -475,17 +488,51 @@ fn dw_forward<T: Float>(x: &[T], wt: &[T], out: &mut [T], g: &Geom, c: usize) {
     }
 }
 
-/// Backward of one sample: dx += Σ taps dy·w (if `dx`), dwt += Σ pixels x·dy (if `dwt`).
+/// Input-gradient of one sample, gathered per input pixel (every element of `dx` is written):
+/// dx[iy, ix] = Σ over the taps (ky, kx) that reach it of dy[oy, ox] · w[ky, kx].
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
-fn dw_backward<T: Float>(
-    x: &[T],
-    wt: &[T],
-    dy: &[T],
-    mut dx: Option<&mut [T]>,
-    mut dwt: Option<&mut [T]>,
-    g: &Geom,
-    c: usize,
-) {
+fn dw_backward_x<T: Float>(wt: &[T], dy: &[T], dx: &mut [T], g: &Geom, c: usize) {
+    let full = c - c % LANES;
+    let s = g.stride as isize;
+    // Output row / column reached from input coordinate i through tap t, if any.
+    let src = |i: usize, t: usize, pad: usize, o_len: usize| -> Option<usize> {
+        let num = i as isize + pad as isize - t as isize;
+        (num >= 0 && num % s == 0 && ((num / s) as usize) < o_len).then(|| (num / s) as usize)
+    };
+    let mut taps: Vec<(usize, usize)> = Vec::with_capacity(g.k * g.k);
+    for iy in 0..g.h {
+        for ix in 0..g.w {
+            taps.clear();
+            for ky in 0..g.k {
+                let Some(oy) = src(iy, ky, g.pad_top, g.oh) else {
+                    continue;
+                };
+                for kx in 0..g.k {
+                    if let Some(ox) = src(ix, kx, g.pad_left, g.ow) {
+                        taps.push(((oy * g.ow + ox) * c, (ky * g.k + kx) * c));
+                    }
+                }
+            }
+            let d = &mut dx[(iy * g.w + ix) * c..][..c];
+            for c0 in (0..full).step_by(LANES) {
+                let mut acc = [T::ZERO; LANES];
+                for &(po, pw) in &taps {
+                    fma_block(&mut acc, &dy[po + c0..], &wt[pw + c0..]);
+                }
+                d[c0..c0 + LANES].copy_from_slice(&acc);
+            }
+            for ch in full..c {
+                d[ch] = taps
+                    .iter()
+                    .fold(T::ZERO, |a, &(po, pw)| a + dy[po + ch] * wt[pw + ch]);
+            }
+        }
+    }
+}
+
+/// Weight-gradient of one sample: dwt[t, ch] += Σ over output pixels of x · dy.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
+fn dw_backward_w<T: Float>(x: &[T], dy: &[T], dwt: &mut [T], g: &Geom, c: usize) {
     for oy in 0..g.oh {
         let (iy0, ky0, ky1) = g.span(oy, g.pad_top, g.h);
         for ox in 0..g.ow {
@@ -495,21 +542,85 @@ fn dw_backward<T: Float>(
                 let iy = (iy0 + ky as isize) as usize;
                 for kx in kx0..kx1 {
                     let ix = (ix0 + kx as isize) as usize;
-                    let t = ky * g.k + kx;
-                    let at = (iy * g.w + ix) * c;
-                    if let Some(dx) = dx.as_deref_mut() {
-                        let wr = &wt[t * c..][..c];
-                        for ((o, &a), &b) in dx[at..at + c].iter_mut().zip(d).zip(wr) {
-                            *o += a * b;
-                        }
+                    let xr = &x[(iy * g.w + ix) * c..][..c];
+                    let dr = &mut dwt[(ky * g.k + kx) * c..][..c];
+                    for ((o, &a), &b) in dr.iter_mut().zip(d).zip(xr) {
+                        *o += a * b;
                     }
-                    if let Some(dwt) = dwt.as_deref_mut() {
-                        let xr = &x[at..at + c];
-                        for ((o, &a), &b) in dwt[t * c..][..c].iter_mut().zip(d).zip(xr) {
-                            *o += a * b;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Naive depthwise forward / input-gradient / weight-gradient of one sample (OIHW-free: tap-major w).
+    fn naive(x: &[f64], wt: &[f64], dy: &[f64], g: &Geom, c: usize) -> [Vec<f64>; 3] {
+        let (mut y, mut dx, mut dw) = (
+            vec![0.0; g.oh * g.ow * c],
+            vec![0.0; g.h * g.w * c],
+            vec![0.0; g.k * g.k * c],
+        );
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                for ky in 0..g.k {
+                    for kx in 0..g.k {
+                        let iy = (oy * g.stride + ky) as isize - g.pad_top as isize;
+                        let ix = (ox * g.stride + kx) as isize - g.pad_left as isize;
+                        if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                            continue;
+                        }
+                        let (pi, po, t) = (
+                            (iy as usize * g.w + ix as usize) * c,
+                            (oy * g.ow + ox) * c,
+                            (ky * g.k + kx) * c,
+                        );
+                        for ch in 0..c {
+                            y[po + ch] += x[pi + ch] * wt[t + ch];
+                            dx[pi + ch] += dy[po + ch] * wt[t + ch];
+                            dw[t + ch] += dy[po + ch] * x[pi + ch];
                         }
                     }
                 }
+            }
+        }
+        [y, dx, dw]
+    }
+
+    #[test]
+    fn depthwise_kernels_match_naive_with_full_and_tail_channel_blocks() {
+        let c = LANES + 5;
+        for (k, s, pad, h, w) in [
+            (3, 1, Padding::Symmetric, 5, 6),
+            (3, 2, Padding::Symmetric, 7, 6),
+            (5, 2, Padding::TfSame, 8, 9),
+            (5, 1, Padding::TfSame, 4, 5),
+        ] {
+            let g = Geom::new(h, w, k, s, pad).unwrap();
+            let val = |i: usize, m: usize| ((i * 37 + m) % 101) as f64 / 50.0 - 1.0;
+            let x: Vec<f64> = (0..h * w * c).map(|i| val(i, 1)).collect();
+            let wt: Vec<f64> = (0..k * k * c).map(|i| val(i, 2)).collect();
+            let dy: Vec<f64> = (0..g.oh * g.ow * c).map(|i| val(i, 3)).collect();
+            let [ey, edx, edw] = naive(&x, &wt, &dy, &g, c);
+            let mut y = vec![f64::NAN; ey.len()];
+            dw_forward(&x, &wt, &mut y, &g, c);
+            let mut dx = vec![f64::NAN; edx.len()];
+            dw_backward_x(&wt, &dy, &mut dx, &g, c);
+            let mut dw = vec![0.0; edw.len()];
+            dw_backward_w(&x, &dy, &mut dw, &g, c);
+            for (name, got, want) in [("y", &y, &ey), ("dx", &dx, &edx), ("dw", &dw, &edw)] {
+                let err = got
+                    .iter()
+                    .zip(want.iter())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max);
+                assert!(
+                    err < 1e-12,
+                    "k{k} s{s} {pad:?} {h}×{w}: {name} off by {err}"
+                );
             }
         }
     }
