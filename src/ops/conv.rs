@@ -161,28 +161,23 @@ pub fn conv2d<T: Float>(
             let (want_x, want_w) = (gr.wants(xid), gr.wants(wid));
             let per_in = h * wd * cin;
             if want_w {
-                let dw: Vec<T> = (0..n)
-                    .into_par_iter()
-                    .fold(
-                        || (vec![T::ZERO; cout * kdim], Buf::<T>::alloc(p * kdim)),
-                        |(mut dwp, mut cols), s| {
-                            im2col(&xv[s * per_in..(s + 1) * per_in], cin, &g, &mut cols);
-                            // dW [Cout, kdim] += dYᵀ [Cout, P] · cols [P, kdim]
-                            gemm_t(
-                                cout,
-                                kdim,
-                                p,
-                                &mut dwp,
-                                true,
-                                View::t(&dy[s * p * cout..(s + 1) * p * cout], cout),
-                                View::rows(&cols, kdim),
-                                false,
-                            );
-                            (dwp, cols)
-                        },
-                    )
-                    .map(|(dwp, _)| dwp)
-                    .reduce(|| vec![T::ZERO; cout * kdim], add_vec);
+                let dw = in_sample_groups(n, cout * kdim, |range, dwp| {
+                    let mut cols = Buf::<T>::alloc(p * kdim);
+                    for s in range {
+                        im2col(&xv[s * per_in..(s + 1) * per_in], cin, &g, &mut cols);
+                        // dW [Cout, kdim] += dYᵀ [Cout, P] · cols [P, kdim]
+                        gemm_t(
+                            cout,
+                            kdim,
+                            p,
+                            dwp,
+                            true,
+                            View::t(&dy[s * p * cout..(s + 1) * p * cout], cout),
+                            View::rows(&cols, kdim),
+                            false,
+                        );
+                    }
+                });
                 gr.add(wid, dw);
             }
             if want_x {
@@ -397,22 +392,17 @@ pub fn depthwise<T: Float>(
                 });
             }
             let dwt = if want_w {
-                (0..n)
-                    .into_par_iter()
-                    .fold(
-                        || vec![T::ZERO; kk * c],
-                        |mut acc, s| {
-                            dw_backward_w(
-                                &xv[s * per_in..(s + 1) * per_in],
-                                &dy[s * per_out..(s + 1) * per_out],
-                                &mut acc,
-                                &g,
-                                c,
-                            );
-                            acc
-                        },
-                    )
-                    .reduce(|| vec![T::ZERO; kk * c], add_vec)
+                in_sample_groups(n, kk * c, |range, acc| {
+                    for s in range {
+                        dw_backward_w(
+                            &xv[s * per_in..(s + 1) * per_in],
+                            &dy[s * per_out..(s + 1) * per_out],
+                            acc,
+                            &g,
+                            c,
+                        );
+                    }
+                })
             } else {
                 Vec::new()
             };
@@ -433,9 +423,34 @@ pub fn depthwise<T: Float>(
     )
 }
 
-fn add_vec<T: Float>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
-    a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
-    a
+/// Samples per partial sum of a weight gradient.
+const SAMPLE_GROUP: usize = 4;
+
+/// Σ over samples of a weight gradient of `len` values: `f(samples, acc)` accumulates a fixed
+/// group of samples into a zeroed partial, the groups run across the pool and their partials are
+/// added in group order, so the result does not depend on the thread count or work stealing.
+fn in_sample_groups<T: Float>(
+    n: usize,
+    len: usize,
+    f: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync,
+) -> Vec<T> {
+    let parts: Vec<Vec<T>> = (0..n.div_ceil(SAMPLE_GROUP))
+        .into_par_iter()
+        .map(|gi| {
+            let mut acc = vec![T::ZERO; len];
+            f(
+                gi * SAMPLE_GROUP..((gi + 1) * SAMPLE_GROUP).min(n),
+                &mut acc,
+            );
+            acc
+        })
+        .collect();
+    let mut parts = parts.into_iter();
+    let first = parts.next().unwrap_or_else(|| vec![T::ZERO; len]);
+    parts.fold(first, |mut a, b| {
+        a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
+        a
+    })
 }
 
 /// Channels per register-resident accumulator block of the depthwise kernels.
