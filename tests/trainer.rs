@@ -252,3 +252,20 @@ fn fit_is_deterministic_given_the_seed_whatever_the_worker_count() {
     assert_eq!(a, run(3, 3), "worker count changed the result");
     assert_ne!(a, run(1, 4), "the seed did not matter");
 }
+
+#[test]
+fn steps_are_bitwise_reproducible_at_realistic_sizes() {
+    // 128×128 crops: BN statistics span many row chunks and weight gradients many sample groups, so
+    // any reduction whose order depended on rayon's work stealing would show up here.
+    let (x, y) = batch(8, 128, 6, 3);
+    let run = || {
+        let mut t = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), opts()).unwrap();
+        let l: Vec<f64> = (0..2)
+            .map(|_| t.step(&x, 8, 128, 128, &y).unwrap())
+            .collect();
+        (l, weights(&t))
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a.0, b.0);
+    assert!(a.1 == b.1, "weights differ between identical runs");
+}
