@@ -207,6 +207,9 @@ impl<T: Float> Tape<T> {
     }
 }
 
+/// Elements per parallel task when gradients are summed.
+const ADD_CHUNK: usize = 1 << 15;
+
 /// Gradients of the values of one tape, by var id, during backward.
 pub struct Grads<T: Float> {
     slots: Vec<Option<Buf<T>>>,
@@ -239,7 +242,10 @@ impl<T: Float> Grads<T> {
         match &mut self.slots[id] {
             Some(acc) => {
                 debug_assert_eq!(acc.len(), g.len());
-                acc.iter_mut().zip(g.iter()).for_each(|(a, b)| *a += *b);
+                use rayon::prelude::*;
+                acc.par_chunks_mut(ADD_CHUNK)
+                    .zip(g.par_chunks(ADD_CHUNK))
+                    .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += *b));
             }
             slot => *slot = Some(g),
         }

@@ -70,7 +70,11 @@ pub fn add<T: Float>(tape: &mut Tape<T>, a: &Var, b: &Var) -> Result<Var> {
         if let Some(d) = gr.take(out_id) {
             match (gr.wants(aid), gr.wants(bid)) {
                 (true, true) => {
-                    gr.add(bid, d.clone());
+                    let mut copy = Buf::alloc(d.len());
+                    copy.par_chunks_mut(CHUNK)
+                        .zip(d.par_chunks(CHUNK))
+                        .for_each(|(c, s)| c.copy_from_slice(s));
+                    gr.add(bid, copy);
                     gr.add(aid, d);
                 }
                 (true, false) => gr.add(aid, d),
@@ -310,18 +314,30 @@ fn check_p(p: f64, what: &str) -> Result<()> {
 
 /// y = x · mask[i / group] (mask entries broadcast over groups of `group` values).
 fn mask_op<T: Float>(tape: &mut Tape<T>, x: &Var, mask: Vec<T>, group: usize) -> Result<Var> {
+    let group = group.max(1);
     let xv = tape.value(x);
     let mut out = Buf::alloc(xv.len());
-    for ((o, xs), &m) in out.chunks_mut(group).zip(xv.chunks(group)).zip(&mask) {
-        o.iter_mut().zip(xs).for_each(|(o, &v)| *o = v * m);
-    }
+    // Chunks of whole groups (or, for small groups, many groups) across the pool.
+    let per = group * (CHUNK / group).max(1);
+    out.par_chunks_mut(per)
+        .zip(xv.par_chunks(per))
+        .enumerate()
+        .for_each(|(i, (o, xs))| {
+            let ms = &mask[i * (per / group)..];
+            for ((o, xs), &m) in o.chunks_mut(group).zip(xs.chunks(group)).zip(ms) {
+                o.iter_mut().zip(xs).for_each(|(o, &v)| *o = v * m);
+            }
+        });
     let xid = x.id();
     let need = tape.requires_grad(x);
     Ok(tape.push(x.shape(), out, need, move |out_id, gr| {
         if let Some(mut d) = gr.take(out_id) {
-            for (ds, &m) in d.chunks_mut(group).zip(&mask) {
-                ds.iter_mut().for_each(|v| *v *= m);
-            }
+            d.par_chunks_mut(per).enumerate().for_each(|(i, ds)| {
+                let ms = &mask[i * (per / group)..];
+                for (ds, &m) in ds.chunks_mut(group).zip(ms) {
+                    ds.iter_mut().for_each(|v| *v *= m);
+                }
+            });
             gr.add(xid, d);
         }
         Ok(())

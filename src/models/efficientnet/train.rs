@@ -227,7 +227,10 @@ impl<T: Float> TrainableEfficientNet<T> {
                 x.len()
             )));
         }
-        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        if let Some(i) = {
+            use rayon::prelude::*;
+            x.par_iter().position_first(|v| !v.is_finite())
+        } {
             return Err(Error::NonFinite(format!(
                 "crop {} contains a non-finite value",
                 i / (c * h * w)
@@ -235,13 +238,17 @@ impl<T: Float> TrainableEfficientNet<T> {
         }
         // NCHW → NHWC.
         let mut nhwc = crate::autograd::Buf::<T>::alloc(x.len());
-        for s in 0..n {
-            for ch in 0..c {
-                let src = &x[(s * c + ch) * h * w..][..h * w];
-                for (p, &v) in src.iter().enumerate() {
-                    nhwc[(s * h * w + p) * c + ch] = v;
-                }
-            }
+        {
+            use rayon::prelude::*;
+            nhwc.par_chunks_mut(c * h * w)
+                .zip(x.par_chunks(c * h * w))
+                .for_each(|(dst, src)| {
+                    for (ch, plane) in src.chunks_exact(h * w).enumerate() {
+                        for (p, &v) in plane.iter().enumerate() {
+                            dst[p * c + ch] = v;
+                        }
+                    }
+                });
         }
         let bn = self.bn_cfg(reg);
         let pad = self.config.padding;
