@@ -80,7 +80,19 @@ impl<T: Float> Tape<T> {
                 data.len()
             )));
         }
-        Ok(self.leaf(shape, Arc::new(Buf::from(data)), requires_grad))
+        self.input_buf(shape, Buf::from(data), requires_grad)
+    }
+
+    /// [`Tape::input`] of a pooled buffer (its storage returns to the pool when released).
+    pub fn input_buf(&mut self, shape: &[usize], data: Buf<T>, requires_grad: bool) -> Result<Var> {
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(Error::Shape(format!(
+                "input of shape {shape:?} needs {} values, got {}",
+                shape.iter().product::<usize>(),
+                data.len()
+            )));
+        }
+        Ok(self.leaf(shape, Arc::new(data), requires_grad))
     }
 
     /// Records parameter `index` of `params` as a leaf whose gradient flows into `params`.

@@ -20,6 +20,9 @@ use std::sync::Mutex;
 pub const MIN_POOLED_BYTES: usize = 1 << 16;
 /// Upper bound on the bytes the pool of one scalar type keeps cached.
 pub const MAX_CACHED_BYTES: usize = 4 << 30;
+/// A cached buffer not taken again within this many later returns is released at the next miss
+/// (an EfficientNet-B0 training step returns a few hundred buffers).
+pub const MAX_AGE: u64 = 1 << 13;
 
 struct Entry<T> {
     stamp: u64,
@@ -61,25 +64,47 @@ impl<T: Float> Pool<T> {
         let mut evicted = Vec::new();
         {
             let mut st = self.lock();
-            // Most recently returned buffer of this length (warmest in cache).
-            let hit = st
+            // Most recently returned buffer of this length (warmest in cache), else the smallest
+            // one holding it with less than 50 % to spare.
+            let exact = st
                 .entries
                 .iter()
                 .enumerate()
                 .filter(|(_, e)| e.buf.len() == n)
                 .max_by_key(|(_, e)| e.stamp)
                 .map(|(i, _)| i);
+            let hit = exact.or_else(|| {
+                st.entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, e)| e.buf.len() > n && e.buf.len() - n <= n / 2)
+                    .min_by_key(|(_, e)| e.buf.len())
+                    .map(|(i, _)| i)
+            });
             if let Some(i) = hit {
                 let mut v = st.entries.swap_remove(i).buf;
-                st.cached_bytes -= bytes;
+                st.cached_bytes -= v.len() * std::mem::size_of::<T>();
                 drop(st);
+                v.truncate(n);
                 if zero {
                     v.iter_mut().for_each(|x| *x = T::ZERO);
                 }
                 return v;
             }
-            // Miss: keep the cache within its bound once this buffer returns to it, releasing
-            // the oldest cached buffers first.
+            // Miss: release buffers not reused for `MAX_AGE` returns (sizes of another phase,
+            // e.g. a different batch size), and keep the cache within its bound once this buffer
+            // returns to it, oldest first.
+            let clock = st.clock;
+            let mut i = 0;
+            while i < st.entries.len() {
+                if clock - st.entries[i].stamp > MAX_AGE {
+                    let e = st.entries.swap_remove(i);
+                    st.cached_bytes -= e.buf.len() * std::mem::size_of::<T>();
+                    evicted.push(e.buf);
+                } else {
+                    i += 1;
+                }
+            }
             while st.cached_bytes + bytes > MAX_CACHED_BYTES && !st.entries.is_empty() {
                 let i = st
                     .entries
@@ -143,44 +168,53 @@ pub fn trim() {
     f64::pool().trim();
 }
 
-/// A vector whose storage returns to its scalar type's [`Pool`] when dropped.
-/// Dereferences to `Vec<T>` (and so to `[T]`).
-pub struct Buf<T: Float>(Vec<T>);
+/// A vector that, when drawn from its scalar type's [`Pool`] ([`Buf::alloc`], [`Buf::zeros`]),
+/// returns its storage there on drop. A `Buf` made from a `Vec` (`From`) is freed normally: only
+/// sizes that are requested from the pool are cached. Dereferences to `Vec<T>` (and `[T]`).
+pub struct Buf<T: Float> {
+    v: Vec<T>,
+    pooled: bool,
+}
 
 impl<T: Float> Buf<T> {
     /// Length `n`, contents unspecified (the caller overwrites every element).
     pub fn alloc(n: usize) -> Self {
-        Buf(T::pool().take(n, false))
+        Buf {
+            v: T::pool().take(n, false),
+            pooled: true,
+        }
     }
     /// Length `n`, all zeros.
     pub fn zeros(n: usize) -> Self {
-        Buf(T::pool().take(n, true))
+        Buf {
+            v: T::pool().take(n, true),
+            pooled: true,
+        }
     }
     /// Takes the vector out (it will not return to the pool).
     pub fn into_vec(mut self) -> Vec<T> {
-        std::mem::take(&mut self.0)
+        std::mem::take(&mut self.v)
     }
 }
 
 impl<T: Float> From<Vec<T>> for Buf<T> {
     fn from(v: Vec<T>) -> Self {
-        Buf(v)
+        Buf { v, pooled: false }
     }
 }
 
 impl<T: Float> Drop for Buf<T> {
     fn drop(&mut self) {
-        let v = std::mem::take(&mut self.0);
-        if v.capacity() > 0 {
-            T::pool().put(v);
+        if self.pooled && self.v.capacity() > 0 {
+            T::pool().put(std::mem::take(&mut self.v));
         }
     }
 }
 
 impl<T: Float> Clone for Buf<T> {
     fn clone(&self) -> Self {
-        let mut b = Buf::alloc(self.0.len());
-        b.0.copy_from_slice(&self.0);
+        let mut b = Buf::alloc(self.v.len());
+        b.v.copy_from_slice(&self.v);
         b
     }
 }
@@ -188,19 +222,19 @@ impl<T: Float> Clone for Buf<T> {
 impl<T: Float> Deref for Buf<T> {
     type Target = Vec<T>;
     fn deref(&self) -> &Vec<T> {
-        &self.0
+        &self.v
     }
 }
 
 impl<T: Float> DerefMut for Buf<T> {
     fn deref_mut(&mut self) -> &mut Vec<T> {
-        &mut self.0
+        &mut self.v
     }
 }
 
 impl<T: Float> std::fmt::Debug for Buf<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+        self.v.fmt(f)
     }
 }
 
@@ -235,7 +269,15 @@ mod tests {
         // Small buffers are not cached.
         pool.put(vec![1.0; 16]);
         assert_eq!(pool.cached_bytes(), 8 * n + 8 * n / 2);
+        // A shorter request reuses a cached buffer less than 50 % larger.
+        let d = pool.take(n - n / 4, false);
+        assert_eq!((d.len(), d.as_ptr()), (n - n / 4, ptr));
+        assert_eq!(pool.cached_bytes(), 8 * n / 2);
+        pool.put(d);
+        assert_eq!(pool.cached_bytes(), 8 * n + 8 * n / 2);
         pool.trim();
         assert_eq!(pool.cached_bytes(), 0);
+        // Buffers made from plain vectors are not cached.
+        drop(Buf::<f64>::from(vec![0.0; n]));
     }
 }

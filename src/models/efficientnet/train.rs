@@ -252,7 +252,7 @@ impl<T: Float> TrainableEfficientNet<T> {
         }
         let bn = self.bn_cfg(reg);
         let pad = self.config.padding;
-        let input = tape.input(&[n, h, w, c], nhwc.into_vec(), false)?;
+        let input = tape.input_buf(&[n, h, w, c], nhwc, false)?;
         let stem = self.stem;
         let mut cur = self.conv_bn(tape, &input, stem, Act::Silu, &bn, |t, x, w| {
             conv::conv2d(t, x, w, 2, pad)
