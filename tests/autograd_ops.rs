@@ -369,3 +369,31 @@ fn saved_activations_are_released_by_backward() {
         }
     }
 }
+
+#[test]
+fn soft_target_cross_entropy_matches_fd_and_hard_labels() {
+    let q: Vec<f64> = vec![
+        0.7, 0.1, 0.1, 0.1, 0.0, 0.5, 0.5, 0.0, 0.25, 0.25, 0.25, 0.25,
+    ];
+    let r = check(&[inp(&[3, 4], 33)], true, 12, |t, v| {
+        loss::soft_target_cross_entropy(t, &v[0], q.clone())
+    })
+    .unwrap();
+    assert_ok("soft-target cross-entropy", r);
+    // One-hot targets smoothed by ε equal the hard-label loss with label smoothing ε.
+    let z = rand_vec(12, 34);
+    let labels = [1u32, 3, 0];
+    let eps = 0.1;
+    let mut soft = vec![eps / 4.0; 12];
+    for (i, &y) in labels.iter().enumerate() {
+        soft[i * 4 + y as usize] += 1.0 - eps;
+    }
+    let mut tape = Tape::<f64>::new(true);
+    let zv = tape.input(&[3, 4], z, true).unwrap();
+    let a = loss::soft_target_cross_entropy(&mut tape, &zv, soft).unwrap();
+    let b = loss::softmax_cross_entropy(&mut tape, &zv, &labels, eps).unwrap();
+    assert!((tape.data(&a)[0] - tape.data(&b)[0]).abs() < 1e-14);
+    // Targets that are not distributions are refused.
+    let e = loss::soft_target_cross_entropy(&mut tape, &zv, vec![0.5; 12]).unwrap_err();
+    assert!(e.to_string().contains("target row 0"), "{e}");
+}

@@ -269,3 +269,81 @@ fn steps_are_bitwise_reproducible_at_realistic_sizes() {
     assert_eq!(a.0, b.0);
     assert!(a.1 == b.1, "weights differ between identical runs");
 }
+
+#[test]
+fn online_label_smoothing() {
+    use phenocore::train::trainer::OnlineLabelSmoothing;
+    let (x, y) = batch(4, 32, 8, 3);
+    let base = TrainerOptions {
+        augment_in_step: false,
+        lr: 0.005,
+        label_smoothing: 0.1,
+        ..opts()
+    };
+    // α = 1: the soft part has no weight, so the loss is the plain label-smoothed loss.
+    let mut plain =
+        Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), base.clone()).unwrap();
+    let o1 = TrainerOptions {
+        online_label_smoothing: Some(OnlineLabelSmoothing {
+            alpha: 1.0,
+            smoothing: 0.1,
+        }),
+        ..base.clone()
+    };
+    let mut ols1 = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), o1).unwrap();
+    let (a, b) = (
+        plain.step(&x, 4, 32, 32, &y).unwrap(),
+        ols1.step(&x, 4, 32, 32, &y).unwrap(),
+    );
+    assert!((a - b).abs() < 1e-6 * a.abs(), "{a} vs {b}");
+    // Default α = 0.03, smoothing 0.1: the first-epoch target of class y is
+    // 0.03·((1−ε)·onehot + ε/K) + 0.97·(0.9 on y, 0.05 elsewhere): its loss differs from plain.
+    let o = TrainerOptions {
+        online_label_smoothing: Some(OnlineLabelSmoothing::default()),
+        ..base.clone()
+    };
+    let mut t = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), o.clone()).unwrap();
+    let c = t.step(&x, 4, 32, 32, &y).unwrap();
+    assert!((a - c).abs() > 1e-4, "{a} vs {c}");
+    // Checkpoints carry the soft-label statistics: resume reproduces the next step exactly.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck.safetensors");
+    t.save_checkpoint(&ck).unwrap();
+    let next = t.step(&x, 4, 32, 32, &y).unwrap();
+    let mut r = Trainer::new(TrainableEfficientNet::new(cfg(3), 1).unwrap(), o).unwrap();
+    r.load_checkpoint(&ck).unwrap();
+    assert_eq!(r.step(&x, 4, 32, 32, &y).unwrap(), next);
+    assert_eq!(weights(&r), weights(&t));
+    // A trainer with online label smoothing refuses a checkpoint without its statistics.
+    let ck2 = dir.path().join("plain.safetensors");
+    plain.save_checkpoint(&ck2).unwrap();
+    let e = r.load_checkpoint(&ck2).unwrap_err().to_string();
+    assert!(e.contains("online label smoothing"), "{e}");
+}
+
+#[test]
+fn eval_mode_logits_match_the_folded_inference_model_after_training() {
+    // After a few steps (BN running statistics moved, weights changed), the tape's eval-mode forward
+    // and the independent BN-folded inference path compute the same logits.
+    let (x, y) = batch(6, 64, 9, 3);
+    let o = TrainerOptions {
+        lr: 0.01,
+        augment_in_step: false,
+        ..opts()
+    };
+    let mut t = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), o).unwrap();
+    for _ in 0..3 {
+        t.step(&x, 6, 64, 64, &y).unwrap();
+    }
+    let ours = t.predict(&x, 6, 64, 64).unwrap();
+    let m = t.inference_model().unwrap();
+    let crops = phenocore::Tensor::from_f32(&[6, 5, 64, 64], x.clone()).unwrap();
+    let theirs = m.logits(&crops).unwrap();
+    let theirs = theirs.as_f32().unwrap();
+    let scale = theirs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let err = ours
+        .iter()
+        .zip(theirs)
+        .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+    assert!(err <= 1e-4 * scale, "max |diff| {err} vs scale {scale}");
+}

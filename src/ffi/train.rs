@@ -393,6 +393,7 @@ unsafe fn trainer_opts(p: *const PhenoTrainerOptions) -> Result<TrainerOptions> 
         .validate()
         .map_err(|e| Error::InvalidArgument(format!("opts->aug_*: {e}")))?;
     let o = TrainerOptions {
+        online_label_smoothing: None,
         optimizer,
         lr: c.lr,
         momentum: c.momentum,

@@ -77,3 +77,66 @@ pub fn softmax_cross_entropy<T: Float>(
         }),
     )
 }
+
+/// Mean over the batch of −Σ_k q_ik log softmax(z_i)_k for given target distributions `targets`
+/// [N, K] (rows of non-negative weights summing to 1; online label smoothing builds them).
+pub fn soft_target_cross_entropy<T: Float>(
+    tape: &mut Tape<T>,
+    logits: &Var,
+    targets: Vec<f64>,
+) -> Result<Var> {
+    let (n, k) = match logits.shape() {
+        &[n, k] if n > 0 && k > 0 => (n, k),
+        s => {
+            return Err(Error::Shape(format!(
+                "cross-entropy: logits must be a non-empty [N, K], got {s:?}"
+            )))
+        }
+    };
+    if targets.len() != n * k {
+        return Err(Error::Shape(format!(
+            "cross-entropy: {} target values for logits [{n}, {k}]",
+            targets.len()
+        )));
+    }
+    for (i, row) in targets.chunks_exact(k).enumerate() {
+        let s: f64 = row.iter().sum();
+        if row.iter().any(|&q| !(q >= 0.0 && q.is_finite())) || (s - 1.0).abs() > 1e-6 {
+            return Err(Error::InvalidArgument(format!(
+                "cross-entropy: target row {i} is not a probability distribution (sum {s})"
+            )));
+        }
+    }
+    let zv = tape.value(logits);
+    let mut probs = vec![0f64; n * k];
+    let mut total = 0f64;
+    for i in 0..n {
+        let z = &zv[i * k..(i + 1) * k];
+        let mx = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.to_f64()));
+        let lse = mx + z.iter().map(|&v| (v.to_f64() - mx).exp()).sum::<f64>().ln();
+        for j in 0..k {
+            let lp = z[j].to_f64() - lse;
+            total -= targets[i * k + j] * lp;
+            probs[i * k + j] = lp.exp();
+        }
+    }
+    let zid = logits.id();
+    let need = tape.requires_grad(logits);
+    Ok(tape.push(
+        &[1],
+        vec![T::from_f64(total / n as f64)],
+        need,
+        move |out_id, gr| {
+            if let Some(d) = gr.take(out_id) {
+                let scale = d[0].to_f64() / n as f64;
+                let dz: Vec<T> = probs
+                    .iter()
+                    .zip(&targets)
+                    .map(|(p, q)| T::from_f64((p - q) * scale))
+                    .collect();
+                gr.add(zid, dz);
+            }
+            Ok(())
+        },
+    ))
+}

@@ -16,6 +16,7 @@ use std::path::Path;
 
 const FORMAT: &str = "phenocore-train-checkpoint-1";
 const OPT_PREFIX: &str = "optimizer/";
+const OLS_PREFIX: &str = "online_label_smoothing/";
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -77,10 +78,33 @@ pub fn save(t: &Trainer, path: &Path) -> Result<()> {
             bytemuck::cast_slice(v),
         ));
     }
+    let ols_bytes: Vec<(String, Vec<usize>, Vec<u8>)> = match t.ols_state() {
+        Some(st) => [
+            ("supervise", &st.supervise),
+            ("update", &st.update),
+            ("count", &st.count),
+        ]
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                format!("{OLS_PREFIX}{n}"),
+                vec![v.len()],
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect(),
+        None => Vec::new(),
+    };
     let views = owned
         .iter()
-        .map(|(n, s, d)| {
-            TensorView::new(Dtype::F32, s.clone(), d)
+        .map(|(n, s, d)| (n, s, *d, Dtype::F32))
+        .chain(
+            ols_bytes
+                .iter()
+                .map(|(n, s, d)| (n, s, d.as_slice(), Dtype::F64)),
+        )
+        .map(|(n, s, d, dt)| {
+            TensorView::new(dt, s.clone(), d)
                 .map(|v| (n.clone(), v))
                 .map_err(|e| Error::Internal(format!("checkpoint tensor {n:?}: {e}")))
         })
@@ -175,6 +199,37 @@ pub fn load(t: &mut Trainer, path: &Path) -> Result<()> {
         _ => None,
     };
 
+    let f64s = |name: &str| -> Result<Option<Vec<f64>>> {
+        match st.tensor(name) {
+            Err(_) => Ok(None),
+            Ok(v) if v.dtype() == Dtype::F64 => Ok(Some(
+                v.data()
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect(),
+            )),
+            Ok(_) => Err(Error::DType(format!(
+                "checkpoint tensor {name:?} is not f64"
+            ))),
+        }
+    };
+    let ols = (
+        f64s(&format!("{OLS_PREFIX}supervise"))?,
+        f64s(&format!("{OLS_PREFIX}update"))?,
+        f64s(&format!("{OLS_PREFIX}count"))?,
+    );
+    if let Some(cur) = t.ols_state() {
+        match &ols {
+            (Some(s), Some(u), Some(c))
+                if s.len() == cur.supervise.len() && u.len() == cur.update.len() && c.len() == cur.count.len() => {}
+            _ => {
+                return Err(Error::MissingKey(format!(
+                    "{}: this trainer uses online label smoothing but the checkpoint has no matching statistics",
+                    path.display()
+                )))
+            }
+        }
+    }
     let mut fresh = t.fresh_optimizer()?;
     let (model, opt, t_step, t_epoch, rng, t_best) = t.parts_mut();
     let kind = get("optimizer")?;
@@ -210,5 +265,8 @@ pub fn load(t: &mut Trainer, path: &Path) -> Result<()> {
     r.set_word_pos(word_pos);
     *rng = r;
     *t_best = best;
+    if let (Some(s), Some(u), Some(c)) = ols {
+        t.set_ols_state(s, u, c);
+    }
     Ok(())
 }

@@ -1,13 +1,16 @@
 //! Weakly supervised training of the Cell Painting CNN (REFERENCE §2): data, augmentation, sampling,
 //! splits, validation, the training loop and checkpoints.
 pub mod augment;
+pub mod checkpoint;
 pub mod prefetch;
 pub mod sampler;
 pub mod split;
-pub mod validation;
-pub mod checkpoint;
 pub mod trainer;
+pub mod validation;
 
-pub use trainer::{DecayScope, Dataset, EpochReport, Event, OptimizerKind, Trainer, TrainerOptions};
-pub mod synthetic;
+pub use trainer::{
+    Dataset, DecayScope, EpochReport, Event, OnlineLabelSmoothing, OptimizerKind, Trainer,
+    TrainerOptions,
+};
 pub mod config;
+pub mod synthetic;

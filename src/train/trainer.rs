@@ -46,6 +46,8 @@ pub struct TrainerOptions {
     pub betas: (f64, f64),
     pub eps: f64,
     pub label_smoothing: f64,
+    /// Online label smoothing (Zhang et al. 2021; REFERENCE §2 alternatives): None = off.
+    pub online_label_smoothing: Option<OnlineLabelSmoothing>,
     pub regularisation: Regularisation,
     /// Learning rate as a function of the epoch (`fit`) — `lr` is its base.
     pub schedule: Schedule,
@@ -77,6 +79,7 @@ impl Default for TrainerOptions {
             betas: (0.9, 0.999),
             eps: 1e-8,
             label_smoothing: 0.0,
+            online_label_smoothing: None,
             regularisation: Regularisation::default(),
             schedule: Schedule::Constant,
             warmup_epochs: 0,
@@ -92,9 +95,83 @@ impl Default for TrainerOptions {
     }
 }
 
+/// Online label smoothing: the target of a crop of class y is α·hard(y) + (1 − α)·S[y], where
+/// hard(y) is the (label-smoothed, `label_smoothing`) one-hot target and S[y] the mean predicted
+/// distribution of the correctly classified crops of class y in the previous epoch (`fit`), starting
+/// from 1 − `smoothing` on y and `smoothing` / (K − 1) elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OnlineLabelSmoothing {
+    pub alpha: f64,
+    pub smoothing: f64,
+}
+
+impl Default for OnlineLabelSmoothing {
+    /// REFERENCE §2: α = 0.03, smoothing 0.1.
+    fn default() -> Self {
+        OnlineLabelSmoothing {
+            alpha: 0.03,
+            smoothing: 0.1,
+        }
+    }
+}
+
+/// The soft-label statistics of online label smoothing.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct OlsState {
+    pub k: usize,
+    /// Row y: the soft target of class y used now.
+    pub supervise: Vec<f64>,
+    /// Row y: Σ softmax of this epoch's correctly classified crops of class y.
+    pub update: Vec<f64>,
+    pub count: Vec<f64>,
+}
+
+impl OlsState {
+    fn new(k: usize, smoothing: f64) -> Self {
+        let mut supervise = vec![
+            if k > 1 {
+                smoothing / (k - 1) as f64
+            } else {
+                0.0
+            };
+            k * k
+        ];
+        for y in 0..k {
+            supervise[y * k + y] = if k > 1 { 1.0 - smoothing } else { 1.0 };
+        }
+        OlsState {
+            k,
+            supervise,
+            update: vec![0.0; k * k],
+            count: vec![0.0; k],
+        }
+    }
+    /// Ends an epoch: classes seen correctly classified take their mean prediction.
+    pub fn end_epoch(&mut self) {
+        let k = self.k;
+        for y in 0..k {
+            if self.count[y] > 0.0 {
+                for j in 0..k {
+                    self.supervise[y * k + j] = self.update[y * k + j] / self.count[y];
+                }
+            }
+        }
+        self.update.iter_mut().for_each(|v| *v = 0.0);
+        self.count.iter_mut().for_each(|v| *v = 0.0);
+    }
+}
+
 impl TrainerOptions {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(m));
+        if let Some(o) = &self.online_label_smoothing {
+            if !(0.0..=1.0).contains(&o.alpha) || !(0.0..=1.0).contains(&o.smoothing) {
+                return bad(format!(
+                    "online label smoothing alpha and smoothing must be in [0, 1], got {} and {}",
+                    o.alpha, o.smoothing
+                ));
+            }
+        }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return bad(format!("lr must be a finite number ≥ 0, got {}", self.lr));
         }
@@ -221,6 +298,7 @@ pub struct Trainer {
     /// Randomness of `step` (dropout, drop-connect, augmentation when asked).
     rng: ChaCha8Rng,
     best: Option<(f64, u64)>,
+    pub(super) ols: Option<OlsState>,
 }
 
 impl Trainer {
@@ -228,7 +306,11 @@ impl Trainer {
         opts.validate()?;
         let opt = opts.build_optimizer()?;
         let rng = epoch_rng(opts.seed, u64::MAX);
+        let ols = opts
+            .online_label_smoothing
+            .map(|o| OlsState::new(model.config().num_classes, o.smoothing));
         Ok(Trainer {
+            ols,
             model,
             opt,
             opts,
@@ -319,6 +401,7 @@ impl Trainer {
         lr: f64,
     ) -> Result<(f64, usize)> {
         let step_no = self.step + 1;
+        let ols_before = self.ols.clone();
         let params = self.model.params_mut();
         params.zero_grad();
         let snapshot_buffers: Vec<(usize, Vec<f32>)> = (0..params.len())
@@ -337,7 +420,33 @@ impl Trainer {
             .zip(labels)
             .filter(|(row, &y)| argmax(row) == y as usize)
             .count();
-        let loss = softmax_cross_entropy(&mut tape, &logits, labels, self.opts.label_smoothing)?;
+        let loss = match (&mut self.ols, self.opts.online_label_smoothing) {
+            (Some(st), Some(o)) => {
+                // Target α·hard + (1 − α)·S[y]; correct predictions feed next epoch's S.
+                let eps = self.opts.label_smoothing;
+                let z = tape.data(&logits);
+                let mut q = vec![0f64; labels.len() * k];
+                for (i, &y) in labels.iter().enumerate() {
+                    let y = y as usize;
+                    for j in 0..k {
+                        let hard = if j == y { 1.0 - eps } else { 0.0 } + eps / k as f64;
+                        q[i * k + j] = o.alpha * hard + (1.0 - o.alpha) * st.supervise[y * k + j];
+                    }
+                    let row = &z[i * k..(i + 1) * k];
+                    if argmax(row) == y {
+                        let mx = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+                        let e: Vec<f64> = row.iter().map(|&v| (v as f64 - mx).exp()).collect();
+                        let se: f64 = e.iter().sum();
+                        for j in 0..k {
+                            st.update[y * k + j] += e[j] / se;
+                        }
+                        st.count[y] += 1.0;
+                    }
+                }
+                crate::ops::loss::soft_target_cross_entropy(&mut tape, &logits, q)?
+            }
+            _ => softmax_cross_entropy(&mut tape, &logits, labels, self.opts.label_smoothing)?,
+        };
         let lv = tape.data(&loss)[0] as f64;
         let restore = |model: &mut TrainableEfficientNet<f32>| {
             let p = model.params_mut();
@@ -348,6 +457,7 @@ impl Trainer {
         if !lv.is_finite() {
             drop(tape);
             restore(&mut self.model);
+            self.ols = ols_before;
             return Err(Error::NonFinite(format!(
                 "loss is {lv} at step {step_no}; the step was not applied (weights and BN statistics unchanged)"
             )));
@@ -364,6 +474,7 @@ impl Trainer {
         if let Some(i) = bad {
             let name = params.name(i).to_string();
             restore(&mut self.model);
+            self.ols = ols_before;
             return Err(Error::NonFinite(format!(
                 "gradient of {name:?} is not finite at step {step_no}; the step was not applied"
             )));
@@ -529,6 +640,9 @@ impl Trainer {
                 })?)
             };
             self.epoch += 1;
+            if let Some(st) = &mut self.ols {
+                st.end_epoch();
+            }
             let report = EpochReport {
                 epoch,
                 lr,
@@ -571,6 +685,18 @@ impl Trainer {
     /// saved run would have taken.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
         super::checkpoint::load(self, path)
+    }
+
+    pub(super) fn ols_state(&self) -> Option<&OlsState> {
+        self.ols.as_ref()
+    }
+
+    pub(super) fn set_ols_state(&mut self, supervise: Vec<f64>, update: Vec<f64>, count: Vec<f64>) {
+        if let Some(st) = &mut self.ols {
+            st.supervise = supervise;
+            st.update = update;
+            st.count = count;
+        }
     }
 
     pub(super) fn fresh_optimizer(&self) -> Result<Box<dyn Optimizer>> {
