@@ -227,7 +227,11 @@ fn sgd_step_matches_torch_in_f32() {
     // the first run's values), so an op that assumed fresh zeroed memory would show here.
     let first = step::<f32>();
     let (fwd, delta, zero) = step::<f32>();
-    assert_eq!(first, (fwd, delta, zero), "a second identical step differs from the first");
+    assert_eq!(
+        first,
+        (fwd, delta, zero),
+        "a second identical step differs from the first"
+    );
     println!("f32: logits/loss/running {fwd:.2e}, deltas {delta:.2e}, zero-grad {zero:.2e}");
     assert!(fwd <= 1e-4, "{fwd}");
     assert!(delta <= 1e-4, "{delta}");

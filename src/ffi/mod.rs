@@ -58,6 +58,10 @@ pub use stats::{
     pheno_tukey_hsd, PhenoAverage, PhenoBiosimilarity, PhenoFoldMetrics, PhenoPredictionOptions,
     PhenoSubsetMetrics,
 };
+pub use status::{
+    pheno_last_error, pheno_set_num_threads, pheno_status_str, pheno_version_number,
+    PhenoStatusArg, VERSION_NUMBER,
+};
 pub use train::{
     pheno_trainer_add_crops, pheno_trainer_clear_crops, pheno_trainer_default_options,
     pheno_trainer_fit, pheno_trainer_free, pheno_trainer_load_checkpoint, pheno_trainer_new,
@@ -65,8 +69,4 @@ pub use train::{
     pheno_trainer_save_checkpoint, pheno_trainer_save_weights, pheno_trainer_step,
     pheno_trainer_steps, pheno_trainer_to_model, PhenoLrSchedule, PhenoOptimizer,
     PhenoTrainProgress, PhenoTrainProgressFn, PhenoTrainSplit, PhenoTrainer, PhenoTrainerOptions,
-};
-pub use status::{
-    pheno_last_error, pheno_set_num_threads, pheno_status_str, pheno_version_number,
-    PhenoStatusArg, VERSION_NUMBER,
 };

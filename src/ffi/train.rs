@@ -312,9 +312,11 @@ unsafe fn trainer_opts(p: *const PhenoTrainerOptions) -> Result<TrainerOptions> 
     let optimizer = match raw_optimizer {
         0 => OptimizerKind::Sgd,
         1 => OptimizerKind::AdamW,
-        v => return Err(Error::InvalidArgument(format!(
+        v => {
+            return Err(Error::InvalidArgument(format!(
             "opts->optimizer is {v}; expected PHENO_OPTIMIZER_SGD (0) or PHENO_OPTIMIZER_ADAMW (1)"
-        ))),
+        )))
+        }
     };
     let schedule = match raw_schedule {
         0 => Schedule::Constant,

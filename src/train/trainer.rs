@@ -672,6 +672,8 @@ impl Trainer {
                 return Err(Error::Cancelled);
             }
         }
+        // The buffer pool keeps up to one step's activations; give them back after a run.
+        crate::autograd::pool::trim();
         Ok(reports)
     }
 
@@ -741,6 +743,13 @@ impl Trainer {
             &mut self.rng,
             &mut self.best,
         )
+    }
+}
+
+impl Drop for Trainer {
+    /// Releases the buffers the recycling pool cached for this trainer's steps.
+    fn drop(&mut self) {
+        crate::autograd::pool::trim();
     }
 }
 
