@@ -1,5 +1,6 @@
 //! `phenocore train` and `phenocore bench-train`.
 
+use crate::bar;
 use clap::Args;
 use phenocore::models::efficientnet::{EfficientNetConfig, Padding, TrainableEfficientNet};
 use phenocore::train::config::{load_data, split_indices, TrainConfig};
@@ -105,12 +106,6 @@ pub struct TrainOutcome {
     pub trainer: Trainer,
     pub classes: Vec<String>,
     pub reports: Vec<phenocore::train::EpochReport>,
-}
-
-fn bar(len: u64, template: &str) -> indicatif::ProgressBar {
-    let style = indicatif::ProgressStyle::with_template(template)
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    indicatif::ProgressBar::new(len).with_style(style.progress_chars("=> "))
 }
 
 /// Loads the data the config names, trains (resuming when asked and possible) and writes into the
