@@ -188,3 +188,22 @@ pub(crate) unsafe fn c_str_array<'a>(
         .map(|(i, &s)| c_str(s, &format!("{what}[{i}]")))
         .collect()
 }
+
+/// Writes NULL to `out` (named `what` in the error when `out` itself is NULL), runs `make`, and on
+/// success writes the new boxed handle: a failed constructor leaves `*out == NULL`.
+///
+/// # Safety
+/// `out` is NULL or valid for a write.
+pub unsafe fn publish_handle<T>(
+    out: *mut *mut T,
+    what: &str,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<()> {
+    if out.is_null() {
+        return Err(null(what));
+    }
+    out.write_unaligned(std::ptr::null_mut());
+    let h = make()?;
+    out.write_unaligned(Box::into_raw(Box::new(h)));
+    Ok(())
+}

@@ -41,13 +41,7 @@ unsafe fn publish(
     out_model: *mut *mut PhenoModel,
     make: impl FnOnce() -> Result<EfficientNet>,
 ) -> Result<()> {
-    if out_model.is_null() {
-        return Err(null("out_model"));
-    }
-    out_model.write_unaligned(std::ptr::null_mut());
-    let net = make()?;
-    out_model.write_unaligned(Box::into_raw(Box::new(PhenoModel { net })));
-    Ok(())
+    super::boundary::publish_handle(out_model, "out_model", || Ok(PhenoModel { net: make()? }))
 }
 
 /// # Safety

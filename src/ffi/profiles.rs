@@ -325,13 +325,7 @@ unsafe fn publish(
     out: *mut *mut PhenoProfiles,
     make: impl FnOnce() -> Result<PhenoProfiles>,
 ) -> Result<()> {
-    if out.is_null() {
-        return Err(null("out_profiles"));
-    }
-    out.write_unaligned(std::ptr::null_mut());
-    let p = make()?;
-    out.write_unaligned(Box::into_raw(Box::new(p)));
-    Ok(())
+    super::boundary::publish_handle(out, "out_profiles", make)
 }
 
 /// # Safety

@@ -227,13 +227,7 @@ unsafe fn publish(
     out: *mut *mut PhenoSphering,
     make: impl FnOnce() -> Result<ProfileSphering>,
 ) -> Result<()> {
-    if out.is_null() {
-        return Err(null("out_sphering"));
-    }
-    out.write_unaligned(std::ptr::null_mut());
-    let handle = PhenoSphering::new(make()?)?;
-    out.write_unaligned(Box::into_raw(Box::new(handle)));
-    Ok(())
+    super::boundary::publish_handle(out, "out_sphering", || PhenoSphering::new(make()?))
 }
 
 /// # Safety

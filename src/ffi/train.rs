@@ -454,13 +454,7 @@ unsafe fn publish(
     out: *mut *mut PhenoTrainer,
     make: impl FnOnce() -> Result<PhenoTrainer>,
 ) -> Result<()> {
-    if out.is_null() {
-        return Err(null("out_trainer"));
-    }
-    out.write_unaligned(std::ptr::null_mut());
-    let t = make()?;
-    out.write_unaligned(Box::into_raw(Box::new(t)));
-    Ok(())
+    super::boundary::publish_handle(out, "out_trainer", make)
 }
 
 /// # Safety
