@@ -53,6 +53,8 @@ pub struct Tape<T: Float> {
     param_leaves: Vec<(usize, usize)>,
     nodes: Vec<Backward<T>>,
     training: bool,
+    /// false: a no-grad tape (parameters enter as constants, ops record no backward or saved values).
+    grad: bool,
 }
 
 impl<T: Float> Tape<T> {
@@ -64,11 +66,26 @@ impl<T: Float> Tape<T> {
             param_leaves: Vec::new(),
             nodes: Vec::new(),
             training,
+            grad: true,
         }
+    }
+
+    /// A tape for inference: eval-mode behaviour and no gradients — parameters enter as constants,
+    /// so ops record no backward and keep no saved activations (values can be released as the
+    /// forward goes).
+    pub fn no_grad() -> Self {
+        let mut t = Self::new(false);
+        t.grad = false;
+        t
     }
 
     pub fn training(&self) -> bool {
         self.training
+    }
+
+    /// Whether this tape records gradients (false for [`Tape::no_grad`]).
+    pub fn records_grad(&self) -> bool {
+        self.grad
     }
 
     /// Records an input (no gradient unless `requires_grad`).
@@ -92,12 +109,13 @@ impl<T: Float> Tape<T> {
                 data.len()
             )));
         }
-        Ok(self.leaf(shape, Arc::new(data), requires_grad))
+        Ok(self.leaf(shape, Arc::new(data), requires_grad && self.grad))
     }
 
     /// Records parameter `index` of `params` as a leaf whose gradient flows into `params`.
     pub fn param(&mut self, params: &Params<T>, index: usize) -> Var {
         let (value, shape, trainable) = params.leaf_parts(index);
+        let trainable = trainable && self.grad;
         let v = self.leaf(&shape, value, trainable);
         if trainable {
             self.param_leaves.push((v.id, index));
