@@ -1,6 +1,7 @@
 //! phenocore: Cell Painting images → phenotypic profiles.
 pub mod autograd;
 pub mod backend;
+pub mod diffusion;
 pub mod error;
 pub mod ffi;
 pub mod io;

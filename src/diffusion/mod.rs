@@ -1,0 +1,4 @@
+//! Latent diffusion (REFERENCE §10): noise schedules and samplers.
+pub mod scheduler;
+pub mod unet;
+pub mod vae;
