@@ -568,6 +568,351 @@ fn dw_backward_w<T: Float>(x: &[T], dy: &[T], dwt: &mut [T], g: &Geom, c: usize)
     }
 }
 
+/// Explicit zero padding of a 2-D convolution's input (torch `F.pad(x, (left, right, top, bottom))`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pad2d {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Pad2d {
+    /// `p` on every side (torch `padding=p`).
+    pub fn same(p: usize) -> Self {
+        Pad2d {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+}
+
+impl Geom {
+    /// Geometry with explicit (possibly asymmetric) padding: OH = (H + top + bottom − k) / stride + 1.
+    pub fn explicit(h: usize, w: usize, k: usize, stride: usize, pad: Pad2d) -> Result<Self> {
+        if k == 0 || stride == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "convolution kernel {k} / stride {stride} must be positive"
+            )));
+        }
+        let (ph, pw) = (h + pad.top + pad.bottom, w + pad.left + pad.right);
+        if h == 0 || w == 0 || ph < k || pw < k {
+            return Err(Error::Shape(format!(
+                "a {k}×{k} stride-{stride} convolution of a {h}×{w} input padded by {pad:?} has no output"
+            )));
+        }
+        Ok(Geom {
+            h,
+            w,
+            k,
+            stride,
+            pad_top: pad.top,
+            pad_left: pad.left,
+            oh: (ph - k) / stride + 1,
+            ow: (pw - k) / stride + 1,
+        })
+    }
+}
+
+/// Elements of one im2col block (output rows are processed in blocks of about this size).
+const COLS_BLOCK: usize = 1 << 20;
+
+/// Tap-major im2col of output rows `oy0..oy1` of one NHWC sample:
+/// cols[p, (ky·k + kx)·C + ci] (contiguous channel runs; zeros where the tap falls in the padding).
+fn im2col_taps<T: Float>(x: &[T], c: usize, g: &Geom, oy0: usize, oy1: usize, cols: &mut [T]) {
+    let (k, kdim) = (g.k, c * g.k * g.k);
+    for oy in oy0..oy1 {
+        let (iy0, ky0, ky1) = g.span(oy, g.pad_top, g.h);
+        for ox in 0..g.ow {
+            let (ix0, kx0, kx1) = g.span(ox, g.pad_left, g.w);
+            let row = &mut cols[((oy - oy0) * g.ow + ox) * kdim..][..kdim];
+            for ky in 0..k {
+                let seg = &mut row[ky * k * c..][..k * c];
+                if ky < ky0 || ky >= ky1 {
+                    seg.iter_mut().for_each(|v| *v = T::ZERO);
+                    continue;
+                }
+                let iy = (iy0 + ky as isize) as usize;
+                seg[..kx0 * c].iter_mut().for_each(|v| *v = T::ZERO);
+                seg[kx1 * c..].iter_mut().for_each(|v| *v = T::ZERO);
+                if kx1 > kx0 {
+                    let ix = (ix0 + kx0 as isize) as usize;
+                    seg[kx0 * c..kx1 * c]
+                        .copy_from_slice(&x[(iy * g.w + ix) * c..][..(kx1 - kx0) * c]);
+                }
+            }
+        }
+    }
+}
+
+/// Adjoint of [`im2col_taps`]: dx += col2im(dcols) for output rows `oy0..oy1`.
+fn col2im_taps<T: Float>(dcols: &[T], c: usize, g: &Geom, oy0: usize, oy1: usize, dx: &mut [T]) {
+    let (k, kdim) = (g.k, c * g.k * g.k);
+    for oy in oy0..oy1 {
+        let (iy0, ky0, ky1) = g.span(oy, g.pad_top, g.h);
+        for ox in 0..g.ow {
+            let (ix0, kx0, kx1) = g.span(ox, g.pad_left, g.w);
+            if kx1 <= kx0 {
+                continue;
+            }
+            let row = &dcols[((oy - oy0) * g.ow + ox) * kdim..][..kdim];
+            for ky in ky0..ky1 {
+                let iy = (iy0 + ky as isize) as usize;
+                let ix = (ix0 + kx0 as isize) as usize;
+                let src = &row[(ky * k + kx0) * c..(ky * k + kx1) * c];
+                let dst = &mut dx[(iy * g.w + ix) * c..][..src.len()];
+                dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+            }
+        }
+    }
+}
+
+/// Output rows per im2col block of a geometry with `kdim` columns.
+fn block_rows(g: &Geom, kdim: usize) -> usize {
+    (COLS_BLOCK / (g.ow * kdim).max(1)).clamp(1, g.oh)
+}
+
+/// Dense convolution with explicit padding and optional bias (torch
+/// `F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, stride)`): x [N, H, W, Cin],
+/// w [Cout, Cin, k, k], b [Cout] → [N, OH, OW, Cout]. 1 × 1 stride-1 unpadded convolutions take the
+/// pointwise GEMM path; others an im2col (in blocks of output rows) + GEMM.
+pub fn conv2d_pad<T: Float>(
+    tape: &mut Tape<T>,
+    x: &Var,
+    w: &Var,
+    b: Option<&Var>,
+    stride: usize,
+    pad: Pad2d,
+) -> Result<Var> {
+    let (n, h, wd, cin) = nhwc(x, "conv2d_pad")?;
+    let (cout, k) = match w.shape() {
+        &[o, i, kh, kw] if i == cin && kh == kw => (o, kh),
+        s => {
+            return Err(Error::Shape(format!(
+                "conv2d_pad: weight must be (Cout, {cin}, k, k) for input {:?}, got {s:?}",
+                x.shape()
+            )))
+        }
+    };
+    if let Some(b) = b {
+        if b.shape() != [cout] {
+            return Err(Error::Shape(format!(
+                "conv2d_pad: bias must be [{cout}], got {:?}",
+                b.shape()
+            )));
+        }
+    }
+    let g = Geom::explicit(h, wd, k, stride, pad)?;
+    if k == 1 && stride == 1 && pad == Pad2d::same(0) {
+        let y = pointwise(tape, x, w)?;
+        return match b {
+            Some(b) => bias_add(tape, &y, b),
+            None => Ok(y),
+        };
+    }
+    let threads = crate::threads::num_threads().max(1);
+    let kk = k * k;
+    let kdim = cin * kk;
+    let wv = tape.value(w);
+    // Tap-major weight [Cout, k·k·Cin] matching the im2col layout.
+    let mut wp = Buf::<T>::alloc(cout * kdim);
+    for o in 0..cout {
+        for ci in 0..cin {
+            for t in 0..kk {
+                wp[o * kdim + t * cin + ci] = wv[(o * cin + ci) * kk + t];
+            }
+        }
+    }
+    let bv = b.map(|b| tape.value(b));
+    let xv = tape.value(x);
+    let (p, per_in) = (g.oh * g.ow, h * wd * cin);
+    let rows = block_rows(&g, kdim);
+    let blocks = g.oh.div_ceil(rows);
+    let mut out = Buf::alloc(n * p * cout);
+    {
+        let tasks: Vec<(usize, usize, &mut [T])> = out
+            .chunks_mut(p * cout)
+            .enumerate()
+            .flat_map(|(s, o)| {
+                o.chunks_mut(rows * g.ow * cout)
+                    .enumerate()
+                    .map(move |(bi, ob)| (s, bi, ob))
+            })
+            .collect();
+        let inner = n * blocks < threads;
+        tasks.into_par_iter().for_each(|(s, bi, ob)| {
+            let (oy0, oy1) = (bi * rows, ((bi + 1) * rows).min(g.oh));
+            let m = (oy1 - oy0) * g.ow;
+            let mut cols = Buf::<T>::alloc(m * kdim);
+            im2col_taps(
+                &xv[s * per_in..(s + 1) * per_in],
+                cin,
+                &g,
+                oy0,
+                oy1,
+                &mut cols,
+            );
+            if let Some(bv) = &bv {
+                for r in ob.chunks_exact_mut(cout) {
+                    r.copy_from_slice(bv);
+                }
+            }
+            gemm_t(
+                m,
+                cout,
+                kdim,
+                ob,
+                bv.is_some(),
+                View::rows(&cols, kdim),
+                View::t(&wp, kdim),
+                inner,
+            );
+        });
+    }
+    let (xid, wid, bid) = (x.id(), w.id(), b.map(|b| b.id()));
+    let need =
+        tape.requires_grad(x) || tape.requires_grad(w) || b.is_some_and(|b| tape.requires_grad(b));
+    Ok(
+        tape.push(&[n, g.oh, g.ow, cout], out, need, move |out_id, gr| {
+            let Some(dy) = gr.take(out_id) else {
+                return Ok(());
+            };
+            let per_out = p * cout;
+            if let Some(bid) = bid {
+                if gr.wants(bid) {
+                    let db = row_sums(&dy, cout);
+                    gr.accumulate(bid, cout, |acc, _| {
+                        acc.iter_mut().zip(&db).for_each(|(a, &v)| *a += v)
+                    });
+                }
+            }
+            if gr.wants(wid) {
+                let inner = n.div_ceil(SAMPLE_GROUP) < threads;
+                let dwp = in_sample_groups(n, cout * kdim, |range, acc| {
+                    let mut cols = Buf::<T>::alloc(rows * g.ow * kdim);
+                    for s in range {
+                        let xs = &xv[s * per_in..(s + 1) * per_in];
+                        for bi in 0..blocks {
+                            let (oy0, oy1) = (bi * rows, ((bi + 1) * rows).min(g.oh));
+                            let m = (oy1 - oy0) * g.ow;
+                            im2col_taps(xs, cin, &g, oy0, oy1, &mut cols);
+                            let d = &dy[s * per_out + oy0 * g.ow * cout..][..m * cout];
+                            // dWp [Cout, kdim] += dYᵀ [Cout, m] · cols [m, kdim]
+                            gemm_t(
+                                cout,
+                                kdim,
+                                m,
+                                acc,
+                                true,
+                                View::t(d, cout),
+                                View::rows(&cols, kdim),
+                                inner,
+                            );
+                        }
+                    }
+                });
+                gr.accumulate(wid, cout * kdim, |acc, _| {
+                    for o in 0..cout {
+                        for ci in 0..cin {
+                            for t in 0..kk {
+                                acc[(o * cin + ci) * kk + t] += dwp[o * kdim + t * cin + ci];
+                            }
+                        }
+                    }
+                });
+            }
+            if gr.wants(xid) {
+                let inner = n < threads;
+                let mut dx = Buf::zeros(n * per_in);
+                dx.par_chunks_mut(per_in).enumerate().for_each(|(s, dxs)| {
+                    let mut cols = Buf::<T>::alloc(rows * g.ow * kdim);
+                    for bi in 0..blocks {
+                        let (oy0, oy1) = (bi * rows, ((bi + 1) * rows).min(g.oh));
+                        let m = (oy1 - oy0) * g.ow;
+                        let d = &dy[s * per_out + oy0 * g.ow * cout..][..m * cout];
+                        // dcols [m, kdim] = dY [m, Cout] · Wp [Cout, kdim]
+                        gemm_t(
+                            m,
+                            kdim,
+                            cout,
+                            &mut cols,
+                            false,
+                            View::rows(d, cout),
+                            View::rows(&wp, kdim),
+                            inner,
+                        );
+                        col2im_taps(&cols, cin, &g, oy0, oy1, dxs);
+                    }
+                });
+                gr.add(xid, dx);
+            }
+            Ok(())
+        }),
+    )
+}
+
+/// Rows per partial sum of a per-column reduction.
+const SUM_ROWS: usize = 256;
+
+/// Σ over the rows of a [M, C] matrix, per column: fixed chunks of rows summed across the pool,
+/// the partials added in chunk order (independent of thread count and work stealing).
+pub(crate) fn row_sums<T: Float>(x: &[T], c: usize) -> Vec<T> {
+    let parts: Vec<Vec<T>> = x
+        .par_chunks(SUM_ROWS * c.max(1))
+        .map(|rows| {
+            let mut acc = vec![T::ZERO; c];
+            for r in rows.chunks_exact(c) {
+                acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v);
+            }
+            acc
+        })
+        .collect();
+    let mut acc = vec![T::ZERO; c];
+    for p in parts {
+        acc.iter_mut().zip(&p).for_each(|(a, &v)| *a += v);
+    }
+    acc
+}
+
+/// y = x + b over the last axis (b [C]).
+fn bias_add<T: Float>(tape: &mut Tape<T>, x: &Var, b: &Var) -> Result<Var> {
+    let c = *x.shape().last().unwrap_or(&0);
+    if b.shape() != [c] {
+        return Err(Error::Shape(format!(
+            "bias add: bias must be [{c}] for {:?}, got {:?}",
+            x.shape(),
+            b.shape()
+        )));
+    }
+    let (xv, bv) = (tape.value(x), tape.value(b));
+    let mut out = Buf::alloc(xv.len());
+    out.par_chunks_mut(SUM_ROWS * c.max(1))
+        .zip(xv.par_chunks(SUM_ROWS * c.max(1)))
+        .for_each(|(o, xs)| {
+            for (or, xr) in o.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                for ((o, &x), &b) in or.iter_mut().zip(xr).zip(bv.iter()) {
+                    *o = x + b;
+                }
+            }
+        });
+    let (xid, bid) = (x.id(), b.id());
+    let need = tape.requires_grad(x) || tape.requires_grad(b);
+    Ok(tape.push(x.shape(), out, need, move |out_id, gr| {
+        if let Some(d) = gr.take(out_id) {
+            if gr.wants(bid) {
+                let db = row_sums(&d, c);
+                gr.accumulate(bid, c, |acc, _| {
+                    acc.iter_mut().zip(&db).for_each(|(a, &v)| *a += v)
+                });
+            }
+            gr.add(xid, d);
+        }
+        Ok(())
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -188,17 +188,20 @@ pub fn global_avg_pool<T: Float>(tape: &mut Tape<T>, x: &Var) -> Result<Var> {
     }))
 }
 
-/// y = x·Wᵀ + b for x [N, In], W [Out, In] (trailing 1 × 1 dims allowed), b [Out] (optional).
+/// y = x·Wᵀ + b for x [..., In] (rank ≥ 2; leading axes flattened into rows), W [Out, In]
+/// (trailing 1 × 1 dims allowed), b [Out] (optional) → [..., Out].
 pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
-    let (n, inp) = match x.shape() {
-        &[n, i] => (n, i),
-        s => {
-            return Err(Error::Shape(format!(
-                "linear: input must be [N, In], got {s:?}"
-            )))
-        }
-    };
-    let out_f = w.shape()[0];
+    let xs = x.shape();
+    if xs.len() < 2 {
+        return Err(Error::Shape(format!(
+            "linear: input must be [..., In] of rank ≥ 2, got {xs:?}"
+        )));
+    }
+    let inp = xs[xs.len() - 1];
+    let n: usize = xs[..xs.len() - 1].iter().product();
+    let out_f = w.shape().first().copied().unwrap_or(0);
+    let mut out_shape = xs.to_vec();
+    out_shape[xs.len() - 1] = out_f;
     if w.numel() != out_f * inp || b.is_some_and(|b| b.numel() != out_f) {
         return Err(Error::Shape(format!(
             "linear: weight {:?} / bias {:?} do not fit input features {inp}",
@@ -227,7 +230,7 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
     let (xid, wid, bid) = (x.id(), w.id(), b.map(|b| b.id()));
     let need =
         tape.requires_grad(x) || tape.requires_grad(w) || b.is_some_and(|b| tape.requires_grad(b));
-    Ok(tape.push(&[n, out_f], out, need, move |out_id, gr| {
+    Ok(tape.push(&out_shape, out, need, move |out_id, gr| {
         let Some(d) = gr.take(out_id) else {
             return Ok(());
         };

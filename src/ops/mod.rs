@@ -4,8 +4,11 @@ pub mod attention;
 pub mod adversarial;
 pub mod conv;
 pub mod elementwise;
+pub mod gelu;
 #[doc(hidden)]
 pub mod gradcheck;
+pub mod groupnorm;
 pub mod loss;
 pub mod mil;
 pub mod norm;
+pub mod shape;
