@@ -121,6 +121,34 @@ typedef enum {
     PHENO_NAN_PER_FEATURE = 1,
 } PhenoNanPolicy;
 
+// Sampler run by `pheno_scheduler_step`.
+typedef enum {
+    // Ancestral DDPM, fixed-small posterior variance (default).
+    PHENO_SAMPLER_DDPM = 0,
+    // DDIM with noise weight `eta`.
+    PHENO_SAMPLER_DDIM = 1,
+} PhenoSamplerKind;
+
+// β schedule over the training timesteps.
+typedef enum {
+    // β = linspace(beta_start, beta_end, T) (MONAI "linear_beta").
+    PHENO_BETA_LINEAR = 0,
+    // β = linspace(√beta_start, √beta_end, T)² (MONAI "scaled_linear_beta"; default).
+    PHENO_BETA_SCALED_LINEAR = 1,
+    // Nichol & Dhariwal cosine ᾱ, s = 0.008, β ≤ 0.999 (MONAI "cosine"); ignores beta_start/end.
+    PHENO_BETA_COSINE = 2,
+} PhenoBetaSchedule;
+
+// What the denoising model predicts.
+typedef enum {
+    // The noise ε.
+    PHENO_PREDICT_EPSILON = 0,
+    // v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (default).
+    PHENO_PREDICT_V = 1,
+    // x0.
+    PHENO_PREDICT_SAMPLE = 2,
+} PhenoPredictionType;
+
 // Sphering method (pycytominer's names).
 typedef enum {
     // Q = U W Uᵀ, the paper's sphering (default).
@@ -221,6 +249,14 @@ typedef struct PhenoModel PhenoModel;
 // table at the same time. `pheno_profiles_free` must be called exactly once, after every other
 // call on the table has returned.
 typedef struct PhenoProfiles PhenoProfiles;
+
+// A noise schedule with its inference timesteps and seeded noise generator.
+//
+// Thread safety: functions taking `const PhenoScheduler *` (add_noise, get_velocity, timesteps,
+// schedule) may run concurrently with each other; `pheno_scheduler_set_timesteps`, `_step` and
+// `_noise` need exclusive access. `pheno_scheduler_free` must be called exactly once, after every
+// other call on it has returned.
+typedef struct PhenoScheduler PhenoScheduler;
 
 // A fitted sphering transform, pooled or per plate.
 //
@@ -415,6 +451,34 @@ typedef struct {
     // Passed unchanged to `progress`.
     void *user_data;
 } PhenoAggregateOptions;
+
+// Options of a scheduler. Initialise with `pheno_scheduler_default_options()` (REFERENCE §10),
+// then change fields. Booleans are 0 / non-zero.
+typedef struct {
+    // `sizeof(PhenoSchedulerOptions)`; set by `pheno_scheduler_default_options()`.
+    size_t struct_size;
+    // Default DDPM.
+    PhenoSamplerKind kind;
+    // T, training timesteps (default 1000).
+    size_t num_train_timesteps;
+    // Default scaled linear.
+    PhenoBetaSchedule schedule;
+    // Default 0.0015 and 0.0205 (LDM paper); each in (0, 1).
+    double beta_start;
+    double beta_end;
+    // Default v-prediction.
+    PhenoPredictionType prediction_type;
+    // Clamp the predicted x0 to ±clip_sample_range (default 0: off, right for latents).
+    int32_t clip_sample;
+    // Default 1.0.
+    double clip_sample_range;
+    // DDIM: ᾱ before the first timestep is 1 (default 1) or ᾱ₀ (0).
+    int32_t set_alpha_to_one;
+    // DDIM noise weight in [0, 1] (default 0: deterministic).
+    double eta;
+    // Seed of the noise drawn by `pheno_scheduler_step` and `pheno_scheduler_noise` (default 0).
+    uint64_t seed;
+} PhenoSchedulerOptions;
 
 // Options for `pheno_sphering_fit`. Initialise with `pheno_sphere_default_options()`.
 typedef struct {
@@ -1111,6 +1175,124 @@ PhenoStatus pheno_aggregate_f64(const double *x,
 PhenoStatus pheno_aggregate_npz_dir(const char *dir,
                                     const PhenoAggregateOptions *opts,
                                     PhenoProfiles **out_profiles);
+
+// Default options (REFERENCE §10): DDPM, T = 1000, scaled linear β 0.0015 → 0.0205,
+// v-prediction, no clipping, set_alpha_to_one, eta 0, seed 0.
+PhenoSchedulerOptions pheno_scheduler_default_options(void);
+
+// A scheduler from `opts` (NULL = defaults). Errors name the offending option (INVALID_ARGUMENT).
+// On success `*out_scheduler` owns a new scheduler (free it with `pheno_scheduler_free`); on
+// failure it is set to NULL.
+//
+// # Safety
+// `opts` is NULL or initialised by `pheno_scheduler_default_options()`; `out_scheduler` is valid
+// for a write.
+PhenoStatus pheno_scheduler_new(const PhenoSchedulerOptions *opts, PhenoScheduler **out_scheduler);
+
+// Sets `num_inference_steps` timesteps, `arange(n) · (T / n)` (integer division) in descending
+// order (diffusers' "leading" spacing). n must be in 1..=T. Required before `pheno_scheduler_step`.
+//
+// # Safety
+// `scheduler` is a live scheduler not used by another call during this one.
+PhenoStatus pheno_scheduler_set_timesteps(PhenoScheduler *scheduler, size_t num_inference_steps);
+
+// Copies the inference timesteps (descending) into `out` (room for `out_len` values) and writes
+// their count to `*out_count` (0 before `pheno_scheduler_set_timesteps`). Pass `out` = NULL and
+// `out_len` = 0 to query the count; a smaller non-zero `out_len` is a SHAPE error.
+//
+// # Safety
+// `scheduler` is a live scheduler; `out` is NULL or points to `out_len` writable values;
+// `out_count` is valid for a write.
+PhenoStatus pheno_scheduler_timesteps(const PhenoScheduler *scheduler,
+                                      int64_t *out,
+                                      size_t out_len,
+                                      size_t *out_count);
+
+// Copies β_t and ᾱ_t (t = 0..T, float64) into `out_betas` and `out_alphas_cumprod`, each with
+// room for `len` values; `len` must equal num_train_timesteps. Either pointer may be NULL.
+//
+// # Safety
+// `scheduler` is a live scheduler; non-NULL outputs point to `len` writable doubles.
+PhenoStatus pheno_scheduler_schedule(const PhenoScheduler *scheduler,
+                                     double *out_betas,
+                                     double *out_alphas_cumprod,
+                                     size_t len);
+
+// Forward process: out = √ᾱ_t·x0 + √(1−ᾱ_t)·noise for `n` samples of `sample_len` floats,
+// sample i at `timesteps[i]`. `out` holds `out_len` = n·sample_len floats. Errors: a timestep
+// outside 0..T (INVALID_ARGUMENT naming it), a non-finite input (NON_FINITE naming the element).
+//
+// # Safety
+// `scheduler` is a live scheduler; `x0`, `noise` point to n·sample_len floats, `timesteps` to n
+// values, `out` to `out_len` writable floats (it may not alias the inputs).
+PhenoStatus pheno_scheduler_add_noise(const PhenoScheduler *scheduler,
+                                      const float *x0,
+                                      const float *noise,
+                                      const int64_t *timesteps,
+                                      size_t n,
+                                      size_t sample_len,
+                                      float *out,
+                                      size_t out_len);
+
+// Velocity (the v-prediction target): out = √ᾱ_t·noise − √(1−ᾱ_t)·x0; arguments as
+// `pheno_scheduler_add_noise`.
+//
+// # Safety
+// As `pheno_scheduler_add_noise`.
+PhenoStatus pheno_scheduler_get_velocity(const PhenoScheduler *scheduler,
+                                         const float *x0,
+                                         const float *noise,
+                                         const int64_t *timesteps,
+                                         size_t n,
+                                         size_t sample_len,
+                                         float *out,
+                                         size_t out_len);
+
+// One DDPM or DDIM step from `timestep` on `sample` (x_t, `len` floats) given the model's
+// prediction `model_output` (`len` floats): writes x_prev to `out_prev_sample` and the predicted
+// x0 to `out_pred_original_sample` (may be NULL), each `len` floats. The previous timestep is
+// `timestep − T / num_inference_steps`. `noise` (`len` standard-normal floats) is the variance
+// noise; NULL draws it from the scheduler's seeded generator (DDPM when timestep > 0, DDIM when
+// eta > 0). Errors: before `pheno_scheduler_set_timesteps`, timestep outside 0..T
+// (INVALID_ARGUMENT), a non-finite input (NON_FINITE naming it).
+//
+// # Safety
+// `scheduler` is a live scheduler not used by another call during this one; the arrays hold
+// `len` floats (outputs writable, not aliasing the inputs).
+PhenoStatus pheno_scheduler_step(PhenoScheduler *scheduler,
+                                 const float *model_output,
+                                 int64_t timestep,
+                                 const float *sample,
+                                 const float *noise,
+                                 size_t len,
+                                 float *out_prev_sample,
+                                 float *out_pred_original_sample);
+
+// Writes `len` standard-normal floats from the scheduler's seeded generator to `out` (the initial
+// x_T of sampling).
+//
+// # Safety
+// `scheduler` is a live scheduler not used by another call during this one; `out` points to
+// `len` writable floats.
+PhenoStatus pheno_scheduler_noise(PhenoScheduler *scheduler, float *out, size_t len);
+
+// Restarts the scheduler's noise generator from `seed`.
+//
+// # Safety
+// `scheduler` is a live scheduler not used by another call during this one.
+PhenoStatus pheno_scheduler_reseed(PhenoScheduler *scheduler, uint64_t seed);
+
+// Classifier-free guidance: out = uncond + scale·(cond − uncond), `len` floats each. Thread-safe.
+//
+// # Safety
+// `uncond`, `cond` point to `len` floats, `out` to `len` writable floats.
+PhenoStatus pheno_guidance(const float *uncond, const float *cond, size_t len, double scale, float *out);
+
+// Releases a scheduler. Accepts NULL.
+//
+// # Safety
+// `scheduler` is NULL or a live scheduler not used by any other call, now or later.
+void pheno_scheduler_free(PhenoScheduler *scheduler);
 
 // Default sphering options: ZCA, λ = 1e-3, eigenvalue regularisation.
 PhenoSphereOptions pheno_sphere_default_options(void);

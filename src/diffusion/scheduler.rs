@@ -373,7 +373,7 @@ impl Scheduler {
     ) -> Result<()> {
         self.per_sample(
             "add_noise",
-            "original_samples",
+            "x0",
             x0,
             noise,
             timesteps,
@@ -696,7 +696,7 @@ mod tests {
         assert!(e.to_string().contains("noise has 5"), "{e}");
         let e = s.add_noise(&[0.0, f32::NAN], &[0.0; 2], &[3]).unwrap_err();
         assert!(
-            matches!(&e, Error::NonFinite(m) if m.contains("original_samples[1] is NaN")),
+            matches!(&e, Error::NonFinite(m) if m.contains("x0[1] is NaN")),
             "{e}"
         );
         s.set_timesteps(10).unwrap();

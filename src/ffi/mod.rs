@@ -13,6 +13,7 @@ mod metrics;
 mod model;
 mod options;
 mod profiles;
+mod scheduler;
 mod sphere;
 mod stats;
 mod status;
@@ -45,6 +46,7 @@ pub use profiles::{
     pheno_profiles_new, pheno_profiles_read, pheno_profiles_write, PhenoAggregateLevel,
     PhenoAggregateOptions, PhenoNanPolicy, PhenoProfiles, PhenoProfilesIoOptions, PhenoReduce,
 };
+pub use scheduler::*;
 pub use sphere::{
     pheno_effect_default_options, pheno_sphere_default_options, pheno_sphering_fit,
     pheno_sphering_free, pheno_sphering_info, pheno_sphering_load, pheno_sphering_parameters,
