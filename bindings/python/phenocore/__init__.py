@@ -19,6 +19,7 @@ from .efficientnet import DEFAULT_LAYER, EfficientNet
 from .harmony import harmony
 from . import metrics
 from .profiles import Profiles, aggregate, aggregate_npz, read_profiles, write_profiles
+from .scheduler import Scheduler
 from .sphering import Sphering, TreatmentEffects, treatment_effect
 from .train import Trainer
 
@@ -30,6 +31,7 @@ __all__ = [
     "write_profiles",
     "EfficientNet",
     "Trainer",
+    "Scheduler",
     "metrics",
     "Sphering",
     "TreatmentEffects",
