@@ -273,6 +273,13 @@ typedef struct PhenoSphering PhenoSphering;
 // every other call on it has returned.
 typedef struct PhenoTrainer PhenoTrainer;
 
+// A diffusers AutoencoderKL (f32, CPU).
+//
+// Thread safety: immutable after creation, so any number of threads may call functions on one
+// VAE at the same time. `pheno_vae_free` must be called exactly once, after every other call on it
+// has returned.
+typedef struct PhenoVae PhenoVae;
+
 // A field-of-view image: `channels` planes of `height` x `width` pixels, planar and row-major
 // (C x H x W), of type `pixel_type`. `data` must be aligned for that type. The library only
 // reads it, during the call.
@@ -1740,6 +1747,125 @@ PhenoStatus pheno_trainer_steps(const PhenoTrainer *trainer, uint64_t *out_steps
 // # Safety
 // `trainer` is NULL or a live trainer not used by any other call, now or later.
 void pheno_trainer_free(PhenoTrainer *trainer);
+
+// Loads diffusers safetensors weights (`diffusion_pytorch_model.safetensors`, f32/f16/bf16) for the
+// config `config_json` (a diffusers `config.json` text, or a JSON object with some of its keys, the
+// others taking their SDXL values; NULL = the SDXL VAE). A weight missing or of another shape than the
+// config needs is an error naming it. On success `*out_vae` owns a new VAE (free it with
+// `pheno_vae_free`); on failure it is set to NULL.
+//
+// # Safety
+// `path` is a NUL-terminated string; `config_json` is NULL or NUL-terminated; `out_vae` is valid
+// for a write.
+PhenoStatus pheno_vae_load(const char *path, const char *config_json, PhenoVae **out_vae);
+
+// A VAE with torch's default initialisation, deterministic in `seed`; `config_json` as
+// `pheno_vae_load`.
+//
+// # Safety
+// As `pheno_vae_load`.
+PhenoStatus pheno_vae_new(const char *config_json, uint64_t seed, PhenoVae **out_vae);
+
+// Writes the weights as diffusers-named f32 safetensors to `path` (atomically).
+//
+// # Safety
+// `vae` is a live VAE; `path` is a NUL-terminated string.
+PhenoStatus pheno_vae_save(const PhenoVae *vae, const char *path);
+
+// Frees a VAE; NULL is a no-op.
+//
+// # Safety
+// `vae` is NULL or a live VAE from this library, not used afterwards.
+void pheno_vae_free(PhenoVae *vae);
+
+// The VAE's image channels in / out, latent channels, spatial down-scaling factor
+// (2^(levels − 1), 8 for SDXL) and scaling factor. Every out-pointer may be NULL (not written).
+//
+// # Safety
+// `vae` is a live VAE; each out-pointer is NULL or valid for a write.
+PhenoStatus pheno_vae_info(const PhenoVae *vae,
+                           size_t *out_in_channels,
+                           size_t *out_out_channels,
+                           size_t *out_latent_channels,
+                           size_t *out_downscale,
+                           double *out_scaling_factor);
+
+// Encodes images `x` [n, c, h, w] (NCHW, range [−1, 1]) into the latent Gaussian's mean and logvar
+// (clamped to [−30, 20]), each [n, latent_channels, h / f, w / f] of `out_len` floats. `out_logvar`
+// may be NULL.
+//
+// # Safety
+// `vae` is a live VAE; `x` points to n·c·h·w floats; `out_mean` (and a non-NULL `out_logvar`) to
+// `out_len` writable floats.
+PhenoStatus pheno_vae_encode(const PhenoVae *vae,
+                             const float *x,
+                             size_t n,
+                             size_t c,
+                             size_t h,
+                             size_t w,
+                             float *out_mean,
+                             float *out_logvar,
+                             size_t out_len);
+
+// A draw mean + exp(logvar / 2)·ε of `len` values, ε standard normal from a ChaCha8 stream
+// seeded with `seed`.
+//
+// # Safety
+// `mean`, `logvar` point to `len` floats, `out` to `len` writable floats.
+PhenoStatus pheno_vae_sample(const float *mean, const float *logvar, size_t len, uint64_t seed, float *out);
+
+// Decodes latents `z` [n, c, h, w] in the VAE's own scale (diffusion latents divided by the scaling
+// factor) into images [n, out_channels, h·f, w·f] of `out_len` floats.
+//
+// # Safety
+// `vae` is a live VAE; `z` points to n·c·h·w floats; `out` to `out_len` writable floats.
+PhenoStatus pheno_vae_decode(const PhenoVae *vae,
+                             const float *z,
+                             size_t n,
+                             size_t c,
+                             size_t h,
+                             size_t w,
+                             float *out,
+                             size_t out_len);
+
+// The LDM paper's multi-channel encoding: `groups` holds `num_groups` rows of `in_channels` image
+// channel indices (e.g. {0,1,2, 2,3,4}); each group of `x` [n, c, h, w] is encoded and the latents
+// are concatenated and scaled: out [n, num_groups·latent_channels, h / f, w / f] of `out_len` floats.
+// `sample` = 0: the posterior means; otherwise draws seeded with `seed`.
+//
+// # Safety
+// `vae` is a live VAE; `x` points to n·c·h·w floats; `groups` to num_groups·in_channels indices;
+// `out` to `out_len` writable floats.
+PhenoStatus pheno_vae_encode_groups(const PhenoVae *vae,
+                                    const float *x,
+                                    size_t n,
+                                    size_t c,
+                                    size_t h,
+                                    size_t w,
+                                    const size_t *groups_flat,
+                                    size_t num_groups,
+                                    int32_t sample,
+                                    uint64_t seed,
+                                    float *out,
+                                    size_t out_len);
+
+// Inverse of `pheno_vae_encode_groups`: latents [n, num_groups·latent_channels, h, w] → images
+// [n, C, h·f, w·f] (C = largest channel index + 1) of `out_len` floats; a channel in several groups
+// is the mean of its reconstructions.
+//
+// # Safety
+// `vae` is a live VAE; `latents` points to n·c·h·w floats; `groups` to num_groups·out_channels
+// indices; `out` to `out_len` writable floats.
+PhenoStatus pheno_vae_decode_groups(const PhenoVae *vae,
+                                    const float *latents,
+                                    size_t n,
+                                    size_t c,
+                                    size_t h,
+                                    size_t w,
+                                    const size_t *groups_flat,
+                                    size_t num_groups,
+                                    float *out,
+                                    size_t out_len);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -18,6 +18,7 @@ mod sphere;
 mod stats;
 mod status;
 mod train;
+mod vae;
 
 pub use crate::error::PhenoStatus;
 pub use crops::{pheno_crop_cells, pheno_effnet_features_from_image, PhenoImage};
@@ -72,3 +73,4 @@ pub use train::{
     pheno_trainer_steps, pheno_trainer_to_model, PhenoLrSchedule, PhenoOptimizer,
     PhenoTrainProgress, PhenoTrainProgressFn, PhenoTrainSplit, PhenoTrainer, PhenoTrainerOptions,
 };
+pub use vae::*;

@@ -22,6 +22,7 @@ from .profiles import Profiles, aggregate, aggregate_npz, read_profiles, write_p
 from .scheduler import Scheduler
 from .sphering import Sphering, TreatmentEffects, treatment_effect
 from .train import Trainer
+from .vae import AutoencoderKL
 
 __all__ = [
     "Profiles",
@@ -32,6 +33,7 @@ __all__ = [
     "EfficientNet",
     "Trainer",
     "Scheduler",
+    "AutoencoderKL",
     "metrics",
     "Sphering",
     "TreatmentEffects",
