@@ -376,3 +376,47 @@ fn bad_shapes_are_errors() {
     let o = attention(&mut tape, &q0, &k, &v, 2, None).unwrap();
     assert_eq!(o.shape(), &[2, 0, 6]);
 }
+
+/// Timing for benches/attention.py (not a check): `ATTN_BENCH="N L LK C HEADS REPS"`, run with
+/// `cargo test --release --test attention_ops bench_timing -- --ignored --nocapture`; prints one
+/// JSON line with the median forward and forward+backward seconds (f32, the global rayon pool).
+#[test]
+#[ignore]
+fn bench_timing() {
+    let spec = std::env::var("ATTN_BENCH").unwrap_or("2 576 576 512 8 5".into());
+    let p: Vec<usize> = spec.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let (n, l, lk, ch, h, reps) = (p[0], p[1], p[2], p[3], p[4], p[5]);
+    let c: Case = (n, l, lk, h, ch / h, ch / h, None);
+    let f = |len: usize, s: u64| -> Vec<f32> {
+        rand_vec(len, s, 1.0).into_iter().map(|v| v as f32).collect()
+    };
+    let (q, k, v, g) = (f(n * l * ch, 1), f(n * lk * ch, 2), f(n * lk * ch, 3), f(n * l * ch, 4));
+    let [qs, ks, vs] = shapes(&c);
+    let median = |mut t: Vec<f64>| {
+        t.sort_by(|a, b| a.total_cmp(b));
+        t[t.len() / 2]
+    };
+    let (mut fwd, mut both) = (Vec::new(), Vec::new());
+    for _ in 0..reps + 1 {
+        let t0 = std::time::Instant::now();
+        let mut tape = Tape::<f32>::new(false);
+        let qv = tape.input(&qs, q.clone(), false).unwrap();
+        let kv = tape.input(&ks, k.clone(), false).unwrap();
+        let vv = tape.input(&vs, v.clone(), false).unwrap();
+        let o = attention(&mut tape, &qv, &kv, &vv, h, None).unwrap();
+        std::hint::black_box(tape.data(&o)[0]);
+        drop(tape);
+        fwd.push(t0.elapsed().as_secs_f64());
+        let t0 = std::time::Instant::now();
+        std::hint::black_box(run(&c, &q, &k, &v, &g).1[0]);
+        both.push(t0.elapsed().as_secs_f64());
+    }
+    fwd.remove(0);
+    both.remove(0);
+    println!(
+        "{{\"fwd_s\": {}, \"fwd_bwd_s\": {}, \"threads\": {}}}",
+        median(fwd),
+        median(both),
+        rayon::current_num_threads()
+    );
+}

@@ -25,6 +25,7 @@ use crate::autograd::{Buf, Float, Tape, Var};
 use crate::backend::cpu::gemm::{gemm_t, View};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
+use std::any::TypeId;
 use std::sync::{Arc, OnceLock};
 
 /// Query rows per tile.
@@ -191,6 +192,75 @@ fn head_t<T>(data: &[T], r: usize, width: usize, h: usize, cols: usize) -> View<
     }
 }
 
+/// dst (m × n, contiguous) = [dst if `accumulate`] + a (m × k) · b (k × n), sequential. f32 and f64
+/// go to faer's matmul (AVX-512 kernels where the CPU has them: 2–5× the `gemm` crate's AVX2
+/// kernels at these tile shapes), other types to [`gemm_t`]. Panics (a bug: shapes are checked by
+/// the op) if the views do not fit.
+#[allow(clippy::too_many_arguments)]
+fn mm<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+    a: View<T>,
+    b: View<T>,
+) {
+    let fits = |v: &View<T>, r: usize, c: usize| {
+        r == 0 || c == 0 || v.data.len() > (r - 1) * v.rs + (c - 1) * v.cs
+    };
+    assert!(
+        dst.len() >= m * n && fits(&a, m, k) && fits(&b, k, n),
+        "attention: tile views out of bounds"
+    );
+    if m == 0 || n == 0 || k == 0 {
+        return gemm_t(m, n, k, dst, accumulate, a, b, false);
+    }
+    macro_rules! faer_mm {
+        ($t:ty) => {{
+            // SAFETY: T is $t (checked by the caller's TypeId test), so the casts are identities;
+            // every element the views address lies inside their slices (checked above) and dst is
+            // an exclusive borrow that aliases neither input.
+            unsafe {
+                let d = faer::MatMut::from_raw_parts_mut(
+                    dst.as_mut_ptr() as *mut $t,
+                    m,
+                    n,
+                    n as isize,
+                    1,
+                );
+                let av = faer::MatRef::from_raw_parts(
+                    a.data.as_ptr() as *const $t,
+                    m,
+                    k,
+                    a.rs as isize,
+                    a.cs as isize,
+                );
+                let bv = faer::MatRef::from_raw_parts(
+                    b.data.as_ptr() as *const $t,
+                    k,
+                    n,
+                    b.rs as isize,
+                    b.cs as isize,
+                );
+                let beta = if accumulate {
+                    faer::Accum::Add
+                } else {
+                    faer::Accum::Replace
+                };
+                faer::linalg::matmul::matmul(d, beta, av, bv, 1.0 as $t, faer::Par::Seq);
+            }
+        }};
+    }
+    if TypeId::of::<T>() == TypeId::of::<f32>() {
+        faer_mm!(f32)
+    } else if TypeId::of::<T>() == TypeId::of::<f64>() {
+        faer_mm!(f64)
+    } else {
+        gemm_t(m, n, k, dst, accumulate, a, b, false)
+    }
+}
+
 /// Per-task scratch of the forward.
 struct FwdScratch<T> {
     s: Vec<T>,
@@ -226,7 +296,7 @@ fn forward<T: Float>(g: &Geom, sc: T, q: &[T], k: &[T], v: &[T], out: &mut [T], 
                     for (b, j0) in (0..g.lk).step_by(BK).enumerate() {
                         let bk = BK.min(g.lk - j0);
                         let kr = n * g.lk + j0;
-                        gemm_t(
+                        mm(
                             bq,
                             bk,
                             g.d,
@@ -234,10 +304,9 @@ fn forward<T: Float>(g: &Geom, sc: T, q: &[T], k: &[T], v: &[T], out: &mut [T], 
                             false,
                             head(q, i0, hd, hh, g.d),
                             head_t(k, kr, hd, hh, g.d),
-                            false,
                         );
                         online_softmax(&mut s[..bq * bk], bk, sc, m, sum, acc, g.dv, b == 0);
-                        gemm_t(
+                        mm(
                             bq,
                             g.dv,
                             bk,
@@ -245,7 +314,6 @@ fn forward<T: Float>(g: &Geom, sc: T, q: &[T], k: &[T], v: &[T], out: &mut [T], 
                             b > 0,
                             View::rows(&s[..], bk),
                             head(v, kr, hdv, hh, g.dv),
-                            false,
                         );
                     }
                     finish_rows(o, l, acc, m, sum, g.dv, hh, h);
@@ -270,17 +338,35 @@ fn online_softmax<T: Float>(
     first: bool,
 ) {
     for (r, row) in s.chunks_exact_mut(bk).enumerate() {
-        let mut mx = row[0] * sc;
-        for x in row.iter_mut() {
+        // Lane-wise max and sum (LANES independent accumulators, combined in a fixed order) so the
+        // reductions vectorise.
+        let mut mx = [row[0] * sc; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (x, m) in c.iter_mut().zip(mx.iter_mut()) {
+                *x = *x * sc;
+                *m = m.max(*x);
+            }
+        }
+        for (x, m) in chunks.into_remainder().iter_mut().zip(mx.iter_mut()) {
             *x = *x * sc;
-            mx = mx.max(*x);
+            *m = m.max(*x);
         }
+        let mx = mx.iter().fold(mx[0], |a, &b| a.max(b));
         let m_new = if first { mx } else { m[r].max(mx) };
-        let mut sum = T::ZERO;
-        for x in row.iter_mut() {
-            *x = (*x - m_new).exp_act();
-            sum += *x;
+        let mut sums = [T::ZERO; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (x, s) in c.iter_mut().zip(sums.iter_mut()) {
+                *x = (*x - m_new).exp_act();
+                *s += *x;
+            }
         }
+        for (x, s) in chunks.into_remainder().iter_mut().zip(sums.iter_mut()) {
+            *x = (*x - m_new).exp_act();
+            *s += *x;
+        }
+        let sum = sums.iter().fold(T::ZERO, |a, &b| a + b);
         if first {
             l[r] = sum;
         } else {
@@ -295,6 +381,9 @@ fn online_softmax<T: Float>(
         m[r] = m_new;
     }
 }
+
+/// Independent accumulators of the vectorised row reductions.
+const LANES: usize = 16;
 
 /// Writes head `hh` of the finished tile: output rows acc / l and lse = m + ln l.
 #[allow(clippy::too_many_arguments)]
@@ -342,8 +431,20 @@ fn row_dot<T: Float>(g: &Geom, d_out: &[T], o: &[T]) -> Buf<T> {
     delta
 }
 
+/// Σ a ⊙ b with [`LANES`] independent partial sums (vectorises; fixed order).
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::ZERO, |s, (&x, &y)| s + x * y)
+    let mut acc = [T::ZERO; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    for ((s, &x), &y) in acc.iter_mut().zip(ra).zip(rb) {
+        *s += x * y;
+    }
+    acc.iter().fold(T::ZERO, |s, &x| s + x)
 }
 
 /// What the backward passes read.
@@ -402,7 +503,7 @@ impl<T: Float> Saved<'_, T> {
                             let bk = BK.min(g.lk - j0);
                             let kr = n * g.lk + j0;
                             let (s, dp) = (&mut scr.s[..bq * bk], &mut scr.dp[..bq * bk]);
-                            gemm_t(
+                            mm(
                                 bq,
                                 bk,
                                 g.d,
@@ -410,9 +511,8 @@ impl<T: Float> Saved<'_, T> {
                                 false,
                                 head(self.q, i0, hd, hh, g.d),
                                 head_t(self.k, kr, hd, hh, g.d),
-                                false,
                             );
-                            gemm_t(
+                            mm(
                                 bq,
                                 bk,
                                 g.dv,
@@ -420,10 +520,9 @@ impl<T: Float> Saved<'_, T> {
                                 false,
                                 head(self.d_out, i0, hdv, hh, g.dv),
                                 head_t(self.v, kr, hdv, hh, g.dv),
-                                false,
                             );
                             ds_rows(s, dp, bk, self.scale, &scr.row_lse, &scr.row_delta);
-                            gemm_t(
+                            mm(
                                 bq,
                                 g.d,
                                 bk,
@@ -431,7 +530,6 @@ impl<T: Float> Saved<'_, T> {
                                 b > 0,
                                 View::rows(&s[..], bk),
                                 head(self.k, kr, hd, hh, g.d),
-                                false,
                             );
                         }
                         write_head(dqt, &scr.acc, g.d, hh, h, self.scale);
@@ -488,7 +586,7 @@ impl<T: Float> Saved<'_, T> {
                         }
                         let (st, dpt) = (&mut scr.s[..bk * bq], &mut scr.dp[..bk * bq]);
                         // Sᵀ = K Qᵀ (bk × bq), then Pᵀ in place.
-                        gemm_t(
+                        mm(
                             bk,
                             bq,
                             g.d,
@@ -496,11 +594,10 @@ impl<T: Float> Saved<'_, T> {
                             false,
                             head(self.k, kr, hd, hh, g.d),
                             head_t(self.q, i0, hd, hh, g.d),
-                            false,
                         );
                         p_cols(st, bq, self.scale, &scr.row_lse[..bq]);
                         // dV += Pᵀ dO.
-                        gemm_t(
+                        mm(
                             bk,
                             g.dv,
                             bq,
@@ -508,13 +605,12 @@ impl<T: Float> Saved<'_, T> {
                             t > 0,
                             View::rows(&st[..], bq),
                             head(self.d_out, i0, hdv, hh, g.dv),
-                            false,
                         );
                         if dkp.is_none() {
                             continue;
                         }
                         // dPᵀ = V dOᵀ; dSᵀ = Pᵀ ⊙ (dPᵀ − Δ); dK += dSᵀ Q.
-                        gemm_t(
+                        mm(
                             bk,
                             bq,
                             g.dv,
@@ -522,10 +618,9 @@ impl<T: Float> Saved<'_, T> {
                             false,
                             head(self.v, kr, hdv, hh, g.dv),
                             head_t(self.d_out, i0, hdv, hh, g.dv),
-                            false,
                         );
                         ds_cols(st, dpt, bq, &scr.row_delta[..bq]);
-                        gemm_t(
+                        mm(
                             bk,
                             g.d,
                             bq,
@@ -533,7 +628,6 @@ impl<T: Float> Saved<'_, T> {
                             t > 0,
                             View::rows(&st[..], bq),
                             head(self.q, i0, hd, hh, g.d),
-                            false,
                         );
                     }
                     write_head(dvp, &scr.acc2[..bk * g.dv], g.dv, hh, h, T::ONE);
