@@ -726,6 +726,7 @@ pub fn conv2d_pad<T: Float>(
         }
     }
     let bv = b.map(|b| tape.value(b));
+    let packed = packed_weights(&wp, bv.as_deref().map(|b| &b[..]), cout, kdim);
     let xv = tape.value(x);
     let (p, per_in) = (g.oh * g.ow, h * wd * cin);
     let rows = block_rows(&g, kdim);
@@ -754,6 +755,10 @@ pub fn conv2d_pad<T: Float>(
                 oy1,
                 &mut cols,
             );
+            if let (Some(pk), Some(c32), Some(o32)) = (&packed, as_f32(&cols), as_f32_mut(ob)) {
+                pk.forward(c32, m, o32, false, false);
+                return;
+            }
             if let Some(bv) = &bv {
                 for r in ob.chunks_exact_mut(cout) {
                     r.copy_from_slice(bv);
@@ -851,6 +856,30 @@ pub fn conv2d_pad<T: Float>(
             Ok(())
         }),
     )
+}
+
+/// f32 on AVX-512: `w` [N, K] (and the bias, zeros if none) packed for the inference path's
+/// register-tile kernel; None otherwise (the `gemm` crate is used).
+fn packed_weights<T: Float>(
+    w: &[T],
+    bias: Option<&[T]>,
+    n: usize,
+    k: usize,
+) -> Option<crate::backend::cpu::pointwise::PackedPointwise> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        let w = as_f32(w)?;
+        let zero = vec![0f32; n];
+        let b = match bias {
+            Some(b) => as_f32(b)?,
+            None => &zero,
+        };
+        return Some(crate::backend::cpu::pointwise::PackedPointwise::new(
+            w, b, n, k,
+        ));
+    }
+    let _ = (w, bias, n, k);
+    None
 }
 
 /// Rows per partial sum of a per-column reduction.
