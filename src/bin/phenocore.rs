@@ -7,6 +7,7 @@
 //!   sphere → evaluate, end to end.
 
 mod train_cli;
+mod diffusion_cli;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -67,6 +68,9 @@ enum Command {
     /// Time SGD training steps of EfficientNet-B0 on random crops (JSON line; used by
     /// benches/train_step.py).
     BenchTrain(train_cli::BenchTrainArgs),
+    /// Time the LDM paper's diffusion U-Net forward and forward + backward on random latents
+    /// (JSON line; used by benches/unet.py).
+    BenchUnet(diffusion_cli::BenchUnetArgs),
 }
 
 #[derive(Args)]
@@ -1029,6 +1033,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => cmd_demo(a),
         Command::Train(a) => train_cli::cmd_train(a),
         Command::BenchTrain(a) => train_cli::cmd_bench_train(a),
+        Command::BenchUnet(a) => diffusion_cli::cmd_bench_unet(a),
     });
     match res {
         Ok(Ok(())) => ExitCode::SUCCESS,
