@@ -626,6 +626,32 @@ typedef struct {
     // Threads preparing batches in `fit` (default 1) and batches prepared ahead (default 2).
     size_t workers;
     size_t prefetch;
+    // Domain-adversarial branch (gradient reversal layer, CP-CNN paper Methods): the number of
+    // domains (plates), >= 2; 0 = off (default). Domain labels come from
+    // `pheno_trainer_add_crops_with_domains` (or the plate ids of `pheno_trainer_add_crops`) and
+    // `pheno_trainer_step_domains` / `pheno_trainer_step_bags`.
+    size_t domain_count;
+    // λ of the gradient reversal layer (default 1): constant, or the maximum of Ganin's schedule.
+    double domain_lambda;
+    // 0 (default): constant λ; 1: λ · (2 / (1 + exp(-10 p)) - 1) over training progress p.
+    int32_t domain_lambda_schedule;
+    // Weight of the domain cross-entropy in the loss (default 1).
+    double domain_weight;
+    // Widths of the domain head's hidden dense layers (NULL / 0 = 1024, 512, 128; copied).
+    const size_t *domain_hidden;
+    size_t n_domain_hidden;
+    // Attention MIL (CP-CNN paper Methods): non-zero = on (default 0). `fit` then trains on bags
+    // (`batch_size` counts bags) and `pheno_trainer_step_bags` takes bags.
+    int32_t mil;
+    // Crops per bag (default 16) and the treated crops of a treated bag (default 4..=12).
+    size_t mil_bag_size;
+    size_t mil_min_treated;
+    size_t mil_max_treated;
+    // Negative-control classes (e.g. DMSO) filling the bags; required with `mil` (copied).
+    const uint32_t *mil_control_classes;
+    size_t n_mil_control_classes;
+    // Width of the attention's hidden layer (default 128).
+    size_t mil_attention_dim;
 } PhenoTrainerOptions;
 
 // What `pheno_trainer_fit` reports after every step and at the end of every epoch.
@@ -1632,6 +1658,41 @@ PhenoStatus pheno_trainer_step(PhenoTrainer *trainer,
                                const uint32_t *labels,
                                double *out_loss);
 
+// `pheno_trainer_step` with the domain-adversarial branch (`opts->domain_count` > 0): `domains`
+// holds each crop's domain (plate) label in 0..domain_count. `*out_loss` gets the total loss
+// (treatment cross-entropy + domain_weight · domain cross-entropy). Errors as
+// `pheno_trainer_step`, plus a domain label out of range (INVALID_ARGUMENT naming the crop) or a
+// trainer without the domain branch (INVALID_ARGUMENT).
+//
+// # Safety
+// As `pheno_trainer_step`; `domains` points to n values.
+PhenoStatus pheno_trainer_step_domains(PhenoTrainer *trainer,
+                                       const float *crops,
+                                       size_t n,
+                                       size_t c,
+                                       size_t h,
+                                       size_t w,
+                                       const uint32_t *labels,
+                                       const uint32_t *domains,
+                                       double *out_loss);
+
+// One step on `n_bags` attention-MIL bags (`opts->mil` set): `crops` holds n_bags ·
+// `opts->mil_bag_size` crops (C, H, W), bag after bag; `bag_labels` one label per bag; `domains`
+// one domain label per crop when the domain branch is on (else NULL). Writes the loss.
+//
+// # Safety
+// `trainer` is a live trainer; `crops` points to n_bags · bag_size · c · h · w floats;
+// `bag_labels` to n_bags values; `domains` is NULL or points to n_bags · bag_size values.
+PhenoStatus pheno_trainer_step_bags(PhenoTrainer *trainer,
+                                    const float *crops,
+                                    size_t n_bags,
+                                    size_t c,
+                                    size_t h,
+                                    size_t w,
+                                    const uint32_t *bag_labels,
+                                    const uint32_t *domains,
+                                    double *out_loss);
+
 // Logits (n × num_classes float32, row-major) of `n` crops with BN in eval mode (running
 // statistics) into `out_logits`, which holds `out_len` floats.
 //
@@ -1665,6 +1726,23 @@ PhenoStatus pheno_trainer_add_crops(PhenoTrainer *trainer,
                                     const uint32_t *labels,
                                     const uint32_t *groups,
                                     const uint32_t *plates);
+
+// `pheno_trainer_add_crops` with each crop's domain label for the domain-adversarial branch
+// (`opts->domain_count` > 0): `domains` points to n values in 0..domain_count (checked by
+// `pheno_trainer_fit`, which names the crop). Crops added without domains use their plate id.
+//
+// # Safety
+// As `pheno_trainer_add_crops`; `domains` points to n values.
+PhenoStatus pheno_trainer_add_crops_with_domains(PhenoTrainer *trainer,
+                                                 const float *crops,
+                                                 size_t n,
+                                                 size_t c,
+                                                 size_t h,
+                                                 size_t w,
+                                                 const uint32_t *labels,
+                                                 const uint32_t *groups,
+                                                 const uint32_t *plates,
+                                                 const uint32_t *domains);
 
 // Number of crops added with `pheno_trainer_add_crops` (and not cleared).
 //

@@ -347,3 +347,252 @@ fn eval_mode_logits_match_the_folded_inference_model_after_training() {
         .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
     assert!(err <= 1e-4 * scale, "max |diff| {err} vs scale {scale}");
 }
+
+// ---- Domain-adversarial branch (gradient reversal) and attention MIL (REFERENCE §2 alternatives).
+
+fn domain_opts(lambda: f64, weight: f64) -> TrainerOptions {
+    TrainerOptions {
+        domain_adversarial: Some(phenocore::train::DomainAdversarial {
+            domains: 2,
+            lambda: phenocore::train::GrlLambda::Constant(lambda),
+            weight,
+            ..Default::default()
+        }),
+        ..opts()
+    }
+}
+
+#[test]
+fn domain_branch_trains_resumes_exactly_and_stays_out_of_the_exported_model() {
+    let (x, y) = batch(4, 32, 1, 3);
+    let d = [0u32, 1, 1, 0];
+    let o = domain_opts(1.0, 1.0);
+    let mut t = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), o.clone()).unwrap();
+    // The paper's head: 1280 → 1024 → 512 → 128 → 2 domains, in the trainer's parameters.
+    let full = t.model().full_state_dict().unwrap();
+    for (name, shape) in [
+        ("domain_head.0.weight", vec![1024, 1280]),
+        ("domain_head.1.weight", vec![512, 1024]),
+        ("domain_head.2.weight", vec![128, 512]),
+        ("domain_head.3.weight", vec![2, 128]),
+        ("domain_head.3.bias", vec![2]),
+    ] {
+        assert_eq!(full[name].shape(), &shape[..], "{name}");
+    }
+    // A plain step is refused (it would skip the branch), naming the right call.
+    let e = t.step(&x, 4, 32, 32, &y).unwrap_err().to_string();
+    assert!(e.contains("step_with_domains"), "{e}");
+    // Bad domain labels: an error naming the crop, nothing changed.
+    let before = weights(&t);
+    let e = t
+        .step_with_domains(&x, 4, 32, 32, &y, &[0, 1, 2, 0])
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)));
+    assert!(e.to_string().contains("domain label 2 of crop 2"), "{e}");
+    assert_eq!(weights(&t), before);
+    assert_eq!(t.steps(), 0);
+    let mut losses = Vec::new();
+    for _ in 0..2 {
+        losses.push(t.step_with_domains(&x, 4, 32, 32, &y, &d).unwrap());
+        // total = treatment CE + 1 · domain CE, the domain CE near ln 2 for an untrained head.
+        let (cls, dom) = t.last_losses();
+        let dom = dom.unwrap();
+        assert!(
+            (losses.last().unwrap() - (cls + dom)).abs() < 1e-5,
+            "{losses:?} {cls} {dom}"
+        );
+        assert!(dom > 0.3 && dom < 1.5, "{dom}");
+    }
+    let head = t.model().params().index("domain_head.0.weight").unwrap();
+    assert_ne!(weights(&t)[head], before[head], "the head is optimised");
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck.safetensors");
+    t.save_checkpoint(&ck).unwrap();
+    let next = t.step_with_domains(&x, 4, 32, 32, &y, &d).unwrap();
+    let mut r = Trainer::new(TrainableEfficientNet::new(cfg(3), 99).unwrap(), o.clone()).unwrap();
+    r.load_checkpoint(&ck).unwrap();
+    assert_eq!(r.step_with_domains(&x, 4, 32, 32, &y, &d).unwrap(), next);
+    assert_eq!(weights(&r), weights(&t));
+    // The exported model is EfficientNet-B0 only.
+    let sd = t.model().state_dict().unwrap();
+    assert!(sd.keys().all(|k| !k.starts_with("domain_head")));
+    let plain = TrainableEfficientNet::<f32>::new(cfg(3), 7).unwrap();
+    assert_eq!(sd.len(), plain.state_dict().unwrap().len());
+    let m = t.inference_model().unwrap();
+    let crops = phenocore::Tensor::from_f32(&[4, 5, 32, 32], x.clone()).unwrap();
+    assert_eq!(m.logits(&crops).unwrap().shape(), &[4, 3]);
+    // A checkpoint without the head does not load into a trainer with one (error names it).
+    let mut p = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), opts()).unwrap();
+    p.step(&x, 4, 32, 32, &y).unwrap();
+    let ck2 = dir.path().join("plain.safetensors");
+    p.save_checkpoint(&ck2).unwrap();
+    let e = r.load_checkpoint(&ck2).unwrap_err().to_string();
+    assert!(e.contains("domain_head.0.weight"), "{e}");
+}
+
+#[test]
+fn reversed_domain_gradient_reaches_the_trunk_only_when_lambda_and_weight_are_nonzero() {
+    let (x, y) = batch(4, 32, 2, 3);
+    let d = [0u32, 0, 1, 1];
+    let base = {
+        let mut p = Trainer::new(TrainableEfficientNet::new(cfg(3), 5).unwrap(), opts()).unwrap();
+        let l = p.step(&x, 4, 32, 32, &y).unwrap();
+        (l, weights(&p))
+    };
+    let trunk = TrainableEfficientNet::<f32>::new(cfg(3), 5)
+        .unwrap()
+        .num_base_params();
+    for (lambda, weight, same) in [(0.0, 1.0, true), (1.0, 0.0, true), (1.0, 1.0, false)] {
+        let mut t = Trainer::new(
+            TrainableEfficientNet::new(cfg(3), 5).unwrap(),
+            domain_opts(lambda, weight),
+        )
+        .unwrap();
+        t.step_with_domains(&x, 4, 32, 32, &y, &d).unwrap();
+        assert_eq!(t.last_losses().0, base.0, "same treatment loss");
+        let w = weights(&t);
+        // λ = 0 blocks the domain gradient at the GRL; weight 0 removes it: the trunk and the
+        // classifier take exactly the plain step. Otherwise the reversed gradient changes them.
+        assert_eq!(
+            w[..trunk] == base.1[..],
+            same,
+            "λ {lambda}, weight {weight}"
+        );
+    }
+}
+
+fn mil_dataset(per_class: usize, side: usize, seed: u64) -> Dataset {
+    // Class 0 = control (noise), class 1 bright channel 0 blobs, class 2 bright channel 3.
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let per = 5 * side * side;
+    let mut data = Vec::new();
+    let mut labels = Vec::new();
+    for c in 0..3u32 {
+        for _ in 0..per_class {
+            let mut crop: Vec<f32> = (0..per).map(|_| r.gen::<f32>() * 0.3).collect();
+            if c > 0 {
+                let ch = if c == 1 { 0 } else { 3 };
+                for p in 0..side * side {
+                    let (py, px) = (p / side, p % side);
+                    if py.abs_diff(side / 2) < side / 4 && px.abs_diff(side / 2) < side / 4 {
+                        crop[ch * side * side + p] += 2.0;
+                    }
+                }
+            }
+            data.extend(crop);
+            labels.push(c);
+        }
+    }
+    Dataset::new(data, 5, side, side, labels).unwrap()
+}
+
+fn mil_opts() -> TrainerOptions {
+    TrainerOptions {
+        mil: Some(phenocore::train::MilOptions {
+            bag_size: 8,
+            min_treated: 2,
+            max_treated: 6,
+            control_classes: vec![0],
+            attention_dim: 32,
+        }),
+        lr: 0.01,
+        clip_grad_norm: Some(1.0),
+        batch_size: 6,
+        augment_in_step: false,
+        augmentation: phenocore::train::augment::Augmentation::none(),
+        regularisation: Regularisation {
+            dropout: 0.0,
+            drop_connect_rate: 0.0,
+            ..Default::default()
+        },
+        seed: 1,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn mil_bags_lower_the_bag_loss_and_fit_runs_on_bags_with_domains() {
+    use phenocore::train::mil::mil_epoch;
+    let data = mil_dataset(12, 32, 3);
+    let o = mil_opts();
+    let m = o.mil.clone().unwrap();
+    let mut t = Trainer::new(TrainableEfficientNet::new(cfg(3), 2).unwrap(), o.clone()).unwrap();
+    assert!(t.step(&[0.0; 5 * 32 * 32], 1, 32, 32, &[0]).is_err());
+    // Bags of one epoch, fixed, trained on repeatedly: the bag loss falls.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let bags = mil_epoch(&data.labels, 3, &m, &mut rng).unwrap();
+    let bags = &bags[..6];
+    let per = 5 * 32 * 32;
+    let mut crops = Vec::new();
+    for b in bags {
+        for &i in &b.items {
+            crops.extend_from_slice(&data.data[i * per..(i + 1) * per]);
+        }
+    }
+    let labels: Vec<u32> = bags.iter().map(|b| b.label).collect();
+    let losses: Vec<f64> = (0..8)
+        .map(|_| t.step_bags(&crops, 6, 32, 32, &labels, None).unwrap())
+        .collect();
+    eprintln!("bag losses {losses:?}");
+    assert!(
+        losses[7] < 0.5 * losses[0],
+        "bag loss did not fall: {losses:?}"
+    );
+    // Bad bag input names the problem.
+    let e = t
+        .step_bags(&crops, 6, 32, 32, &labels[..5], None)
+        .unwrap_err();
+    assert!(e.to_string().contains("5 bag labels for 6 bags"), "{e}");
+    let e = t
+        .step_bags(&crops, 6, 32, 32, &labels, Some(&[0; 48]))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("domain_adversarial is not set"),
+        "{e}"
+    );
+
+    // fit on bags, with the domain branch too (two plates), checkpointing; then resume.
+    let o2 = TrainerOptions {
+        domain_adversarial: Some(phenocore::train::DomainAdversarial {
+            domains: 2,
+            hidden: vec![64, 32],
+            ..Default::default()
+        }),
+        epochs: 1,
+        ..o
+    };
+    let plates: Vec<u32> = (0..data.n as u32).map(|i| i % 2).collect();
+    let ds = mil_dataset(12, 32, 3).with_domains(plates).unwrap();
+    let all: Vec<usize> = (0..ds.n).collect();
+    let mut f = Trainer::new(TrainableEfficientNet::new(cfg(3), 2).unwrap(), o2.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck.safetensors");
+    let reports = f
+        .fit(&ds, &all, &[], Some(&ck), None, &mut |_| true)
+        .unwrap();
+    // median 12 crops / 4 treated on average = 3 bags per class, 9 bags in batches of 6 → 2 steps.
+    assert_eq!(reports[0].steps, 2);
+    assert!(reports[0].train_loss.is_finite());
+    assert!(f.last_losses().1.is_some());
+    let mut g = Trainer::new(TrainableEfficientNet::new(cfg(3), 9).unwrap(), o2.clone()).unwrap();
+    g.load_checkpoint(&ck).unwrap();
+    assert_eq!(weights(&g), weights(&f));
+    // Without domain labels, or without control crops in the training set: errors naming them.
+    let e = Trainer::new(TrainableEfficientNet::new(cfg(3), 2).unwrap(), o2.clone())
+        .unwrap()
+        .fit(
+            &mil_dataset(4, 32, 3),
+            &all[..12],
+            &[],
+            None,
+            None,
+            &mut |_| true,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("no domain labels"), "{e}");
+    let mut h = Trainer::new(TrainableEfficientNet::new(cfg(3), 2).unwrap(), o2).unwrap();
+    let e = h
+        .fit(&ds, &all[12..], &[], None, None, &mut |_| true)
+        .unwrap_err();
+    assert!(e.to_string().contains("MIL needs control crops"), "{e}");
+}

@@ -15,7 +15,8 @@ use crate::optim::Schedule;
 use crate::train::augment::Augmentation;
 use crate::train::split::{leave_cells_out, leave_plates_out};
 use crate::train::{
-    Dataset, DecayScope, EpochReport, Event, OptimizerKind, Trainer, TrainerOptions,
+    Dataset, DecayScope, DomainAdversarial, EpochReport, Event, GrlLambda, MilOptions,
+    OptimizerKind, Trainer, TrainerOptions,
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -138,6 +139,32 @@ pub struct PhenoTrainerOptions {
     /// Threads preparing batches in `fit` (default 1) and batches prepared ahead (default 2).
     pub workers: usize,
     pub prefetch: usize,
+    /// Domain-adversarial branch (gradient reversal layer, CP-CNN paper Methods): the number of
+    /// domains (plates), >= 2; 0 = off (default). Domain labels come from
+    /// `pheno_trainer_add_crops_with_domains` (or the plate ids of `pheno_trainer_add_crops`) and
+    /// `pheno_trainer_step_domains` / `pheno_trainer_step_bags`.
+    pub domain_count: usize,
+    /// λ of the gradient reversal layer (default 1): constant, or the maximum of Ganin's schedule.
+    pub domain_lambda: f64,
+    /// 0 (default): constant λ; 1: λ · (2 / (1 + exp(-10 p)) - 1) over training progress p.
+    pub domain_lambda_schedule: i32,
+    /// Weight of the domain cross-entropy in the loss (default 1).
+    pub domain_weight: f64,
+    /// Widths of the domain head's hidden dense layers (NULL / 0 = 1024, 512, 128; copied).
+    pub domain_hidden: *const usize,
+    pub n_domain_hidden: usize,
+    /// Attention MIL (CP-CNN paper Methods): non-zero = on (default 0). `fit` then trains on bags
+    /// (`batch_size` counts bags) and `pheno_trainer_step_bags` takes bags.
+    pub mil: i32,
+    /// Crops per bag (default 16) and the treated crops of a treated bag (default 4..=12).
+    pub mil_bag_size: usize,
+    pub mil_min_treated: usize,
+    pub mil_max_treated: usize,
+    /// Negative-control classes (e.g. DMSO) filling the bags; required with `mil` (copied).
+    pub mil_control_classes: *const u32,
+    pub n_mil_control_classes: usize,
+    /// Width of the attention's hidden layer (default 128).
+    pub mil_attention_dim: usize,
 }
 
 /// What `pheno_trainer_fit` reports after every step and at the end of every epoch.
@@ -194,6 +221,8 @@ struct Pushed {
     /// Well id per crop, or None when the host gave none.
     groups: Vec<Option<u32>>,
     plates: Vec<u32>,
+    /// Domain label per crop (the plate id unless given).
+    domains: Vec<u32>,
 }
 
 const MAX_IN_CHANNELS: usize = 4096;
@@ -207,6 +236,7 @@ const MAX_CLASSES: usize = 1 << 20;
 pub extern "C" fn pheno_trainer_default_options() -> PhenoTrainerOptions {
     let d = TrainerOptions::default();
     let a = Augmentation::default();
+    let m = MilOptions::default();
     PhenoTrainerOptions {
         struct_size: size_of::<PhenoTrainerOptions>(),
         optimizer: PhenoOptimizer::PHENO_OPTIMIZER_SGD,
@@ -246,6 +276,19 @@ pub extern "C" fn pheno_trainer_default_options() -> PhenoTrainerOptions {
         seed: d.seed,
         workers: d.workers,
         prefetch: d.prefetch,
+        domain_count: 0,
+        domain_lambda: 1.0,
+        domain_lambda_schedule: 0,
+        domain_weight: 1.0,
+        domain_hidden: std::ptr::null(),
+        n_domain_hidden: 0,
+        mil: 0,
+        mil_bag_size: m.bag_size,
+        mil_min_treated: m.min_treated,
+        mil_max_treated: m.max_treated,
+        mil_control_classes: std::ptr::null(),
+        n_mil_control_classes: 0,
+        mil_attention_dim: m.attention_dim,
     }
 }
 
@@ -308,7 +351,68 @@ unsafe fn trainer_opts(p: *const PhenoTrainerOptions) -> Result<TrainerOptions> 
         read!(seed, u64);
         read!(workers, usize);
         read!(prefetch, usize);
+        read!(domain_count, usize);
+        read!(domain_lambda, f64);
+        read!(domain_lambda_schedule, i32);
+        read!(domain_weight, f64);
+        read!(domain_hidden, *const usize);
+        read!(n_domain_hidden, usize);
+        read!(mil, i32);
+        read!(mil_bag_size, usize);
+        read!(mil_min_treated, usize);
+        read!(mil_max_treated, usize);
+        read!(mil_control_classes, *const u32);
+        read!(n_mil_control_classes, usize);
+        read!(mil_attention_dim, usize);
     }
+    let domain_adversarial = if c.domain_count == 0 {
+        None
+    } else {
+        let hidden = if c.n_domain_hidden == 0 {
+            DomainAdversarial::default().hidden
+        } else {
+            if c.domain_hidden.is_null() {
+                return Err(null("opts->domain_hidden"));
+            }
+            slice(c.domain_hidden, c.n_domain_hidden, "opts->domain_hidden")?.to_vec()
+        };
+        let lambda = match c.domain_lambda_schedule {
+            0 => GrlLambda::Constant(c.domain_lambda),
+            1 => GrlLambda::Ganin {
+                max: c.domain_lambda,
+            },
+            v => {
+                return Err(Error::InvalidArgument(format!(
+                    "opts->domain_lambda_schedule is {v}; expected 0 (constant) or 1 (Ganin)"
+                )))
+            }
+        };
+        Some(DomainAdversarial {
+            domains: c.domain_count,
+            lambda,
+            weight: c.domain_weight,
+            hidden,
+        })
+    };
+    let mil = if c.mil == 0 {
+        None
+    } else {
+        if c.n_mil_control_classes > 0 && c.mil_control_classes.is_null() {
+            return Err(null("opts->mil_control_classes"));
+        }
+        Some(MilOptions {
+            bag_size: c.mil_bag_size,
+            min_treated: c.mil_min_treated,
+            max_treated: c.mil_max_treated,
+            control_classes: slice(
+                c.mil_control_classes,
+                c.n_mil_control_classes,
+                "opts->mil_control_classes",
+            )?
+            .to_vec(),
+            attention_dim: c.mil_attention_dim,
+        })
+    };
     let optimizer = match raw_optimizer {
         0 => OptimizerKind::Sgd,
         1 => OptimizerKind::AdamW,
@@ -428,6 +532,8 @@ unsafe fn trainer_opts(p: *const PhenoTrainerOptions) -> Result<TrainerOptions> 
         seed: c.seed,
         workers: c.workers,
         prefetch: c.prefetch,
+        domain_adversarial,
+        mil,
     };
     o.validate()
         .map_err(|e| Error::InvalidArgument(format!("opts: {e}")))?;
@@ -710,6 +816,86 @@ pub unsafe extern "C" fn pheno_trainer_step(
     })
 }
 
+/// `pheno_trainer_step` with the domain-adversarial branch (`opts->domain_count` > 0): `domains`
+/// holds each crop's domain (plate) label in 0..domain_count. `*out_loss` gets the total loss
+/// (treatment cross-entropy + domain_weight · domain cross-entropy). Errors as
+/// `pheno_trainer_step`, plus a domain label out of range (INVALID_ARGUMENT naming the crop) or a
+/// trainer without the domain branch (INVALID_ARGUMENT).
+///
+/// # Safety
+/// As `pheno_trainer_step`; `domains` points to n values.
+#[no_mangle]
+pub unsafe extern "C" fn pheno_trainer_step_domains(
+    trainer: *mut PhenoTrainer,
+    crops: *const f32,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    labels: *const u32,
+    domains: *const u32,
+    out_loss: *mut f64,
+) -> PhenoStatus {
+    guard("pheno_trainer_step_domains", || {
+        let t = trainer_mut(trainer)?;
+        if out_loss.is_null() {
+            return Err(null("out_loss"));
+        }
+        let x = t.crops(crops, n, c, h, w)?;
+        let y = t.labels(labels, n)?;
+        if domains.is_null() {
+            return Err(null("domains"));
+        }
+        let d = slice(domains, n, "domains")?;
+        let loss = t.trainer.step_with_domains(x, n, h, w, y, d)?;
+        write_out(out_loss, loss, "out_loss")
+    })
+}
+
+/// One step on `n_bags` attention-MIL bags (`opts->mil` set): `crops` holds n_bags ·
+/// `opts->mil_bag_size` crops (C, H, W), bag after bag; `bag_labels` one label per bag; `domains`
+/// one domain label per crop when the domain branch is on (else NULL). Writes the loss.
+///
+/// # Safety
+/// `trainer` is a live trainer; `crops` points to n_bags · bag_size · c · h · w floats;
+/// `bag_labels` to n_bags values; `domains` is NULL or points to n_bags · bag_size values.
+#[no_mangle]
+pub unsafe extern "C" fn pheno_trainer_step_bags(
+    trainer: *mut PhenoTrainer,
+    crops: *const f32,
+    n_bags: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    bag_labels: *const u32,
+    domains: *const u32,
+    out_loss: *mut f64,
+) -> PhenoStatus {
+    guard("pheno_trainer_step_bags", || {
+        let t = trainer_mut(trainer)?;
+        if out_loss.is_null() {
+            return Err(null("out_loss"));
+        }
+        let Some(m) = t.opts.mil.as_ref() else {
+            return Err(Error::InvalidArgument(
+                "pheno_trainer_step_bags: the trainer was created without opts->mil".into(),
+            ));
+        };
+        let n = n_bags
+            .checked_mul(m.bag_size)
+            .ok_or_else(|| Error::InvalidArgument(format!("n_bags {n_bags} is too large")))?;
+        let x = t.crops(crops, n, c, h, w)?;
+        let y = t.labels(bag_labels, n_bags)?;
+        let d = if domains.is_null() {
+            None
+        } else {
+            Some(slice(domains, n, "domains")?)
+        };
+        let loss = t.trainer.step_bags(x, n_bags, h, w, y, d)?;
+        write_out(out_loss, loss, "out_loss")
+    })
+}
+
 /// Logits (n × num_classes float32, row-major) of `n` crops with BN in eval mode (running
 /// statistics) into `out_logits`, which holds `out_len` floats.
 ///
@@ -775,6 +961,64 @@ pub unsafe extern "C" fn pheno_trainer_add_crops(
     plates: *const u32,
 ) -> PhenoStatus {
     guard("pheno_trainer_add_crops", || {
+        add_crops(
+            trainer,
+            crops,
+            n,
+            c,
+            h,
+            w,
+            labels,
+            groups,
+            plates,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// `pheno_trainer_add_crops` with each crop's domain label for the domain-adversarial branch
+/// (`opts->domain_count` > 0): `domains` points to n values in 0..domain_count (checked by
+/// `pheno_trainer_fit`, which names the crop). Crops added without domains use their plate id.
+///
+/// # Safety
+/// As `pheno_trainer_add_crops`; `domains` points to n values.
+#[no_mangle]
+pub unsafe extern "C" fn pheno_trainer_add_crops_with_domains(
+    trainer: *mut PhenoTrainer,
+    crops: *const f32,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    labels: *const u32,
+    groups: *const u32,
+    plates: *const u32,
+    domains: *const u32,
+) -> PhenoStatus {
+    guard("pheno_trainer_add_crops_with_domains", || {
+        if domains.is_null() {
+            return Err(null("domains"));
+        }
+        add_crops(trainer, crops, n, c, h, w, labels, groups, plates, domains)
+    })
+}
+
+/// # Safety
+/// As `pheno_trainer_add_crops_with_domains`, `domains` may be NULL.
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_crops(
+    trainer: *mut PhenoTrainer,
+    crops: *const f32,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    labels: *const u32,
+    groups: *const u32,
+    plates: *const u32,
+    domains: *const u32,
+) -> Result<()> {
+    {
         let t = trainer_mut(trainer)?;
         let x = t.crops(crops, n, c, h, w)?;
         if let Some(d) = t.data.dims {
@@ -796,6 +1040,11 @@ pub unsafe extern "C" fn pheno_trainer_add_crops(
         } else {
             Some(slice(plates, n, "plates")?)
         };
+        let dom = if domains.is_null() {
+            None
+        } else {
+            Some(slice(domains, n, "domains")?)
+        };
         let d = &mut t.data;
         d.crops
             .try_reserve(x.len())
@@ -811,8 +1060,12 @@ pub unsafe extern "C" fn pheno_trainer_add_crops(
             Some(p) => d.plates.extend_from_slice(p),
             None => d.plates.extend(std::iter::repeat_n(0, n)),
         }
+        match (dom, p) {
+            (Some(v), _) | (None, Some(v)) => d.domains.extend_from_slice(v),
+            (None, None) => d.domains.extend(std::iter::repeat_n(0, n)),
+        }
         Ok(())
-    })
+    }
 }
 
 /// Number of crops added with `pheno_trainer_add_crops` (and not cleared).
@@ -957,13 +1210,16 @@ pub unsafe extern "C" fn pheno_trainer_fit(
         if epochs > 0 {
             t.set_epochs(epochs)?;
         }
-        let data = Dataset::new(
+        let mut data = Dataset::new(
             std::mem::take(&mut t.data.crops),
             c,
             h,
             w,
             t.data.labels.clone(),
         )?;
+        if t.opts.domain_adversarial.is_some() {
+            data.domains = Some(t.data.domains.clone());
+        }
         let mut cb = |e: Event| -> bool {
             let Some(f) = progress else { return true };
             let p = match e {

@@ -31,7 +31,8 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 
 pub fn save(t: &Trainer, path: &Path) -> Result<()> {
     let (model, opt, step, epoch, rng, best) = t.parts();
-    let state = model.state_dict()?;
+    // With the training-only heads (domain branch, MIL attention).
+    let state = model.full_state_dict()?;
     let ostate = opt.state();
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());

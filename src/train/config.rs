@@ -30,8 +30,18 @@
 //! holding `label_field` (and optionally `Metadata_Plate` / `Metadata_Well` for the splits).
 //! `initialization` is `"random"` (torchvision's init) or a torchvision-format safetensors file
 //! (e.g. ImageNet weights: the stem is expanded to the channels, the classifier made fresh).
+//!
+//! The paper's alternative training schemes (REFERENCE §2), both off unless present:
+//! `train.model.domain_adversarial` = `{"domains": 3, "lambda": 1.0, "lambda_schedule":
+//! "constant" | "ganin", "weight": 1.0, "hidden": [1024, 512, 128]}` (plates as domains: crop i's
+//! domain is the index of its plate among the sorted plate names; `domains` must cover them) and
+//! `train.model.mil` = `{"bag_size": 16, "min_treated": 4, "max_treated": 12,
+//! "control_classes": [0], "attention_dim": 128}` (`control_classes` are class indices, i.e.
+//! positions in the sorted class list written to classes.txt; `batch_size` then counts bags).
 
 use super::augment::Augmentation;
+use super::domain::{DomainAdversarial, GrlLambda};
+use super::mil::MilOptions;
 use super::split::{leave_cells_out, leave_plates_out};
 use super::trainer::{Dataset, DecayScope, OptimizerKind, TrainerOptions};
 use crate::error::{Error, Result};
@@ -164,6 +174,18 @@ impl<'a> Section<'a> {
                     .or_else(|| x.as_i64().map(|i| i.to_string()))
                     .ok_or_else(|| self.err(k, "a list of strings"))
             })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+    fn usizes(&mut self, k: &'static str) -> Result<Option<Vec<usize>>> {
+        let Some(v) = self.get(k) else {
+            return Ok(None);
+        };
+        let err = || self.err(k, "a list of non-negative integers");
+        v.as_array()
+            .ok_or_else(err)?
+            .iter()
+            .map(|x| x.as_u64().map(|u| u as usize).ok_or_else(err))
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
@@ -322,6 +344,42 @@ impl TrainConfig {
                     o.betas.1 = p.f64("beta2", o.betas.1)?;
                     p.finish(&mut unknown);
                 }
+                if let Some(mut d) = m.sub("domain_adversarial")? {
+                    let def = DomainAdversarial::default();
+                    let lam = d.f64("lambda", 1.0)?;
+                    let lambda = match d.str("lambda_schedule")?.as_deref() {
+                        None | Some("constant") => GrlLambda::Constant(lam),
+                        Some("ganin") => GrlLambda::Ganin { max: lam },
+                        Some(x) => {
+                            return Err(Error::InvalidArgument(format!(
+                                "config: train.model.domain_adversarial.lambda_schedule {x:?} is not constant or ganin"
+                            )))
+                        }
+                    };
+                    o.domain_adversarial = Some(DomainAdversarial {
+                        domains: d.u64("domains", 0)? as usize,
+                        lambda,
+                        weight: d.f64("weight", def.weight)?,
+                        hidden: d.usizes("hidden")?.unwrap_or(def.hidden),
+                    });
+                    d.finish(&mut unknown);
+                }
+                if let Some(mut g) = m.sub("mil")? {
+                    let def = MilOptions::default();
+                    o.mil = Some(MilOptions {
+                        bag_size: g.u64("bag_size", def.bag_size as u64)? as usize,
+                        min_treated: g.u64("min_treated", def.min_treated as u64)? as usize,
+                        max_treated: g.u64("max_treated", def.max_treated as u64)? as usize,
+                        control_classes: g
+                            .usizes("control_classes")?
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|c| c as u32)
+                            .collect(),
+                        attention_dim: g.u64("attention_dim", def.attention_dim as u64)? as usize,
+                    });
+                    g.finish(&mut unknown);
+                }
                 if let Some(mut s) = m.sub("lr_schedule")? {
                     o.schedule = match s.str("name")?.as_deref() {
                         None | Some("constant") => Schedule::Constant,
@@ -420,7 +478,28 @@ pub struct LoadedData {
 }
 
 /// Loads the crops the config names (images + locations are cropped as `profile` crops them).
+/// With `domain_adversarial`, every crop's domain label is its plate's index among the sorted
+/// plate names.
 pub fn load_data(
+    cfg: &TrainConfig,
+    progress: &mut (dyn FnMut(usize, usize) + Send),
+) -> Result<LoadedData> {
+    let mut data = load_crops(cfg, progress)?;
+    if cfg.options.domain_adversarial.is_some() {
+        let (_, domains) = index_labels(&data.plates);
+        if domains.len() != data.dataset.n {
+            return Err(Error::Internal(format!(
+                "{} plate names for {} crops",
+                domains.len(),
+                data.dataset.n
+            )));
+        }
+        data.dataset.domains = Some(domains);
+    }
+    Ok(data)
+}
+
+fn load_crops(
     cfg: &TrainConfig,
     progress: &mut (dyn FnMut(usize, usize) + Send),
 ) -> Result<LoadedData> {
@@ -622,5 +701,72 @@ pub fn split_indices(cfg: &TrainConfig, data: &LoadedData) -> Result<(Vec<usize>
             let s = leave_plates_out(&plate_ids, &data.dataset.labels, &ids(&data.wells), &val)?;
             Ok((s.split.train, s.split.val))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"{"dataset": {"crops": {"path": "c.npy", "labels": "l.csv"}},
+        "train": {"model": MODEL}}"#;
+
+    fn parse(model: &str) -> Result<TrainConfig> {
+        TrainConfig::parse(&BASE.replace("MODEL", model), Path::new("/tmp"))
+    }
+
+    #[test]
+    fn domain_adversarial_and_mil_sections() {
+        let c = parse(
+            r#"{"domain_adversarial": {"domains": 5, "lambda": 0.5, "lambda_schedule": "ganin",
+                 "weight": 0.3, "hidden": [64, 32]},
+                "mil": {"bag_size": 8, "min_treated": 2, "max_treated": 6,
+                        "control_classes": [0, 3], "attention_dim": 16}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.options.domain_adversarial,
+            Some(DomainAdversarial {
+                domains: 5,
+                lambda: GrlLambda::Ganin { max: 0.5 },
+                weight: 0.3,
+                hidden: vec![64, 32],
+            })
+        );
+        assert_eq!(
+            c.options.mil,
+            Some(MilOptions {
+                bag_size: 8,
+                min_treated: 2,
+                max_treated: 6,
+                control_classes: vec![0, 3],
+                attention_dim: 16,
+            })
+        );
+        // Defaults: the paper's head and bags.
+        let c = parse(r#"{"domain_adversarial": {"domains": 2}, "mil": {"control_classes": [1]}}"#)
+            .unwrap();
+        let d = c.options.domain_adversarial.unwrap();
+        assert_eq!(
+            (d.hidden, d.lambda, d.weight),
+            (vec![1024, 512, 128], GrlLambda::Constant(1.0), 1.0)
+        );
+        assert_eq!(c.options.mil.unwrap().bag_size, 16);
+        assert_eq!(parse("{}").unwrap().options.mil, None);
+        // Errors name the key.
+        let e = parse(r#"{"mil": {"control_classes": [1], "bagsize": 3}}"#).unwrap_err();
+        assert!(e.to_string().contains("train.model.mil.bagsize"), "{e}");
+        let e = parse(r#"{"mil": {}}"#).unwrap_err();
+        assert!(e.to_string().contains("control_classes is empty"), "{e}");
+        let e = parse(r#"{"domain_adversarial": {}}"#).unwrap_err();
+        assert!(e.to_string().contains("domains must be at least 2"), "{e}");
+        let e =
+            parse(r#"{"domain_adversarial": {"domains": 2, "lambda_schedule": "x"}}"#).unwrap_err();
+        assert!(e.to_string().contains("lambda_schedule"), "{e}");
+        let e = parse(r#"{"mil": {"control_classes": ["DMSO"]}}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("train.model.mil.control_classes"),
+            "{e}"
+        );
     }
 }

@@ -2,12 +2,16 @@
 //! splits, validation, the training loop and checkpoints.
 pub mod augment;
 pub mod checkpoint;
+pub mod domain;
+pub mod mil;
 pub mod prefetch;
 pub mod sampler;
 pub mod split;
 pub mod trainer;
 pub mod validation;
 
+pub use domain::{DomainAdversarial, GrlLambda};
+pub use mil::MilOptions;
 pub use trainer::{
     Dataset, DecayScope, EpochReport, Event, OnlineLabelSmoothing, OptimizerKind, Trainer,
     TrainerOptions,

@@ -3,6 +3,8 @@
 //! prefetch, validation after every epoch, best-model export and atomic, resumable checkpoints.
 
 use super::augment::Augmentation;
+use super::domain::{DomainAdversarial, DomainHead};
+use super::mil::{mil_epoch, Bag, MilHead, MilOptions};
 use super::prefetch::{batch_rng, epoch_rng, Prefetcher};
 use super::sampler::{balanced_epoch, batches};
 use super::validation::{evaluate, ClassReport};
@@ -63,6 +65,13 @@ pub struct TrainerOptions {
     /// Worker threads decoding / augmenting batches in `fit`, and batches prepared ahead.
     pub workers: usize,
     pub prefetch: usize,
+    /// Domain-adversarial branch with a gradient reversal layer, plates as domains (CP-CNN paper
+    /// Methods; `super::domain`): None = off. Steps then need each crop's domain label
+    /// ([`Trainer::step_with_domains`], [`Dataset::with_domains`]).
+    pub domain_adversarial: Option<DomainAdversarial>,
+    /// Attention-MIL bags (CP-CNN paper Methods; `super::mil`): None = off. `fit` then trains on
+    /// bags (`batch_size` counts bags) and [`Trainer::step_bags`] takes bags.
+    pub mil: Option<MilOptions>,
 }
 
 impl Default for TrainerOptions {
@@ -91,6 +100,8 @@ impl Default for TrainerOptions {
             seed: 0,
             workers: 1,
             prefetch: 2,
+            domain_adversarial: None,
+            mil: None,
         }
     }
 }
@@ -200,6 +211,12 @@ impl TrainerOptions {
             }
         }
         self.augmentation.validate()?;
+        if let Some(d) = &self.domain_adversarial {
+            d.validate()?;
+        }
+        if let Some(m) = &self.mil {
+            m.validate(None)?;
+        }
         self.lr_schedule().validate()
     }
 
@@ -238,6 +255,8 @@ pub struct Dataset {
     pub h: usize,
     pub w: usize,
     pub labels: Vec<u32>,
+    /// Domain label (plate index) of every crop, for the domain-adversarial branch.
+    pub domains: Option<Vec<u32>>,
 }
 
 impl Dataset {
@@ -257,8 +276,23 @@ impl Dataset {
             h,
             w,
             labels,
+            domains: None,
         })
     }
+
+    /// Attaches one domain label (plate index, 0..domains) per crop.
+    pub fn with_domains(mut self, domains: Vec<u32>) -> Result<Self> {
+        if domains.len() != self.n {
+            return Err(Error::Shape(format!(
+                "dataset: {} domain labels for {} crops",
+                domains.len(),
+                self.n
+            )));
+        }
+        self.domains = Some(domains);
+        Ok(self)
+    }
+
     fn crop(&self, i: usize) -> &[f32] {
         let per = self.c * self.h * self.w;
         &self.data[i * per..(i + 1) * per]
@@ -299,11 +333,29 @@ pub struct Trainer {
     rng: ChaCha8Rng,
     best: Option<(f64, u64)>,
     pub(super) ols: Option<OlsState>,
+    domain_head: Option<DomainHead>,
+    mil_head: Option<MilHead>,
+    /// Training progress in [0, 1] of the current `fit` step (Ganin's λ schedule).
+    progress: Option<f64>,
+    /// (treatment loss, domain loss) of the last step.
+    last_losses: (f64, Option<f64>),
 }
 
 impl Trainer {
-    pub fn new(model: TrainableEfficientNet<f32>, opts: TrainerOptions) -> Result<Self> {
+    /// A trainer of `model`. With `domain_adversarial` / `mil` set, their heads (`domain_head.*`,
+    /// `mil_attention.*`) are added to the model's parameters, drawn from `opts.seed`.
+    pub fn new(mut model: TrainableEfficientNet<f32>, opts: TrainerOptions) -> Result<Self> {
         opts.validate()?;
+        let domain_head = opts
+            .domain_adversarial
+            .as_ref()
+            .map(|d| DomainHead::attach(&mut model, d, opts.seed))
+            .transpose()?;
+        let mil_head = opts
+            .mil
+            .as_ref()
+            .map(|m| MilHead::attach(&mut model, m, opts.seed))
+            .transpose()?;
         let opt = opts.build_optimizer()?;
         let rng = epoch_rng(opts.seed, u64::MAX);
         let ols = opts
@@ -318,7 +370,16 @@ impl Trainer {
             epoch: 0,
             rng,
             best: None,
+            domain_head,
+            mil_head,
+            progress: None,
+            last_losses: (f64::NAN, None),
         })
+    }
+
+    /// (treatment loss, domain loss when the domain branch ran) of the last successful step.
+    pub fn last_losses(&self) -> (f64, Option<f64>) {
+        self.last_losses
     }
 
     pub fn options(&self) -> &TrainerOptions {
@@ -360,6 +421,16 @@ impl Trainer {
         w: usize,
         labels: &[u32],
     ) -> Result<f64> {
+        if self.domain_head.is_some() {
+            return Err(Error::InvalidArgument(
+                "domain_adversarial is set: pass every crop's domain (plate) label with step_with_domains".into(),
+            ));
+        }
+        if self.mil_head.is_some() {
+            return Err(Error::InvalidArgument(
+                "mil is set: pass bags of crops with step_bags".into(),
+            ));
+        }
         self.check_labels(labels)?;
         if labels.len() != n {
             return Err(Error::Shape(format!(
@@ -368,26 +439,148 @@ impl Trainer {
             )));
         }
         let lr = self.opts.lr_schedule().lr_at(self.epoch);
-        if self.opts.augment_in_step && self.opts.augmentation != Augmentation::none() {
-            let c = self.model.config().in_channels;
-            let mut batch = crops.to_vec();
-            let mut scratch = Vec::new();
-            let mut rng = std::mem::replace(&mut self.rng, epoch_rng(0, 0));
-            let r = self.opts.augmentation.augment_batch(
-                &mut batch,
-                n,
-                c,
-                h,
-                w,
-                &mut rng,
-                &mut scratch,
-            );
-            self.rng = rng;
-            r?;
-            self.step_at(&batch, n, h, w, labels, lr).map(|(l, _)| l)
-        } else {
-            self.step_at(crops, n, h, w, labels, lr).map(|(l, _)| l)
+        match self.augment_for_step(crops, n, h, w)? {
+            Some(batch) => self.step_at(&batch, n, h, w, labels, lr).map(|(l, _)| l),
+            None => self.step_at(crops, n, h, w, labels, lr).map(|(l, _)| l),
         }
+    }
+
+    /// The augmented copy of a pushed batch when `augment_in_step` asks for one.
+    fn augment_for_step(
+        &mut self,
+        crops: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        if !(self.opts.augment_in_step && self.opts.augmentation != Augmentation::none()) {
+            return Ok(None);
+        }
+        let c = self.model.config().in_channels;
+        if crops.len() != n * c * h * w {
+            return Err(Error::Shape(format!(
+                "crops must be (N, {c}, H, W): got {} values for N={n}, H={h}, W={w}",
+                crops.len()
+            )));
+        }
+        let mut batch = crops.to_vec();
+        let mut scratch = Vec::new();
+        let mut rng = std::mem::replace(&mut self.rng, epoch_rng(0, 0));
+        let r =
+            self.opts
+                .augmentation
+                .augment_batch(&mut batch, n, c, h, w, &mut rng, &mut scratch);
+        self.rng = rng;
+        r?;
+        Ok(Some(batch))
+    }
+
+    /// [`Trainer::step`] with the domain-adversarial branch: `domains` holds each crop's domain
+    /// (plate) label, 0..`domain_adversarial.domains`. The loss returned is the total
+    /// (treatment CE + weight · domain CE); [`Trainer::last_losses`] has both parts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_with_domains(
+        &mut self,
+        crops: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        labels: &[u32],
+        domains: &[u32],
+    ) -> Result<f64> {
+        let Some(d) = &self.opts.domain_adversarial else {
+            return Err(Error::InvalidArgument(
+                "step_with_domains: domain_adversarial is not set in the trainer options".into(),
+            ));
+        };
+        if self.mil_head.is_some() {
+            return Err(Error::InvalidArgument(
+                "mil is set: pass bags of crops (and their domains) with step_bags".into(),
+            ));
+        }
+        if labels.len() != n || domains.len() != n {
+            return Err(Error::Shape(format!(
+                "{} labels and {} domain labels for {n} crops",
+                labels.len(),
+                domains.len()
+            )));
+        }
+        d.check_labels(domains)?;
+        self.check_labels(labels)?;
+        let lr = self.opts.lr_schedule().lr_at(self.epoch);
+        match self.augment_for_step(crops, n, h, w)? {
+            Some(batch) => self.step_core(&batch, n, h, w, labels, Some(domains), lr),
+            None => self.step_core(crops, n, h, w, labels, Some(domains), lr),
+        }
+        .map(|(l, _)| l)
+    }
+
+    /// One step on `n_bags` attention-MIL bags: `crops` holds n_bags · bag_size crops (N, C, H, W),
+    /// bag after bag; `bag_labels` one label per bag; `domains` (required exactly when
+    /// `domain_adversarial` is set) one domain label per crop. Returns the loss.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_bags(
+        &mut self,
+        crops: &[f32],
+        n_bags: usize,
+        h: usize,
+        w: usize,
+        bag_labels: &[u32],
+        domains: Option<&[u32]>,
+    ) -> Result<f64> {
+        let Some(m) = &self.mil_head else {
+            return Err(Error::InvalidArgument(
+                "step_bags: mil is not set in the trainer options".into(),
+            ));
+        };
+        let n = n_bags * m.bag_size;
+        if bag_labels.len() != n_bags {
+            return Err(Error::Shape(format!(
+                "{} bag labels for {n_bags} bags",
+                bag_labels.len()
+            )));
+        }
+        match (&self.opts.domain_adversarial, domains) {
+            (Some(d), Some(ds)) => {
+                if ds.len() != n {
+                    return Err(Error::Shape(format!(
+                        "{} domain labels for {n} crops ({n_bags} bags of {})",
+                        ds.len(),
+                        m.bag_size
+                    )));
+                }
+                d.check_labels(ds)?;
+            }
+            (Some(_), None) => {
+                return Err(Error::InvalidArgument(
+                    "domain_adversarial is set: step_bags needs every crop's domain label".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "step_bags: domain labels given but domain_adversarial is not set".into(),
+                ))
+            }
+            (None, None) => {}
+        }
+        self.check_labels(bag_labels)?;
+        let lr = self.opts.lr_schedule().lr_at(self.epoch);
+        match self.augment_for_step(crops, n, h, w)? {
+            Some(batch) => self.step_core(&batch, n, h, w, bag_labels, domains, lr),
+            None => self.step_core(crops, n, h, w, bag_labels, domains, lr),
+        }
+        .map(|(l, _)| l)
+    }
+
+    /// λ of the gradient reversal layer now.
+    fn grl_lambda(&self) -> f64 {
+        let p = self
+            .progress
+            .unwrap_or(self.epoch as f64 / self.opts.epochs.max(1) as f64);
+        self.opts
+            .domain_adversarial
+            .as_ref()
+            .map_or(0.0, |d| d.lambda.at(p))
     }
 
     /// Forward + backward + update; returns (loss, correct top-1 predictions).
@@ -400,6 +593,22 @@ impl Trainer {
         labels: &[u32],
         lr: f64,
     ) -> Result<(f64, usize)> {
+        self.step_core(crops, n, h, w, labels, None, lr)
+    }
+
+    /// [`Self::step_at`] with the optional heads: the domain branch when `domains` is given, bags
+    /// (`labels` one per bag) when MIL is set.
+    #[allow(clippy::too_many_arguments)]
+    fn step_core(
+        &mut self,
+        crops: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        labels: &[u32],
+        domains: Option<&[u32]>,
+        lr: f64,
+    ) -> Result<(f64, usize)> {
         let step_no = self.step + 1;
         let ols_before = self.ols.clone();
         let params = self.model.params_mut();
@@ -410,10 +619,45 @@ impl Trainer {
             .collect();
         let mut tape = Tape::<f32>::new(true);
         let reg = self.opts.regularisation;
-        let logits = self
-            .model
-            .forward(&mut tape, crops, n, h, w, &reg, &mut self.rng)?;
+        let (logits, domain_loss) = if domains.is_none() && self.mil_head.is_none() {
+            let logits = self
+                .model
+                .forward(&mut tape, crops, n, h, w, &reg, &mut self.rng)?;
+            (logits, None)
+        } else {
+            let pooled =
+                self.model
+                    .forward_features(&mut tape, crops, n, h, w, &reg, &mut self.rng)?;
+            let lambda = self.grl_lambda();
+            let domain_loss = match (domains, &self.domain_head) {
+                (Some(d), Some(head)) => {
+                    let z = head.forward(&mut tape, &self.model, &pooled, lambda)?;
+                    Some(softmax_cross_entropy(&mut tape, &z, d, 0.0)?)
+                }
+                (Some(_), None) => {
+                    return Err(Error::Internal(
+                        "domain labels without a domain head".into(),
+                    ))
+                }
+                _ => None,
+            };
+            let features = match &self.mil_head {
+                Some(m) => m.pool(&mut tape, &self.model, &pooled)?,
+                None => pooled,
+            };
+            let logits = self
+                .model
+                .classify(&mut tape, &features, &reg, &mut self.rng)?;
+            (logits, domain_loss)
+        };
         let k = self.model.config().num_classes;
+        if tape.data(&logits).len() != labels.len() * k {
+            return Err(Error::Shape(format!(
+                "{} labels for {} rows of logits",
+                labels.len(),
+                tape.data(&logits).len() / k
+            )));
+        }
         let correct = tape
             .data(&logits)
             .chunks_exact(k)
@@ -446,6 +690,22 @@ impl Trainer {
                 crate::ops::loss::soft_target_cross_entropy(&mut tape, &logits, q)?
             }
             _ => softmax_cross_entropy(&mut tape, &logits, labels, self.opts.label_smoothing)?,
+        };
+        let class_lv = tape.data(&loss)[0] as f64;
+        let (loss, domain_lv) = match &domain_loss {
+            Some(dl) => {
+                let weight = self
+                    .opts
+                    .domain_adversarial
+                    .as_ref()
+                    .map_or(0.0, |d| d.weight);
+                let dv = tape.data(dl)[0] as f64;
+                (
+                    crate::ops::adversarial::add_scaled(&mut tape, &loss, dl, weight)?,
+                    Some(dv),
+                )
+            }
+            None => (loss, None),
         };
         let lv = tape.data(&loss)[0] as f64;
         let restore = |model: &mut TrainableEfficientNet<f32>| {
@@ -492,6 +752,7 @@ impl Trainer {
             .collect();
         self.opt.step(&mut views, lr)?;
         self.step += 1;
+        self.last_losses = (class_lv, domain_lv);
         Ok((lv, correct))
     }
 
@@ -570,18 +831,52 @@ impl Trainer {
             )));
         }
         self.check_labels(&data.labels)?;
+        if let Some(d) = &self.opts.domain_adversarial {
+            let doms = data.domains.as_ref().ok_or_else(|| {
+                Error::InvalidArgument(
+                    "domain_adversarial is set but the dataset has no domain labels (Dataset::with_domains)".into(),
+                )
+            })?;
+            if doms.len() != data.n {
+                return Err(Error::Shape(format!(
+                    "dataset: {} domain labels for {} crops",
+                    doms.len(),
+                    data.n
+                )));
+            }
+            d.check_labels(doms)?;
+        }
+        let domains = match &self.opts.domain_adversarial {
+            Some(_) => data.domains.clone().map(Arc::new),
+            None => None,
+        };
         let train_labels: Vec<u32> = train.iter().map(|&i| data.labels[i]).collect();
         let mut reports = Vec::new();
         while self.epoch < self.opts.epochs {
             let epoch = self.epoch;
             let lr = self.opts.lr_schedule().lr_at(epoch);
             let mut erng = epoch_rng(self.opts.seed, epoch);
-            let order: Vec<usize> = balanced_epoch(&train_labels, cfg.num_classes, &mut erng)?
-                .into_iter()
-                .map(|j| train[j])
-                .collect();
-            let order = Arc::new(order);
-            let nb = batches(&order, self.opts.batch_size, false)?.len();
+            let plan = match &self.opts.mil {
+                None => Plan::Crops(Arc::new(
+                    balanced_epoch(&train_labels, cfg.num_classes, &mut erng)?
+                        .into_iter()
+                        .map(|j| train[j])
+                        .collect(),
+                )),
+                Some(m) => Plan::Bags(Arc::new(
+                    mil_epoch(&train_labels, cfg.num_classes, m, &mut erng)?
+                        .into_iter()
+                        .map(|b| Bag {
+                            label: b.label,
+                            items: b.items.into_iter().map(|j| train[j]).collect(),
+                        })
+                        .collect(),
+                )),
+            };
+            let nb = match &plan {
+                Plan::Crops(order) => batches(order, self.opts.batch_size, false)?.len(),
+                Plan::Bags(bags) => bags.len().div_ceil(self.opts.batch_size),
+            };
             let (bs, seed, aug) = (
                 self.opts.batch_size,
                 self.opts.seed,
@@ -590,18 +885,32 @@ impl Trainer {
             let (dc, dh, dw) = (data.c, data.h, data.w);
             let src = data.data.clone();
             let labels = Arc::new(data.labels.clone());
-            let ord = order.clone();
-            let producer = move |b: usize| -> Result<(Vec<f32>, Vec<u32>, usize)> {
-                let idx = &ord[b * bs..((b + 1) * bs).min(ord.len())];
+            let doms = domains.clone();
+            let producer = move |b: usize| -> Result<Batch> {
+                let (idx, batch_labels): (Vec<usize>, Vec<u32>) = match &plan {
+                    Plan::Crops(ord) => {
+                        let idx = ord[b * bs..((b + 1) * bs).min(ord.len())].to_vec();
+                        let l = idx.iter().map(|&i| labels[i]).collect();
+                        (idx, l)
+                    }
+                    Plan::Bags(bags) => {
+                        let bb = &bags[b * bs..((b + 1) * bs).min(bags.len())];
+                        (
+                            bb.iter().flat_map(|g| g.items.iter().copied()).collect(),
+                            bb.iter().map(|g| g.label).collect(),
+                        )
+                    }
+                };
                 let per = dc * dh * dw;
                 let mut crops = Vec::with_capacity(idx.len() * per);
-                for &i in idx {
+                for &i in &idx {
                     crops.extend_from_slice(&src[i * per..(i + 1) * per]);
                 }
                 let mut rng = batch_rng(seed, epoch, b as u64);
                 let mut scratch = Vec::new();
                 aug.augment_batch(&mut crops, idx.len(), dc, dh, dw, &mut rng, &mut scratch)?;
-                Ok((crops, idx.iter().map(|&i| labels[i]).collect(), idx.len()))
+                let d = doms.as_ref().map(|d| idx.iter().map(|&i| d[i]).collect());
+                Ok((crops, batch_labels, idx.len(), d))
             };
             let feed = Prefetcher::new(
                 nb,
@@ -612,11 +921,14 @@ impl Trainer {
             // Dropout / drop-connect randomness of this epoch, independent of the data pipeline.
             self.rng = batch_rng(seed ^ 0x9E37_79B9_7F4A_7C15, epoch, u64::MAX);
             let (mut loss_sum, mut seen, mut correct) = (0f64, 0usize, 0usize);
+            let epochs_total = self.opts.epochs.max(1) as f64;
             for (b, item) in feed.enumerate() {
-                let (crops, labels, m) = item?;
-                let (l, ok) = self.step_at(&crops, m, dh, dw, &labels, lr)?;
-                loss_sum += l * m as f64;
-                seen += m;
+                let (crops, labels, m, doms) = item?;
+                self.progress = Some((epoch as f64 + b as f64 / nb.max(1) as f64) / epochs_total);
+                let (l, ok) = self.step_core(&crops, m, dh, dw, &labels, doms.as_deref(), lr)?;
+                let units = labels.len();
+                loss_sum += l * units as f64;
+                seen += units;
                 correct += ok;
                 if !progress(Event::Step {
                     epoch,
@@ -752,6 +1064,16 @@ impl Drop for Trainer {
         crate::autograd::pool::trim();
     }
 }
+
+/// The order of one epoch: crops (class-balanced) or attention-MIL bags.
+#[derive(Clone)]
+enum Plan {
+    Crops(Arc<Vec<usize>>),
+    Bags(Arc<Vec<Bag>>),
+}
+
+/// A prepared batch: crops, labels (per crop, or per bag), crop count, domain labels per crop.
+type Batch = (Vec<f32>, Vec<u32>, usize, Option<Vec<u32>>);
 
 fn argmax(row: &[f32]) -> usize {
     let mut best = 0;

@@ -265,6 +265,71 @@ static void test_fit_and_cancel(void) {
     pheno_trainer_free(t);
 }
 
+/* Domain-adversarial branch and attention-MIL bags (fields appended to PhenoTrainerOptions). */
+static void test_domains_and_mil(void) {
+    PhenoTrainerOptions o = pheno_trainer_default_options();
+    CHECK(o.domain_count == 0 && o.domain_lambda == 1.0 && o.domain_weight == 1.0 && o.mil == 0 &&
+              o.mil_bag_size == 16 && o.mil_min_treated == 4 && o.mil_max_treated == 12 && o.mil_attention_dim == 128,
+          "domain / MIL defaults");
+    o.lr = 0.01;
+    o.clip_grad_norm = 1.0;
+    o.batch_size = 2;
+    o.epochs = 1;
+    o.augment = 0;
+    size_t hidden[2] = {32, 16};
+    o.domain_count = 2;
+    o.domain_hidden = hidden;
+    o.n_domain_hidden = 2;
+    PhenoTrainer *t = NULL;
+    OK(pheno_trainer_new_from_weights(&o, weights, C, K, 7, NULL, &t));
+    if (!t) return;
+    uint32_t labels[N] = {0, 1, 1, 0}, domains[N] = {0, 1, 0, 1}, bad[N] = {0, 1, 2, 1};
+    float *x = malloc(NFIT * CROP * sizeof(float));
+    fill(x, N, labels);
+    double loss = -1;
+    FAILS(pheno_trainer_step(t, x, N, C, HW, HW, labels, &loss), PHENO_ERR_INVALID_ARGUMENT, "step_with_domains");
+    FAILS(pheno_trainer_step_domains(t, x, N, C, HW, HW, labels, bad, &loss), PHENO_ERR_INVALID_ARGUMENT, "crop 2");
+    OK(pheno_trainer_step_domains(t, x, N, C, HW, HW, labels, domains, &loss));
+    CHECK(isfinite(loss) && loss > 0, "domain step loss %g", loss);
+    /* fit with plates as domains (add_crops without domains) */
+    uint32_t plates[N] = {0, 0, 1, 1};
+    OK(pheno_trainer_add_crops(t, x, N, C, HW, HW, labels, NULL, plates));
+    OK(pheno_trainer_fit(t, PHENO_SPLIT_NONE, 0.6, NULL, 0, 0, NULL, NULL, NULL, NULL));
+    OK(pheno_trainer_clear_crops(t));
+    uint32_t far[N] = {0, 5, 0, 1};
+    OK(pheno_trainer_add_crops_with_domains(t, x, N, C, HW, HW, labels, NULL, plates, far));
+    FAILS(pheno_trainer_fit(t, PHENO_SPLIT_NONE, 0.6, NULL, 0, 2, NULL, NULL, NULL, NULL), PHENO_ERR_INVALID_ARGUMENT,
+          "crop 1");
+    pheno_trainer_free(t);
+
+    /* MIL: bags of 4, class 0 the control */
+    PhenoTrainerOptions m = pheno_trainer_default_options();
+    m.lr = 0.01;
+    m.clip_grad_norm = 1.0;
+    m.mil = 1;
+    m.mil_bag_size = 4;
+    m.mil_min_treated = 1;
+    m.mil_max_treated = 3;
+    m.mil_attention_dim = 8;
+    PhenoTrainer *u = NULL;
+    FAILS(pheno_trainer_new(&m, C, K, 3, NULL, &u), PHENO_ERR_INVALID_ARGUMENT, "control_classes");
+    uint32_t controls[1] = {0};
+    m.mil_control_classes = controls;
+    m.n_mil_control_classes = 1;
+    OK(pheno_trainer_new_from_weights(&m, weights, C, K, 3, NULL, &u));
+    if (!u) {
+        free(x);
+        return;
+    }
+    uint32_t bag_labels[2] = {1, 0}, crop_labels[8] = {0, 1, 0, 1, 0, 0, 0, 0};
+    fill(x, 8, crop_labels);
+    OK(pheno_trainer_step_bags(u, x, 2, C, HW, HW, bag_labels, NULL, &loss));
+    CHECK(isfinite(loss) && loss > 0, "bag loss %g", loss);
+    FAILS(pheno_trainer_step(u, x, N, C, HW, HW, labels, &loss), PHENO_ERR_INVALID_ARGUMENT, "step_bags");
+    pheno_trainer_free(u);
+    free(x);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--workdir") == 0 && i + 1 < argc) {
@@ -279,6 +344,7 @@ int main(int argc, char **argv) {
     test_options();
     test_step_predict_save();
     test_fit_and_cancel();
+    test_domains_and_mil();
     printf("test_train: %d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
 }

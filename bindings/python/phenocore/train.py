@@ -66,6 +66,19 @@ class PhenoTrainerOptions(ctypes.Structure):
         ("seed", c_uint64),
         ("workers", c_size_t),
         ("prefetch", c_size_t),
+        ("domain_count", c_size_t),
+        ("domain_lambda", c_double),
+        ("domain_lambda_schedule", c_int32),
+        ("domain_weight", c_double),
+        ("domain_hidden", POINTER(c_size_t)),
+        ("n_domain_hidden", c_size_t),
+        ("mil", c_int32),
+        ("mil_bag_size", c_size_t),
+        ("mil_min_treated", c_size_t),
+        ("mil_max_treated", c_size_t),
+        ("mil_control_classes", POINTER(c_uint32)),
+        ("n_mil_control_classes", c_size_t),
+        ("mil_attention_dim", c_size_t),
     ]
 
 
@@ -108,6 +121,18 @@ register(
         "pheno_trainer_step": (
             c_int,
             [PhenoTrainer_p, c_float_p, c_size_t, c_size_t, c_size_t, c_size_t, _u32_p, POINTER(c_double)],
+        ),
+        "pheno_trainer_step_domains": (
+            c_int,
+            [PhenoTrainer_p, c_float_p, c_size_t, c_size_t, c_size_t, c_size_t, _u32_p, _u32_p, POINTER(c_double)],
+        ),
+        "pheno_trainer_step_bags": (
+            c_int,
+            [PhenoTrainer_p, c_float_p, c_size_t, c_size_t, c_size_t, c_size_t, _u32_p, _u32_p, POINTER(c_double)],
+        ),
+        "pheno_trainer_add_crops_with_domains": (
+            c_int,
+            [PhenoTrainer_p, c_float_p, c_size_t, c_size_t, c_size_t, c_size_t, _u32_p, _u32_p, _u32_p, _u32_p],
         ),
         "pheno_trainer_predict": (
             c_int,
@@ -152,6 +177,15 @@ class Trainer:
     (`fit_augment=False` turns them off), validation and checkpoints. `threads` sets the library-wide
     thread count (`phenocore.set_num_threads`). A Trainer is not thread-safe: use it from one thread
     at a time.
+
+    The paper's alternative schemes (REFERENCE §2), off by default:
+    `domain_adversarial={"domains": n_plates, "lambda": 1.0, "lambda_schedule": "constant" | "ganin",
+    "weight": 1.0, "hidden": (1024, 512, 128)}` adds a gradient-reversal domain branch (plates as
+    domains): `.step(crops, labels, domains=...)` then needs each crop's domain, and `.fit` uses
+    `domains=` (default: the `plates` ids). `mil={"bag_size": 16, "min_treated": 4, "max_treated": 12,
+    "control_classes": [dmso_label], "attention_dim": 128}` trains on attention-MIL bags: `.fit` builds
+    them (`batch_size` counts bags) and `.step_bags(crops, bag_labels)` takes (n_bags · bag_size, C, H, W)
+    crops, bag after bag.
     """
 
     def __init__(
@@ -191,6 +225,8 @@ class Trainer:
         workers: int = 1,
         prefetch: int = 2,
         threads: Optional[int] = None,
+        domain_adversarial: Optional[Dict[str, Any]] = None,
+        mil: Optional[Dict[str, Any]] = None,
     ):
         self._handle: Optional[int] = None
         if model is not None and weights is not None:
@@ -229,6 +265,42 @@ class Trainer:
         opts.augment, opts.augment_in_step = int(bool(fit_augment)), int(bool(augment))
         opts.batch_size, opts.epochs, opts.seed = int(batch_size), int(epochs), int(seed)
         opts.workers, opts.prefetch = int(workers), int(prefetch)
+        self._domain_hidden = (c_size_t * 0)()
+        self._mil_controls = (c_uint32 * 0)()
+        self.domain_adversarial = domain_adversarial is not None
+        self.mil_bag_size: Optional[int] = None
+        if domain_adversarial is not None:
+            d = _keys("domain_adversarial", domain_adversarial, {"domains", "lambda", "lambda_schedule", "weight", "hidden"})
+            if "domains" not in d:
+                raise PhenoError(Status.INVALID_ARGUMENT, "domain_adversarial needs 'domains' (the number of plates)")
+            _count("domain_adversarial['domains']", d["domains"], 2)
+            sched = d.get("lambda_schedule", "constant")
+            if sched not in ("constant", "ganin"):
+                raise PhenoError(Status.INVALID_ARGUMENT, f"domain_adversarial['lambda_schedule'] must be 'constant' or 'ganin', got {sched!r}")
+            hidden = list(d.get("hidden", (1024, 512, 128)))
+            for v in hidden:
+                _count("domain_adversarial['hidden'] entries", v, 1)
+            self._domain_hidden = (c_size_t * len(hidden))(*[int(v) for v in hidden])
+            opts.domain_count = int(d["domains"])
+            opts.domain_lambda = float(d.get("lambda", 1.0))
+            opts.domain_lambda_schedule = 1 if sched == "ganin" else 0
+            opts.domain_weight = float(d.get("weight", 1.0))
+            opts.domain_hidden = ctypes.cast(self._domain_hidden, POINTER(c_size_t))
+            opts.n_domain_hidden = len(hidden)
+        if mil is not None:
+            m = _keys("mil", mil, {"bag_size", "min_treated", "max_treated", "control_classes", "attention_dim"})
+            controls = list(m.get("control_classes", ()))
+            for v in controls:
+                _count("mil['control_classes'] entries", v, 0)
+            self._mil_controls = (c_uint32 * len(controls))(*[int(v) for v in controls])
+            opts.mil = 1
+            for key in ("bag_size", "min_treated", "max_treated", "attention_dim"):
+                if key in m:
+                    _count(f"mil[{key!r}]", m[key], 1)
+                    setattr(opts, "mil_" + key, int(m[key]))
+            opts.mil_control_classes = ctypes.cast(self._mil_controls, _u32_p)
+            opts.n_mil_control_classes = len(controls)
+            self.mil_bag_size = int(opts.mil_bag_size)
         self._options = opts
 
         tmp = None
@@ -287,15 +359,40 @@ class Trainer:
 
     # ---- training --------------------------------------------------------------------------------
 
-    def step(self, crops: Any, labels: Any) -> float:
+    def step(self, crops: Any, labels: Any, domains: Any = None) -> float:
         """One optimiser step on (N, C, H, W) crops with integer labels in [0, num_classes); returns the
         batch's loss (before the update). BN runs in training mode; crops are augmented only when the
-        trainer was made with `augment=True`."""
+        trainer was made with `augment=True`. With `domain_adversarial`, `domains` (each crop's domain /
+        plate index) is required and the loss is treatment CE + weight · domain CE."""
         x = crops_array(crops)
         n, c, h, w = x.shape
         y = _labels(labels, n)
         loss = c_double()
-        check(lib().pheno_trainer_step(self._ptr, f32_ptr(x), n, c, h, w, _u32(y), ctypes.byref(loss)))
+        if domains is None:
+            check(lib().pheno_trainer_step(self._ptr, f32_ptr(x), n, c, h, w, _u32(y), ctypes.byref(loss)))
+        else:
+            d = _ids("domains", domains, n)
+            check(lib().pheno_trainer_step_domains(self._ptr, f32_ptr(x), n, c, h, w, _u32(y), _u32(d), ctypes.byref(loss)))
+        return loss.value
+
+    def step_bags(self, crops: Any, bag_labels: Any, domains: Any = None) -> float:
+        """One step on attention-MIL bags (trainer made with `mil=`): `crops` is (n_bags · bag_size, C, H, W),
+        bag after bag, `bag_labels` one label per bag, `domains` one per crop with `domain_adversarial`."""
+        if self.mil_bag_size is None:
+            raise PhenoError(Status.INVALID_ARGUMENT, "step_bags needs a trainer made with mil=...")
+        x = crops_array(crops)
+        n, c, h, w = x.shape
+        if n % self.mil_bag_size:
+            raise PhenoError(Status.SHAPE, f"{n} crops do not make bags of {self.mil_bag_size}")
+        nb = n // self.mil_bag_size
+        y = _ids("bag_labels", bag_labels, nb)
+        d = None if domains is None else _ids("domains", domains, n)
+        loss = c_double()
+        check(
+            lib().pheno_trainer_step_bags(
+                self._ptr, f32_ptr(x), nb, c, h, w, _u32(y), None if d is None else _u32(d), ctypes.byref(loss)
+            )
+        )
         return loss.value
 
     def fit(
@@ -312,6 +409,7 @@ class Trainer:
         checkpoint: Optional[PathLike] = None,
         best: Optional[PathLike] = None,
         progress: Optional[ProgressFn] = None,
+        domains: Any = None,
     ) -> List[Dict[str, Any]]:
         """Trains until `epochs` epochs are done in total (default: the trainer's `epochs`; a trainer
         restored from a checkpoint continues) on (N, C, H, W) crops with class-balanced epochs,
@@ -324,7 +422,9 @@ class Trainer:
         `checkpoint` is rewritten (atomically) after every epoch, `best` gets the best weights so far.
         `progress(event)` gets a dict after every step (epoch, step, steps_in_epoch, loss) and every
         epoch (as returned, with "epoch_end": True); returning False cancels (PhenoError CANCELLED,
-        with the reports so far in its `.reports`; the last checkpoint stays valid)."""
+        with the reports so far in its `.reports`; the last checkpoint stays valid).
+        With `domain_adversarial`, `domains` gives each crop's domain (default: its `plates` id); with
+        `mil`, epochs are balanced attention-MIL bags."""
         if split not in SPLITS:
             raise PhenoError(Status.INVALID_ARGUMENT, f"unknown split {split!r}: expected one of {list(SPLITS)}")
         if epochs is not None:
@@ -336,6 +436,7 @@ class Trainer:
         y = _labels(labels, n)
         g = None if groups is None else _ids("groups", groups, n)
         p = None if plates is None else _ids("plates", plates, n)
+        dm = None if domains is None else _ids("domains", domains, n)
         vp = np.ascontiguousarray(np.asarray([] if val_plates is None else list(val_plates), dtype=np.int64))
         if split == "plates" and vp.size == 0:
             raise PhenoError(Status.INVALID_ARGUMENT, 'split="plates" needs val_plates')
@@ -382,11 +483,19 @@ class Trainer:
         ptr = self._ptr
         check(lib().pheno_trainer_clear_crops(ptr))
         try:
-            check(
-                lib().pheno_trainer_add_crops(
-                    ptr, f32_ptr(x), n, c, h, w, _u32(y), None if g is None else _u32(g), None if p is None else _u32(p)
+            if dm is None:
+                check(
+                    lib().pheno_trainer_add_crops(
+                        ptr, f32_ptr(x), n, c, h, w, _u32(y), None if g is None else _u32(g), None if p is None else _u32(p)
+                    )
                 )
-            )
+            else:
+                check(
+                    lib().pheno_trainer_add_crops_with_domains(
+                        ptr, f32_ptr(x), n, c, h, w, _u32(y), None if g is None else _u32(g),
+                        None if p is None else _u32(p), _u32(dm),
+                    )
+                )
             status = lib().pheno_trainer_fit(
                 ptr, SPLITS[split], float(train_fraction), _u32(vp), vp.size, int(epochs or 0),
                 _path(checkpoint), _path(best), trampoline, None,
@@ -486,6 +595,15 @@ def _ids(what: str, values: Any, n: int) -> np.ndarray:
     if len(bad):
         raise PhenoError(Status.INVALID_ARGUMENT, f"{what}[{bad[0]}] (crop {bad[0]}) is {a[bad[0]]}: expected 0..2^32-1")
     return np.ascontiguousarray(a, dtype=np.uint32)
+
+
+def _keys(what: str, d: Any, allowed: set) -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        raise PhenoError(Status.INVALID_ARGUMENT, f"{what} must be a dict, got {type(d).__name__}")
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise PhenoError(Status.INVALID_ARGUMENT, f"{what}: unknown key(s) {unknown}; expected some of {sorted(allowed)}")
+    return d
 
 
 def _labels(labels: Any, n: int) -> np.ndarray:

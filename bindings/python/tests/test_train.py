@@ -209,3 +209,64 @@ def test_tiny_fit_reports_epochs_and_cancels(tmp_path):
     # an exception in the callback cancels and propagates
     with pytest.raises(ZeroDivisionError):
         Trainer(**kw).fit(x, y, split="none", progress=lambda ev: 1 / 0)
+
+
+def test_domain_adversarial_branch(tmp_path):
+    rng = np.random.default_rng(4)
+    x, y, d = _crops(rng, 4), np.array([0, 1, 2, 1]), np.array([0, 1, 1, 0])
+    kw = dict(in_channels=3, num_classes=3, seed=5, lr=0.01, clip_grad_norm=1.0,
+              domain_adversarial={"domains": 2, "lambda": 0.5, "hidden": (32, 16)})
+    t = Trainer(**kw)
+    with pytest.raises(PhenoError) as e:
+        t.step(x, y)  # the branch needs each crop's domain
+    assert e.value.status == Status.INVALID_ARGUMENT and "step_with_domains" in e.value.message, e.value
+    with pytest.raises(PhenoError) as e:
+        t.step(x, y, domains=[0, 1, 2, 0])
+    assert e.value.status == Status.INVALID_ARGUMENT and "crop 2" in e.value.message, e.value
+    assert t.steps == 0
+    assert math.isfinite(t.step(x, y, domains=d))
+    ck = tmp_path / "ck.safetensors"
+    t.save_checkpoint(ck)
+    loss = t.step(x, y, domains=d)
+    u = Trainer(**dict(kw, seed=9))
+    u.load_checkpoint(ck)
+    assert u.step(x, y, domains=d) == loss
+    # the checkpoint holds the head, the exported weights do not
+    ckt, _ = read_all(ck)
+    assert ckt["domain_head.0.weight"].shape == (32, 1280) and ckt["domain_head.2.weight"].shape == (2, 16)
+    t.save(tmp_path / "w.safetensors")
+    assert not any(k.startswith("domain_head") for k in read_safetensors(tmp_path / "w.safetensors"))
+    with pytest.raises(PhenoError) as e:
+        Trainer(in_channels=3, num_classes=3, domain_adversarial={"domains": 2, "lamda": 1.0})
+    assert "lamda" in e.value.message
+    with pytest.raises(PhenoError) as e:
+        Trainer(in_channels=3, num_classes=3, domain_adversarial={"domains": 1})
+    assert e.value.status == Status.INVALID_ARGUMENT
+
+
+def test_attention_mil_bags(tmp_path):
+    rng = np.random.default_rng(5)
+    mil = {"bag_size": 4, "min_treated": 1, "max_treated": 3, "control_classes": [0], "attention_dim": 8}
+    t = Trainer(in_channels=3, num_classes=3, seed=1, lr=0.01, clip_grad_norm=1.0, mil=mil)
+    x = _crops(rng, 8)
+    assert math.isfinite(t.step_bags(x, [1, 2]))
+    with pytest.raises(PhenoError) as e:
+        t.step(x, [0] * 8)
+    assert "step_bags" in e.value.message
+    with pytest.raises(PhenoError) as e:
+        t.step_bags(x[:7], [1, 2])
+    assert e.value.status == Status.SHAPE
+    with pytest.raises(PhenoError) as e:
+        Trainer(in_channels=3, num_classes=3, mil={"bag_size": 4})
+    assert "control_classes" in e.value.message
+    # fit on bags: class 0 is the control
+    xs, ys, g, p = _toy(rng)
+    f = Trainer(weights=WEIGHTS, in_channels=5, num_classes=2, seed=2, batch_size=2, epochs=1, lr=0.01,
+                clip_grad_norm=1.0, mil=dict(mil, control_classes=[0]))
+    reports = f.fit(xs, ys, g, p, split="none")
+    assert len(reports) == 1 and math.isfinite(reports[0]["train_loss"]) and reports[0]["steps"] >= 1
+    # without control crops: an error naming the problem
+    h = Trainer(weights=WEIGHTS, in_channels=5, num_classes=2, seed=2, batch_size=2, epochs=1, mil=mil)
+    with pytest.raises(PhenoError) as e:
+        h.fit(xs[ys == 1], ys[ys == 1], split="none")
+    assert "control crops" in e.value.message, e.value

@@ -62,6 +62,9 @@ pub struct TrainableEfficientNet<T: Float> {
     top: ConvBn,
     cls_w: usize,
     cls_b: usize,
+    /// Parameters `0..base_len` are EfficientNet-B0's; later ones are training-only heads
+    /// (domain-adversarial branch, MIL attention) added with [`Self::add_head_param`].
+    base_len: usize,
 }
 
 impl<T: Float> TrainableEfficientNet<T> {
@@ -122,6 +125,7 @@ impl<T: Float> TrainableEfficientNet<T> {
             top,
             cls_w: params.index("classifier.1.weight")?,
             cls_b: params.index("classifier.1.bias")?,
+            base_len: params.len(),
             params,
         })
     }
@@ -166,10 +170,43 @@ impl<T: Float> TrainableEfficientNet<T> {
         &mut self.params
     }
 
-    /// Every parameter and buffer as f32 tensors with torchvision names.
+    /// Adds a training-only head parameter (e.g. `domain_head.0.weight`): optimised and
+    /// checkpointed with the rest ([`Self::full_state_dict`]) but not part of [`Self::state_dict`]
+    /// nor of the inference model. Returns its index in [`Self::params`].
+    pub fn add_head_param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        value: Vec<T>,
+        kind: ParamKind,
+    ) -> Result<usize> {
+        if self.params.index(name).is_ok() {
+            return Err(Error::InvalidArgument(format!(
+                "head parameter {name:?} already exists"
+            )));
+        }
+        self.params.add(name, shape, value, kind)
+    }
+
+    /// Number of EfficientNet-B0 tensors (parameters `0..n`); heads follow.
+    pub fn num_base_params(&self) -> usize {
+        self.base_len
+    }
+
+    /// Every EfficientNet parameter and buffer as f32 tensors with torchvision names (training-only
+    /// heads excluded).
     pub fn state_dict(&self) -> Result<StateDict> {
+        self.collect_state(self.base_len)
+    }
+
+    /// [`Self::state_dict`] plus the training-only heads (what checkpoints hold).
+    pub fn full_state_dict(&self) -> Result<StateDict> {
+        self.collect_state(self.params.len())
+    }
+
+    fn collect_state(&self, upto: usize) -> Result<StateDict> {
         let mut s = StateDict::new();
-        for (name, shape, _, v) in self.params.iter() {
+        for (name, shape, _, v) in self.params.iter().take(upto) {
             let data = v.iter().map(|x| x.to_f64() as f32).collect();
             s.insert(name.to_string(), Tensor::from_f32(shape, data)?);
         }
@@ -211,6 +248,58 @@ impl<T: Float> TrainableEfficientNet<T> {
     /// Logits [N, classes] for crops `x` (N, C, H, W row-major). In a training tape BN uses batch
     /// statistics (and updates the running ones) and dropout / drop-connect draw from `rng`.
     pub fn forward(
+        &mut self,
+        tape: &mut Tape<T>,
+        x: &[T],
+        n: usize,
+        h: usize,
+        w: usize,
+        reg: &Regularisation,
+        rng: &mut impl Rng,
+    ) -> Result<Var> {
+        let pooled = self.forward_features(tape, x, n, h, w, reg, rng)?;
+        self.classify(tape, &pooled, reg, rng)
+    }
+
+    /// [`Self::forward`] returning the globally pooled features [N, 1280] as well as the logits
+    /// (the same ops and draws from `rng` as `forward`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with_features(
+        &mut self,
+        tape: &mut Tape<T>,
+        x: &[T],
+        n: usize,
+        h: usize,
+        w: usize,
+        reg: &Regularisation,
+        rng: &mut impl Rng,
+    ) -> Result<(Var, Var)> {
+        let pooled = self.forward_features(tape, x, n, h, w, reg, rng)?;
+        let logits = self.classify(tape, &pooled, reg, rng)?;
+        Ok((pooled, logits))
+    }
+
+    /// The classifier head on pooled features [N, 1280] (or attention-pooled bags): dropout
+    /// (training tape) then the linear layer `classifier.1`.
+    pub fn classify(
+        &mut self,
+        tape: &mut Tape<T>,
+        features: &Var,
+        reg: &Regularisation,
+        rng: &mut impl Rng,
+    ) -> Result<Var> {
+        let dropped = ew::dropout(tape, features, reg.dropout, rng)?;
+        let (cw, cb) = (
+            tape.param(&self.params, self.cls_w),
+            tape.param(&self.params, self.cls_b),
+        );
+        ew::linear(tape, &dropped, &cw, Some(&cb))
+    }
+
+    /// Globally average-pooled features [N, 1280] of the convolutional trunk (before dropout and
+    /// the classifier).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_features(
         &mut self,
         tape: &mut Tape<T>,
         x: &[T],
@@ -315,11 +404,6 @@ impl<T: Float> TrainableEfficientNet<T> {
         tape.release(&cur);
         let pooled = ew::global_avg_pool(tape, &t)?;
         tape.release(&t);
-        let dropped = ew::dropout(tape, &pooled, reg.dropout, rng)?;
-        let (cw, cb) = (
-            tape.param(&self.params, self.cls_w),
-            tape.param(&self.params, self.cls_b),
-        );
-        ew::linear(tape, &dropped, &cw, Some(&cb))
+        Ok(pooled)
     }
 }
