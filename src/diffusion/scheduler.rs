@@ -143,8 +143,8 @@ pub struct StepOutput {
 
 /// β / ᾱ schedule, inference timesteps and the seeded RNG of the sampler noise.
 ///
-/// Not `Sync`-safe to step from several threads (the RNG advances); `add_noise`, `get_velocity`
-/// and `target` take `&self`.
+/// `step`, `noise` and `set_timesteps` take `&mut self` (the RNG advances); `add_noise`,
+/// `get_velocity` and `target` take `&self` and may run on several threads at once.
 #[derive(Clone, Debug)]
 pub struct Scheduler {
     config: SchedulerConfig,
@@ -603,7 +603,7 @@ fn sample_len(name: &str, len: usize, n: usize, what: &str) -> Result<usize> {
             )))
         };
     }
-    if len % n != 0 {
+    if !len.is_multiple_of(n) {
         return Err(Error::Shape(format!(
             "{name}: {what} has {len} values, not a whole number of samples for {n} timesteps"
         )));
