@@ -1,4 +1,5 @@
 //! Latent diffusion (REFERENCE §10): noise schedules and samplers.
+pub mod config;
 pub mod scheduler;
 pub mod unet;
 pub mod vae;
