@@ -605,3 +605,84 @@ fn bad_shapes_are_errors() {
     );
     is_shape(ew::linear(&mut t, &g6, &lw, None), "linear rank 1 input");
 }
+
+/// Forward and all gradients of `f` in f32 and f64 on the same values: max |a − b| / max |b|.
+fn f32_vs_f64(
+    shapes: &[Vec<usize>],
+    f32_op: impl Fn(&mut Tape<f32>, &[Var]) -> phenocore::error::Result<Var>,
+    f64_op: impl Fn(&mut Tape<f64>, &[Var]) -> phenocore::error::Result<Var>,
+) -> Vec<f64> {
+    let vals: Vec<Vec<f64>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| rand_vec(s.iter().product(), 50 + i as u64))
+        .collect();
+    let mut t32 = Tape::<f32>::new(true);
+    let v32: Vec<Var> = shapes
+        .iter()
+        .zip(&vals)
+        .map(|(s, v)| {
+            t32.input(s, v.iter().map(|&x| x as f32).collect(), true)
+                .unwrap()
+        })
+        .collect();
+    let y32 = f32_op(&mut t32, &v32).unwrap();
+    let mut t64 = Tape::<f64>::new(true);
+    let v64: Vec<Var> = shapes
+        .iter()
+        .zip(&vals)
+        .map(|(s, v)| t64.input(s, v.clone(), true).unwrap())
+        .collect();
+    let y64 = f64_op(&mut t64, &v64).unwrap();
+    let seed = rand_vec(y64.numel(), 60);
+    let mut errs = vec![rel_err(
+        t32.data(&y32),
+        &t64.data(&y64).iter().map(|&v| v as f32).collect::<Vec<_>>(),
+    )];
+    let g32 = t32
+        .backward_with(
+            &y32,
+            seed.iter().map(|&v| v as f32).collect(),
+            &mut Params::new(),
+        )
+        .unwrap();
+    let g64 = t64.backward_with(&y64, seed, &mut Params::new()).unwrap();
+    for (a, b) in v32.iter().zip(&v64) {
+        let b: Vec<f32> = g64.get(b).unwrap().iter().map(|&v| v as f32).collect();
+        errs.push(rel_err(g32.get(a).unwrap(), &b));
+    }
+    errs
+}
+
+#[test]
+fn f32_kernels_match_f64() {
+    // f32 takes the packed register-tile kernels on AVX-512 (conv forward, conv input gradient
+    // with ≥ one sample per thread, linear forward and input gradient); f64 the generic GEMM.
+    let n = 2 * rayon::current_num_threads().max(2);
+    let conv = |s: usize, pad: Pad2d| {
+        let e = f32_vs_f64(
+            &[vec![n, 9, 8, 24], vec![40, 24, 3, 3], vec![40]],
+            |t, v| conv2d_pad(t, &v[0], &v[1], Some(&v[2]), s, pad),
+            |t, v| conv2d_pad(t, &v[0], &v[1], Some(&v[2]), s, pad),
+        );
+        println!("conv2d_pad s{s} {pad:?} f32 vs f64 (y, dx, dw, db): {e:?}");
+        assert!(e.iter().all(|&v| v <= 1e-5), "{e:?}");
+    };
+    conv(1, Pad2d::same(1));
+    conv(
+        2,
+        Pad2d {
+            top: 0,
+            bottom: 1,
+            left: 0,
+            right: 1,
+        },
+    );
+    let e = f32_vs_f64(
+        &[vec![3, 70, 48], vec![96, 48], vec![96]],
+        |t, v| ew::linear(t, &v[0], &v[1], Some(&v[2])),
+        |t, v| ew::linear(t, &v[0], &v[1], Some(&v[2])),
+    );
+    println!("linear [3, 70, 48] -> 96 f32 vs f64 (y, dx, dw, db): {e:?}");
+    assert!(e.iter().all(|&v| v <= 1e-5), "{e:?}");
+}

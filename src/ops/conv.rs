@@ -249,13 +249,13 @@ pub fn pointwise<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var) -> Result<Var> 
 }
 
 /// Reinterprets a slice of `T` as f32 when `T` is f32.
-fn as_f32<T: Float>(v: &[T]) -> Option<&[f32]> {
+pub(crate) fn as_f32<T: Float>(v: &[T]) -> Option<&[f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
         // SAFETY: T is f32 (same type id), so the layout is identical.
         .then(|| unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) })
 }
 
-fn as_f32_mut<T: Float>(v: &mut [T]) -> Option<&mut [f32]> {
+pub(crate) fn as_f32_mut<T: Float>(v: &mut [T]) -> Option<&mut [f32]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
         // SAFETY: T is f32 (same type id), so the layout is identical.
         .then(|| unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut f32, v.len()) })
@@ -339,7 +339,7 @@ pub(crate) fn par_rows_gemm_nn<T: Float>(
         });
 }
 
-fn row_block(m: usize) -> usize {
+pub(crate) fn row_block(m: usize) -> usize {
     let t = crate::threads::num_threads().max(1);
     m.div_ceil(4 * t).clamp(64, 4096).min(m.max(1))
 }
@@ -830,6 +830,19 @@ pub fn conv2d_pad<T: Float>(
             }
             if gr.wants(xid) {
                 let inner = n < threads;
+                // f32 / AVX-512 with a task per core: Wpᵀ [kdim, Cout] packed once for the
+                // register-tile kernel.
+                let packed_t = if inner || as_f32(&wp).is_none() {
+                    None
+                } else {
+                    let mut wpt = Buf::<T>::alloc(kdim * cout);
+                    for o in 0..cout {
+                        for j in 0..kdim {
+                            wpt[j * cout + o] = wp[o * kdim + j];
+                        }
+                    }
+                    packed_weights(&wpt, None, kdim, cout)
+                };
                 let mut dx = Buf::zeros(n * per_in);
                 dx.par_chunks_mut(per_in).enumerate().for_each(|(s, dxs)| {
                     let mut cols = Buf::<T>::alloc(rows * g.ow * kdim);
@@ -838,6 +851,13 @@ pub fn conv2d_pad<T: Float>(
                         let m = (oy1 - oy0) * g.ow;
                         let d = &dy[s * per_out + oy0 * g.ow * cout..][..m * cout];
                         // dcols [m, kdim] = dY [m, Cout] · Wp [Cout, kdim]
+                        if let (Some(pk), Some(d32), Some(c32)) =
+                            (&packed_t, as_f32(d), as_f32_mut(&mut cols))
+                        {
+                            pk.forward(d32, m, c32, false, false);
+                            col2im_taps(&cols, cin, &g, oy0, oy1, dxs);
+                            continue;
+                        }
                         gemm_t(
                             m,
                             kdim,
@@ -860,7 +880,7 @@ pub fn conv2d_pad<T: Float>(
 
 /// f32 on AVX-512: `w` [N, K] (and the bias, zeros if none) packed for the inference path's
 /// register-tile kernel; None otherwise (the `gemm` crate is used).
-fn packed_weights<T: Float>(
+pub(crate) fn packed_weights<T: Float>(
     w: &[T],
     bias: Option<&[T]>,
     n: usize,

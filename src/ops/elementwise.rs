@@ -210,23 +210,43 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
         )));
     }
     let (xv, wv) = (tape.value(x), tape.value(w));
+    let bv = b.map(|b| tape.value(b));
     let mut out = vec![T::ZERO; n * out_f];
-    if let Some(b) = b {
-        let bv = tape.value(b);
-        for r in out.chunks_exact_mut(out_f) {
-            r.copy_from_slice(&bv);
+    // f32 / AVX-512: the packed register-tile kernel over row blocks (weights packed per call).
+    let packed = if n * out_f * inp > 0 {
+        crate::ops::conv::packed_weights(&wv, bv.as_deref().map(|b| &b[..]), out_f, inp)
+    } else {
+        None
+    };
+    if let Some(pk) = packed {
+        let rows = crate::ops::conv::row_block(n);
+        out.par_chunks_mut(rows * out_f)
+            .zip(xv.par_chunks(rows * inp))
+            .for_each(|(o, a)| {
+                let r = o.len() / out_f;
+                if let (Some(a), Some(o)) =
+                    (crate::ops::conv::as_f32(a), crate::ops::conv::as_f32_mut(o))
+                {
+                    pk.forward(a, r, o, false, false);
+                }
+            });
+    } else {
+        if let Some(bv) = &bv {
+            for r in out.chunks_exact_mut(out_f) {
+                r.copy_from_slice(bv);
+            }
         }
+        gemm_t(
+            n,
+            out_f,
+            inp,
+            &mut out,
+            b.is_some(),
+            View::rows(&xv, inp),
+            View::t(&wv, inp),
+            true,
+        );
     }
-    gemm_t(
-        n,
-        out_f,
-        inp,
-        &mut out,
-        b.is_some(),
-        View::rows(&xv, inp),
-        View::t(&wv, inp),
-        true,
-    );
     let (xid, wid, bid) = (x.id(), w.id(), b.map(|b| b.id()));
     let need =
         tape.requires_grad(x) || tape.requires_grad(w) || b.is_some_and(|b| tape.requires_grad(b));
@@ -255,16 +275,10 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
         }
         if gr.wants(xid) {
             let mut dx = vec![T::ZERO; n * inp];
-            gemm_t(
-                n,
-                inp,
-                out_f,
-                &mut dx,
-                false,
-                View::rows(&d, out_f),
-                View::rows(&wv, inp),
-                true,
-            );
+            if n * inp * out_f > 0 {
+                // dX [N, In] = dY [N, Out] · W [Out, In], row blocks across the pool.
+                crate::ops::conv::par_rows_gemm_nn(&mut dx, &d, &wv, n, out_f, inp);
+            }
             gr.add(xid, dx);
         }
         Ok(())
