@@ -154,6 +154,7 @@ fn rel(what: &str, a: &[f64], b: &[f64]) -> f64 {
 #[test]
 fn matches_direct_reference_across_tiles() {
     // Several query tiles and key blocks, partial last ones, several heads; and a 1-key cross case.
+    // Cases 0 and 2 take the fused backward (≥ 4 (sample, head) pairs), case 1 the two-pass one.
     let cases: [Case; 3] = [
         (2, 2 * BQ + 5, 2 * BK + 3, 3, 6, 4, None),
         (1, BQ + 1, BK - 1, 2, 5, 5, Some(0.9)),
@@ -279,7 +280,16 @@ fn matches_torch_sdpa_fixtures() {
 
 #[test]
 fn bit_identical_for_any_thread_count() {
-    let c: Case = (2, 3 * BQ + 7, 2 * BK + 9, 3, 16, 8, None);
+    // 2 × 3 (sample, head) pairs: the fused backward; 1 × 2: the two-pass backward.
+    for c in [
+        (2, 3 * BQ + 7, 2 * BK + 9, 3, 16, 8, None),
+        (1, 2 * BQ + 3, 3 * BK + 1, 2, 9, 12, Some(0.3)),
+    ] {
+        same_bits_1_2_3_threads(c);
+    }
+}
+
+fn same_bits_1_2_3_threads(c: Case) {
     let [qs, ks, vs] = shapes(&c);
     let f = |n: usize, s: u64| -> Vec<f32> {
         rand_vec(n, s, 2.0).into_iter().map(|v| v as f32).collect()
@@ -384,13 +394,24 @@ fn bad_shapes_are_errors() {
 #[ignore]
 fn bench_timing() {
     let spec = std::env::var("ATTN_BENCH").unwrap_or("2 576 576 512 8 5".into());
-    let p: Vec<usize> = spec.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let p: Vec<usize> = spec
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
     let (n, l, lk, ch, h, reps) = (p[0], p[1], p[2], p[3], p[4], p[5]);
     let c: Case = (n, l, lk, h, ch / h, ch / h, None);
     let f = |len: usize, s: u64| -> Vec<f32> {
-        rand_vec(len, s, 1.0).into_iter().map(|v| v as f32).collect()
+        rand_vec(len, s, 1.0)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect()
     };
-    let (q, k, v, g) = (f(n * l * ch, 1), f(n * lk * ch, 2), f(n * lk * ch, 3), f(n * l * ch, 4));
+    let (q, k, v, g) = (
+        f(n * l * ch, 1),
+        f(n * lk * ch, 2),
+        f(n * lk * ch, 3),
+        f(n * l * ch, 4),
+    );
     let [qs, ks, vs] = shapes(&c);
     let median = |mut t: Vec<f64>| {
         t.sort_by(|a, b| a.total_cmp(b));
@@ -419,4 +440,40 @@ fn bench_timing() {
         median(both),
         rayon::current_num_threads()
     );
+}
+
+#[test]
+fn fused_and_two_pass_backward_agree() {
+    // 2 × 2 (sample, head) pairs: all three gradients wanted → fused; a subset → two passes.
+    let c: Case = (2, BQ + 9, BK + 5, 2, 5, 3, None);
+    let [qs, ks, vs] = shapes(&c);
+    let (q, k, v) = (
+        rand_vec(qs.iter().product(), 31, 2.0),
+        rand_vec(ks.iter().product(), 32, 2.0),
+        rand_vec(vs.iter().product(), 33, 1.0),
+    );
+    let g = rand_vec(c.0 * c.1 * c.3 * c.5, 34, 1.0);
+    let fused = run(&c, &q, &k, &v, &g);
+    let subset = |want: [bool; 3]| {
+        let mut tape = Tape::<f64>::new(true);
+        let qv = tape.input(&qs, q.clone(), want[0]).unwrap();
+        let kv = tape.input(&ks, k.clone(), want[1]).unwrap();
+        let vv = tape.input(&vs, v.clone(), want[2]).unwrap();
+        let o = attention(&mut tape, &qv, &kv, &vv, c.3, c.6).unwrap();
+        let gr = tape
+            .backward_with(&o, g.clone(), &mut Params::new())
+            .unwrap();
+        [&qv, &kv, &vv].map(|x| gr.get(x).map(|s| s.to_vec()))
+    };
+    let only_q = subset([true, false, false]);
+    let kv = subset([false, true, true]);
+    assert!(only_q[1].is_none() && only_q[2].is_none() && kv[0].is_none());
+    for (what, a, b) in [
+        ("dq", only_q[0].as_ref().unwrap(), &fused.1),
+        ("dk", kv[1].as_ref().unwrap(), &fused.2),
+        ("dv", kv[2].as_ref().unwrap(), &fused.3),
+    ] {
+        let e = rel(what, a, b);
+        assert!(e <= 1e-13, "{what}: {e:.2e}");
+    }
 }

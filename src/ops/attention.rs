@@ -10,12 +10,20 @@
 //! accumulator rescaled when the maximum grows) and keeps, besides the output, only the per-row
 //! log-sum-exp `[N, Lq, H]` for backward (q, k, v and the output are shared with the tape, not
 //! copied). The backward recomputes the probabilities of each tile from the log-sum-exp. Peak scratch
-//! is O(threads × (BQ·BK + (BQ + BK)·max(D, Dv))), e.g. 2 threads × ~0.6 MB in f32 at D = 512.
+//! is O(threads × (BQ·BK + (BQ + BK)·max(D, Dv))) (e.g. 2 threads × ~0.6 MB in f32 at D = 512),
+//! plus, in the fused backward, per-(sample, head) gradient buffers that add up to the size of the
+//! gradients themselves (O(L·C)).
 //!
-//! **Parallelism and determinism.** The forward and the dQ pass run one task per (sample, query
-//! tile), the dK/dV pass one task per (sample, key block); each task owns its output rows for every
-//! head and adds its partial products in a fixed order (key blocks ascending, resp. query tiles
-//! ascending), and the tile sizes are constants, so results are bit-identical for any thread count.
+//! **Parallelism and determinism.** The forward runs one task per (sample, query tile). The
+//! backward runs one task per (sample, head) ("fused": 5 tile products per tile pair) when all three
+//! gradients are wanted and there are at least [`FUSED_MIN_TASKS`] such pairs; otherwise (a single
+//! head, as in the VAE's mid-block, or some gradients not wanted) it runs a dQ pass with one task
+//! per (sample, query tile) and a dK/dV pass with one task per (sample, key block) (7 tile products).
+//! Every task owns its output elements and adds its partial products in a fixed order (key blocks
+//! ascending, resp. query tiles ascending); the tile sizes and the choice of path depend on the
+//! shapes only, so results are bit-identical for any thread count.
+//!
+//! Tile products go through faer's matmul for f32 and f64 (AVX-512 where the CPU has it).
 //!
 //! Backward (per head, P = softmax(S), S = scale · Q Kᵀ, O = P V):
 //! Δ = rowsum(dO ⊙ O), dV = Pᵀ dO, dP = dO Vᵀ, dS = P ⊙ (dP − Δ), dQ = scale · dS K,
@@ -32,6 +40,10 @@ use std::sync::{Arc, OnceLock};
 pub const BQ: usize = 64;
 /// Keys per block.
 pub const BK: usize = 128;
+/// The backward runs fused per (sample, head) when all three gradients are wanted and there are at
+/// least this many (sample, head) pairs; otherwise (e.g. the VAE's single head) as two passes that
+/// parallelise over query tiles (dQ) and key blocks (dK, dV). The choice depends on shapes only.
+const FUSED_MIN_TASKS: usize = 4;
 
 /// Problem geometry (per sample: q rows `lq`, key rows `lk`; per head: `d` query/key channels,
 /// `dv` value channels).
@@ -110,6 +122,18 @@ pub fn attention<T: Float>(
             lse: &lse,
             delta: &delta,
         };
+        if wq && wk && wv && g.n * g.h >= FUSED_MIN_TASKS {
+            let (mut dq, mut dk, mut dvb) = (
+                Buf::alloc(qv.len()),
+                Buf::alloc(kv.len()),
+                Buf::alloc(vv.len()),
+            );
+            grads.fused(&mut dq, &mut dk, &mut dvb);
+            gr.add(qid, dq);
+            gr.add(kid, dk);
+            gr.add(vid, dvb);
+            return Ok(());
+        }
         if wq {
             let mut dq = Buf::alloc(qv.len());
             grads.dq(&mut dq);
@@ -470,6 +494,102 @@ struct BwdScratch<T> {
 }
 
 impl<T: Float> Saved<'_, T> {
+    /// All three gradients in one pass (5 tile products and one exp per tile instead of 7 and two):
+    /// one task per (sample, head) walks query tiles (outer) × key blocks (inner), accumulating its
+    /// head's dQ rows, dK and dV in task-local buffers (O(L·D) per task, the size of the gradients
+    /// in all), which are then scattered into the [N, L, H·D] layout.
+    fn fused(&self, dq: &mut [T], dk: &mut [T], dv: &mut [T]) {
+        let g = self.g;
+        let (hd, hdv, h) = (g.hd(), g.hdv(), g.h);
+        let bkm = BK.min(g.lk);
+        let parts: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..g.n * h)
+            .into_par_iter()
+            .map_init(
+                || BwdScratch {
+                    s: vec![T::ZERO; BQ * bkm],
+                    dp: vec![T::ZERO; BQ * bkm],
+                    acc: Vec::new(),
+                    acc2: Vec::new(),
+                    row_lse: vec![T::ZERO; BQ],
+                    row_delta: vec![T::ZERO; BQ],
+                },
+                |scr, task| {
+                    let (n, hh) = (task / h, task % h);
+                    let mut dq_h = vec![T::ZERO; g.lq * g.d];
+                    let mut dk_h = vec![T::ZERO; g.lk * g.d];
+                    let mut dv_h = vec![T::ZERO; g.lk * g.dv];
+                    for i in (0..g.lq).step_by(BQ) {
+                        let bq = BQ.min(g.lq - i);
+                        let i0 = n * g.lq + i;
+                        for r in 0..bq {
+                            scr.row_lse[r] = self.lse[(i0 + r) * h + hh];
+                            scr.row_delta[r] = self.delta[(i0 + r) * h + hh];
+                        }
+                        for (b, j) in (0..g.lk).step_by(BK).enumerate() {
+                            let bk = BK.min(g.lk - j);
+                            let kr = n * g.lk + j;
+                            let (s, dp) = (&mut scr.s[..bq * bk], &mut scr.dp[..bq * bk]);
+                            mm(
+                                bq,
+                                bk,
+                                g.d,
+                                s,
+                                false,
+                                head(self.q, i0, hd, hh, g.d),
+                                head_t(self.k, kr, hd, hh, g.d),
+                            );
+                            p_rows(s, bk, self.scale, &scr.row_lse[..bq]);
+                            // dV += Pᵀ dO.
+                            mm(
+                                bk,
+                                g.dv,
+                                bq,
+                                &mut dv_h[j * g.dv..],
+                                true,
+                                View::t(&s[..], bk),
+                                head(self.d_out, i0, hdv, hh, g.dv),
+                            );
+                            mm(
+                                bq,
+                                bk,
+                                g.dv,
+                                dp,
+                                false,
+                                head(self.d_out, i0, hdv, hh, g.dv),
+                                head_t(self.v, kr, hdv, hh, g.dv),
+                            );
+                            ds_from_p(s, dp, bk, &scr.row_delta[..bq]);
+                            mm(
+                                bq,
+                                g.d,
+                                bk,
+                                &mut dq_h[i * g.d..],
+                                b > 0,
+                                View::rows(&s[..], bk),
+                                head(self.k, kr, hd, hh, g.d),
+                            );
+                            mm(
+                                bk,
+                                g.d,
+                                bq,
+                                &mut dk_h[j * g.d..],
+                                true,
+                                View::t(&s[..], bk),
+                                head(self.q, i0, hd, hh, g.d),
+                            );
+                        }
+                    }
+                    (dq_h, dk_h, dv_h)
+                },
+            )
+            .collect();
+        let (pq, (pk, pv)): (Vec<Vec<T>>, (Vec<Vec<T>>, Vec<Vec<T>>)) =
+            parts.into_iter().map(|(a, b, c)| (a, (b, c))).unzip();
+        scatter_heads(dq, &pq, g.lq, g.d, h, self.scale);
+        scatter_heads(dk, &pk, g.lk, g.d, h, self.scale);
+        scatter_heads(dv, &pv, g.lk, g.dv, h, T::ONE);
+    }
+
     /// dQ: one task per (sample, query tile), key blocks in ascending order.
     fn dq(&self, dq: &mut [T]) {
         let g = self.g;
@@ -648,6 +768,44 @@ fn ds_rows<T: Float>(s: &mut [T], dp: &[T], bk: usize, sc: T, lse: &[T], delta: 
         for (x, &d) in sr.iter_mut().zip(dr) {
             *x = (*x * sc - m).exp_act() * (d - dl);
         }
+    }
+}
+
+/// dst [N·len, h·cols] row (n, r), head hh ← mul · parts[n·h + hh] row r (parts: [len, cols] each).
+fn scatter_heads<T: Float>(
+    dst: &mut [T],
+    parts: &[Vec<T>],
+    len: usize,
+    cols: usize,
+    h: usize,
+    mul: T,
+) {
+    dst.par_chunks_mut(h * cols)
+        .enumerate()
+        .for_each(|(row, d)| {
+            let (n, r) = (row / len, row % len);
+            for (hh, dh) in d.chunks_exact_mut(cols).enumerate() {
+                let src = &parts[n * h + hh][r * cols..(r + 1) * cols];
+                dh.iter_mut().zip(src).for_each(|(d, &s)| *d = s * mul);
+            }
+        });
+}
+
+/// Row-broadcast P: s (bq × bk logits) → exp(scale·s − lse[r]).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
+fn p_rows<T: Float>(s: &mut [T], bk: usize, sc: T, lse: &[T]) {
+    for (row, &m) in s.chunks_exact_mut(bk).zip(lse) {
+        row.iter_mut().for_each(|x| *x = (*x * sc - m).exp_act());
+    }
+}
+
+/// Row-broadcast dS from P: s (P) ← P ⊙ (dp − Δ[r]).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
+fn ds_from_p<T: Float>(s: &mut [T], dp: &[T], bk: usize, delta: &[T]) {
+    for ((row, dr), &dl) in s.chunks_exact_mut(bk).zip(dp.chunks_exact(bk)).zip(delta) {
+        row.iter_mut()
+            .zip(dr)
+            .for_each(|(x, &d)| *x = *x * (d - dl));
     }
 }
 
