@@ -273,6 +273,14 @@ typedef struct PhenoSphering PhenoSphering;
 // every other call on it has returned.
 typedef struct PhenoTrainer PhenoTrainer;
 
+// A diffusion U-Net (f32, CPU).
+//
+// Thread safety: immutable after creation except through `pheno_unet_free`, so any number of
+// threads may call `pheno_unet_forward` / `_save` / `_config_json` / `_num_parameters` on one U-Net
+// at the same time. `pheno_unet_free` must be called exactly once, after every other call on it
+// has returned.
+typedef struct PhenoUNet PhenoUNet;
+
 // A diffusers AutoencoderKL (f32, CPU).
 //
 // Thread safety: immutable after creation, so any number of threads may call functions on one
@@ -1825,6 +1833,88 @@ PhenoStatus pheno_trainer_steps(const PhenoTrainer *trainer, uint64_t *out_steps
 // # Safety
 // `trainer` is NULL or a live trainer not used by any other call, now or later.
 void pheno_trainer_free(PhenoTrainer *trainer);
+
+// A U-Net with torch's default initialisation as MONAI builds it (MONAI's zero-initialised layers
+// zero; embeddings and the null context N(0, 1)), deterministic in `seed`. `config_json` is a JSON
+// object of MONAI `DiffusionModelUNet` arguments (module doc); an unknown key or an inconsistent
+// combination is an error naming it. On success `*out_unet` owns a new U-Net (free it with
+// `pheno_unet_free`); on failure it is set to NULL.
+//
+// # Safety
+// `config_json` is a NUL-terminated string; `out_unet` is valid for a write.
+PhenoStatus pheno_unet_new(const char *config_json, uint64_t seed, PhenoUNet **out_unet);
+
+// Loads safetensors weights under current MONAI key names (older MONAI GenerativeModels names are
+// mapped) for the config `config_json`. A key missing, unexpected or of another shape than the
+// config needs is an error naming the first such key. On failure `*out_unet` is set to NULL.
+//
+// # Safety
+// `path` and `config_json` are NUL-terminated strings; `out_unet` is valid for a write.
+PhenoStatus pheno_unet_load(const char *path, const char *config_json, PhenoUNet **out_unet);
+
+// Writes the weights as MONAI-named f32 safetensors to `path` (atomically: temp file + rename).
+//
+// # Safety
+// `unet` is a live U-Net; `path` is a NUL-terminated string.
+PhenoStatus pheno_unet_save(const PhenoUNet *unet, const char *path);
+
+// Frees a U-Net; NULL is a no-op.
+//
+// # Safety
+// `unet` is NULL or a live U-Net from this library, not used afterwards.
+void pheno_unet_free(PhenoUNet *unet);
+
+// The number of learned values (every parameter tensor's size summed, MONAI's
+// `sum(p.numel() for p in model.parameters())` plus the confounder tables and null context).
+//
+// # Safety
+// `unet` is a live U-Net; `out_count` is valid for a write.
+PhenoStatus pheno_unet_num_parameters(const PhenoUNet *unet, size_t *out_count);
+
+// The U-Net's full configuration as a JSON object (every key written, per-level values as lists,
+// confounders as `[name, n]` pairs in order), copied sqlite-style: `*out_needed` (if non-NULL)
+// receives the bytes needed including the terminating NUL; `buf` = NULL with `buf_len` = 0 only
+// asks for that length; a shorter `buf_len` is `PHENO_ERR_SHAPE`.
+//
+// # Safety
+// `unet` is a live U-Net; `buf` is NULL or points to `buf_len` writable bytes; `out_needed` is
+// NULL or valid for a write.
+PhenoStatus pheno_unet_config_json(const PhenoUNet *unet, char *buf, size_t buf_len, size_t *out_needed);
+
+// The model's prediction (noise, v or x₀, whatever it was trained for) for latents `x`
+// [n, c, h, w] (NCHW f32; c = in_channels, h and w multiples of 2^(levels − 1)) at `timesteps`
+// (n values, f64), written to `out` [n, out_channels, h, w] of `out_len` floats.
+//
+// Conditions (each NULL when unused):
+// - `context` [n, context_len, cross_attention_dim] f32: the compound embeddings for
+//   cross-attention (models with `with_conditioning`);
+// - `context_null` n bytes: non-zero = use the learned null context for that sample instead
+//   (classifier-free guidance; needs `null_embeddings`); with `context` NULL every flag must be set;
+// - `class_labels` n i64: MONAI's single class table (models with `num_class_embeds`);
+// - `confounders` [n, K] i64, K = the config's number of confounders in its order: indices into
+//   each table, −1 = the null value (needs `null_embeddings`).
+//
+// Errors name the culprit: a latent shape the config cannot take, non-finite latents, context or
+// timesteps, an index out of range, a null condition on a model without null embeddings, a
+// condition the model does not have or lacks.
+//
+// # Safety
+// `unet` is a live U-Net; `x` points to n·c·h·w floats, `timesteps` to n doubles; each non-NULL
+// condition pointer to the number of elements above; `out` to `out_len` writable floats.
+PhenoStatus pheno_unet_forward(const PhenoUNet *unet,
+                               const float *x,
+                               size_t n,
+                               size_t c,
+                               size_t h,
+                               size_t w,
+                               const double *timesteps,
+                               const float *context,
+                               size_t context_len,
+                               const uint8_t *context_null,
+                               const int64_t *class_labels,
+                               const int64_t *confounders,
+                               float *out,
+                               size_t out_len);
 
 // Loads diffusers safetensors weights (`diffusion_pytorch_model.safetensors`, f32/f16/bf16) for the
 // config `config_json` (a diffusers `config.json` text, or a JSON object with some of its keys, the

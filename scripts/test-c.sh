@@ -3,7 +3,7 @@
 #   1. cargo build --release (target/release/libphenocore.so)
 #   2. tests/c_abi.rs in release: compiles tests/c/test_phenocore.c and checks its features against
 #      the Rust API's (it also writes the expected numbers reused below)
-#   3. the C tests (test_phenocore.c, test_train.c, test_scheduler.c) linked with target/release/libphenocore.so, plain and under valgrind
+#   3. the C tests (test_phenocore.c, test_train.c, test_scheduler.c, test_unet.c) linked with target/release/libphenocore.so, plain and under valgrind
 #   4. the C++ wrapper test (bindings/cpp), plain and under valgrind
 # Idempotent; exits non-zero on the first failure. Installs gcc/g++/valgrind with apt-get if missing.
 set -euo pipefail
@@ -58,6 +58,12 @@ cc -std=c11 -O1 -g -Wall -Wextra -Werror -pedantic -pthread -I include tests/c/t
     -o "$out/test_scheduler" -L "$lib_dir" -Wl,--disable-new-dtags,-rpath,"$lib_dir" -lphenocore -lm
 "$out/test_scheduler"
 valgrind "${valgrind_flags[@]}" "$out/test_scheduler"
+
+echo "== C U-Net test (tests/c/test_unet.c), plain and under valgrind"
+cc -std=c11 -O1 -g -Wall -Wextra -Werror -pedantic -pthread -I include tests/c/test_unet.c \
+    -o "$out/test_unet" -L "$lib_dir" -Wl,--disable-new-dtags,-rpath,"$lib_dir" -lphenocore -lm
+"$out/test_unet" --fixtures tests/fixtures/unet --workdir "$out"
+valgrind "${valgrind_flags[@]}" "$out/test_unet" --fixtures tests/fixtures/unet --workdir "$out"
 
 echo "== C++ wrapper test"
 c++ -std=c++17 -O1 -g -Wall -Wextra -Werror -pedantic -pthread -I include -I bindings/cpp \

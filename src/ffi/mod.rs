@@ -18,6 +18,7 @@ mod sphere;
 mod stats;
 mod status;
 mod train;
+mod unet;
 mod vae;
 
 pub use crate::error::PhenoStatus;
@@ -74,3 +75,4 @@ pub use train::{
     PhenoTrainProgress, PhenoTrainProgressFn, PhenoTrainSplit, PhenoTrainer, PhenoTrainerOptions,
 };
 pub use vae::*;
+pub use unet::*;
