@@ -257,7 +257,7 @@ def test_attention_mil_bags(tmp_path):
         t.step_bags(x[:7], [1, 2])
     assert e.value.status == Status.SHAPE
     with pytest.raises(PhenoError) as e:
-        Trainer(in_channels=3, num_classes=3, mil={"bag_size": 4})
+        Trainer(in_channels=3, num_classes=3, mil={})
     assert "control_classes" in e.value.message
     # fit on bags: class 0 is the control
     xs, ys, g, p = _toy(rng)
