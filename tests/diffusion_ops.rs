@@ -560,6 +560,11 @@ fn bad_shapes_are_errors() {
         conv2d_pad(&mut t, &g6, &w, None, 1, Pad2d::same(1)),
         "conv rank 1 input",
     );
+    let w0 = input(&mut t, &[0, 6, 3, 3]);
+    is_shape(
+        conv2d_pad(&mut t, &x, &w0, None, 1, Pad2d::same(1)),
+        "conv with no output channels",
+    );
     let w7 = input(&mut t, &[3, 6, 7, 7]);
     is_shape(
         conv2d_pad(&mut t, &x, &w7, None, 1, Pad2d::same(1)),

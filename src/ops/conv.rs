@@ -621,7 +621,7 @@ const COLS_BLOCK: usize = 1 << 20;
 
 /// Tap-major im2col of output rows `oy0..oy1` of one NHWC sample:
 /// cols[p, (ky·k + kx)·C + ci] (contiguous channel runs; zeros where the tap falls in the padding).
-fn im2col_taps<T: Float>(x: &[T], c: usize, g: &Geom, oy0: usize, oy1: usize, cols: &mut [T]) {
+pub(crate) fn im2col_taps<T: Float>(x: &[T], c: usize, g: &Geom, oy0: usize, oy1: usize, cols: &mut [T]) {
     let (k, kdim) = (g.k, c * g.k * g.k);
     for oy in oy0..oy1 {
         let (iy0, ky0, ky1) = g.span(oy, g.pad_top, g.h);
@@ -670,7 +670,7 @@ fn col2im_taps<T: Float>(dcols: &[T], c: usize, g: &Geom, oy0: usize, oy1: usize
 }
 
 /// Output rows per im2col block of a geometry with `kdim` columns.
-fn block_rows(g: &Geom, kdim: usize) -> usize {
+pub(crate) fn block_rows(g: &Geom, kdim: usize) -> usize {
     (COLS_BLOCK / (g.ow * kdim).max(1)).clamp(1, g.oh)
 }
 
@@ -696,6 +696,13 @@ pub fn conv2d_pad<T: Float>(
             )))
         }
     };
+    if x.numel() == 0 || cout == 0 {
+        return Err(Error::Shape(format!(
+            "conv2d_pad: empty input {:?} or weight {:?}",
+            x.shape(),
+            w.shape()
+        )));
+    }
     if let Some(b) = b {
         if b.shape() != [cout] {
             return Err(Error::Shape(format!(

@@ -202,7 +202,7 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
     let out_f = w.shape().first().copied().unwrap_or(0);
     let mut out_shape = xs.to_vec();
     out_shape[xs.len() - 1] = out_f;
-    if w.numel() != out_f * inp || b.is_some_and(|b| b.numel() != out_f) {
+    if w.numel() != out_f * inp || out_f == 0 || b.is_some_and(|b| b.numel() != out_f) {
         return Err(Error::Shape(format!(
             "linear: weight {:?} / bias {:?} do not fit input features {inp}",
             w.shape(),
