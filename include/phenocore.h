@@ -235,6 +235,12 @@ typedef enum {
     PHENO_SPLIT_PLATES = 2,
 } PhenoTrainSplit;
 
+// A diffusion trainer: the U-Net being trained, its EMA copy, AdamW state and RNG.
+//
+// Thread safety: not thread-safe; one thread at a time (steps mutate it).
+// `pheno_diffusion_trainer_free` must be called exactly once.
+typedef struct PhenoDiffusionTrainer PhenoDiffusionTrainer;
+
 // An EfficientNet-B0 (Cell Painting CNN) ready for inference on the CPU.
 //
 // Thread safety: immutable after creation, so any number of threads may call functions on one
@@ -326,6 +332,56 @@ typedef struct {
     // Passed unchanged to `progress`.
     void *user_data;
 } PhenoFeatureOptions;
+
+// Options of `pheno_diffusion_trainer_new`; get the defaults from
+// `pheno_diffusion_trainer_default_options()` and change fields.
+typedef struct {
+    // `sizeof(PhenoDiffusionTrainOptions)`.
+    size_t struct_size;
+    // AdamW learning rate (default 1e-4), betas (0.9, 0.999), eps (1e-8), decoupled weight decay
+    // (1e-2).
+    double lr;
+    double beta1;
+    double beta2;
+    double eps;
+    double weight_decay;
+    // Max global gradient L2 norm (default 1.0); <= 0 = no clipping.
+    double clip_grad_norm;
+    // EMA decay (default 0.9999, diffusers warm-up); < 0 = no EMA weights.
+    double ema_decay;
+    // Probability that a sample's conditions all become their null values (default 0.1; needs
+    // null_embeddings when > 0).
+    double cond_dropout;
+    // Noise schedule and prediction target (defaults: T = 1000, scaled linear 0.0015 → 0.0205,
+    // v-prediction). Values as `PhenoBetaSchedule` / `PhenoPredictionType`.
+    size_t num_train_timesteps;
+    int32_t schedule;
+    double beta_start;
+    double beta_end;
+    int32_t prediction_type;
+    // Seed of the timestep / dropout / noise draws (default 0).
+    uint64_t seed;
+} PhenoDiffusionTrainOptions;
+
+// Options of `pheno_diffusion_sample`; defaults from `pheno_diffusion_sample_default_options()`.
+typedef struct {
+    // `sizeof(PhenoDiffusionSampleOptions)`.
+    size_t struct_size;
+    // `PhenoSamplerKind`: DDPM (0) or DDIM (1, default) and DDIM's eta (default 0).
+    int32_t kind;
+    double eta;
+    // The training schedule (must match the model's training; defaults as training's).
+    size_t num_train_timesteps;
+    int32_t schedule;
+    double beta_start;
+    double beta_end;
+    int32_t prediction_type;
+    // Inference steps (default 50) and classifier-free guidance scale (default 1 = none).
+    size_t steps;
+    double guidance_scale;
+    // Seed of x_T and the sampler noise (default 0).
+    uint64_t seed;
+} PhenoDiffusionSampleOptions;
 
 // Options for `pheno_harmony`. Initialise with `pheno_harmony_default_options()` (harmonypy
 // 2.1.0's `run_harmony` defaults), then change fields.
@@ -728,6 +784,100 @@ PhenoStatus pheno_effnet_features_from_image(const PhenoModel *model,
                                              const PhenoFeatureOptions *opts,
                                              float *const *out,
                                              const size_t *out_lens);
+
+// Default training options (REFERENCE §10; see the field docs).
+PhenoDiffusionTrainOptions pheno_diffusion_trainer_default_options(void);
+
+// Default sampling options: DDIM (eta 0), 50 steps, no guidance, seed 0, the training schedule's
+// defaults.
+PhenoDiffusionSampleOptions pheno_diffusion_sample_default_options(void);
+
+// A trainer starting from a copy of `unet`'s weights (`unet` itself is not changed and may be
+// freed). `opts` NULL = defaults. On failure `*out_trainer` is set to NULL.
+//
+// # Safety
+// `unet` is a live U-Net; `opts` is NULL or valid for `opts->struct_size` bytes; `out_trainer` is
+// valid for a write.
+PhenoStatus pheno_diffusion_trainer_new(const PhenoUNet *unet,
+                                        const PhenoDiffusionTrainOptions *opts,
+                                        PhenoDiffusionTrainer **out_trainer);
+
+// Frees a trainer; NULL is a no-op.
+//
+// # Safety
+// `trainer` is NULL or a live trainer, not used afterwards.
+void pheno_diffusion_trainer_free(PhenoDiffusionTrainer *trainer);
+
+// One training step on latents [n, c, h, w] (NCHW f32) with their conditions (as
+// `pheno_unet_forward`; NULL when unused): draws timesteps, noise and condition dropout from the
+// trainer's seeded RNG, minimises the MSE to the prediction target with AdamW (after gradient
+// clipping) and updates the EMA weights. `*out_loss` (if non-NULL) gets the loss before the update.
+// A failed step (bad shape or condition, non-finite latents, loss or gradients) changes nothing.
+//
+// # Safety
+// `trainer` is a live trainer; array pointers as `pheno_unet_forward`; `out_loss` NULL or valid.
+PhenoStatus pheno_diffusion_trainer_step(PhenoDiffusionTrainer *trainer,
+                                         const float *latents,
+                                         size_t n,
+                                         size_t c,
+                                         size_t h,
+                                         size_t w,
+                                         const float *context,
+                                         size_t context_len,
+                                         const uint8_t *context_null,
+                                         const int64_t *class_labels,
+                                         const int64_t *confounders,
+                                         float *out_loss);
+
+// Number of successful steps so far (restored by `pheno_diffusion_trainer_load_checkpoint`).
+//
+// # Safety
+// `trainer` is a live trainer; `out_steps` is valid for a write.
+PhenoStatus pheno_diffusion_trainer_steps(const PhenoDiffusionTrainer *trainer, uint64_t *out_steps);
+
+// Writes a resumable checkpoint (weights under MONAI names, EMA weights, AdamW state, step, RNG)
+// atomically to `path`.
+//
+// # Safety
+// `trainer` is a live trainer; `path` is a NUL-terminated string.
+PhenoStatus pheno_diffusion_trainer_save_checkpoint(const PhenoDiffusionTrainer *trainer, const char *path);
+
+// Restores a checkpoint of `pheno_diffusion_trainer_save_checkpoint` for the same U-Net config;
+// training then continues bit for bit as if never interrupted. On error nothing changes.
+//
+// # Safety
+// `trainer` is a live trainer; `path` is a NUL-terminated string.
+PhenoStatus pheno_diffusion_trainer_load_checkpoint(PhenoDiffusionTrainer *trainer, const char *path);
+
+// A new U-Net handle with the trained weights (`ema` non-zero: the EMA weights, an error when the
+// trainer keeps none). Free it with `pheno_unet_free`.
+//
+// # Safety
+// `trainer` is a live trainer; `out_unet` is valid for a write.
+PhenoStatus pheno_diffusion_trainer_unet(const PhenoDiffusionTrainer *trainer,
+                                         int32_t ema,
+                                         PhenoUNet **out_unet);
+
+// Generates n latents [n, out_channels, h, w] into `out` (`out_len` floats) with `unet` under the
+// conditions (as `pheno_unet_forward`, NULL when unused): x_T ~ N(0, 1) from `opts->seed`, then
+// `opts->steps` DDPM / DDIM steps; with `guidance_scale` != 1 the conditional and the
+// null-conditioned passes are combined (needs null_embeddings). `opts` NULL = defaults.
+//
+// # Safety
+// `unet` is a live U-Net; `opts` NULL or valid for `opts->struct_size` bytes; condition pointers as
+// `pheno_unet_forward`; `out` points to `out_len` writable floats.
+PhenoStatus pheno_diffusion_sample(const PhenoUNet *unet,
+                                   const PhenoDiffusionSampleOptions *opts,
+                                   size_t n,
+                                   size_t h,
+                                   size_t w,
+                                   const float *context,
+                                   size_t context_len,
+                                   const uint8_t *context_null,
+                                   const int64_t *class_labels,
+                                   const int64_t *confounders,
+                                   float *out,
+                                   size_t out_len);
 
 // Default Harmony options (harmonypy 2.1.0): theta 2, lambda estimated (-1) with alpha 0.2,
 // sigma 0.1, nclust auto (0), tau 0, block_size 0.05, max_iter_harmony 10, max_iter_kmeans 4,

@@ -8,6 +8,7 @@
 
 mod boundary;
 mod crops;
+mod diffusion_train;
 mod harmony;
 mod metrics;
 mod model;
@@ -76,3 +77,4 @@ pub use train::{
 };
 pub use vae::*;
 pub use unet::*;
+pub use diffusion_train::*;

@@ -23,7 +23,7 @@ use std::ffi::c_char;
 /// at the same time. `pheno_unet_free` must be called exactly once, after every other call on it
 /// has returned.
 pub struct PhenoUNet {
-    unet: DiffusionUNet<f32>,
+    pub(super) unet: DiffusionUNet<f32>,
 }
 
 const _: fn() = || {
@@ -35,7 +35,7 @@ unsafe fn config(config_json: *const c_char) -> Result<UNetConfig> {
     UNetConfig::from_json(c_str(config_json, "config_json")?)
 }
 
-unsafe fn unet_ref<'a>(unet: *const PhenoUNet) -> Result<&'a DiffusionUNet<f32>> {
+pub(super) unsafe fn unet_ref<'a>(unet: *const PhenoUNet) -> Result<&'a DiffusionUNet<f32>> {
     Ok(&reference(unet, "unet")?.unet)
 }
 
@@ -184,6 +184,88 @@ fn indices(v: &[i64], allow_null: bool, what: &str, k: usize) -> Result<Vec<usiz
         .collect()
 }
 
+/// Conditions read from C pointers (each NULL when unused), as `pheno_unet_forward` documents.
+pub(super) struct Conditions<'a> {
+    context: Option<&'a [f32]>,
+    context_len: usize,
+    context_null: Option<Vec<bool>>,
+    class_labels: Option<Vec<usize>>,
+    confounders: Option<Vec<usize>>,
+}
+
+impl Conditions<'_> {
+    pub(super) fn get(&self) -> Conditioning<'_, f32> {
+        Conditioning {
+            context: self.context,
+            context_len: self.context_len,
+            context_null: self.context_null.as_deref(),
+            class_labels: self.class_labels.as_deref(),
+            confounders: self.confounders.as_deref(),
+        }
+    }
+}
+
+/// # Safety
+/// Each non-NULL pointer points to the number of elements `pheno_unet_forward` documents.
+pub(super) unsafe fn conditions<'a>(
+    cfg: &UNetConfig,
+    n: usize,
+    context: *const f32,
+    context_len: usize,
+    context_null: *const u8,
+    class_labels: *const i64,
+    confounders: *const i64,
+) -> Result<Conditions<'a>> {
+    let context = if context.is_null() {
+        None
+    } else {
+        let d = cfg.cross_attention_dim.unwrap_or(0);
+        Some(slice(
+            context,
+            checked_len::<f32>(&[n, context_len, d], "context")?,
+            "context",
+        )?)
+    };
+    let context_null: Option<Vec<bool>> = if context_null.is_null() {
+        None
+    } else {
+        Some(
+            slice(context_null, n, "context_null")?
+                .iter()
+                .map(|&f| f != 0)
+                .collect(),
+        )
+    };
+    let class_labels = if class_labels.is_null() {
+        None
+    } else {
+        Some(indices(
+            slice(class_labels, n, "class_labels")?,
+            false,
+            "class_labels",
+            1,
+        )?)
+    };
+    let k = cfg.confounders.len();
+    let confounders = if confounders.is_null() {
+        None
+    } else {
+        let flat = slice(
+            confounders,
+            checked_len::<i64>(&[n, k], "confounders")?,
+            "confounders",
+        )?;
+        Some(indices(flat, true, "confounders", k)?)
+    };
+    Ok(Conditions {
+        context,
+        context_len,
+        context_null,
+        class_labels,
+        confounders,
+    })
+}
+
 /// The model's prediction (noise, v or x₀, whatever it was trained for) for latents `x`
 /// [n, c, h, w] (NCHW f32; c = in_channels, h and w multiples of 2^(levels − 1)) at `timesteps`
 /// (n values, f64), written to `out` [n, out_channels, h, w] of `out_len` floats.
@@ -239,47 +321,15 @@ pub unsafe extern "C" fn pheno_unet_forward(
             return Err(null("timesteps"));
         }
         let timesteps = slice(timesteps, n, "timesteps")?;
-        let context = if context.is_null() {
-            None
-        } else {
-            let d = cfg.cross_attention_dim.unwrap_or(0);
-            Some(slice(
-                context,
-                checked_len::<f32>(&[n, context_len, d], "context")?,
-                "context",
-            )?)
-        };
-        let context_null: Option<Vec<bool>> = if context_null.is_null() {
-            None
-        } else {
-            Some(
-                slice(context_null, n, "context_null")?
-                    .iter()
-                    .map(|&f| f != 0)
-                    .collect(),
-            )
-        };
-        let class_labels = if class_labels.is_null() {
-            None
-        } else {
-            Some(indices(
-                slice(class_labels, n, "class_labels")?,
-                false,
-                "class_labels",
-                1,
-            )?)
-        };
-        let k = cfg.confounders.len();
-        let confounders = if confounders.is_null() {
-            None
-        } else {
-            let flat = slice(
-                confounders,
-                checked_len::<i64>(&[n, k], "confounders")?,
-                "confounders",
-            )?;
-            Some(indices(flat, true, "confounders", k)?)
-        };
+        let owned = conditions(
+            cfg,
+            n,
+            context,
+            context_len,
+            context_null,
+            class_labels,
+            confounders,
+        )?;
         let need = checked_len::<f32>(&[n, cfg.out_channels, h, w], "out")?;
         if out.is_null() {
             return Err(null("out"));
@@ -290,13 +340,7 @@ pub unsafe extern "C" fn pheno_unet_forward(
                 cfg.out_channels
             )));
         }
-        let cond = Conditioning {
-            context,
-            context_len,
-            context_null: context_null.as_deref(),
-            class_labels: class_labels.as_deref(),
-            confounders: confounders.as_deref(),
-        };
+        let cond = owned.get();
         let y = unet.predict(x, n, h, w, timesteps, &cond)?;
         if y.len() != need {
             return Err(Error::Internal(format!(

@@ -265,6 +265,123 @@ static void confounder_model(const char *workdir) {
     pheno_unet_free(v);
 }
 
+/* Diffusion training through the C ABI: steps on a synthetic batch whose latents depend on the
+ * "source" confounder, a checkpoint resumed bit for bit, EMA / trained U-Net handles, sampling
+ * (seeded, guided) and bad input. */
+static void trainer_test(const char *workdir) {
+    const char *cfg =
+        "{\"in_channels\": 2, \"out_channels\": 2, \"channels\": [4, 8], \"attention_levels\": [false, true],"
+        " \"num_res_blocks\": 1, \"num_head_channels\": 4, \"norm_num_groups\": 2,"
+        " \"confounders\": {\"source\": 2}, \"null_embeddings\": true}";
+    PhenoUNet *u = NULL;
+    OK(pheno_unet_new(cfg, 1, &u));
+    if (u == NULL) return;
+    PhenoDiffusionTrainOptions o = pheno_diffusion_trainer_default_options();
+    CHECK(o.struct_size == sizeof o && o.lr == 1e-4 && o.num_train_timesteps == 1000 && o.prediction_type == 1 &&
+              o.cond_dropout == 0.1 && o.clip_grad_norm == 1.0,
+          "training defaults");
+    o.lr = 1e-2;
+    o.seed = 5;
+    PhenoDiffusionTrainer *t = NULL, *t2 = NULL;
+    OK(pheno_diffusion_trainer_new(u, &o, &t));
+    OK(pheno_diffusion_trainer_new(u, &o, &t2));
+    if (t == NULL || t2 == NULL) {
+        pheno_diffusion_trainer_free(t);
+        pheno_diffusion_trainer_free(t2);
+        pheno_unet_free(u);
+        return;
+    }
+    enum { B = 4, M = B * 2 * 4 * 4 };
+    float lat[M];
+    int64_t src[B] = {0, 1, 0, 1};
+    for (int i = 0; i < M; i++) {
+        int b = i / (M / B);
+        lat[i] = (src[b] ? 1.0f : -1.0f) + 0.1f * (float)sin(1.3 * i);
+    }
+    float loss[6], loss2[3];
+    for (int k = 0; k < 3; k++) OK(pheno_diffusion_trainer_step(t, lat, B, 2, 4, 4, NULL, 0, NULL, NULL, src, &loss[k]));
+    char ckpt[4096];
+    snprintf(ckpt, sizeof ckpt, "%s/diffusion_ckpt.safetensors", workdir);
+    OK(pheno_diffusion_trainer_save_checkpoint(t, ckpt));
+    for (int k = 3; k < 6; k++) OK(pheno_diffusion_trainer_step(t, lat, B, 2, 4, 4, NULL, 0, NULL, NULL, src, &loss[k]));
+    uint64_t steps = 0;
+    OK(pheno_diffusion_trainer_steps(t, &steps));
+    CHECK(steps == 6, "steps %llu", (unsigned long long)steps);
+    int finite = 1;
+    for (int k = 0; k < 6; k++) finite &= isfinite(loss[k]) && loss[k] > 0;
+    CHECK(finite, "losses finite and positive");
+    /* Resume in the second trainer: the next losses are the same bit for bit. */
+    OK(pheno_diffusion_trainer_load_checkpoint(t2, ckpt));
+    OK(pheno_diffusion_trainer_steps(t2, &steps));
+    CHECK(steps == 3, "steps after resume %llu", (unsigned long long)steps);
+    for (int k = 0; k < 3; k++) OK(pheno_diffusion_trainer_step(t2, lat, B, 2, 4, 4, NULL, 0, NULL, NULL, src, &loss2[k]));
+    CHECK(memcmp(loss + 3, loss2, sizeof loss2) == 0, "resumed losses %g %g %g vs %g %g %g", loss2[0], loss2[1],
+          loss2[2], loss[3], loss[4], loss[5]);
+    remove(ckpt);
+
+    /* Trained and EMA U-Nets; sampling is seeded, its shape checked, guidance allowed. */
+    PhenoUNet *trained = NULL, *ema = NULL;
+    OK(pheno_diffusion_trainer_unet(t, 0, &trained));
+    OK(pheno_diffusion_trainer_unet(t, 1, &ema));
+    PhenoDiffusionSampleOptions so = pheno_diffusion_sample_default_options();
+    CHECK(so.struct_size == sizeof so && so.kind == 1 && so.steps == 50 && so.guidance_scale == 1.0, "sample defaults");
+    so.steps = 4;
+    so.guidance_scale = 2.0;
+    so.seed = 9;
+    float s1[M], s2[M], s3[M];
+    if (trained != NULL && ema != NULL) {
+        OK(pheno_diffusion_sample(trained, &so, B, 4, 4, NULL, 0, NULL, NULL, src, s1, M));
+        OK(pheno_diffusion_sample(trained, &so, B, 4, 4, NULL, 0, NULL, NULL, src, s2, M));
+        so.seed = 10;
+        OK(pheno_diffusion_sample(trained, &so, B, 4, 4, NULL, 0, NULL, NULL, src, s3, M));
+        CHECK(memcmp(s1, s2, sizeof s1) == 0 && memcmp(s1, s3, sizeof s1) != 0, "sampling is seeded");
+        int fin = 1;
+        for (int i = 0; i < M; i++) fin &= isfinite(s1[i]);
+        CHECK(fin, "samples finite");
+        OK(pheno_diffusion_sample(ema, NULL, 1, 4, 4, NULL, 0, NULL, NULL, src, s1, M / B));
+        FAILS(pheno_diffusion_sample(trained, &so, B, 4, 4, NULL, 0, NULL, NULL, src, s1, M - 1), PHENO_ERR_SHAPE,
+              "out holds");
+        int64_t bad_src[B] = {0, 2, 0, 0};
+        FAILS(pheno_diffusion_sample(trained, &so, B, 4, 4, NULL, 0, NULL, NULL, bad_src, s1, M),
+              PHENO_ERR_INVALID_ARGUMENT, "\"source\" index 2");
+        so.kind = 7;
+        FAILS(pheno_diffusion_sample(trained, &so, B, 4, 4, NULL, 0, NULL, NULL, src, s1, M),
+              PHENO_ERR_INVALID_ARGUMENT, "opts->kind");
+    }
+    pheno_unet_free(trained);
+    pheno_unet_free(ema);
+
+    /* Bad steps change nothing; bad options are named. */
+    int64_t bad_src[B] = {0, 1, 5, 1};
+    FAILS(pheno_diffusion_trainer_step(t, lat, B, 2, 4, 4, NULL, 0, NULL, NULL, bad_src, NULL),
+          PHENO_ERR_INVALID_ARGUMENT, "\"source\" index 5 of sample 2");
+    FAILS(pheno_diffusion_trainer_step(t, lat, B / 2, 4, 4, 4, NULL, 0, NULL, NULL, src, NULL), PHENO_ERR_SHAPE,
+          "in_channels = 2");
+    float keep = lat[3];
+    lat[3] = NAN;
+    FAILS(pheno_diffusion_trainer_step(t, lat, B, 2, 4, 4, NULL, 0, NULL, NULL, src, NULL), PHENO_ERR_NON_FINITE,
+          "latent value 3 (sample 0) is NaN");
+    lat[3] = keep;
+    OK(pheno_diffusion_trainer_steps(t, &steps));
+    CHECK(steps == 6, "failed steps are not counted (%llu)", (unsigned long long)steps);
+    FAILS(pheno_diffusion_trainer_load_checkpoint(t, "/nonexistent/ckpt.safetensors"), PHENO_ERR_IO, "/nonexistent");
+    PhenoDiffusionTrainOptions bad = pheno_diffusion_trainer_default_options();
+    bad.cond_dropout = 1.5;
+    PhenoDiffusionTrainer *none = NULL;
+    FAILS(pheno_diffusion_trainer_new(u, &bad, &none), PHENO_ERR_INVALID_ARGUMENT, "cond_dropout");
+    bad = pheno_diffusion_trainer_default_options();
+    bad.schedule = 9;
+    FAILS(pheno_diffusion_trainer_new(u, &bad, &none), PHENO_ERR_INVALID_ARGUMENT, "opts->schedule");
+    FAILS(pheno_diffusion_trainer_new(NULL, NULL, &none), PHENO_ERR_NULL_POINTER, "unet");
+    CHECK(none == NULL, "failed trainer_new leaves NULL");
+    FAILS(pheno_diffusion_trainer_step(NULL, lat, B, 2, 4, 4, NULL, 0, NULL, NULL, src, NULL), PHENO_ERR_NULL_POINTER,
+          "trainer");
+    pheno_diffusion_trainer_free(NULL);
+    pheno_diffusion_trainer_free(t);
+    pheno_diffusion_trainer_free(t2);
+    pheno_unet_free(u);
+}
+
 int main(int argc, char **argv) {
     const char *fixtures = "tests/fixtures/unet", *workdir = ".";
     for (int i = 1; i + 1 < argc; i += 2) {
@@ -383,6 +500,7 @@ int main(int argc, char **argv) {
     pheno_unet_free(u);
 
     confounder_model(workdir);
+    trainer_test(workdir);
     free(config);
 
     printf("%d checks, %d failures\n", checks, failures);
