@@ -103,16 +103,21 @@ fn learns_conditional_mixture_and_samples_it() {
     );
 
     let n = 16;
-    let mut batch_means = vec![[0f64; 3]; 2];
-    for (gi, &g) in [1.0, 2.0].iter().enumerate() {
+    let runs = [
+        (SamplerKind::Ddim, 25, 1.0),
+        (SamplerKind::Ddim, 25, 2.0),
+        (SamplerKind::Ddpm, 50, 1.5),
+    ];
+    let mut batch_means = vec![[0f64; 3]; runs.len()];
+    for (gi, &(kind, steps, g)) in runs.iter().enumerate() {
         for k in 0..3 {
             let kk = vec![k; n];
             let so = SampleOptions {
                 scheduler: SchedulerConfig {
-                    kind: SamplerKind::Ddim,
+                    kind,
                     ..Default::default()
                 },
-                steps: 25,
+                steps,
                 guidance_scale: g,
                 seed: 100 + k as u64,
             };
@@ -132,16 +137,18 @@ fn learns_conditional_mixture_and_samples_it() {
             let bm = means.iter().sum::<f64>() / n as f64;
             batch_means[gi][k] = bm;
             eprintln!(
-                "guidance {g}, k = {k}: batch mean {bm:.3} (μ = {}), {closest}/{n} closest to μ_k",
+                "{kind:?} {steps} steps, guidance {g}, k = {k}: batch mean {bm:.3} (μ = {}), \
+                 {closest}/{n} closest to μ_k",
                 MU[k]
             );
             assert!(
                 closest as f64 >= 0.9 * n as f64,
-                "guidance {g}, k = {k}: only {closest}/{n} samples closest to μ_k; means {means:?}"
+                "{kind:?}, guidance {g}, k = {k}: only {closest}/{n} samples closest to μ_k; \
+                 means {means:?}"
             );
             assert!(
                 (bm - MU[k] as f64).abs() < 0.3,
-                "guidance {g}, k = {k}: batch mean {bm} vs μ_k = {}",
+                "{kind:?}, guidance {g}, k = {k}: batch mean {bm} vs μ_k = {}",
                 MU[k]
             );
         }
@@ -150,6 +157,35 @@ fn learns_conditional_mixture_and_samples_it() {
     for bm in &batch_means {
         assert!(bm[1] - bm[0] > 0.8 && bm[2] - bm[1] > 0.8, "{bm:?}");
     }
+    // The null-conditioned model alone (guidance 0; learned through condition dropout) samples the
+    // marginal: a mixture over the components, not one of them.
+    let n0 = 30;
+    let any_k = vec![0usize; n0]; // ignored at guidance 0
+    let so = SampleOptions {
+        steps: 25,
+        guidance_scale: 0.0,
+        seed: 5,
+        ..Default::default()
+    };
+    let x = sample(tr.model(), &so, &conf(&any_k), n0, h, w, None).unwrap();
+    let mut counts = [0usize; 3];
+    for s in x.chunks(C * h * w) {
+        let m = s.iter().map(|&v| v as f64).sum::<f64>() / s.len() as f64;
+        let k = (0..3)
+            .min_by(|&a, &b| {
+                (m - MU[a] as f64)
+                    .abs()
+                    .partial_cmp(&(m - MU[b] as f64).abs())
+                    .unwrap()
+            })
+            .unwrap();
+        counts[k] += 1;
+    }
+    eprintln!("null-conditioned samples per nearest component: {counts:?}");
+    assert!(
+        counts.iter().filter(|&&c| c >= 3).count() >= 2,
+        "null-conditioned samples do not spread over the components: {counts:?}"
+    );
 }
 
 fn small_trainer(opts: DiffusionTrainOptions, ctx: Option<usize>, seed: u64) -> DiffusionTrainer {
@@ -178,7 +214,19 @@ fn checkpoint_resume_is_bit_exact() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let batches: Vec<Vec<f32>> = (0..3).map(|_| mixture(&mut rng, &ks, h, w)).collect();
     let mut a = small_trainer(opts, Some(4), 1);
+    // A checkpoint before the first step resumes too.
+    let p0 = tmp("resume0.safetensors");
+    a.save_checkpoint(&p0).unwrap();
+    let mut a0 = small_trainer(DiffusionTrainOptions { seed: 998, ..opts }, Some(4), 3);
+    a0.load_checkpoint(&p0).unwrap();
     a.step(&batches[0], 4, h, w, &cond).unwrap();
+    a0.step(&batches[0], 4, h, w, &cond).unwrap();
+    assert_eq!(weights(a.model()), weights(a0.model()));
+    assert_eq!(
+        weights(a.ema_model().unwrap()),
+        weights(a0.ema_model().unwrap())
+    );
+    std::fs::remove_file(&p0).ok();
     a.step(&batches[1], 4, h, w, &cond).unwrap();
     let path = tmp("resume.safetensors");
     a.save_checkpoint(&path).unwrap();

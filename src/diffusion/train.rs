@@ -348,11 +348,7 @@ impl DiffusionTrainer {
             let src = self.model.params();
             let dst = ema.params_mut();
             for i in 0..src.len() {
-                let wv = src.value(i);
-                let ev = dst.value_mut(i);
-                for (e, &wi) in ev.iter_mut().zip(wv) {
-                    *e -= omd * (*e - wi);
-                }
+                ema_update(dst.value_mut(i), src.value(i), omd);
             }
         }
         self.rng = rng;
@@ -636,7 +632,11 @@ pub fn sample(
 
     // Conditions of the 2N batch: [cond; null].
     let kc = cfg.confounders.len();
-    let nulls_ctx = cfg.with_conditioning && cfg.cross_attention_dim.is_some();
+    // The null pass replaces the context by the learned null context; without a context (and no
+    // flags) neither pass has one and only the confounders are nulled.
+    let nulls_ctx = cfg.with_conditioning
+        && cfg.cross_attention_dim.is_some()
+        && (cond.context.is_some() || cond.context_null.is_some());
     let ctx2: Option<Vec<f32>> = cond.context.map(|c| [c, c].concat());
     let flags2: Vec<bool> = (0..2 * n)
         .map(|i| {
@@ -685,6 +685,27 @@ pub fn sample(
         }
     }
     Ok(x)
+}
+
+/// ema ← ema − omd·(ema − w), element-wise in f32 (diffusers `s_param.sub_(omd * (s_param - param))`);
+/// large tensors in parallel chunks (same bits).
+fn ema_update(ema: &mut [f32], w: &[f32], omd: f32) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    let f = |(e, w): (&mut [f32], &[f32])| {
+        for (e, &wi) in e.iter_mut().zip(w) {
+            *e -= omd * (*e - wi);
+        }
+    };
+    if ema.len() >= 4 * CHUNK && crate::threads::num_threads() > 1 {
+        crate::threads::install(|| {
+            ema.par_chunks_mut(CHUNK)
+                .zip(w.par_chunks(CHUNK))
+                .for_each(f)
+        });
+    } else {
+        f((ema, w));
+    }
 }
 
 fn copy_model(m: &DiffusionUNet<f32>) -> Result<DiffusionUNet<f32>> {
