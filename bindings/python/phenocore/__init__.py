@@ -15,7 +15,7 @@ from ._errors import PhenoError, Status, check as _check
 from . import _lib
 from ._lib import LibraryNotFoundError, find_library
 from .crops import crop_cells
-from .diffusion import DiffusionUNet
+from .diffusion import DiffusionTrainer, DiffusionUNet
 from .efficientnet import DEFAULT_LAYER, EfficientNet
 from .harmony import harmony
 from . import metrics
@@ -35,6 +35,7 @@ __all__ = [
     "Trainer",
     "Scheduler",
     "DiffusionUNet",
+    "DiffusionTrainer",
     "AutoencoderKL",
     "metrics",
     "Sphering",

@@ -26,6 +26,7 @@ import numpy as np
 from ._arrays import as_f32, f32_ptr
 from ._errors import PhenoError, Status, check
 from ._lib import c_float_p, lib, register
+from .scheduler import KINDS, PREDICTIONS, SCHEDULES, _choice
 
 PathLike = Union[str, "os.PathLike[str]"]
 PhenoUNet_p = c_void_p
@@ -247,6 +248,27 @@ class DiffusionUNet:
         t = np.ascontiguousarray(t)
         if t.shape != (n,):
             raise PhenoError(Status.SHAPE, f"timesteps must hold {n} values (one per sample), got shape {t.shape}")
+        dim = self._config["cross_attention_dim"]
+        if context is not None and dim is not None and np.ndim(context) == 3 and np.shape(context)[2] != dim:
+            raise PhenoError(
+                Status.SHAPE, f"context has {np.shape(context)[2]} features per token; the config's cross_attention_dim is {dim}"
+            )
+        cond, _keep = self._conditions(n, context, class_labels, confounders, context_null)
+        out = np.empty((n, self._config["out_channels"], h, w), dtype=np.float32)
+        check(
+            lib().pheno_unet_forward(
+                self._ptr, f32_ptr(x), n, c, h, w, t.ctypes.data_as(POINTER(c_double)), *cond,
+                f32_ptr(out), out.size,
+            )
+        )
+        return out
+
+    __call__ = forward
+
+    def _conditions(self, n, context, class_labels, confounders, context_null):
+        """ctypes arguments (context, context_len, context_null, class_labels, confounders) and the
+        arrays that must stay alive during the call."""
+        keep = []
         ctx_ptr, ctx_len = None, 0
         if context is not None:
             ctx = as_f32(context)
@@ -254,11 +276,7 @@ class DiffusionUNet:
                 raise PhenoError(
                     Status.SHAPE, f"context must be a 3-D (N={n}, L, cross_attention_dim) array, got shape {ctx.shape}"
                 )
-            dim = self._config["cross_attention_dim"]
-            if dim is not None and ctx.shape[2] != dim:
-                raise PhenoError(
-                    Status.SHAPE, f"context has {ctx.shape[2]} features per token; the config's cross_attention_dim is {dim}"
-                )
+            keep.append(ctx)
             ctx_ptr, ctx_len = f32_ptr(ctx), ctx.shape[1]
         null_ptr = None
         if context_null is not None:
@@ -268,20 +286,220 @@ class DiffusionUNet:
             if flags.shape != (n,):
                 raise PhenoError(Status.SHAPE, f"context_null must hold {n} flags, got shape {flags.shape}")
             flags = np.ascontiguousarray(flags.astype(bool).astype(np.uint8))
+            keep.append(flags)
             null_ptr = flags.ctypes.data_as(POINTER(c_uint8))
         labels_ptr = None
         if class_labels is not None:
             labels = _index_array("class_labels", class_labels, n, False)
+            keep.append(labels)
             labels_ptr = labels.ctypes.data_as(_i64_p)
         conf = self._confounders(confounders, n)
-        conf_ptr = conf.ctypes.data_as(_i64_p) if conf is not None else None
-        out = np.empty((n, self._config["out_channels"], h, w), dtype=np.float32)
-        check(
-            lib().pheno_unet_forward(
-                self._ptr, f32_ptr(x), n, c, h, w, t.ctypes.data_as(POINTER(c_double)), ctx_ptr, ctx_len,
-                null_ptr, labels_ptr, conf_ptr, f32_ptr(out), out.size,
-            )
-        )
+        conf_ptr = None
+        if conf is not None:
+            keep.append(conf)
+            conf_ptr = conf.ctypes.data_as(_i64_p)
+        return (ctx_ptr, ctx_len, null_ptr, labels_ptr, conf_ptr), keep
+
+    def sample(
+        self,
+        n: int,
+        height: int,
+        width: int,
+        context: Any = None,
+        class_labels: Any = None,
+        confounders: Any = None,
+        context_null: Any = None,
+        steps: int = 50,
+        guidance_scale: float = 1.0,
+        kind: str = "ddim",
+        eta: float = 0.0,
+        seed: int = 0,
+        num_train_timesteps: int = 1000,
+        schedule: str = "scaled_linear_beta",
+        beta_start: float = 0.0015,
+        beta_end: float = 0.0205,
+        prediction_type: str = "v_prediction",
+    ) -> np.ndarray:
+        """`n` latents (n, out_channels, height, width): x_T ~ N(0, 1) from `seed`, then `steps` DDPM /
+        DDIM steps of the schedule the model was trained with; `guidance_scale` != 1 mixes in the
+        null-conditioned prediction (classifier-free guidance; needs null_embeddings). Conditions as
+        `forward`."""
+        opts = PhenoDiffusionSampleOptions()
+        opts.struct_size = ctypes.sizeof(PhenoDiffusionSampleOptions)
+        opts.kind = _choice("kind", kind, KINDS)
+        opts.eta = float(eta)
+        opts.num_train_timesteps = int(num_train_timesteps)
+        opts.schedule = _choice("schedule", schedule, SCHEDULES)
+        opts.beta_start, opts.beta_end = float(beta_start), float(beta_end)
+        opts.prediction_type = _choice("prediction_type", prediction_type, PREDICTIONS)
+        opts.steps = int(steps)
+        opts.guidance_scale = float(guidance_scale)
+        opts.seed = _seed(seed)
+        cond, _keep = self._conditions(n, context, class_labels, confounders, context_null)
+        out = np.empty((n, self._config["out_channels"], height, width), dtype=np.float32)
+        check(lib().pheno_diffusion_sample(self._ptr, ctypes.byref(opts), n, height, width, *cond, f32_ptr(out), out.size))
         return out
 
-    __call__ = forward
+
+class PhenoDiffusionTrainOptions(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("lr", c_double),
+        ("beta1", c_double),
+        ("beta2", c_double),
+        ("eps", c_double),
+        ("weight_decay", c_double),
+        ("clip_grad_norm", c_double),
+        ("ema_decay", c_double),
+        ("cond_dropout", c_double),
+        ("num_train_timesteps", c_size_t),
+        ("schedule", c_int32),
+        ("beta_start", c_double),
+        ("beta_end", c_double),
+        ("prediction_type", c_int32),
+        ("seed", c_uint64),
+    ]
+
+
+class PhenoDiffusionSampleOptions(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("kind", c_int32),
+        ("eta", c_double),
+        ("num_train_timesteps", c_size_t),
+        ("schedule", c_int32),
+        ("beta_start", c_double),
+        ("beta_end", c_double),
+        ("prediction_type", c_int32),
+        ("steps", c_size_t),
+        ("guidance_scale", c_double),
+        ("seed", c_uint64),
+    ]
+
+
+PhenoDiffusionTrainer_p = c_void_p
+
+register(
+    {
+        "pheno_diffusion_trainer_default_options": (PhenoDiffusionTrainOptions, []),
+        "pheno_diffusion_sample_default_options": (PhenoDiffusionSampleOptions, []),
+        "pheno_diffusion_trainer_new": (
+            c_int32, [PhenoUNet_p, POINTER(PhenoDiffusionTrainOptions), POINTER(PhenoDiffusionTrainer_p)]
+        ),
+        "pheno_diffusion_trainer_free": (None, [PhenoDiffusionTrainer_p]),
+        "pheno_diffusion_trainer_step": (
+            c_int32,
+            [
+                PhenoDiffusionTrainer_p, c_float_p, c_size_t, c_size_t, c_size_t, c_size_t, c_float_p, c_size_t,
+                POINTER(c_uint8), _i64_p, _i64_p, c_float_p,
+            ],
+        ),
+        "pheno_diffusion_trainer_steps": (c_int32, [PhenoDiffusionTrainer_p, POINTER(c_uint64)]),
+        "pheno_diffusion_trainer_save_checkpoint": (c_int32, [PhenoDiffusionTrainer_p, c_char_p]),
+        "pheno_diffusion_trainer_load_checkpoint": (c_int32, [PhenoDiffusionTrainer_p, c_char_p]),
+        "pheno_diffusion_trainer_unet": (c_int32, [PhenoDiffusionTrainer_p, c_int32, POINTER(PhenoUNet_p)]),
+        "pheno_diffusion_sample": (
+            c_int32,
+            [
+                PhenoUNet_p, POINTER(PhenoDiffusionSampleOptions), c_size_t, c_size_t, c_size_t, c_float_p, c_size_t,
+                POINTER(c_uint8), _i64_p, _i64_p, c_float_p, c_size_t,
+            ],
+        ),
+    }
+)
+
+
+class DiffusionTrainer:
+    """Trains a copy of a `DiffusionUNet` on latent batches pushed from Python: MSE on the prediction
+    target (v by default) at seeded random timesteps, AdamW, gradient clipping, EMA weights, condition
+    dropout to the null embeddings for classifier-free guidance. Checkpoints are atomic and resume
+    bit for bit. Not thread-safe.
+
+        trainer = phenocore.DiffusionTrainer(unet, lr=1e-4, cond_dropout=0.1, seed=0)
+        loss = trainer.step(latents, context=emb, confounders={"source": s, "batch": b, "well": w})
+        trainer.save_checkpoint("ckpt.safetensors")
+        ema = trainer.unet(ema=True)               # a DiffusionUNet for forward / sample / save
+    """
+
+    def __init__(
+        self,
+        unet: DiffusionUNet,
+        lr: float = 1e-4,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        clip_grad_norm: Optional[float] = 1.0,
+        ema_decay: Optional[float] = 0.9999,
+        cond_dropout: float = 0.1,
+        num_train_timesteps: int = 1000,
+        schedule: str = "scaled_linear_beta",
+        beta_start: float = 0.0015,
+        beta_end: float = 0.0205,
+        prediction_type: str = "v_prediction",
+        seed: int = 0,
+    ):
+        if not isinstance(unet, DiffusionUNet):
+            raise PhenoError(Status.INVALID_ARGUMENT, f"unet must be a phenocore.DiffusionUNet, got {type(unet)}")
+        o = lib().pheno_diffusion_trainer_default_options()
+        o.lr = float(lr)
+        o.beta1, o.beta2 = (float(b) for b in betas)
+        o.eps, o.weight_decay = float(eps), float(weight_decay)
+        o.clip_grad_norm = 0.0 if clip_grad_norm is None else float(clip_grad_norm)
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise PhenoError(Status.INVALID_ARGUMENT, f"clip_grad_norm must be positive or None, got {clip_grad_norm}")
+        o.ema_decay = -1.0 if ema_decay is None else float(ema_decay)
+        if ema_decay is not None and not 0 <= ema_decay <= 1:
+            raise PhenoError(Status.INVALID_ARGUMENT, f"ema_decay must be in [0, 1] or None, got {ema_decay}")
+        o.cond_dropout = float(cond_dropout)
+        o.num_train_timesteps = int(num_train_timesteps)
+        o.schedule = _choice("schedule", schedule, SCHEDULES)
+        o.beta_start, o.beta_end = float(beta_start), float(beta_end)
+        o.prediction_type = _choice("prediction_type", prediction_type, PREDICTIONS)
+        o.seed = _seed(seed)
+        self._unet = unet  # for the config and the conditions' conversion
+        self._has_ema = ema_decay is not None
+        handle = PhenoDiffusionTrainer_p()
+        check(lib().pheno_diffusion_trainer_new(unet._ptr, ctypes.byref(o), ctypes.byref(handle)))
+        self._handle: Optional[int] = handle.value
+        self._finalizer = weakref.finalize(self, lib().pheno_diffusion_trainer_free, PhenoDiffusionTrainer_p(handle.value))
+
+    @property
+    def _ptr(self) -> PhenoDiffusionTrainer_p:
+        if self._handle is None:
+            raise PhenoError(Status.INVALID_ARGUMENT, "the DiffusionTrainer was closed")
+        return PhenoDiffusionTrainer_p(self._handle)
+
+    def close(self) -> None:
+        self._finalizer()
+        self._handle = None
+
+    def step(self, latents: Any, context: Any = None, class_labels: Any = None, confounders: Any = None,
+             context_null: Any = None) -> float:
+        """One training step on latents (N, in_channels, H, W) and their conditions (as
+        `DiffusionUNet.forward`); returns the loss before the update. A failed step changes nothing."""
+        x = as_f32(latents)
+        if x.ndim != 4:
+            raise PhenoError(Status.SHAPE, f"latents must be a 4-D (N, C, H, W) array, got shape {x.shape}")
+        n = x.shape[0]
+        cond, _keep = self._unet._conditions(n, context, class_labels, confounders, context_null)
+        loss = ctypes.c_float()
+        check(lib().pheno_diffusion_trainer_step(self._ptr, f32_ptr(x), *x.shape, *cond, ctypes.byref(loss)))
+        return float(loss.value)
+
+    @property
+    def steps(self) -> int:
+        v = c_uint64()
+        check(lib().pheno_diffusion_trainer_steps(self._ptr, ctypes.byref(v)))
+        return int(v.value)
+
+    def save_checkpoint(self, path: PathLike) -> None:
+        check(lib().pheno_diffusion_trainer_save_checkpoint(self._ptr, os.fsencode(os.fspath(path))))
+
+    def load_checkpoint(self, path: PathLike) -> None:
+        check(lib().pheno_diffusion_trainer_load_checkpoint(self._ptr, os.fsencode(os.fspath(path))))
+
+    def unet(self, ema: bool = False) -> DiffusionUNet:
+        """A new DiffusionUNet with the current (or EMA) weights."""
+        handle = PhenoUNet_p()
+        check(lib().pheno_diffusion_trainer_unet(self._ptr, 1 if ema else 0, ctypes.byref(handle)))
+        return DiffusionUNet(handle.value)

@@ -257,3 +257,73 @@ def test_against_monai_live(config, tmp_path):
             torch.from_numpy(x), torch.from_numpy(t), context=torch.from_numpy(ctx), class_labels=torch.from_numpy(labels)
         ).numpy()
     assert np.array_equal(again, want)
+
+
+TRAIN = {
+    "in_channels": 2,
+    "out_channels": 2,
+    "channels": [8, 8],
+    "attention_levels": [False, False],
+    "num_res_blocks": 1,
+    "num_head_channels": 8,
+    "norm_num_groups": 4,
+    "confounders": {"source": 2},
+    "null_embeddings": True,
+}
+
+
+def train_batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    src = np.arange(n) % 2
+    lat = (2.0 * src[:, None, None, None] - 1.0) + 0.1 * rng.standard_normal((n, 2, 4, 4))
+    return lat.astype(np.float32), src
+
+
+def test_trainer_learns_resumes_and_samples(tmp_path):
+    unet = phenocore.DiffusionUNet.new(TRAIN, seed=0)
+    lat, src = train_batch()
+    t = phenocore.DiffusionTrainer(unet, lr=3e-3, ema_decay=0.9, cond_dropout=0.1, seed=1)
+    losses = [t.step(lat, confounders={"source": src}) for _ in range(60)]
+    assert t.steps == 60 and all(np.isfinite(losses))
+    assert np.mean(losses[-15:]) < 0.7 * np.mean(losses[:15]), (np.mean(losses[:15]), np.mean(losses[-15:]))
+    # Resume bit for bit.
+    t.save_checkpoint(tmp_path / "ckpt.safetensors")
+    after = [t.step(lat, confounders=np.stack([src], axis=1)) for _ in range(3)]
+    t2 = phenocore.DiffusionTrainer(unet, lr=3e-3, ema_decay=0.9, cond_dropout=0.1, seed=1)
+    t2.load_checkpoint(tmp_path / "ckpt.safetensors")
+    assert t2.steps == 60
+    assert [t2.step(lat, confounders={"source": src}) for _ in range(3)] == after
+    # The trained U-Net is a DiffusionUNet; the input U-Net is unchanged.
+    trained = t.unet()
+    assert trained.num_parameters == unet.num_parameters and trained.config == unet.config
+    x, ts = lat[:2], np.array([10.0, 500.0])
+    assert not np.array_equal(trained(x, ts, confounders={"source": [0, 1]}), unet(x, ts, confounders={"source": [0, 1]}))
+    ema = t.unet(ema=True)
+    # Sampling: seeded, the source separates the samples' means (the training data's are -1 / +1).
+    a = trained.sample(6, 4, 4, confounders={"source": [0, 1, 0, 1, 0, 1]}, steps=20, guidance_scale=1.5, seed=3)
+    b = trained.sample(6, 4, 4, confounders={"source": [0, 1, 0, 1, 0, 1]}, steps=20, guidance_scale=1.5, seed=3)
+    assert a.shape == (6, 2, 4, 4) and np.array_equal(a, b) and np.all(np.isfinite(a))
+    assert a[1::2].mean() > a[0::2].mean()
+    assert np.all(np.isfinite(ema.sample(2, 4, 4, confounders={"source": [None, 1]}, steps=5, kind="ddpm", seed=0)))
+
+
+def test_trainer_bad_input(tmp_path):
+    unet = phenocore.DiffusionUNet.new(TRAIN, seed=0)
+    lat, src = train_batch()
+    t = phenocore.DiffusionTrainer(unet, seed=0, ema_decay=None)
+    raises(lambda: t.step(lat, confounders={"source": src + 1}), Status.INVALID_ARGUMENT, '"source" index 2')
+    raises(lambda: t.step(lat[:, :1], confounders={"source": src}), Status.SHAPE, "in_channels = 2")
+    bad = lat.copy()
+    bad[2, 1, 0, 0] = np.inf
+    raises(lambda: t.step(bad, confounders={"source": src}), Status.NON_FINITE, "sample 2")
+    assert t.steps == 0
+    raises(lambda: t.unet(ema=True), Status.INVALID_ARGUMENT, "EMA")
+    raises(lambda: t.load_checkpoint(tmp_path / "none.safetensors"), Status.IO, "none.safetensors")
+    raises(lambda: phenocore.DiffusionTrainer(unet, cond_dropout=2.0), Status.INVALID_ARGUMENT, "cond_dropout")
+    raises(lambda: phenocore.DiffusionTrainer(unet, schedule="square"), Status.INVALID_ARGUMENT, "schedule")
+    no_null = phenocore.DiffusionUNet.new(dict(TRAIN, null_embeddings=False), seed=0)
+    raises(
+        lambda: no_null.sample(2, 4, 4, confounders={"source": [0, 1]}, steps=2, guidance_scale=2.0),
+        Status.INVALID_ARGUMENT,
+        "null embeddings",
+    )
