@@ -100,9 +100,8 @@ def child_env(a):
 
 def last_json(out: str):
     for line in reversed(out.splitlines()):
-        line = line.strip()
-        if line.startswith("{") and "fwd_s" in line:
-            return json.loads(line)
+        if "{" in line and "fwd_s" in line:
+            return json.loads(line[line.index("{"):line.rindex("}") + 1])
     raise RuntimeError("no JSON line in the child's output:\n" + out[-2000:])
 
 

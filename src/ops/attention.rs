@@ -368,12 +368,12 @@ fn online_softmax<T: Float>(
         let mut chunks = row.chunks_exact_mut(LANES);
         for c in &mut chunks {
             for (x, m) in c.iter_mut().zip(mx.iter_mut()) {
-                *x = *x * sc;
+                *x *= sc;
                 *m = m.max(*x);
             }
         }
         for (x, m) in chunks.into_remainder().iter_mut().zip(mx.iter_mut()) {
-            *x = *x * sc;
+            *x *= sc;
             *m = m.max(*x);
         }
         let mx = mx.iter().fold(mx[0], |a, &b| a.max(b));
@@ -583,8 +583,12 @@ impl<T: Float> Saved<'_, T> {
                 },
             )
             .collect();
-        let (pq, (pk, pv)): (Vec<Vec<T>>, (Vec<Vec<T>>, Vec<Vec<T>>)) =
-            parts.into_iter().map(|(a, b, c)| (a, (b, c))).unzip();
+        let (mut pq, mut pk, mut pv) = (Vec::new(), Vec::new(), Vec::new());
+        for (a, b, c) in parts {
+            pq.push(a);
+            pk.push(b);
+            pv.push(c);
+        }
         scatter_heads(dq, &pq, g.lq, g.d, h, self.scale);
         scatter_heads(dk, &pk, g.lk, g.d, h, self.scale);
         scatter_heads(dv, &pv, g.lk, g.dv, h, T::ONE);
@@ -803,9 +807,7 @@ fn p_rows<T: Float>(s: &mut [T], bk: usize, sc: T, lse: &[T]) {
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+fma", "x86_64+avx2+fma"))]
 fn ds_from_p<T: Float>(s: &mut [T], dp: &[T], bk: usize, delta: &[T]) {
     for ((row, dr), &dl) in s.chunks_exact_mut(bk).zip(dp.chunks_exact(bk)).zip(delta) {
-        row.iter_mut()
-            .zip(dr)
-            .for_each(|(x, &d)| *x = *x * (d - dl));
+        row.iter_mut().zip(dr).for_each(|(x, &d)| *x *= d - dl);
     }
 }
 
@@ -824,7 +826,7 @@ fn p_cols<T: Float>(st: &mut [T], bq: usize, sc: T, lse: &[T]) {
 fn ds_cols<T: Float>(st: &mut [T], dpt: &[T], bq: usize, delta: &[T]) {
     for (row, dr) in st.chunks_exact_mut(bq).zip(dpt.chunks_exact(bq)) {
         for ((x, &d), &dl) in row.iter_mut().zip(dr).zip(delta) {
-            *x = *x * (d - dl);
+            *x *= d - dl;
         }
     }
 }
