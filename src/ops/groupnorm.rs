@@ -18,7 +18,7 @@ const CHUNK_ROWS: usize = 256;
 /// Shape of a group-norm input: (samples, positions per sample, channels).
 fn gn_dims(x: &Var, groups: usize, gamma: &Var, beta: &Var) -> Result<(usize, usize, usize)> {
     let xs = x.shape();
-    if xs.len() < 2 || xs.iter().any(|&d| d == 0) {
+    if xs.len() < 2 || xs.contains(&0) {
         return Err(Error::Shape(format!(
             "group_norm: input must be a non-empty [N, …, C], got {xs:?}"
         )));
