@@ -651,7 +651,7 @@ pub fn sample(
     let conf2: Option<Vec<usize>> = cond.confounders.map(|idx| {
         idx.iter()
             .copied()
-            .chain(std::iter::repeat(NULL).take(n * kc))
+            .chain(std::iter::repeat_n(NULL, n * kc))
             .collect()
     });
     let cond2 = Conditioning {
@@ -726,7 +726,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
