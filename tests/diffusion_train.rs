@@ -690,3 +690,10 @@ fn bad_input_is_rejected_and_changes_nothing() {
         ));
     }
 }
+
+#[test]
+fn trainer_is_send() {
+    // The C ABI / Python bindings hand trainers across threads.
+    fn send<T: Send>() {}
+    send::<DiffusionTrainer>();
+}
