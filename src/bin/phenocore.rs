@@ -71,6 +71,11 @@ enum Command {
     /// Time the LDM paper's diffusion U-Net forward and forward + backward on random latents
     /// (JSON line; used by benches/unet.py).
     BenchUnet(diffusion_cli::BenchUnetArgs),
+    /// The confounder-aware latent diffusion model: `train` on VAE latents with conditions,
+    /// `sample` latents (and, with a VAE, 5-channel 16-bit TIFF images) for a compound under given
+    /// confounders.
+    #[command(subcommand)]
+    Diffusion(diffusion_cli::DiffusionCommand),
 }
 
 #[derive(Args)]
@@ -1034,6 +1039,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train_cli::cmd_train(a),
         Command::BenchTrain(a) => train_cli::cmd_bench_train(a),
         Command::BenchUnet(a) => diffusion_cli::cmd_bench_unet(a),
+        Command::Diffusion(c) => diffusion_cli::cmd_diffusion(c),
     });
     match res {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -27,12 +27,16 @@ use crate::ops::conv::{conv2d_pad, Pad2d};
 use crate::ops::elementwise::{add, linear, silu};
 use crate::ops::groupnorm::{group_norm, layer_norm};
 use crate::ops::norm::Act;
+use crate::ops::packed::{conv2d_packed, linear_packed, PackedConv};
 use crate::ops::shape::{add_per_sample, concat_last, embedding, reshape, upsample_nearest2x};
 use crate::tensor::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use std::collections::BTreeMap;
+use rayon::prelude::*;
+use std::any::{Any, TypeId};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// Index of the null ("unknown") value of a confounder (needs `null_embeddings`).
 pub const NULL: usize = usize::MAX;
@@ -398,6 +402,9 @@ pub struct Conditioning<'a, T> {
 pub struct DiffusionUNet<T: Float> {
     config: UNetConfig,
     params: Params<T>,
+    /// Inference cache: conv / linear weights packed for the f32 register-tile kernel, built on the
+    /// first no-grad forward and dropped whenever the parameters are borrowed mutably.
+    packed: OnceLock<Option<HashMap<String, PackedConv>>>,
 }
 
 impl<T: Float> DiffusionUNet<T> {
@@ -446,7 +453,11 @@ impl<T: Float> DiffusionUNet<T> {
             };
             params.add(key, shape, data, ParamKind::Weight)?;
         }
-        Ok(DiffusionUNet { config, params })
+        Ok(DiffusionUNet {
+            config,
+            params,
+            packed: OnceLock::new(),
+        })
     }
 
     /// From tensors under current or older MONAI names (mapped as MONAI's `load_old_state_dict`).
@@ -483,7 +494,11 @@ impl<T: Float> DiffusionUNet<T> {
             let data: Vec<T> = t.as_f32()?.iter().map(|&x| T::from_f64(x as f64)).collect();
             params.add(key, shape, data, ParamKind::Weight)?;
         }
-        Ok(DiffusionUNet { config, params })
+        Ok(DiffusionUNet {
+            config,
+            params,
+            packed: OnceLock::new(),
+        })
     }
 
     /// Loads a safetensors file (see [`DiffusionUNet::from_state_dict`]).
@@ -515,8 +530,54 @@ impl<T: Float> DiffusionUNet<T> {
     pub fn params(&self) -> &Params<T> {
         &self.params
     }
+    /// Mutable parameters (drops the packed inference weights, rebuilt on the next inference).
     pub fn params_mut(&mut self) -> &mut Params<T> {
+        self.packed = OnceLock::new();
         &mut self.params
+    }
+
+    /// The packed f32 weights of conv / linear `key` (without `.weight`), for no-grad forwards.
+    fn packed(&self, key: &str) -> Option<&PackedConv> {
+        self.packed
+            .get_or_init(|| self.build_packed())
+            .as_ref()?
+            .get(key)
+    }
+
+    fn build_packed(&self) -> Option<HashMap<String, PackedConv>> {
+        if TypeId::of::<T>() != TypeId::of::<f32>() {
+            return None;
+        }
+        let jobs: Vec<(String, &[usize], &[f32], Option<&[f32]>)> = self
+            .params
+            .iter()
+            .filter(|(name, shape, _, _)| {
+                name.ends_with(".weight")
+                    && !name.contains("embedding")
+                    && (shape.len() == 2 || (shape.len() == 4 && shape[2] == shape[3]))
+            })
+            .filter_map(|(name, shape, _, value)| {
+                let stem = name.trim_end_matches(".weight").to_string();
+                let w = crate::ops::conv::as_f32(value)?;
+                let b = self
+                    .params
+                    .index(&format!("{stem}.bias"))
+                    .ok()
+                    .and_then(|i| crate::ops::conv::as_f32(self.params.value(i)));
+                Some((stem, shape, w, b))
+            })
+            .collect();
+        let built: Vec<(String, PackedConv)> = jobs
+            .into_par_iter()
+            .filter_map(|(stem, shape, w, b)| {
+                let k = if shape.len() == 4 { shape[2] } else { 1 };
+                PackedConv::new(w, b, shape[0], shape[1], k).map(|pc| (stem, pc))
+            })
+            .collect();
+        if built.is_empty() {
+            return None;
+        }
+        Some(built.into_iter().collect())
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -848,6 +909,14 @@ impl<T: Float> DiffusionUNet<T> {
     }
 
     fn linear(&self, tape: &mut Tape<T>, x: &Var, key: &str, bias: bool) -> Result<Var> {
+        if !tape.records_grad() {
+            if let (Some(pc), Some(t32)) = (
+                self.packed(key),
+                (tape as &mut dyn Any).downcast_mut::<Tape<f32>>(),
+            ) {
+                return linear_packed(t32, x, pc);
+            }
+        }
         let w = self.p(tape, &format!("{key}.weight"))?;
         let b = if bias {
             Some(self.p(tape, &format!("{key}.bias"))?)
@@ -865,6 +934,14 @@ impl<T: Float> DiffusionUNet<T> {
         stride: usize,
         pad: Pad2d,
     ) -> Result<Var> {
+        if !tape.records_grad() {
+            if let (Some(pc), Some(t32)) = (
+                self.packed(&format!("{key}.conv")),
+                (tape as &mut dyn Any).downcast_mut::<Tape<f32>>(),
+            ) {
+                return conv2d_packed(t32, x, pc, stride, pad);
+            }
+        }
         let w = self.p(tape, &format!("{key}.conv.weight"))?;
         let b = self.p(tape, &format!("{key}.conv.bias"))?;
         conv2d_pad(tape, x, &w, Some(&b), stride, pad)

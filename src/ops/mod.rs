@@ -12,3 +12,4 @@ pub mod loss;
 pub mod mil;
 pub mod norm;
 pub mod shape;
+pub mod packed;

@@ -10,6 +10,17 @@ use super::activation::{add_bias_rows, silu_inplace};
 use super::gemm::{matmul, MatRef};
 
 const NR: usize = 32;
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 /// Rows per block: a block of activations (≤ 64 × 1152 floats) stays in L2 across all panels.
 const MB: usize = 64;
 
@@ -33,19 +44,26 @@ impl PackedPointwise {
             "packed weights: shape mismatch"
         );
         let np = n.div_ceil(NR);
-        let mut panels = vec![0f32; np * k * NR];
-        for o in 0..n {
-            let (p, j) = (o / NR, o % NR);
+        // Written sequentially panel by panel (each output row read as a 32-row stripe): one pass
+        // over the destination instead of 32-float-strided stores across all of it.
+        let mut panels: Vec<f32> = Vec::with_capacity(np * k * NR);
+        for p in 0..np {
+            let rows = (n - p * NR).min(NR);
             for kk in 0..k {
-                panels[(p * k + kk) * NR + j] = w[o * k + kk];
+                for j in 0..rows {
+                    panels.push(w[(p * NR + j) * k + kk]);
+                }
+                panels.extend(std::iter::repeat_n(0f32, NR - rows));
             }
         }
         let mut bias_padded = vec![0f32; np * NR];
         bias_padded[..n].copy_from_slice(bias);
+        // The row-major copy is only read by the fallback product (CPUs without AVX-512).
+        let w = if has_avx512() { Vec::new() } else { w.to_vec() };
         PackedPointwise {
             n,
             k,
-            w: w.to_vec(),
+            w,
             bias: bias.to_vec(),
             panels,
             bias_padded,
@@ -60,9 +78,21 @@ impl PackedPointwise {
         self.k
     }
 
-    /// The weights, [n, k] row-major, as given.
-    pub fn weights(&self) -> &[f32] {
-        &self.w
+    /// The weights, [n, k] row-major, as given (unpacked from the panels on AVX-512 machines,
+    /// where no row-major copy is kept).
+    pub fn weights(&self) -> std::borrow::Cow<'_, [f32]> {
+        if !self.w.is_empty() || self.n * self.k == 0 {
+            return std::borrow::Cow::Borrowed(&self.w);
+        }
+        let (n, k) = (self.n, self.k);
+        let mut w = vec![0f32; n * k];
+        for (o, row) in w.chunks_exact_mut(k).enumerate() {
+            let (p, j) = (o / NR, o % NR);
+            for (kk, v) in row.iter_mut().enumerate() {
+                *v = self.panels[(p * k + kk) * NR + j];
+            }
+        }
+        std::borrow::Cow::Owned(w)
     }
 
     pub fn bias(&self) -> &[f32] {

@@ -107,7 +107,7 @@ impl PackedPointwiseBf16 {
     }
 
     pub fn from_f32(p: &PackedPointwise) -> Result<Self> {
-        Self::new(p.weights(), p.bias(), p.out_channels(), p.in_channels())
+        Self::new(&p.weights(), p.bias(), p.out_channels(), p.in_channels())
     }
 
     pub fn out_channels(&self) -> usize {
