@@ -6,8 +6,8 @@
 //! - `phenocore demo …`: synthetic Cell Painting plates → a seeded model → profiles → aggregate →
 //!   sphere → evaluate, end to end.
 
-mod train_cli;
 mod diffusion_cli;
+mod train_cli;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};

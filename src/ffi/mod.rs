@@ -24,6 +24,7 @@ mod vae;
 
 pub use crate::error::PhenoStatus;
 pub use crops::{pheno_crop_cells, pheno_effnet_features_from_image, PhenoImage};
+pub use diffusion_train::*;
 pub use harmony::{pheno_harmony, pheno_harmony_default_options, PhenoHarmonyOptions};
 pub use metrics::{
     pheno_folds_of_enrichment, pheno_folds_of_enrichment_pooled, pheno_mean_average_precision,
@@ -75,6 +76,5 @@ pub use train::{
     pheno_trainer_steps, pheno_trainer_to_model, PhenoLrSchedule, PhenoOptimizer,
     PhenoTrainProgress, PhenoTrainProgressFn, PhenoTrainSplit, PhenoTrainer, PhenoTrainerOptions,
 };
-pub use vae::*;
 pub use unet::*;
-pub use diffusion_train::*;
+pub use vae::*;

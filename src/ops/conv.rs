@@ -621,7 +621,14 @@ const COLS_BLOCK: usize = 1 << 20;
 
 /// Tap-major im2col of output rows `oy0..oy1` of one NHWC sample:
 /// cols[p, (ky·k + kx)·C + ci] (contiguous channel runs; zeros where the tap falls in the padding).
-pub(crate) fn im2col_taps<T: Float>(x: &[T], c: usize, g: &Geom, oy0: usize, oy1: usize, cols: &mut [T]) {
+pub(crate) fn im2col_taps<T: Float>(
+    x: &[T],
+    c: usize,
+    g: &Geom,
+    oy0: usize,
+    oy1: usize,
+    cols: &mut [T],
+) {
     let (k, kdim) = (g.k, c * g.k * g.k);
     for oy in oy0..oy1 {
         let (iy0, ky0, ky1) = g.span(oy, g.pad_top, g.h);

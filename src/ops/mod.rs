@@ -1,7 +1,7 @@
 //! Ops: one file per op family, each dispatching to the CPU or CUDA backend by the tensor's device.
 pub mod activation;
-pub mod attention;
 pub mod adversarial;
+pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod gelu;
@@ -11,5 +11,5 @@ pub mod groupnorm;
 pub mod loss;
 pub mod mil;
 pub mod norm;
-pub mod shape;
 pub mod packed;
+pub mod shape;
