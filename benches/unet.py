@@ -18,8 +18,8 @@ tokens × 512 (the compound embedding).
   parameter; no optimiser step) — torch: `zero_grad(set_to_none=True)`, forward, `F.mse_loss`,
   `backward()`; phenocore: the tape forward, `mse_loss`, `Tape::backward`.
 
-Each side runs in its own child process (its peak RSS is its own): torch via `--worker torch`,
-phenocore via `target/release/phenocore bench-unet` (or `--phenocore-bin`). Both get
+Each side and each mode runs in its own child process (its peak RSS is its own, per mode): torch
+via `--worker torch`, phenocore via `target/release/phenocore bench-unet` (or `--phenocore-bin`). Both get
 OMP/MKL/OPENBLAS/RAYON thread counts = `--threads`, make `--warmup` untimed iterations and then
 `--iters` timed ones, and print one JSON line. The table gives seconds per sample (median of the
 per-iteration times / batch) and peak RSS, then phenocore's speed-up (torch time / phenocore time,
@@ -131,32 +131,43 @@ def main(argv=None):
     if load + a.threads > (os.cpu_count() or 1) + 0.5:
         print(f"warning: load average {load:.2f} with {a.threads} threads on {os.cpu_count()} cores: "
               "timings will be inflated", file=sys.stderr)
-    common = ["--batch", str(a.batch), "--size", str(a.size), "--context-len", str(a.context_len),
-              "--iters", str(a.iters), "--warmup", str(a.warmup), "--mode", a.mode]
+    modes = ["forward", "train"] if a.mode == "both" else [a.mode]
     res, failed = {}, False
-    if not a.skip_phenocore:
-        res["phenocore"] = child([a.phenocore_bin, "bench-unet", *common, "--threads", str(a.threads)], a.threads)
-        failed |= res["phenocore"] is None
-    if not a.skip_torch:
-        res["torch"] = child([sys.executable, __file__, "--worker", "torch", *common, "--threads", str(a.threads)],
-                             a.threads)
-        failed |= res["torch"] is None
+    sides = [s for s, skip in (("phenocore", a.skip_phenocore), ("torch", a.skip_torch)) if not skip]
+    for side in sides:
+        merged = {"forward_s": [], "train_s": [], "batch": a.batch, "peak_rss_mib": {}}
+        for mode in modes:
+            common = ["--batch", str(a.batch), "--size", str(a.size), "--context-len", str(a.context_len),
+                      "--iters", str(a.iters), "--warmup", str(a.warmup), "--mode", mode, "--threads", str(a.threads)]
+            cmd = ([a.phenocore_bin, "bench-unet", *common] if side == "phenocore"
+                   else [sys.executable, __file__, "--worker", "torch", *common])
+            r = child(cmd, a.threads)
+            if r is None:
+                merged = None
+                break
+            key = "forward_s" if mode == "forward" else "train_s"
+            merged[key] = r[key]
+            merged["peak_rss_mib"][mode] = r["peak_rss_mib"]
+        res[side] = merged
+        failed |= merged is None
     print(f"LDM U-Net (256/512/768, cross-attention 512), batch {a.batch}, 8 x {a.size} x {a.size}, "
           f"{a.threads} threads, {a.iters} timed iterations")
-    print(f"{'side':<10} {'forward s/sample':>17} {'fwd+bwd s/sample':>17} {'peak RSS MiB':>13}")
+    print(f"{'side':<10} {'forward s/sample':>17} {'fwd+bwd s/sample':>17} {'RSS fwd MiB':>12} {'RSS train MiB':>14}")
     med = {}
+    nan = float("nan")
     for side, r in res.items():
         if r is None:
             print(f"{side:<10} failed")
             continue
-        f = statistics.median(r["forward_s"]) / r["batch"] if r["forward_s"] else float("nan")
-        t = statistics.median(r["train_s"]) / r["batch"] if r["train_s"] else float("nan")
-        med[side] = (f, t, r["peak_rss_mib"])
-        print(f"{side:<10} {f:>17.3f} {t:>17.3f} {r['peak_rss_mib']:>13.0f}")
+        f = statistics.median(r["forward_s"]) / r["batch"] if r["forward_s"] else nan
+        t = statistics.median(r["train_s"]) / r["batch"] if r["train_s"] else nan
+        rf, rt = r["peak_rss_mib"].get("forward", nan), r["peak_rss_mib"].get("train", nan)
+        med[side] = (f, t, rf, rt)
+        print(f"{side:<10} {f:>17.3f} {t:>17.3f} {rf:>12.0f} {rt:>14.0f}")
     if "phenocore" in med and "torch" in med:
         p, t = med["phenocore"], med["torch"]
         print(f"speed-up (torch / phenocore): forward {t[0] / p[0]:.2f}x, forward+backward {t[1] / p[1]:.2f}x; "
-              f"peak RSS ratio {p[2] / t[2]:.2f}")
+              f"peak RSS ratio forward {p[2] / t[2]:.2f}, forward+backward {p[3] / t[3]:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     return 1 if failed else 0

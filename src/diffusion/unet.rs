@@ -807,7 +807,9 @@ impl<T: Float> DiffusionUNet<T> {
                     Resample::None,
                 )?;
                 if cfg.attention_levels[l] {
-                    hcur = self.attention(tape, &hcur, ctx, &format!("{k}.attentions.{j}"), l)?;
+                    let r = hcur;
+                    hcur = self.attention(tape, &r, ctx, &format!("{k}.attentions.{j}"), l)?;
+                    tape.release(&r);
                 }
                 skips.push(hcur.clone());
             }
@@ -833,9 +835,13 @@ impl<T: Float> DiffusionUNet<T> {
             }
         }
         // 3. middle.
-        hcur = self.resnet(tape, &hcur, &emb, "middle_block.resnet_1", Resample::None)?;
-        hcur = self.attention(tape, &hcur, ctx, "middle_block.attention", levels - 1)?;
-        hcur = self.resnet(tape, &hcur, &emb, "middle_block.resnet_2", Resample::None)?;
+        // Values no later step reads are released as the pass goes (the ops that need them for
+        // backward hold their own references): lower peak memory, buffers recycled by the pool.
+        let m1 = self.resnet(tape, &hcur, &emb, "middle_block.resnet_1", Resample::None)?;
+        let m2 = self.attention(tape, &m1, ctx, "middle_block.attention", levels - 1)?;
+        tape.release(&m1);
+        hcur = self.resnet(tape, &m2, &emb, "middle_block.resnet_2", Resample::None)?;
+        tape.release(&m2);
         // 4. up.
         for i in 0..levels {
             let l = levels - 1 - i;
@@ -846,6 +852,7 @@ impl<T: Float> DiffusionUNet<T> {
                     .ok_or_else(|| Error::Internal("U-Net: skip connections exhausted".into()))?;
                 let cat = concat_last(tape, &[&hcur, &skip])?;
                 tape.release(&skip);
+                tape.release(&hcur);
                 hcur = self.resnet(
                     tape,
                     &cat,
@@ -853,29 +860,38 @@ impl<T: Float> DiffusionUNet<T> {
                     &format!("{k}.resnets.{j}"),
                     Resample::None,
                 )?;
+                tape.release(&cat);
                 if cfg.attention_levels[l] {
-                    hcur = self.attention(tape, &hcur, ctx, &format!("{k}.attentions.{j}"), l)?;
+                    let r = hcur;
+                    hcur = self.attention(tape, &r, ctx, &format!("{k}.attentions.{j}"), l)?;
+                    tape.release(&r);
                 }
             }
             if i + 1 < levels {
+                let prev = hcur;
                 hcur = if cfg.resblock_updown {
-                    self.resnet(tape, &hcur, &emb, &format!("{k}.upsampler"), Resample::Up)?
+                    self.resnet(tape, &prev, &emb, &format!("{k}.upsampler"), Resample::Up)?
                 } else {
-                    let u = upsample_nearest2x(tape, &hcur)?;
-                    self.conv(
+                    let u = upsample_nearest2x(tape, &prev)?;
+                    let c = self.conv(
                         tape,
                         &u,
                         &format!("{k}.upsampler.postconv"),
                         1,
                         Pad2d::same(1),
-                    )?
+                    )?;
+                    tape.release(&u);
+                    c
                 };
+                tape.release(&prev);
             }
         }
         // 5. out.
         let hn = self.group_norm(tape, &hcur, "out.0", Act::Silu)?;
-        let gamma_key = "out.2";
-        self.conv(tape, &hn, gamma_key, 1, Pad2d::same(1))
+        tape.release(&hcur);
+        let y = self.conv(tape, &hn, "out.2", 1, Pad2d::same(1))?;
+        tape.release(&hn);
+        Ok(y)
     }
 
     /// Inference on NCHW f32 input → NCHW f32 output (no-grad tape, intermediate values freed).
@@ -999,7 +1015,8 @@ impl<T: Float> DiffusionUNet<T> {
         let h3 = self.conv(tape, &h2, &format!("{key}.conv2"), 1, Pad2d::same(1))?;
         tape.release(&h2);
         let skip_key = format!("{key}.skip_connection.conv.weight");
-        let skip = if self.params.index(&skip_key).is_ok() {
+        let has_conv = self.params.index(&skip_key).is_ok();
+        let skip = if has_conv {
             self.conv(
                 tape,
                 &x,
@@ -1008,9 +1025,17 @@ impl<T: Float> DiffusionUNet<T> {
                 Pad2d::same(0),
             )?
         } else {
-            x
+            x.clone()
         };
-        add(tape, &skip, &h3)
+        let y = add(tape, &skip, &h3)?;
+        tape.release(&h3);
+        if has_conv {
+            tape.release(&skip);
+        }
+        if resample != Resample::None {
+            tape.release(&x); // the resampled input (the caller's input is not released)
+        }
+        Ok(y)
     }
 
     /// `SpatialAttentionBlock` (no conditioning) or `SpatialTransformer` (conditioning) at `level`.
@@ -1029,28 +1054,47 @@ impl<T: Float> DiffusionUNet<T> {
         let (heads, hc) = self.config.heads(level);
         let xn = self.group_norm(tape, x, &format!("{key}.norm"), Act::None)?;
         let tokens = reshape(tape, &xn, &[n, h * w, c])?;
+        tape.release(&xn);
         let y = if self.config.with_conditioning {
             let mut t = self.linear(tape, &tokens, &format!("{key}.proj_in.conv"), true)?;
+            tape.release(&tokens);
+            // `step(t) = t + f(LN(t))`, releasing everything but the new residual stream.
+            let residual = |tape: &mut Tape<T>, t: Var, f: Var, extra: &[Var]| -> Result<Var> {
+                let out = add(tape, &t, &f)?;
+                tape.release(&t);
+                tape.release(&f);
+                for v in extra {
+                    tape.release(v);
+                }
+                Ok(out)
+            };
             for l in 0..self.config.transformer_num_layers {
                 let b = format!("{key}.transformer_blocks.{l}");
                 let a = self.layer_norm(tape, &t, &format!("{b}.norm1"))?;
-                let a = self.mha(tape, &a, None, &format!("{b}.attn1"), heads, hc, false)?;
-                t = add(tape, &t, &a)?;
+                let o = self.mha(tape, &a, None, &format!("{b}.attn1"), heads, hc, false)?;
+                t = residual(tape, t, o, &[a])?;
                 let a = self.layer_norm(tape, &t, &format!("{b}.norm2"))?;
-                let a = self.mha(tape, &a, ctx, &format!("{b}.attn2"), heads, hc, false)?;
-                t = add(tape, &t, &a)?;
+                let o = self.mha(tape, &a, ctx, &format!("{b}.attn2"), heads, hc, false)?;
+                t = residual(tape, t, o, &[a])?;
                 let a = self.layer_norm(tape, &t, &format!("{b}.norm3"))?;
-                let f = self.linear(tape, &a, &format!("{b}.ff.linear1"), true)?;
-                let f = crate::ops::gelu::geglu(tape, &f)?;
-                let f = self.linear(tape, &f, &format!("{b}.ff.linear2"), true)?;
-                t = add(tape, &t, &f)?;
+                let f1 = self.linear(tape, &a, &format!("{b}.ff.linear1"), true)?;
+                let g = crate::ops::gelu::geglu(tape, &f1)?;
+                let f2 = self.linear(tape, &g, &format!("{b}.ff.linear2"), true)?;
+                t = residual(tape, t, f2, &[a, f1, g])?;
             }
-            self.linear(tape, &t, &format!("{key}.proj_out.conv"), true)?
+            let o = self.linear(tape, &t, &format!("{key}.proj_out.conv"), true)?;
+            tape.release(&t);
+            o
         } else {
-            self.mha(tape, &tokens, None, &format!("{key}.attn"), heads, hc, true)?
+            let o = self.mha(tape, &tokens, None, &format!("{key}.attn"), heads, hc, true)?;
+            tape.release(&tokens);
+            o
         };
-        let y = reshape(tape, &y, &[n, h, w, c])?;
-        add(tape, &y, x)
+        let y2 = reshape(tape, &y, &[n, h, w, c])?;
+        tape.release(&y);
+        let out = add(tape, &y2, x)?;
+        tape.release(&y2);
+        Ok(out)
     }
 
     /// MONAI SABlock / CrossAttentionBlock: q from `x`, k / v from `ctx` (or `x`), scale 1/√head_dim.
@@ -1071,7 +1115,12 @@ impl<T: Float> DiffusionUNet<T> {
         let v = self.linear(tape, kv, &format!("{key}.to_v"), qkv_bias)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         let a = attention(tape, &q, &k, &v, heads, Some(scale))?;
-        self.linear(tape, &a, &format!("{key}.out_proj"), true)
+        for t in [&q, &k, &v] {
+            tape.release(t);
+        }
+        let o = self.linear(tape, &a, &format!("{key}.out_proj"), true)?;
+        tape.release(&a);
+        Ok(o)
     }
 
     /// The context var [N, L, D], with null rows replaced by the learned null vector.
