@@ -1,5 +1,6 @@
 //! `phenocore bench-unet` (and the `diffusion` commands).
 
+use crate::train_cli::vm_hwm_mib;
 use clap::Args;
 use phenocore::autograd::Tape;
 use phenocore::diffusion::unet::{nchw_to_nhwc, Conditioning, DiffusionUNet, UNetConfig};
@@ -29,19 +30,6 @@ pub struct BenchUnetArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-}
-
-pub fn vm_hwm_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// The LDM paper's U-Net (256/512/768, attention at the two deepest levels, cross-attention 512) on

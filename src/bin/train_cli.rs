@@ -28,7 +28,8 @@ pub struct BenchTrainArgs {
     pub threads: usize,
 }
 
-fn vm_hwm_mib() -> f64 {
+/// Peak resident memory of this process (VmHWM), MiB.
+pub fn vm_hwm_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -1183,35 +1183,49 @@ pub fn monai_timestep_embedding<T: Float>(timesteps: &[f64], dim: usize) -> Vec<
     out
 }
 
-/// NCHW → NHWC copy.
-pub fn nchw_to_nhwc<T: Copy + Default>(x: &[T], n: usize, c: usize, h: usize, w: usize) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
+/// NCHW → NHWC copy (parallel over output rows).
+pub fn nchw_to_nhwc<T: Copy + Default + Send + Sync>(
+    x: &[T],
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+) -> Vec<T> {
+    let mut out = vec![T::default(); n * c * h * w];
     let hw = h * w;
-    for s in 0..n {
-        let src = &x[s * c * hw..(s + 1) * c * hw];
-        let dst = &mut out[s * c * hw..(s + 1) * c * hw];
-        for ch in 0..c {
-            for p in 0..hw {
-                dst[p * c + ch] = src[ch * hw + p];
+    out.par_chunks_mut((w * c).max(1))
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (b, y) = (row / h.max(1), row % h.max(1));
+            let src = &x[b * c * hw..][..c * hw];
+            for xx in 0..w {
+                for ch in 0..c {
+                    o[xx * c + ch] = src[ch * hw + y * w + xx];
+                }
             }
-        }
-    }
+        });
     out
 }
 
-/// NHWC → NCHW copy.
-pub fn nhwc_to_nchw<T: Copy + Default>(x: &[T], n: usize, c: usize, h: usize, w: usize) -> Vec<T> {
-    let mut out = vec![T::default(); x.len()];
+/// NHWC → NCHW copy (parallel over output planes).
+pub fn nhwc_to_nchw<T: Copy + Default + Send + Sync>(
+    x: &[T],
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+) -> Vec<T> {
+    let mut out = vec![T::default(); n * c * h * w];
     let hw = h * w;
-    for s in 0..n {
-        let src = &x[s * c * hw..(s + 1) * c * hw];
-        let dst = &mut out[s * c * hw..(s + 1) * c * hw];
-        for p in 0..hw {
-            for ch in 0..c {
-                dst[ch * hw + p] = src[p * c + ch];
+    out.par_chunks_mut(hw.max(1))
+        .enumerate()
+        .for_each(|(plane, o)| {
+            let (b, ch) = (plane / c.max(1), plane % c.max(1));
+            let src = &x[b * hw * c..][..hw * c];
+            for (p, v) in o.iter_mut().enumerate() {
+                *v = src[p * c + ch];
             }
-        }
-    }
+        });
     out
 }
 

@@ -434,21 +434,8 @@ impl<T: Float> Nchw<T> {
     }
 
     fn to_nhwc(&self) -> Vec<T> {
-        let [_, c, h, w] = self.shape;
-        let mut out = vec![T::ZERO; self.data.len()];
-        let hw = h * w;
-        out.par_chunks_mut((w * c).max(1))
-            .enumerate()
-            .for_each(|(row, o)| {
-                let (b, y) = (row / h.max(1), row % h.max(1));
-                let src = &self.data[b * c * hw..][..c * hw];
-                for x in 0..w {
-                    for ch in 0..c {
-                        o[x * c + ch] = src[ch * hw + y * w + x];
-                    }
-                }
-            });
-        out
+        let [n, c, h, w] = self.shape;
+        crate::diffusion::unet::nchw_to_nhwc(&self.data, n, c, h, w)
     }
 
     fn from_nhwc(nhwc: &[T], shape: [usize; 4], channels: std::ops::Range<usize>) -> Self {
