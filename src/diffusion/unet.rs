@@ -555,6 +555,10 @@ impl<T: Float> DiffusionUNet<T> {
                 name.ends_with(".weight")
                     && !name.contains("embedding")
                     && (shape.len() == 2 || (shape.len() == 4 && shape[2] == shape[3]))
+                    // stride-1 3 × 3 convolutions: Winograd (weights transformed per call)
+                    && !(shape.len() == 4
+                        && !name.contains("downsampler")
+                        && winograd_conv(T::ZERO, shape[2], 1))
             })
             .filter_map(|(name, shape, _, value)| {
                 let stem = name.trim_end_matches(".weight").to_string();
@@ -950,7 +954,9 @@ impl<T: Float> DiffusionUNet<T> {
         stride: usize,
         pad: Pad2d,
     ) -> Result<Var> {
-        if !tape.records_grad() {
+        // 3 × 3 stride-1 convolutions run by Winograd (f32 / AVX-512, in `conv2d_pad`) and are
+        // not in the packed cache.
+        if !tape.records_grad() && !winograd_conv(T::ZERO, 3, stride) {
             if let (Some(pc), Some(t32)) = (
                 self.packed(&format!("{key}.conv")),
                 (tape as &mut dyn Any).downcast_mut::<Tape<f32>>(),
@@ -1227,6 +1233,22 @@ pub fn nhwc_to_nchw<T: Copy + Default + Send + Sync>(
             }
         });
     out
+}
+
+/// Whether `conv2d_pad` runs a k × k convolution of this stride by Winograd (f32 / AVX-512).
+fn winograd_conv<T: Float>(_: T, k: usize, stride: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        k == 3
+            && stride == 1
+            && TypeId::of::<T>() == TypeId::of::<f32>()
+            && crate::backend::cpu::winograd::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (k, stride);
+        false
+    }
 }
 
 /// 2 × 2 average pooling, stride 2 (MONAI's `DiffusionUnetDownsample(use_conv=False)`), NHWC.

@@ -726,6 +726,10 @@ pub fn conv2d_pad<T: Float>(
             None => Ok(y),
         };
     }
+    #[cfg(target_arch = "x86_64")]
+    if k == 3 && stride == 1 && as_f32(&[T::ZERO]).is_some() && winograd::available() {
+        return conv3x3_winograd(tape, x, w, b, &g, n, cin, cout);
+    }
     let threads = crate::threads::num_threads().max(1);
     let kk = k * k;
     let kdim = cin * kk;
@@ -885,6 +889,89 @@ pub fn conv2d_pad<T: Float>(
                         col2im_taps(&cols, cin, &g, oy0, oy1, dxs);
                     }
                 });
+                gr.add(xid, dx);
+            }
+            Ok(())
+        }),
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+use crate::backend::cpu::winograd;
+
+/// f32 on AVX-512: a 3 × 3 stride-1 convolution (any padding) by Winograd F(2 × 2, 3 × 3)
+/// ([`winograd`]), forward and backward.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn conv3x3_winograd<T: Float>(
+    tape: &mut Tape<T>,
+    x: &Var,
+    w: &Var,
+    b: Option<&Var>,
+    g: &Geom,
+    n: usize,
+    cin: usize,
+    cout: usize,
+) -> Result<Var> {
+    let wg = winograd::WinoGeom {
+        n,
+        h: g.h,
+        w: g.w,
+        cin,
+        cout,
+        pt: g.pad_top,
+        pl: g.pad_left,
+        oh: g.oh,
+        ow: g.ow,
+    };
+    let (xv, wv) = (tape.value(x), tape.value(w));
+    let bv = b.map(|b| tape.value(b));
+    fn f<T: Float>(v: &[T]) -> &[f32] {
+        as_f32(v).expect("winograd: f32 only (checked by the caller)")
+    }
+    let mut out = Buf::<T>::alloc(n * g.oh * g.ow * cout);
+    {
+        let wt = winograd::WinoWeights::new(f(&wv), cout, cin, true);
+        let o = as_f32_mut(&mut out).expect("f32");
+        winograd::forward(&wg, f(&xv), &wt, bv.as_deref().map(|b| f(b)), o);
+    }
+    let (xid, wid, bid) = (x.id(), w.id(), b.map(|b| b.id()));
+    let need =
+        tape.requires_grad(x) || tape.requires_grad(w) || b.is_some_and(|b| tape.requires_grad(b));
+    Ok(
+        tape.push(&[n, g.oh, g.ow, cout], out, need, move |out_id, gr| {
+            let Some(dy) = gr.take(out_id) else {
+                return Ok(());
+            };
+            if let Some(bid) = bid {
+                if gr.wants(bid) {
+                    let db = row_sums(&dy, cout);
+                    gr.accumulate(bid, cout, |acc, _| {
+                        acc.iter_mut().zip(&db).for_each(|(a, &v)| *a += v)
+                    });
+                }
+            }
+            let (want_x, want_w) = (gr.wants(xid), gr.wants(wid));
+            if !want_x && !want_w {
+                return Ok(());
+            }
+            let mut dx = want_x.then(|| Buf::<T>::zeros(xv.len()));
+            let dw = winograd::backward(
+                &wg,
+                f(&xv),
+                f(&wv),
+                f(&dy),
+                dx.as_mut().map(|d| as_f32_mut(d).expect("f32")),
+                want_w,
+            );
+            drop(dy);
+            if let Some(dw) = dw {
+                gr.accumulate(wid, cout * cin * 9, |acc, _| {
+                    let acc = as_f32_mut(acc).expect("f32");
+                    acc.iter_mut().zip(&dw).for_each(|(a, &v)| *a += v)
+                });
+            }
+            if let Some(dx) = dx {
                 gr.add(xid, dx);
             }
             Ok(())

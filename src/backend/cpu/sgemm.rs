@@ -1,0 +1,427 @@
+//! f32 GEMM on AVX-512 with the 8 × 32 register tile of [`super::pointwise`]:
+//! C [m, n] (+)= A [m, k] · B [k, n], A read in place through any strides (row-major or
+//! transposed), B packed into 32-column panels ([panel][k][32], zero-padded).
+//!
+//! The backward passes (weight gradients dW = dYᵀ · X with K = pixels, input gradients
+//! dX = dY · W) and the Winograd convolution's batched products run here. Work is split over
+//! disjoint blocks of C, each summed over the whole K in a fixed order, so results do not depend on
+//! the thread count or on work stealing. Only built for x86-64; callers check [`available`].
+
+#![cfg(target_arch = "x86_64")]
+
+use super::pointwise::{panel_masks, row_tiles, tile_store, RowTile};
+use crate::autograd::Buf;
+use rayon::prelude::*;
+
+pub const NR: usize = 32;
+/// Rows of A per block (a block of A stays in L2 across the panels).
+const MB: usize = 64;
+/// Depth of a K block (a panel's block, KC × 32 floats, stays in L1/L2 across a row block).
+const KC: usize = 384;
+
+/// True when the CPU runs the AVX-512 kernel.
+pub fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Panels of B: panel p (columns 32p..32p+32) starts at `offset + p · stride` and holds k rows of
+/// 32 floats.
+#[derive(Clone, Copy)]
+pub struct Panels<'a> {
+    pub data: &'a [f32],
+    pub k: usize,
+    pub n: usize,
+    pub offset: usize,
+    pub stride: usize,
+}
+
+impl Panels<'_> {
+    fn check(&self) {
+        let np = self.n.div_ceil(NR);
+        assert!(
+            np == 0 || self.data.len() >= self.offset + (np - 1) * self.stride + self.k * NR,
+            "sgemm: panels out of bounds"
+        );
+    }
+}
+
+/// B [k, n] (element (kk, j) at `b[kk·rs + j·cs]`) packed into contiguous panels.
+pub struct PackedB {
+    pub data: Buf<f32>,
+    pub k: usize,
+    pub n: usize,
+}
+
+impl PackedB {
+    pub fn pack(b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> Self {
+        assert!(
+            k == 0 || n == 0 || b.len() > (k - 1) * rs + (n - 1) * cs,
+            "sgemm: B out of bounds"
+        );
+        let np = n.div_ceil(NR);
+        let mut data = Buf::<f32>::alloc(np * k * NR);
+        data.par_chunks_mut((k * NR).max(1))
+            .enumerate()
+            .for_each(|(p, panel)| pack_panel(panel, b, k, n, rs, cs, p));
+        PackedB { data, k, n }
+    }
+
+    pub fn panels(&self) -> Panels<'_> {
+        Panels {
+            data: &self.data,
+            k: self.k,
+            n: self.n,
+            offset: 0,
+            stride: self.k * NR,
+        }
+    }
+}
+
+/// Writes panel `p` of B (k rows × 32, zero-padded past n).
+pub fn pack_panel(
+    panel: &mut [f32],
+    b: &[f32],
+    k: usize,
+    n: usize,
+    rs: usize,
+    cs: usize,
+    p: usize,
+) {
+    let j0 = p * NR;
+    let cols = (n - j0).min(NR);
+    if cs == 1 {
+        for (kk, row) in panel.chunks_exact_mut(NR).enumerate().take(k) {
+            row[..cols].copy_from_slice(&b[kk * rs + j0..][..cols]);
+            row[cols..].fill(0.0);
+        }
+    } else {
+        if cols < NR {
+            panel[..k * NR].fill(0.0);
+        }
+        for j in 0..cols {
+            let col = (j0 + j) * cs;
+            if rs == 1 {
+                let src = &b[col..col + k];
+                for (kk, &v) in src.iter().enumerate() {
+                    panel[kk * NR + j] = v;
+                }
+            } else {
+                for kk in 0..k {
+                    panel[kk * NR + j] = b[kk * rs + col];
+                }
+            }
+        }
+    }
+}
+
+/// A [m, k] with element (i, kk) at `a[i·rs + kk·cs]`.
+#[derive(Clone, Copy)]
+pub struct AView<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl AView<'_> {
+    pub fn rows(data: &[f32], ld: usize) -> AView<'_> {
+        AView {
+            data,
+            rs: ld,
+            cs: 1,
+        }
+    }
+    /// Aᵀ of a row-major [k, m] matrix with leading dimension `ld`.
+    pub fn t(data: &[f32], ld: usize) -> AView<'_> {
+        AView {
+            data,
+            rs: 1,
+            cs: ld,
+        }
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint blocks of C through the pointer (see `gemm`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// C [m, n] (row stride `ldc`) (+)= A · B, single-threaded.
+pub fn gemm_seq(m: usize, a: AView, b: Panels, c: &mut [f32], ldc: usize, accumulate: bool) {
+    assert!(available(), "sgemm: AVX-512 required");
+    check(m, &a, &b, c.len(), ldc);
+    // SAFETY: AVX-512F present; bounds checked above.
+    unsafe {
+        gemm_block(
+            m,
+            0,
+            b.n.div_ceil(NR),
+            a,
+            b,
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+        )
+    }
+}
+
+/// C [m, n] (+)= A · B across the pool (rows split when there are enough, else panels).
+pub fn gemm(m: usize, a: AView, b: Panels, c: &mut [f32], ldc: usize, accumulate: bool) {
+    assert!(available(), "sgemm: AVX-512 required");
+    check(m, &a, &b, c.len(), ldc);
+    let np = b.n.div_ceil(NR);
+    if m == 0 || np == 0 {
+        return;
+    }
+    let threads = crate::threads::num_threads().max(1);
+    // Row blocks (multiples of 8) and panel groups: about 4 tasks per thread.
+    let want = 4 * threads;
+    let row_tasks = m.div_ceil(MB).min(want).max(1);
+    let panel_tasks = (want / row_tasks).clamp(1, np);
+    let rows = m.div_ceil(row_tasks).next_multiple_of(8);
+    let pans = np.div_ceil(panel_tasks);
+    let cp = SendPtr(c.as_mut_ptr());
+    let cp = &cp;
+    let tasks: Vec<(usize, usize)> = (0..m.div_ceil(rows))
+        .flat_map(|r| (0..np.div_ceil(pans)).map(move |p| (r, p)))
+        .collect();
+    tasks.into_par_iter().for_each(|(r, p)| {
+        let (m0, m1) = (r * rows, ((r + 1) * rows).min(m));
+        let (p0, p1) = (p * pans, ((p + 1) * pans).min(np));
+        let a = AView {
+            data: &a.data[m0 * a.rs..],
+            ..a
+        };
+        // SAFETY: AVX-512F present; each task writes rows m0..m1 × panels p0..p1 of C, disjoint
+        // from every other task's block; bounds checked above.
+        unsafe { gemm_block(m1 - m0, p0, p1, a, b, cp.0.add(m0 * ldc), ldc, accumulate) }
+    });
+}
+
+fn check(m: usize, a: &AView, b: &Panels, clen: usize, ldc: usize) {
+    b.check();
+    let k = b.k;
+    assert!(
+        m == 0 || k == 0 || a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs,
+        "sgemm: A out of bounds"
+    );
+    assert!(
+        m == 0 || b.n == 0 || (ldc >= b.n && clen >= (m - 1) * ldc + b.n),
+        "sgemm: C out of bounds"
+    );
+}
+
+struct Tile {
+    k: usize,
+    cs: usize,
+    rs: usize,
+    ldd: usize,
+    panel: *const f32,
+    mask0: u16,
+    mask1: u16,
+    accumulate: bool,
+}
+
+impl Tile {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn run<const MR: usize>(&self, a: *const f32, d: *mut f32) {
+        use std::arch::x86_64::*;
+        let mut c0 = [_mm512_setzero_ps(); MR];
+        let mut c1 = [_mm512_setzero_ps(); MR];
+        if self.accumulate {
+            for r in 0..MR {
+                c0[r] = _mm512_maskz_loadu_ps(self.mask0, d.add(r * self.ldd));
+                c1[r] = _mm512_maskz_loadu_ps(self.mask1, d.add(r * self.ldd + 16));
+            }
+        }
+        let (rs, cs) = (self.rs, self.cs);
+        for kk in 0..self.k {
+            let w0 = _mm512_loadu_ps(self.panel.add(kk * NR));
+            let w1 = _mm512_loadu_ps(self.panel.add(kk * NR + 16));
+            let ak = a.add(kk * cs);
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*ak.add(r * rs));
+                c0[r] = _mm512_fmadd_ps(av, w0, c0[r]);
+                c1[r] = _mm512_fmadd_ps(av, w1, c1[r]);
+            }
+        }
+        tile_store::<MR>(d, self.ldd, self.mask0, self.mask1, &c0, &c1);
+    }
+}
+
+impl RowTile for Tile {
+    type A = f32;
+    unsafe fn tile<const MR: usize>(&self, a: *const f32, d: *mut f32) {
+        self.run::<MR>(a, d)
+    }
+}
+
+/// Rows 0..m of A against panels p0..p1, written to C at `c` (row stride ldc).
+///
+/// # Safety
+/// AVX-512F present; A, the panels and C hold every element touched.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_block(
+    m: usize,
+    p0: usize,
+    p1: usize,
+    a: AView,
+    b: Panels,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let k = b.k;
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                for p in p0..p1 {
+                    let cols = (b.n - p * NR).min(NR);
+                    std::ptr::write_bytes(c.add(r * ldc + p * NR), 0, cols);
+                }
+            }
+        }
+        return;
+    }
+    let ap = a.data.as_ptr();
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC.min(k - k0);
+        let acc = accumulate || k0 > 0;
+        let mut m0 = 0;
+        while m0 < m {
+            let mb = MB.min(m - m0);
+            for p in p0..p1 {
+                let (mask0, mask1) = panel_masks((b.n - p * NR).min(NR));
+                let t = Tile {
+                    k: kc,
+                    cs: a.cs,
+                    rs: a.rs,
+                    ldd: ldc,
+                    panel: b.data.as_ptr().add(b.offset + p * b.stride + k0 * NR),
+                    mask0,
+                    mask1,
+                    accumulate: acc,
+                };
+                row_tiles(
+                    &t,
+                    mb,
+                    ap.add(m0 * a.rs + k0 * a.cs),
+                    a.rs,
+                    c.add(m0 * ldc + p * NR),
+                    ldc,
+                );
+            }
+            m0 += mb;
+        }
+        k0 += kc;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &AView,
+        b: &[f32],
+        brs: usize,
+        bcs: usize,
+    ) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for kk in 0..k {
+                    c[i * n + j] +=
+                        a.data[i * a.rs + kk * a.cs] as f64 * b[kk * brs + j * bcs] as f64;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matches_naive_for_layouts_tails_and_k_blocks() {
+        if !available() {
+            return;
+        }
+        let mut s = 1u64;
+        let mut rnd = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (13, 45, 7),
+            (70, 33, 400),
+            (9, 64, 800),
+            (130, 100, 50),
+        ] {
+            for (at, bt) in [(false, false), (true, false), (false, true), (true, true)] {
+                let av: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+                let bv: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+                let a = if at {
+                    AView::t(&av, m)
+                } else {
+                    AView::rows(&av, k)
+                };
+                let (brs, bcs) = if bt { (1, k) } else { (n, 1) };
+                let pb = PackedB::pack(&bv, k, n, brs, bcs);
+                let want = naive(m, n, k, &a, &bv, brs, bcs);
+                let init: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
+                for acc in [false, true] {
+                    let mut c = init.clone();
+                    gemm(m, a, pb.panels(), &mut c, n, acc);
+                    let mut c2 = init.clone();
+                    gemm_seq(m, a, pb.panels(), &mut c2, n, acc);
+                    assert_eq!(c, c2, "parallel and sequential differ");
+                    for i in 0..m * n {
+                        let w = want[i] + if acc { init[i] as f64 } else { 0.0 };
+                        assert!(
+                            (c[i] as f64 - w).abs() <= 1e-5 * (1.0 + k as f64).sqrt(),
+                            "{m}x{n}x{k} at={at} bt={bt} acc={acc}: {} vs {w}",
+                            c[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::backend::cpu::pointwise::PackedPointwise;
+
+    /// `cargo test --release --lib sgemm_speed -- --ignored --nocapture` (prints GFLOP/s; no assertion).
+    #[test]
+    #[ignore]
+    fn sgemm_speed() {
+        for &(m, k, n) in &[(256usize, 768usize, 768usize), (72, 768, 768), (504, 256, 256), (256, 6912, 768)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let pp = PackedPointwise::new(&w, &vec![0.0; n], n, k);
+            let pb = PackedB::pack(&w, k, n, 1, k);
+            let mut c = vec![0f32; m * n];
+            let reps = (2e9 / (2.0 * (m * n * k) as f64)).ceil() as usize;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                pp.forward(&a, m, &mut c, false, false);
+            }
+            let g1 = 2.0 * (m * n * k * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                gemm_seq(m, AView::rows(&a, k), pb.panels(), &mut c, n, false);
+            }
+            let g2 = 2.0 * (m * n * k * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            println!("{m}x{k}x{n}: pointwise {g1:.1} GFLOP/s, sgemm {g2:.1} GFLOP/s (1 thread)");
+        }
+    }
+}
