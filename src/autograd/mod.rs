@@ -46,6 +46,68 @@ impl Var {
 type Backward<T> = Box<dyn FnOnce(&mut Grads<T>) -> Result<()> + Send>;
 
 /// The tape of one forward pass.
+/// Per-op timing of tapes (`PHENOCORE_TAPE_PROFILE=1`): forward time = time since the previous
+/// recorded op on this thread, backward time per node; a table on stderr after each backward.
+mod profile {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+
+    pub fn enabled() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("PHENOCORE_TAPE_PROFILE").is_some_and(|v| v != "0"))
+    }
+
+    /// "phenocore::ops::conv::conv2d_pad<f32>::{{closure}}" → "ops::conv::conv2d_pad".
+    pub fn op_name(closure: &'static str) -> &'static str {
+        let s = closure.strip_prefix("phenocore::").unwrap_or(closure);
+        let end = s.find(['<', '{']).unwrap_or(s.len());
+        s[..end].trim_end_matches("::")
+    }
+
+    #[derive(Default)]
+    struct Stat {
+        count: usize,
+        fwd: f64,
+        bwd: f64,
+    }
+
+    fn table() -> &'static Mutex<(Option<Instant>, HashMap<&'static str, Stat>)> {
+        static T: OnceLock<Mutex<(Option<Instant>, HashMap<&'static str, Stat>)>> = OnceLock::new();
+        T.get_or_init(|| Mutex::new((None, HashMap::new())))
+    }
+
+    pub fn forward_op(name: &'static str) {
+        let mut t = table().lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let dt = t.0.map_or(0.0, |p| (now - p).as_secs_f64());
+        t.0 = Some(now);
+        let e = t.1.entry(name).or_default();
+        e.count += 1;
+        e.fwd += dt;
+    }
+
+    pub fn backward_op(name: &'static str, dt: f64) {
+        let mut t = table().lock().unwrap_or_else(|e| e.into_inner());
+        t.1.entry(name).or_default().bwd += dt;
+    }
+
+    pub fn report() {
+        if !enabled() {
+            return;
+        }
+        let mut t = table().lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<_> = t.1.drain().collect();
+        t.0 = None;
+        rows.sort_by(|a, b| (b.1.fwd + b.1.bwd).total_cmp(&(a.1.fwd + a.1.bwd)));
+        let (f, b) = rows.iter().fold((0.0, 0.0), |(f, b), r| (f + r.1.fwd, b + r.1.bwd));
+        eprintln!("tape profile: forward {f:.3} s, backward {b:.3} s");
+        for (name, s) in rows {
+            eprintln!("  {name:<48} {:>5} ops  fwd {:>7.3} s  bwd {:>7.3} s", s.count, s.fwd, s.bwd);
+        }
+    }
+}
+
 pub struct Tape<T: Float> {
     values: Vec<Option<Arc<Buf<T>>>>,
     requires_grad: Vec<bool>,
@@ -172,7 +234,18 @@ impl<T: Float> Tape<T> {
         let v = self.leaf(shape, Arc::new(data), inputs_require_grad);
         if inputs_require_grad {
             let id = v.id;
-            self.nodes.push(Box::new(move |g| backward(id, g)));
+            if profile::enabled() {
+                let name = profile::op_name(std::any::type_name_of_val(&backward));
+                profile::forward_op(name);
+                self.nodes.push(Box::new(move |g| {
+                    let t = std::time::Instant::now();
+                    let r = backward(id, g);
+                    profile::backward_op(name, t.elapsed().as_secs_f64());
+                    r
+                }));
+            } else {
+                self.nodes.push(Box::new(move |g| backward(id, g)));
+            }
         }
         v
     }
@@ -233,6 +306,7 @@ impl<T: Float> Tape<T> {
                 params.add_grad(index, &g)?;
             }
         }
+        profile::report();
         Ok(grads)
     }
 }

@@ -24,7 +24,8 @@ pub struct BenchUnetArgs {
     pub iters: usize,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// "forward", "train" (forward + backward) or "both".
+    /// "forward", "train" (forward + backward), "both", or "train-forward" (the training forward
+    /// alone, on a tape that records gradients: for profiling).
     #[arg(long, default_value = "both")]
     pub mode: String,
     /// Worker threads (0 = all cores).
@@ -59,7 +60,8 @@ pub fn cmd_bench_unet(a: BenchUnetArgs) -> Result<()> {
     };
     let (mut fwd, mut train) = (Vec::new(), Vec::new());
     let do_fwd = a.mode == "forward" || a.mode == "both";
-    let do_train = a.mode == "train" || a.mode == "both";
+    let do_train = a.mode == "train" || a.mode == "both" || a.mode == "train-forward";
+    let skip_backward = a.mode == "train-forward";
     phenocore::threads::install(|| -> Result<()> {
         for i in 0..a.warmup + a.iters {
             if do_fwd {
@@ -79,10 +81,18 @@ pub fn cmd_bench_unet(a: BenchUnetArgs) -> Result<()> {
                 let y = model.forward(&mut tape, &xv, &ts, &cond)?;
                 let loss = mse_loss(&mut tape, &y, &target)?;
                 let l = tape.data(&loss)[0];
+                let tf = t.elapsed().as_secs_f64();
+                if skip_backward {
+                    eprintln!("training forward {i}: {tf:.3} s");
+                    continue;
+                }
                 model.params_mut().zero_grad();
                 tape.backward(&loss, model.params_mut())?;
                 let dt = t.elapsed().as_secs_f64();
-                eprintln!("forward+backward {i}: {dt:.3} s (loss {l:.5})");
+                eprintln!(
+                    "forward+backward {i}: {dt:.3} s (forward {tf:.3} s, backward {:.3} s; loss {l:.5})",
+                    dt - tf
+                );
                 if i >= a.warmup {
                     train.push(dt);
                 }

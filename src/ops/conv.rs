@@ -227,6 +227,9 @@ pub fn pointwise<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var) -> Result<Var> 
         };
         gr.accumulate(wid, cout * cin, |acc, _| {
             // dW [Cout, Cin] += dYᵀ [Cout, M] · X [M, Cin]
+            if sgemm_weight_grad(acc, &dy, &xv, m, cout, cin) {
+                return;
+            }
             gemm_t(
                 cout,
                 cin,
@@ -309,6 +312,67 @@ pub(crate) fn par_rows_gemm<T: Float>(
         });
 }
 
+/// f32 on AVX-512: acc [n_out, n_in] += dyᵀ · x (dy [m, n_out], x [m, n_in]) with the strided
+/// AVX-512 GEMM (x packed once). False (nothing done) otherwise.
+pub(crate) fn sgemm_weight_grad<T: Float>(
+    acc: &mut [T],
+    dy: &[T],
+    x: &[T],
+    m: usize,
+    n_out: usize,
+    n_in: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::backend::cpu::sgemm;
+        if sgemm::available() {
+            if let (Some(acc), Some(dy), Some(x)) = (as_f32_mut(acc), as_f32(dy), as_f32(x)) {
+                let pb = sgemm::PackedB::pack(x, m, n_in, n_in, 1);
+                sgemm::gemm(n_out, sgemm::AView::t(dy, n_out), pb.panels(), acc, n_in, true);
+                return true;
+            }
+        }
+    }
+    let _ = (acc, dy, x, m, n_out, n_in);
+    false
+}
+
+/// f32 on AVX-512: out [m, n_out] = x [m, n_in] · wᵀ (+ bias) (w [n_out, n_in]) with the strided
+/// AVX-512 GEMM (wᵀ packed per call into pooled memory). False (nothing done) otherwise.
+pub(crate) fn sgemm_linear<T: Float>(
+    out: &mut [T],
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    m: usize,
+    n_in: usize,
+    n_out: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::backend::cpu::sgemm;
+        if sgemm::available() {
+            if let (Some(out), Some(x), Some(w)) = (as_f32_mut(out), as_f32(x), as_f32(w)) {
+                let pb = sgemm::PackedB::pack(w, n_in, n_out, 1, n_in);
+                let acc = match bias.map(as_f32) {
+                    Some(Some(b)) => {
+                        out[..m * n_out]
+                            .par_chunks_mut(n_out * 64)
+                            .for_each(|o| o.chunks_exact_mut(n_out).for_each(|r| r.copy_from_slice(b)));
+                        true
+                    }
+                    Some(None) => return false,
+                    None => false,
+                };
+                sgemm::gemm(m, sgemm::AView::rows(x, n_in), pb.panels(), out, n_out, acc);
+                return true;
+            }
+        }
+    }
+    let _ = (out, x, w, bias, m, n_in, n_out);
+    false
+}
+
 /// out [M, N] = a [M, K] · w (w [K, N]), split over row blocks across the pool.
 pub(crate) fn par_rows_gemm_nn<T: Float>(
     out: &mut [T],
@@ -318,16 +382,15 @@ pub(crate) fn par_rows_gemm_nn<T: Float>(
     k: usize,
     n: usize,
 ) {
-    if as_f32(w).is_some() {
-        // wᵀ as an [N, K] matrix for the packed kernel.
-        let mut wt = vec![T::ZERO; k * n];
-        for (i, row) in w.chunks_exact(n).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                wt[j * k + i] = v;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::backend::cpu::sgemm;
+        if sgemm::available() {
+            if let (Some(out), Some(a), Some(w)) = (as_f32_mut(out), as_f32(a), as_f32(w)) {
+                let pb = sgemm::PackedB::pack(w, k, n, n, 1);
+                sgemm::gemm(m, sgemm::AView::rows(a, k), pb.panels(), out, n, false);
+                return;
             }
-        }
-        if packed_rows_gemm(out, a, &wt, m, k, n) {
-            return;
         }
     }
     let rows = row_block(m);

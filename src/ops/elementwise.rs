@@ -211,9 +211,19 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
     }
     let (xv, wv) = (tape.value(x), tape.value(w));
     let bv = b.map(|b| tape.value(b));
-    let mut out = vec![T::ZERO; n * out_f];
-    // f32 / AVX-512: the packed register-tile kernel over row blocks (weights packed per call).
-    let packed = if n * out_f * inp > 0 {
+    let mut out = Buf::<T>::alloc(n * out_f);
+    // f32 / AVX-512: the strided AVX-512 GEMM (weights packed per call).
+    let done = n * out_f * inp > 0
+        && crate::ops::conv::sgemm_linear(
+            &mut out,
+            &xv,
+            &wv,
+            bv.as_deref().map(|b| &b[..]),
+            n,
+            inp,
+            out_f,
+        );
+    let packed = if !done && n * out_f * inp > 0 {
         crate::ops::conv::packed_weights(&wv, bv.as_deref().map(|b| &b[..]), out_f, inp)
     } else {
         None
@@ -230,7 +240,7 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
                     pk.forward(a, r, o, false, false);
                 }
             });
-    } else {
+    } else if !done {
         if let Some(bv) = &bv {
             for r in out.chunks_exact_mut(out_f) {
                 r.copy_from_slice(bv);
@@ -255,6 +265,9 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
             return Ok(());
         };
         gr.accumulate(wid, out_f * inp, |acc, _| {
+            if crate::ops::conv::sgemm_weight_grad(acc, &d, &xv, n, out_f, inp) {
+                return;
+            }
             gemm_t(
                 out_f,
                 inp,

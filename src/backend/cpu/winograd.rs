@@ -790,3 +790,47 @@ mod speed {
         });
     }
 }
+
+#[cfg(test)]
+mod phases {
+    use super::*;
+
+    /// `cargo test --release --lib winograd_phases -- --ignored --nocapture`: time of each phase of
+    /// one forward chunk (prints; no assertion).
+    #[test]
+    #[ignore]
+    fn winograd_phases() {
+        crate::threads::install(|| {
+            for &(s, cin, cout) in &[(48usize, 256usize, 256usize), (24, 512, 512), (12, 768, 768)] {
+                let n = 2;
+                let g = WinoGeom { n, h: s, w: s, cin, cout, pt: 1, pl: 1, oh: s, ow: s };
+                let x: Vec<f32> = (0..n * s * s * cin).map(|i| (i % 7) as f32 * 0.1).collect();
+                let w: Vec<f32> = (0..cout * cin * 9).map(|i| (i % 5) as f32 * 0.01).collect();
+                let wt = WinoWeights::new(&w, cout, cin, true);
+                let rows = g.chunk_rows(CHUNK_FLOATS);
+                let tc = rows * g.tw();
+                let mut v = vec![0f32; 16 * tc * cin];
+                let mut m = vec![0f32; 16 * tc * cout];
+                let reps = 20;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    input_transform(&g, &x, 0, rows, &mut v, tc);
+                }
+                let ti = t.elapsed().as_secs_f64() / reps as f64;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    m.par_chunks_mut(tc * cout).enumerate().for_each(|(xi, mx)| {
+                        let a = AView::rows(&v[xi * tc * cin..(xi + 1) * tc * cin], cin);
+                        sgemm::gemm_seq(tc, a, wt.panels(xi), mx, cout, false);
+                    });
+                }
+                let tg = t.elapsed().as_secs_f64() / reps as f64;
+                let fl = 2.0 * (16 * tc * cin * cout) as f64;
+                println!(
+                    "{s}x{s} {cin}->{cout}, chunk of {tc} tiles: input transform {:.2} ms, 16 GEMMs {:.2} ms ({:.0} GFLOP/s)",
+                    ti * 1e3, tg * 1e3, fl / tg / 1e9
+                );
+            }
+        });
+    }
+}
