@@ -100,10 +100,15 @@ mod profile {
         let mut rows: Vec<_> = t.1.drain().collect();
         t.0 = None;
         rows.sort_by(|a, b| (b.1.fwd + b.1.bwd).total_cmp(&(a.1.fwd + a.1.bwd)));
-        let (f, b) = rows.iter().fold((0.0, 0.0), |(f, b), r| (f + r.1.fwd, b + r.1.bwd));
+        let (f, b) = rows
+            .iter()
+            .fold((0.0, 0.0), |(f, b), r| (f + r.1.fwd, b + r.1.bwd));
         eprintln!("tape profile: forward {f:.3} s, backward {b:.3} s");
         for (name, s) in rows {
-            eprintln!("  {name:<48} {:>5} ops  fwd {:>7.3} s  bwd {:>7.3} s", s.count, s.fwd, s.bwd);
+            eprintln!(
+                "  {name:<48} {:>5} ops  fwd {:>7.3} s  bwd {:>7.3} s",
+                s.count, s.fwd, s.bwd
+            );
         }
     }
 }

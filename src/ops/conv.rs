@@ -328,7 +328,8 @@ pub(crate) fn sgemm_weight_grad<T: Float>(
         if sgemm::available() {
             if let (Some(acc), Some(dy), Some(x)) = (as_f32_mut(acc), as_f32(dy), as_f32(x)) {
                 let pb = sgemm::PackedB::pack(x, m, n_in, n_in, 1);
-                sgemm::gemm(n_out, sgemm::AView::t(dy, n_out), pb.panels(), acc, n_in, true);
+                let b = pb.panels();
+                sgemm::gemm(n_out, sgemm::AView::t(dy, n_out), b, acc, n_in, true);
                 return true;
             }
         }
@@ -356,9 +357,9 @@ pub(crate) fn sgemm_linear<T: Float>(
                 let pb = sgemm::PackedB::pack(w, n_in, n_out, 1, n_in);
                 let acc = match bias.map(as_f32) {
                     Some(Some(b)) => {
-                        out[..m * n_out]
-                            .par_chunks_mut(n_out * 64)
-                            .for_each(|o| o.chunks_exact_mut(n_out).for_each(|r| r.copy_from_slice(b)));
+                        out[..m * n_out].par_chunks_mut(n_out * 64).for_each(|o| {
+                            o.chunks_exact_mut(n_out).for_each(|r| r.copy_from_slice(b))
+                        });
                         true
                     }
                     Some(None) => return false,

@@ -25,7 +25,8 @@ pub fn available() -> bool {
 }
 
 /// Panels of B: panel p (columns 32p..32p+32) starts at `offset + p · stride` and holds k rows of
-/// 32 floats.
+/// 32 floats, `ld` apart (32 when packed; a row-major B is used in place with ld = its row length,
+/// the floats past column n of the last panel are never read).
 #[derive(Clone, Copy)]
 pub struct Panels<'a> {
     pub data: &'a [f32],
@@ -33,13 +34,18 @@ pub struct Panels<'a> {
     pub n: usize,
     pub offset: usize,
     pub stride: usize,
+    pub ld: usize,
 }
 
 impl Panels<'_> {
     fn check(&self) {
         let np = self.n.div_ceil(NR);
+        let last = (self.n - (np.max(1) - 1) * NR).min(NR);
         assert!(
-            np == 0 || self.data.len() >= self.offset + (np - 1) * self.stride + self.k * NR,
+            np == 0
+                || self.k == 0
+                || self.data.len()
+                    >= self.offset + (np - 1) * self.stride + (self.k - 1) * self.ld + last,
             "sgemm: panels out of bounds"
         );
     }
@@ -73,7 +79,20 @@ impl PackedB {
             n: self.n,
             offset: 0,
             stride: self.k * NR,
+            ld: NR,
         }
+    }
+}
+
+/// A row-major B [k, n] (row stride `ldb`) as panels, without copying.
+pub fn row_major(b: &[f32], k: usize, n: usize, ldb: usize) -> Panels<'_> {
+    Panels {
+        data: b,
+        k,
+        n,
+        offset: 0,
+        stride: NR,
+        ld: ldb,
     }
 }
 
@@ -98,14 +117,22 @@ pub fn pack_panel(
         if cols < NR {
             panel[..k * NR].fill(0.0);
         }
+        if rs == 1 {
+            // Blocks of 64 rows: the block of the panel (8 KB) stays in L1 across the 32 columns.
+            for kb in (0..k).step_by(64) {
+                let ke = (kb + 64).min(k);
+                for j in 0..cols {
+                    let col = (j0 + j) * cs;
+                    for (kk, &v) in (kb..ke).zip(&b[col + kb..col + ke]) {
+                        panel[kk * NR + j] = v;
+                    }
+                }
+            }
+            return;
+        }
         for j in 0..cols {
             let col = (j0 + j) * cs;
-            if rs == 1 {
-                let src = &b[col..col + k];
-                for (kk, &v) in src.iter().enumerate() {
-                    panel[kk * NR + j] = v;
-                }
-            } else {
+            {
                 for kk in 0..k {
                     panel[kk * NR + j] = b[kk * rs + col];
                 }
@@ -212,6 +239,7 @@ fn check(m: usize, a: &AView, b: &Panels, clen: usize, ldc: usize) {
 
 struct Tile {
     k: usize,
+    ld: usize,
     cs: usize,
     rs: usize,
     ldd: usize,
@@ -236,8 +264,8 @@ impl Tile {
         }
         let (rs, cs) = (self.rs, self.cs);
         for kk in 0..self.k {
-            let w0 = _mm512_loadu_ps(self.panel.add(kk * NR));
-            let w1 = _mm512_loadu_ps(self.panel.add(kk * NR + 16));
+            let w0 = _mm512_maskz_loadu_ps(self.mask0, self.panel.add(kk * self.ld));
+            let w1 = _mm512_maskz_loadu_ps(self.mask1, self.panel.add(kk * self.ld + 16));
             let ak = a.add(kk * cs);
             for r in 0..MR {
                 let av = _mm512_set1_ps(*ak.add(r * rs));
@@ -285,6 +313,14 @@ unsafe fn gemm_block(
         return;
     }
     let ap = a.data.as_ptr();
+    // A with strided rows (a transposed matrix): each block is copied to [kc][mb] first, so the
+    // broadcasts stream through contiguous memory.
+    let pack_a = a.cs != 1;
+    let mut abuf = if pack_a {
+        vec![0f32; KC * MB]
+    } else {
+        Vec::new()
+    };
     let mut k0 = 0;
     while k0 < k {
         let kc = KC.min(k - k0);
@@ -292,26 +328,36 @@ unsafe fn gemm_block(
         let mut m0 = 0;
         while m0 < m {
             let mb = MB.min(m - m0);
+            let (blk, rs, cs) = if pack_a {
+                for kk in 0..kc {
+                    let dst = &mut abuf[kk * mb..(kk + 1) * mb];
+                    if a.rs == 1 {
+                        let src = ap.add(m0 + (k0 + kk) * a.cs);
+                        std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), mb);
+                    } else {
+                        for (r, d) in dst.iter_mut().enumerate() {
+                            *d = *ap.add((m0 + r) * a.rs + (k0 + kk) * a.cs);
+                        }
+                    }
+                }
+                (abuf.as_ptr(), 1, mb)
+            } else {
+                (ap.add(m0 * a.rs + k0 * a.cs), a.rs, a.cs)
+            };
             for p in p0..p1 {
                 let (mask0, mask1) = panel_masks((b.n - p * NR).min(NR));
                 let t = Tile {
                     k: kc,
-                    cs: a.cs,
-                    rs: a.rs,
+                    ld: b.ld,
+                    cs,
+                    rs,
                     ldd: ldc,
-                    panel: b.data.as_ptr().add(b.offset + p * b.stride + k0 * NR),
+                    panel: b.data.as_ptr().add(b.offset + p * b.stride + k0 * b.ld),
                     mask0,
                     mask1,
                     accumulate: acc,
                 };
-                row_tiles(
-                    &t,
-                    mb,
-                    ap.add(m0 * a.rs + k0 * a.cs),
-                    a.rs,
-                    c.add(m0 * ldc + p * NR),
-                    ldc,
-                );
+                row_tiles(&t, mb, blk, rs, c.add(m0 * ldc + p * NR), ldc);
             }
             m0 += mb;
         }
@@ -374,6 +420,14 @@ mod tests {
                 let (brs, bcs) = if bt { (1, k) } else { (n, 1) };
                 let pb = PackedB::pack(&bv, k, n, brs, bcs);
                 let want = naive(m, n, k, &a, &bv, brs, bcs);
+                if !bt {
+                    // In place (row-major B, no packing) gives the same bits.
+                    let mut c1 = vec![0f32; m * n];
+                    let mut c2 = vec![0f32; m * n];
+                    gemm(m, a, pb.panels(), &mut c1, n, false);
+                    gemm(m, a, row_major(&bv, k, n, n), &mut c2, n, false);
+                    assert_eq!(c1, c2, "packed and in-place B differ");
+                }
                 let init: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
                 for acc in [false, true] {
                     let mut c = init.clone();
@@ -404,7 +458,12 @@ mod speed {
     #[test]
     #[ignore]
     fn sgemm_speed() {
-        for &(m, k, n) in &[(256usize, 768usize, 768usize), (72, 768, 768), (504, 256, 256), (256, 6912, 768)] {
+        for &(m, k, n) in &[
+            (256usize, 768usize, 768usize),
+            (72, 768, 768),
+            (504, 256, 256),
+            (256, 6912, 768),
+        ] {
             let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
             let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
             let pp = PackedPointwise::new(&w, &vec![0.0; n], n, k);
@@ -423,5 +482,89 @@ mod speed {
             let g2 = 2.0 * (m * n * k * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
             println!("{m}x{k}x{n}: pointwise {g1:.1} GFLOP/s, sgemm {g2:.1} GFLOP/s (1 thread)");
         }
+    }
+}
+
+#[cfg(test)]
+mod speed_linear {
+    use super::*;
+
+    /// `cargo test --release --lib sgemm_linear_speed -- --ignored --nocapture`: a linear layer's
+    /// three products on the pool (prints GFLOP/s; no assertion).
+    #[test]
+    #[ignore]
+    fn sgemm_linear_speed() {
+        crate::threads::install(|| {
+            for &(m, nin, nout) in &[
+                (1152usize, 512usize, 4096usize),
+                (1152, 2048, 512),
+                (1152, 512, 512),
+                (288, 768, 768),
+                (288, 768, 6144),
+                (288, 3072, 768),
+            ] {
+                let x: Vec<f32> = (0..m * nin).map(|i| (i % 7) as f32 * 0.1).collect();
+                let w: Vec<f32> = (0..nout * nin).map(|i| (i % 5) as f32 * 0.1).collect();
+                let dy: Vec<f32> = (0..m * nout).map(|i| (i % 3) as f32 * 0.1).collect();
+                let fl = 2.0 * (m * nin * nout) as f64;
+                let reps = 10;
+                let mut out = vec![0f32; m * nout];
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    let pb = PackedB::pack(&w, nin, nout, 1, nin);
+                    gemm(m, AView::rows(&x, nin), pb.panels(), &mut out, nout, false);
+                }
+                let tf = t.elapsed().as_secs_f64() / reps as f64;
+                let mut dw = vec![0f32; nout * nin];
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    gemm(
+                        nout,
+                        AView::t(&dy, nout),
+                        row_major(&x, m, nin, nin),
+                        &mut dw,
+                        nin,
+                        true,
+                    );
+                }
+                let tw = t.elapsed().as_secs_f64() / reps as f64;
+                let mut dwt = vec![0f32; nout * nin];
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    let pb = PackedB::pack(&dy, m, nout, nout, 1);
+                    gemm(nin, AView::t(&x, nin), pb.panels(), &mut dwt, nout, true);
+                }
+                let tw2 = t.elapsed().as_secs_f64() / reps as f64;
+                let mut dx = vec![0f32; m * nin];
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    gemm(
+                        m,
+                        AView::rows(&dy, nout),
+                        row_major(&w, nout, nin, nin),
+                        &mut dx,
+                        nin,
+                        false,
+                    );
+                }
+                let tx = t.elapsed().as_secs_f64() / reps as f64;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    let pb = PackedB::pack(&w, nout, nin, nin, 1);
+                    gemm(m, AView::rows(&dy, nout), pb.panels(), &mut dx, nin, false);
+                }
+                let tx2 = t.elapsed().as_secs_f64() / reps as f64;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    let pb = PackedB::pack(&x, m, nin, nin, 1);
+                    gemm(nout, AView::t(&dy, nout), pb.panels(), &mut dw, nin, true);
+                }
+                let tw3 = t.elapsed().as_secs_f64() / reps as f64;
+                println!(
+                    "m {m} in {nin} out {nout}: forward {:.0}, dW (dYt.X) {:.0} (B packed {:.0}), dWt (Xt.dY) {:.0}, dX {:.0} (B packed {:.0}) GFLOP/s",
+                    fl / tf / 1e9, fl / tw / 1e9, fl / tw3 / 1e9, fl / tw2 / 1e9, fl / tx / 1e9, fl / tx2 / 1e9
+                );
+            }
+        });
     }
 }

@@ -56,6 +56,20 @@ pub fn available() -> bool {
     sgemm::available()
 }
 
+/// Seconds per backward phase (tests print them).
+#[cfg(test)]
+pub(crate) static PHASES: std::sync::Mutex<[f64; 7]> = std::sync::Mutex::new([0.0; 7]);
+
+#[cfg(test)]
+fn phase(i: usize, t: &mut std::time::Instant) {
+    let now = std::time::Instant::now();
+    PHASES.lock().unwrap()[i] += (now - *t).as_secs_f64();
+    *t = now;
+}
+#[cfg(not(test))]
+#[inline(always)]
+fn phase(_: usize, _: &mut std::time::Instant) {}
+
 struct SendPtr(*mut f32);
 // SAFETY: every use writes disjoint elements from different tasks (documented at each use).
 unsafe impl Send for SendPtr {}
@@ -78,11 +92,13 @@ impl WinoWeights {
         let (k, n) = if over_out { (cin, cout) } else { (cout, cin) };
         let np = n.div_ceil(NR);
         let mut data = Buf::<f32>::alloc(np * 16 * k * NR);
-        data.par_chunks_mut(16 * k * NR).enumerate().for_each(|(p, blk)| {
-            // SAFETY: AVX-512F present (asserted above); gathers stay inside w (lanes past n are
-            // masked off), stores inside blk (asserted in the function).
-            unsafe { pack_transformed(blk, w, cin, k, n, p, over_out) }
-        });
+        data.par_chunks_mut(16 * k * NR)
+            .enumerate()
+            .for_each(|(p, blk)| {
+                // SAFETY: AVX-512F present (asserted above); gathers stay inside w (lanes past n are
+                // masked off), stores inside blk (asserted in the function).
+                unsafe { pack_transformed(blk, w, cin, k, n, p, over_out) }
+            });
         WinoWeights { data, k, n }
     }
 
@@ -93,6 +109,7 @@ impl WinoWeights {
             n: self.n,
             offset: xi * self.k * NR,
             stride: 16 * self.k * NR,
+            ld: NR,
         }
     }
 }
@@ -139,11 +156,19 @@ unsafe fn pack_transformed(
     for half in 0..2 {
         let j0 = p * NR + half * 16;
         let cols = n.saturating_sub(j0).min(16);
-        let mask = if cols == 16 { 0xFFFF } else { ((1u32 << cols) - 1) as u16 };
+        let mask = if cols == 16 {
+            0xFFFF
+        } else {
+            ((1u32 << cols) - 1) as u16
+        };
         for kk in 0..k {
             let mut u = [_mm512_setzero_ps(); 16];
             if cols > 0 {
-                let base = if over_out { (j0 * cin + kk) * 9 } else { (kk * cin + j0) * 9 };
+                let base = if over_out {
+                    (j0 * cin + kk) * 9
+                } else {
+                    (kk * cin + j0) * 9
+                };
                 let mut g = [_mm512_setzero_ps(); 9];
                 for (t, gv) in g.iter_mut().enumerate() {
                     *gv = _mm512_mask_i32gather_ps::<4>(
@@ -162,19 +187,17 @@ unsafe fn pack_transformed(
     }
 }
 
-/// dW rows co0..co0+16 (OIHW, `dw` starting at row co0) from dU [16][cin][cout]: Gᵀ dU G.
+/// dW row co (OIHW, cin × 9 floats) from dUᵀ [16][cout][cin]: Gᵀ dU G, 16 input channels at a time.
 #[target_feature(enable = "avx512f")]
-unsafe fn weight_grad16(dw: &mut [f32], du: &[f32], cin: usize, cout: usize, co0: usize) {
-    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    let idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32((cin * 9) as i32));
-    let cols = (cout - co0).min(16);
-    assert!(dw.len() >= cols * cin * 9 && du.len() >= 16 * cin * cout);
-    let mask = if cols == 16 { 0xFFFF } else { ((1u32 << cols) - 1) as u16 };
+unsafe fn weight_grad_row(dw: &mut [f32], du: &[f32], cin: usize, cout: usize, co: usize) {
+    assert!(dw.len() >= cin * 9 && du.len() >= 16 * cin * cout && co < cout);
     let half = _mm512_set1_ps(0.5);
-    for ci in 0..cin {
+    let mut ci = 0;
+    while ci < cin {
+        let mask = lane_mask(ci, cin);
         let mut d = [_mm512_setzero_ps(); 16];
         for (xi, dv) in d.iter_mut().enumerate() {
-            *dv = _mm512_maskz_loadu_ps(mask, du.as_ptr().add((xi * cin + ci) * cout + co0));
+            *dv = _mm512_maskz_loadu_ps(mask, du.as_ptr().add((xi * cout + co) * cin + ci));
         }
         let mut h = [[_mm512_setzero_ps(); 4]; 3];
         for b in 0..4 {
@@ -184,18 +207,24 @@ unsafe fn weight_grad16(dw: &mut [f32], du: &[f32], cin: usize, cout: usize, co0
             h[1][b] = _mm512_mul_ps(half, _mm512_sub_ps(d1, d2));
             h[2][b] = _mm512_add_ps(s12, d3);
         }
+        let mut taps = [[0f32; 16]; 9];
         for i in 0..3 {
             let [h0, h1, h2, h3] = h[i];
             let s12 = _mm512_mul_ps(half, _mm512_add_ps(h1, h2));
-            let o = [
-                _mm512_add_ps(h0, s12),
+            _mm512_storeu_ps(taps[i * 3].as_mut_ptr(), _mm512_add_ps(h0, s12));
+            _mm512_storeu_ps(
+                taps[i * 3 + 1].as_mut_ptr(),
                 _mm512_mul_ps(half, _mm512_sub_ps(h1, h2)),
-                _mm512_add_ps(s12, h3),
-            ];
-            for (j, &ov) in o.iter().enumerate() {
-                _mm512_mask_i32scatter_ps::<4>(dw.as_mut_ptr().add(ci * 9 + i * 3 + j), mask, idx, ov);
+            );
+            _mm512_storeu_ps(taps[i * 3 + 2].as_mut_ptr(), _mm512_add_ps(s12, h3));
+        }
+        let lanes = (cin - ci).min(16);
+        for (l, out) in dw[ci * 9..(ci + lanes) * 9].chunks_exact_mut(9).enumerate() {
+            for (t, o) in out.iter_mut().enumerate() {
+                *o = taps[t][l];
             }
         }
+        ci += 16;
     }
 }
 
@@ -538,7 +567,9 @@ fn backward_chunked(
     );
     let rows = g.chunk_rows(chunk);
     let tcmax = rows * tw;
+    let mut clock = std::time::Instant::now();
     let wb = dx.as_ref().map(|_| WinoWeights::new(w, cout, cin, false));
+    phase(0, &mut clock);
     let mut v = Buf::<f32>::alloc(16 * tcmax * cin);
     let mut dm = Buf::<f32>::alloc(16 * tcmax * cout);
     let mut du = if want_w {
@@ -566,17 +597,20 @@ fn backward_chunked(
                 unsafe { output_tile_grad(&y, cout, dmp.0.add(t * cout), tc * cout) };
             }
         });
+        phase(1, &mut clock);
         if let Some(du) = du.as_mut() {
             input_transform(g, x, r0, r1, &mut v, tc);
+            phase(2, &mut clock);
             let first = r0 == 0;
             du.par_chunks_mut(cin * cout)
                 .enumerate()
                 .for_each(|(xi, dux)| {
-                    let pb =
-                        PackedB::pack(&dm[xi * tc * cout..(xi + 1) * tc * cout], tc, cout, cout, 1);
-                    let a = AView::t(&v[xi * tc * cin..(xi + 1) * tc * cin], cin);
-                    sgemm::gemm_seq(cin, a, pb.panels(), dux, cout, !first);
+                    // dUᵀ[ξ] [cout, cin] (+)= dM[ξ]ᵀ · V[ξ]
+                    let pb = PackedB::pack(&v[xi * tc * cin..(xi + 1) * tc * cin], tc, cin, cin, 1);
+                    let a = AView::t(&dm[xi * tc * cout..(xi + 1) * tc * cout], cout);
+                    sgemm::gemm_seq(cout, a, pb.panels(), dux, cin, !first);
                 });
+            phase(3, &mut clock);
         }
         if let (Some(dx), Some(wb)) = (dx.as_deref_mut(), wb.as_ref()) {
             // dV[ξ] = dM[ξ] · U[ξ]ᵀ into v (V is no longer needed for this chunk).
@@ -587,6 +621,7 @@ fn backward_chunked(
                     let a = AView::rows(&dm[xi * tc * cout..(xi + 1) * tc * cout], cout);
                     sgemm::gemm_seq(tc, a, wb.panels(xi), dvx, cin, false);
                 });
+            phase(4, &mut clock);
             let dxp = dx.as_mut_ptr() as usize;
             let vp = v.as_ptr() as usize;
             (0..cin.div_ceil(cblk)).into_par_iter().for_each(|cb| {
@@ -605,16 +640,21 @@ fn backward_chunked(
                     }
                 }
             });
+            phase(5, &mut clock);
         }
         r0 = r1;
     }
+    let _ = &mut clock;
     du.map(|du| {
+        let mut clock = clock;
         let mut dw = vec![0f32; cout * cin * 9];
-        dw.par_chunks_mut(16 * cin * 9).enumerate().for_each(|(b, rows)| {
-            // SAFETY: AVX-512F checked; loads masked to the block's columns inside du, scatters
-            // to its rows inside `rows` (asserted in the function).
-            unsafe { weight_grad16(rows, &du, cin, cout, b * 16) }
-        });
+        dw.par_chunks_mut(cin * 9)
+            .enumerate()
+            .for_each(|(co, row)| {
+                // SAFETY: AVX-512F checked; bounds asserted in the function.
+                unsafe { weight_grad_row(row, &du, cin, cout, co) }
+            });
+        phase(6, &mut clock);
         dw
     })
 }
@@ -748,13 +788,30 @@ mod speed {
     #[ignore]
     fn winograd_speed() {
         crate::threads::install(|| {
-            for &(s, cin, cout) in &[(48usize, 256usize, 256usize), (48, 768, 256), (24, 512, 512), (24, 1280, 512), (12, 768, 768), (12, 1536, 768)] {
+            for &(s, cin, cout) in &[
+                (48usize, 256usize, 256usize),
+                (48, 768, 256),
+                (24, 512, 512),
+                (24, 1280, 512),
+                (12, 768, 768),
+                (12, 1536, 768),
+            ] {
                 let n = 2;
                 let x: Vec<f32> = (0..n * s * s * cin).map(|i| (i % 7) as f32 * 0.1).collect();
                 let w: Vec<f32> = (0..cout * cin * 9).map(|i| (i % 5) as f32 * 0.01).collect();
                 let b = vec![0.1f32; cout];
                 let flops = 2.0 * (n * s * s * cin * cout * 9) as f64;
-                let g = WinoGeom { n, h: s, w: s, cin, cout, pt: 1, pl: 1, oh: s, ow: s };
+                let g = WinoGeom {
+                    n,
+                    h: s,
+                    w: s,
+                    cin,
+                    cout,
+                    pt: 1,
+                    pl: 1,
+                    oh: s,
+                    ow: s,
+                };
                 let mut out = vec![0f32; n * s * s * cout];
                 let reps = 5;
                 let t = std::time::Instant::now();
@@ -782,6 +839,12 @@ mod speed {
                 }
                 let tb = t.elapsed().as_secs_f64() / reps as f64;
                 drop(wt);
+                let ph = std::mem::take(&mut *PHASES.lock().unwrap());
+                println!(
+                    "  backward phases (ms): weights {:.2}, dM {:.2}, V {:.2}, dU gemm {:.2}, dV gemm {:.2}, dX scatter {:.2}, dW transform {:.2}",
+                    ph[0] * 1e3 / reps as f64, ph[1] * 1e3 / reps as f64, ph[2] * 1e3 / reps as f64, ph[3] * 1e3 / reps as f64,
+                    ph[4] * 1e3 / reps as f64, ph[5] * 1e3 / reps as f64, ph[6] * 1e3 / reps as f64
+                );
                 println!(
                     "{s}x{s} {cin}->{cout}: winograd {:.2} ms ({:.0} eff GFLOP/s; weight transform {:.2} ms), im2col cached {:.2} ms ({:.0}); winograd backward {:.2} ms ({:.0} eff)",
                     tw * 1e3, flops / tw / 1e9, tt * 1e3, td * 1e3, flops / td / 1e9, tb * 1e3, 2.0 * flops / tb / 1e9
@@ -801,9 +864,23 @@ mod phases {
     #[ignore]
     fn winograd_phases() {
         crate::threads::install(|| {
-            for &(s, cin, cout) in &[(48usize, 256usize, 256usize), (24, 512, 512), (12, 768, 768)] {
+            for &(s, cin, cout) in &[
+                (48usize, 256usize, 256usize),
+                (24, 512, 512),
+                (12, 768, 768),
+            ] {
                 let n = 2;
-                let g = WinoGeom { n, h: s, w: s, cin, cout, pt: 1, pl: 1, oh: s, ow: s };
+                let g = WinoGeom {
+                    n,
+                    h: s,
+                    w: s,
+                    cin,
+                    cout,
+                    pt: 1,
+                    pl: 1,
+                    oh: s,
+                    ow: s,
+                };
                 let x: Vec<f32> = (0..n * s * s * cin).map(|i| (i % 7) as f32 * 0.1).collect();
                 let w: Vec<f32> = (0..cout * cin * 9).map(|i| (i % 5) as f32 * 0.01).collect();
                 let wt = WinoWeights::new(&w, cout, cin, true);
@@ -819,10 +896,12 @@ mod phases {
                 let ti = t.elapsed().as_secs_f64() / reps as f64;
                 let t = std::time::Instant::now();
                 for _ in 0..reps {
-                    m.par_chunks_mut(tc * cout).enumerate().for_each(|(xi, mx)| {
-                        let a = AView::rows(&v[xi * tc * cin..(xi + 1) * tc * cin], cin);
-                        sgemm::gemm_seq(tc, a, wt.panels(xi), mx, cout, false);
-                    });
+                    m.par_chunks_mut(tc * cout)
+                        .enumerate()
+                        .for_each(|(xi, mx)| {
+                            let a = AView::rows(&v[xi * tc * cin..(xi + 1) * tc * cin], cin);
+                            sgemm::gemm_seq(tc, a, wt.panels(xi), mx, cout, false);
+                        });
                 }
                 let tg = t.elapsed().as_secs_f64() / reps as f64;
                 let fl = 2.0 * (16 * tc * cin * cout) as f64;
