@@ -1,6 +1,7 @@
-//! f32 GEMM on AVX-512 with the 8 × 32 register tile of [`super::pointwise`]:
-//! C [m, n] (+)= A [m, k] · B [k, n], A read in place through any strides (row-major or
-//! transposed), B packed into 32-column panels ([panel][k][32], zero-padded).
+//! f32 GEMM on AVX-512: C [m, n] (+)= A [m, k] · B [k, n], A given through any strides (row-major
+//! or transposed; blocks are copied into strips of 6 rows), B packed into 64-column panels
+//! ([panel][k][64], zero-padded) or used in place. The 6 × 64 register tile (24 zmm accumulators)
+//! needs one broadcast per 4 FMAs, and both operands stream through contiguous memory.
 //!
 //! The backward passes (weight gradients dW = dYᵀ · X with K = pixels, input gradients
 //! dX = dY · W) and the Winograd convolution's batched products run here. Work is split over
@@ -9,13 +10,16 @@
 
 #![cfg(target_arch = "x86_64")]
 
-use super::pointwise::{panel_masks, row_tiles, tile_store, RowTile};
 use crate::autograd::Buf;
 use rayon::prelude::*;
+use std::arch::x86_64::*;
 
-pub const NR: usize = 32;
-/// Rows of A per block (a block of A stays in L2 across the panels).
-const MB: usize = 64;
+/// Columns per panel of B (4 zmm registers).
+pub const NR: usize = 64;
+/// Rows per register tile (6 × 64: 24 zmm accumulators).
+const MR: usize = 6;
+/// Rows of A per block (packed into strips of MR rows; stays in L2 across the panels).
+const MB: usize = 96;
 /// Depth of a K block (a panel's block, KC × 32 floats, stays in L1/L2 across a row block).
 const KC: usize = 384;
 
@@ -237,50 +241,94 @@ fn check(m: usize, a: &AView, b: &Panels, clen: usize, ldc: usize) {
     );
 }
 
-struct Tile {
-    k: usize,
-    ld: usize,
-    cs: usize,
-    rs: usize,
-    ldd: usize,
-    panel: *const f32,
-    mask0: u16,
-    mask1: u16,
-    accumulate: bool,
+/// Lane masks of the four 16-lane quarters of a 64-column panel with `cols` valid columns.
+fn quarter_masks(cols: usize) -> [u16; 4] {
+    let mut m = [0u16; 4];
+    for (q, mq) in m.iter_mut().enumerate() {
+        let c = cols.saturating_sub(q * 16).min(16);
+        *mq = if c == 16 { 0xFFFF } else { ((1u32 << c) - 1) as u16 };
+    }
+    m
 }
 
-impl Tile {
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn run<const MR: usize>(&self, a: *const f32, d: *mut f32) {
-        use std::arch::x86_64::*;
-        let mut c0 = [_mm512_setzero_ps(); MR];
-        let mut c1 = [_mm512_setzero_ps(); MR];
-        if self.accumulate {
-            for r in 0..MR {
-                c0[r] = _mm512_maskz_loadu_ps(self.mask0, d.add(r * self.ldd));
-                c1[r] = _mm512_maskz_loadu_ps(self.mask1, d.add(r * self.ldd + 16));
+/// C rows 0..rows (≤ MR) × one panel (+)= A rows · B panel (kc rows, `ldb` apart); A is a packed
+/// strip [kc][MR] (`PACKED`) or rows `rs` apart with columns `cs` apart (MR rows readable).
+///
+/// # Safety
+/// AVX-512F; the strip holds kc·MR floats, the panel kc rows of the masked columns, C `rows` rows.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel<const PACKED: bool>(
+    kc: usize,
+    a: *const f32,
+    (rs, cs): (usize, usize),
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    masks: [u16; 4],
+    accumulate: bool,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 4]; MR];
+    let (mut ap, mut bp) = (a, b);
+    for _ in 0..kc {
+        let bv = [
+            _mm512_maskz_loadu_ps(masks[0], bp),
+            _mm512_maskz_loadu_ps(masks[1], bp.add(16)),
+            _mm512_maskz_loadu_ps(masks[2], bp.add(32)),
+            _mm512_maskz_loadu_ps(masks[3], bp.add(48)),
+        ];
+        for (r, accr) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*ap.add(if PACKED { r } else { r * rs }));
+            for (q, aq) in accr.iter_mut().enumerate() {
+                *aq = _mm512_fmadd_ps(av, bv[q], *aq);
             }
         }
-        let (rs, cs) = (self.rs, self.cs);
-        for kk in 0..self.k {
-            let w0 = _mm512_maskz_loadu_ps(self.mask0, self.panel.add(kk * self.ld));
-            let w1 = _mm512_maskz_loadu_ps(self.mask1, self.panel.add(kk * self.ld + 16));
-            let ak = a.add(kk * cs);
-            for r in 0..MR {
-                let av = _mm512_set1_ps(*ak.add(r * rs));
-                c0[r] = _mm512_fmadd_ps(av, w0, c0[r]);
-                c1[r] = _mm512_fmadd_ps(av, w1, c1[r]);
-            }
+        ap = ap.add(if PACKED { MR } else { cs });
+        bp = bp.add(ldb);
+    }
+    for (r, accr) in acc.iter().enumerate().take(rows) {
+        let cr = c.add(r * ldc);
+        for (q, &aq) in accr.iter().enumerate() {
+            let v = if accumulate {
+                _mm512_add_ps(_mm512_maskz_loadu_ps(masks[q], cr.add(q * 16)), aq)
+            } else {
+                aq
+            };
+            _mm512_mask_storeu_ps(cr.add(q * 16), masks[q], v);
         }
-        tile_store::<MR>(d, self.ldd, self.mask0, self.mask1, &c0, &c1);
     }
 }
 
-impl RowTile for Tile {
-    type A = f32;
-    unsafe fn tile<const MR: usize>(&self, a: *const f32, d: *mut f32) {
-        self.run::<MR>(a, d)
+/// Copies rows m0..m0+mb, columns k0..k0+kc of A into strips [strip][kc][MR] (rows past mb zero).
+///
+/// # Safety
+/// A holds every element read; `buf` holds ceil(mb/MR)·MR·kc floats.
+unsafe fn pack_a(a: &AView, m0: usize, mb: usize, k0: usize, kc: usize, buf: &mut [f32]) {
+    let ap = a.data.as_ptr();
+    for (s, strip) in buf.chunks_exact_mut(kc * MR).take(mb.div_ceil(MR)).enumerate() {
+        let r0 = m0 + s * MR;
+        let rows = (mb - s * MR).min(MR);
+        if rows < MR {
+            strip.fill(0.0);
+        }
+        if a.cs == 1 {
+            for r in 0..rows {
+                let src = std::slice::from_raw_parts(ap.add((r0 + r) * a.rs + k0), kc);
+                for (kk, &v) in src.iter().enumerate() {
+                    strip[kk * MR + r] = v;
+                }
+            }
+        } else {
+            for kk in 0..kc {
+                let base = ap.add(r0 * a.rs + (k0 + kk) * a.cs);
+                let dst = &mut strip[kk * MR..kk * MR + rows];
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = *base.add(r * a.rs);
+                }
+            }
+        }
     }
 }
 
@@ -312,12 +360,11 @@ unsafe fn gemm_block(
         }
         return;
     }
-    let ap = a.data.as_ptr();
-    // A with strided rows (a transposed matrix): each block is copied to [kc][mb] first, so the
-    // broadcasts stream through contiguous memory.
-    let pack_a = a.cs != 1;
-    let mut abuf = if pack_a {
-        vec![0f32; KC * MB]
+    // Row-major A is read in place (a few integer ops per step); strided rows are copied into
+    // strips first so the broadcasts stream through contiguous memory.
+    let packed = a.cs != 1;
+    let mut abuf = if packed {
+        vec![0f32; MB.next_multiple_of(MR) * KC.min(k)]
     } else {
         Vec::new()
     };
@@ -328,41 +375,43 @@ unsafe fn gemm_block(
         let mut m0 = 0;
         while m0 < m {
             let mb = MB.min(m - m0);
-            let (blk, rs, cs) = if pack_a {
-                for kk in 0..kc {
-                    let dst = &mut abuf[kk * mb..(kk + 1) * mb];
-                    if a.rs == 1 {
-                        let src = ap.add(m0 + (k0 + kk) * a.cs);
-                        std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), mb);
-                    } else {
-                        for (r, d) in dst.iter_mut().enumerate() {
-                            *d = *ap.add((m0 + r) * a.rs + (k0 + kk) * a.cs);
-                        }
-                    }
-                }
-                (abuf.as_ptr(), 1, mb)
-            } else {
-                (ap.add(m0 * a.rs + k0 * a.cs), a.rs, a.cs)
-            };
+            if packed {
+                pack_a(&a, m0, mb, k0, kc, &mut abuf);
+            }
             for p in p0..p1 {
-                let (mask0, mask1) = panel_masks((b.n - p * NR).min(NR));
-                let t = Tile {
-                    k: kc,
-                    ld: b.ld,
-                    cs,
-                    rs,
-                    ldd: ldc,
-                    panel: b.data.as_ptr().add(b.offset + p * b.stride + k0 * b.ld),
-                    mask0,
-                    mask1,
-                    accumulate: acc,
-                };
-                row_tiles(&t, mb, blk, rs, c.add(m0 * ldc + p * NR), ldc);
+                let masks = quarter_masks((b.n - p * NR).min(NR));
+                let bp = b.data.as_ptr().add(b.offset + p * b.stride + k0 * b.ld);
+                let mut s = 0;
+                while s * MR < mb {
+                    let rows = (mb - s * MR).min(MR);
+                    let cp = c.add((m0 + s * MR) * ldc + p * NR);
+                    if packed {
+                        let ap = abuf.as_ptr().add(s * kc * MR);
+                        kernel::<true>(kc, ap, (1, MR), bp, b.ld, cp, ldc, rows, masks, acc);
+                    } else if rows == MR {
+                        let ap = a.data.as_ptr().add((m0 + s * MR) * a.rs + k0);
+                        kernel::<false>(kc, ap, (a.rs, 1), bp, b.ld, cp, ldc, rows, masks, acc);
+                    } else {
+                        // The last rows: a strip zero-padded to MR (the kernel reads MR rows).
+                        pack_a(&a, m0 + s * MR, rows, k0, kc, &mut abuf_tail(&mut abuf, kc));
+                        let ap = abuf.as_ptr();
+                        kernel::<true>(kc, ap, (1, MR), bp, b.ld, cp, ldc, rows, masks, acc);
+                    }
+                    s += 1;
+                }
             }
             m0 += mb;
         }
         k0 += kc;
     }
+}
+
+/// A buffer of at least one strip (kc × MR floats), grown on first use.
+fn abuf_tail(buf: &mut Vec<f32>, kc: usize) -> &mut [f32] {
+    if buf.len() < kc * MR {
+        buf.resize(kc * MR, 0.0);
+    }
+    &mut buf[..kc * MR]
 }
 
 #[cfg(test)]

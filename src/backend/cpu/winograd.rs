@@ -153,22 +153,20 @@ unsafe fn pack_transformed(
     // Lane l of a half reads kernel (co, ci) = (j0 + l, kk) or (kk, j0 + l).
     let step = if over_out { cin * 9 } else { 9 };
     let idx = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(step as i32));
-    for half in 0..2 {
-        let j0 = p * NR + half * 16;
-        let cols = n.saturating_sub(j0).min(16);
-        let mask = if cols == 16 {
-            0xFFFF
-        } else {
-            ((1u32 << cols) - 1) as u16
-        };
-        for kk in 0..k {
+    let quarters: Vec<(usize, u16)> = (0..NR / 16)
+        .map(|q| {
+            let j0 = p * NR + q * 16;
+            let cols = n.saturating_sub(j0).min(16);
+            (cols, if cols == 16 { 0xFFFF } else { ((1u32 << cols) - 1) as u16 })
+        })
+        .collect();
+    // kk outer: each (ξ, kk) row of the panel (64 floats) is written whole before moving on.
+    for kk in 0..k {
+        for (q, &(cols, mask)) in quarters.iter().enumerate() {
+            let j0 = p * NR + q * 16;
             let mut u = [_mm512_setzero_ps(); 16];
             if cols > 0 {
-                let base = if over_out {
-                    (j0 * cin + kk) * 9
-                } else {
-                    (kk * cin + j0) * 9
-                };
+                let base = if over_out { (j0 * cin + kk) * 9 } else { (kk * cin + j0) * 9 };
                 let mut g = [_mm512_setzero_ps(); 9];
                 for (t, gv) in g.iter_mut().enumerate() {
                     *gv = _mm512_mask_i32gather_ps::<4>(
@@ -181,7 +179,7 @@ unsafe fn pack_transformed(
                 u = transform_kernel16(&g);
             }
             for (xi, &uv) in u.iter().enumerate() {
-                _mm512_storeu_ps(blk.as_mut_ptr().add((xi * k + kk) * NR + half * 16), uv);
+                _mm512_storeu_ps(blk.as_mut_ptr().add((xi * k + kk) * NR + q * 16), uv);
             }
         }
     }
