@@ -72,8 +72,11 @@ mod profile {
         bwd: f64,
     }
 
-    fn table() -> &'static Mutex<(Option<Instant>, HashMap<&'static str, Stat>)> {
-        static T: OnceLock<Mutex<(Option<Instant>, HashMap<&'static str, Stat>)>> = OnceLock::new();
+    /// Time of the last recorded op, and the stats per op.
+    type Table = Mutex<(Option<Instant>, HashMap<&'static str, Stat>)>;
+
+    fn table() -> &'static Table {
+        static T: OnceLock<Table> = OnceLock::new();
         T.get_or_init(|| Mutex::new((None, HashMap::new())))
     }
 

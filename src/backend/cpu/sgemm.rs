@@ -246,7 +246,11 @@ fn quarter_masks(cols: usize) -> [u16; 4] {
     let mut m = [0u16; 4];
     for (q, mq) in m.iter_mut().enumerate() {
         let c = cols.saturating_sub(q * 16).min(16);
-        *mq = if c == 16 { 0xFFFF } else { ((1u32 << c) - 1) as u16 };
+        *mq = if c == 16 {
+            0xFFFF
+        } else {
+            ((1u32 << c) - 1) as u16
+        };
     }
     m
 }
@@ -307,7 +311,11 @@ unsafe fn kernel<const PACKED: bool>(
 /// A holds every element read; `buf` holds ceil(mb/MR)·MR·kc floats.
 unsafe fn pack_a(a: &AView, m0: usize, mb: usize, k0: usize, kc: usize, buf: &mut [f32]) {
     let ap = a.data.as_ptr();
-    for (s, strip) in buf.chunks_exact_mut(kc * MR).take(mb.div_ceil(MR)).enumerate() {
+    for (s, strip) in buf
+        .chunks_exact_mut(kc * MR)
+        .take(mb.div_ceil(MR))
+        .enumerate()
+    {
         let r0 = m0 + s * MR;
         let rows = (mb - s * MR).min(MR);
         if rows < MR {
@@ -393,7 +401,7 @@ unsafe fn gemm_block(
                         kernel::<false>(kc, ap, (a.rs, 1), bp, b.ld, cp, ldc, rows, masks, acc);
                     } else {
                         // The last rows: a strip zero-padded to MR (the kernel reads MR rows).
-                        pack_a(&a, m0 + s * MR, rows, k0, kc, &mut abuf_tail(&mut abuf, kc));
+                        pack_a(&a, m0 + s * MR, rows, k0, kc, abuf_tail(&mut abuf, kc));
                         let ap = abuf.as_ptr();
                         kernel::<true>(kc, ap, (1, MR), bp, b.ld, cp, ldc, rows, masks, acc);
                     }

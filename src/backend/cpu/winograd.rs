@@ -157,7 +157,14 @@ unsafe fn pack_transformed(
         .map(|q| {
             let j0 = p * NR + q * 16;
             let cols = n.saturating_sub(j0).min(16);
-            (cols, if cols == 16 { 0xFFFF } else { ((1u32 << cols) - 1) as u16 })
+            (
+                cols,
+                if cols == 16 {
+                    0xFFFF
+                } else {
+                    ((1u32 << cols) - 1) as u16
+                },
+            )
         })
         .collect();
     // kk outer: each (ξ, kk) row of the panel (64 floats) is written whole before moving on.
@@ -166,7 +173,11 @@ unsafe fn pack_transformed(
             let j0 = p * NR + q * 16;
             let mut u = [_mm512_setzero_ps(); 16];
             if cols > 0 {
-                let base = if over_out { (j0 * cin + kk) * 9 } else { (kk * cin + j0) * 9 };
+                let base = if over_out {
+                    (j0 * cin + kk) * 9
+                } else {
+                    (kk * cin + j0) * 9
+                };
                 let mut g = [_mm512_setzero_ps(); 9];
                 for (t, gv) in g.iter_mut().enumerate() {
                     *gv = _mm512_mask_i32gather_ps::<4>(
