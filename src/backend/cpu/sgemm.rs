@@ -21,7 +21,7 @@ const MR: usize = 6;
 /// Rows of A per block (packed into strips of MR rows; stays in L2 across the panels).
 const MB: usize = 96;
 /// Depth of a K block (a panel's block, KC × 32 floats, stays in L1/L2 across a row block).
-const KC: usize = 384;
+const KC: usize = 128;
 
 /// True when the CPU runs the AVX-512 kernel.
 pub fn available() -> bool {
