@@ -223,24 +223,8 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
             inp,
             out_f,
         );
-    let packed = if !done && n * out_f * inp > 0 {
-        crate::ops::conv::packed_weights(&wv, bv.as_deref().map(|b| &b[..]), out_f, inp)
-    } else {
-        None
-    };
-    if let Some(pk) = packed {
-        let rows = crate::ops::conv::row_block(n);
-        out.par_chunks_mut(rows * out_f)
-            .zip(xv.par_chunks(rows * inp))
-            .for_each(|(o, a)| {
-                let r = o.len() / out_f;
-                if let (Some(a), Some(o)) =
-                    (crate::ops::conv::as_f32(a), crate::ops::conv::as_f32_mut(o))
-                {
-                    pk.forward(a, r, o, false, false);
-                }
-            });
-    } else if !done {
+    if !done {
+        // f64, CPUs without AVX-512, or an empty product: the `gemm` crate.
         if let Some(bv) = &bv {
             for r in out.chunks_exact_mut(out_f) {
                 r.copy_from_slice(bv);
