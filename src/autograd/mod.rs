@@ -46,8 +46,9 @@ impl Var {
 type Backward<T> = Box<dyn FnOnce(&mut Grads<T>) -> Result<()> + Send>;
 
 /// The tape of one forward pass.
-/// Per-op timing of tapes (`PHENOCORE_TAPE_PROFILE=1`): forward time = time since the previous
-/// recorded op on this thread, backward time per node; a table on stderr after each backward.
+/// Per-op timing of tapes (`PHENOCORE_TAPE_PROFILE=1`, or `=shapes` for one row per op and output
+/// shape): forward time = time since the previous recorded op on this thread, backward time per
+/// node; a table on stderr after each backward.
 mod profile {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
@@ -56,6 +57,18 @@ mod profile {
     pub fn enabled() -> bool {
         static ON: OnceLock<bool> = OnceLock::new();
         *ON.get_or_init(|| std::env::var_os("PHENOCORE_TAPE_PROFILE").is_some_and(|v| v != "0"))
+    }
+
+    /// The table row of an op: its name, with the output shape under `=shapes`.
+    pub fn key(name: &'static str, shape: &[usize]) -> String {
+        static SHAPES: OnceLock<bool> = OnceLock::new();
+        if *SHAPES.get_or_init(|| {
+            std::env::var_os("PHENOCORE_TAPE_PROFILE").is_some_and(|v| v == "shapes")
+        }) {
+            format!("{name} {shape:?}")
+        } else {
+            name.to_string()
+        }
     }
 
     /// "phenocore::ops::conv::conv2d_pad<f32>::{{closure}}" → "ops::conv::conv2d_pad".
@@ -73,14 +86,14 @@ mod profile {
     }
 
     /// Time of the last recorded op, and the stats per op.
-    type Table = Mutex<(Option<Instant>, HashMap<&'static str, Stat>)>;
+    type Table = Mutex<(Option<Instant>, HashMap<String, Stat>)>;
 
     fn table() -> &'static Table {
         static T: OnceLock<Table> = OnceLock::new();
         T.get_or_init(|| Mutex::new((None, HashMap::new())))
     }
 
-    pub fn forward_op(name: &'static str) {
+    pub fn forward_op(name: String) {
         let mut t = table().lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let dt = t.0.map_or(0.0, |p| (now - p).as_secs_f64());
@@ -90,9 +103,11 @@ mod profile {
         e.fwd += dt;
     }
 
-    pub fn backward_op(name: &'static str, dt: f64) {
+    pub fn backward_op(name: &str, dt: f64) {
         let mut t = table().lock().unwrap_or_else(|e| e.into_inner());
-        t.1.entry(name).or_default().bwd += dt;
+        if let Some(e) = t.1.get_mut(name) {
+            e.bwd += dt;
+        }
     }
 
     pub fn report() {
@@ -109,7 +124,7 @@ mod profile {
         eprintln!("tape profile: forward {f:.3} s, backward {b:.3} s");
         for (name, s) in rows {
             eprintln!(
-                "  {name:<48} {:>5} ops  fwd {:>7.3} s  bwd {:>7.3} s",
+                "  {name:<64} {:>5} ops  fwd {:>7.3} s  bwd {:>7.3} s",
                 s.count, s.fwd, s.bwd
             );
         }
@@ -244,11 +259,12 @@ impl<T: Float> Tape<T> {
             let id = v.id;
             if profile::enabled() {
                 let name = profile::op_name(std::any::type_name_of_val(&backward));
-                profile::forward_op(name);
+                let name = profile::key(name, shape);
+                profile::forward_op(name.clone());
                 self.nodes.push(Box::new(move |g| {
                     let t = std::time::Instant::now();
                     let r = backward(id, g);
-                    profile::backward_op(name, t.elapsed().as_secs_f64());
+                    profile::backward_op(&name, t.elapsed().as_secs_f64());
                     r
                 }));
             } else {
@@ -311,7 +327,7 @@ impl<T: Float> Tape<T> {
         }
         for (id, index) in param_leaves {
             if let Some(g) = grads.slots[id].take() {
-                params.add_grad(index, &g)?;
+                params.add_grad(index, g)?;
             }
         }
         profile::report();
@@ -363,6 +379,25 @@ impl<T: Float> Grads<T> {
         }
     }
 
+    /// As [`Grads::accumulate`], but a new buffer's contents are unspecified: `f` must overwrite
+    /// every element when `fresh`.
+    pub fn accumulate_uninit(
+        &mut self,
+        id: usize,
+        len: usize,
+        f: impl FnOnce(&mut [T], bool),
+    ) -> bool {
+        if !self.requires[id] {
+            return false;
+        }
+        let slot = &mut self.slots[id];
+        let fresh = slot.is_none();
+        let buf = slot.get_or_insert_with(|| Buf::alloc(len));
+        debug_assert_eq!(buf.len(), len);
+        f(buf, fresh);
+        true
+    }
+
     /// Runs `f` on var `id`'s gradient buffer of length `len` (zeros when new) so an op can
     /// accumulate into it in place; returns false (and does nothing) if `id` needs no gradient.
     /// `f` gets `fresh = true` when the buffer was just created (all zeros) — ops may overwrite.
@@ -412,5 +447,56 @@ mod tests {
         });
         tape.backward(&s, &mut params).unwrap();
         assert_eq!(params.grad(0), &[8.0, 10.0, 12.0]);
+    }
+
+    /// One backward of loss = Σ p·x into `params`.
+    fn backward_once(params: &mut Params<f64>, x: [f64; 3]) {
+        let mut tape = Tape::<f64>::new(true);
+        let p = tape.param(params, 0);
+        let pid = p.id();
+        let y = tape.push(&[1], vec![0.0], true, move |out, g| {
+            if let Some(d) = g.take(out) {
+                g.add(pid, x.iter().map(|v| v * d[0]).collect::<Vec<_>>());
+            }
+            Ok(())
+        });
+        tape.backward(&y, params).unwrap();
+    }
+
+    #[test]
+    fn zero_grad_reads_zeros_and_backwards_accumulate() {
+        let mut params = Params::<f64>::new();
+        params
+            .add("p", &[3], vec![1.0; 3], ParamKind::Weight)
+            .unwrap();
+        params
+            .add("q", &[5], vec![1.0; 5], ParamKind::Weight)
+            .unwrap();
+        params
+            .add("bn", &[2], vec![0.0; 2], ParamKind::Buffer)
+            .unwrap();
+        // Before any backward: zeros of the right length (buffers have none).
+        assert_eq!(params.grad(0), &[0.0; 3]);
+        assert_eq!(params.grad(1), &[0.0; 5]);
+        assert!(params.grad(2).is_empty());
+        backward_once(&mut params, [1.0, 2.0, 3.0]);
+        assert_eq!(params.grad(0), &[1.0, 2.0, 3.0]);
+        assert_eq!(params.grad(1), &[0.0; 5]); // got no gradient
+                                               // A second backward without zero_grad adds.
+        backward_once(&mut params, [1.0, 1.0, 1.0]);
+        assert_eq!(params.grad(0), &[2.0, 3.0, 4.0]);
+        params.zero_grad();
+        assert_eq!(params.grad(0), &[0.0; 3]);
+        backward_once(&mut params, [5.0, 6.0, 7.0]);
+        assert_eq!(params.grad(0), &[5.0, 6.0, 7.0]);
+        // Mutable access after zero_grad gives real zeros that later backwards add to.
+        params.zero_grad();
+        params.grad_mut(0).copy_from_slice(&[1.0, 1.0, 1.0]);
+        backward_once(&mut params, [1.0, 2.0, 3.0]);
+        assert_eq!(params.grad(0), &[2.0, 3.0, 4.0]);
+        params.zero_grad();
+        let g = params.grads_mut();
+        assert_eq!(g.len(), 2);
+        assert!(g.iter().all(|g| g.iter().all(|&v| v == 0.0)));
     }
 }

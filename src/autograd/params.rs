@@ -3,7 +3,7 @@
 use super::{Buf, Float};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// What a tensor is, which decides weight decay defaults and whether it trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,14 +21,25 @@ struct Entry<T: Float> {
     shape: Vec<usize>,
     kind: ParamKind,
     value: Arc<Buf<T>>,
+    /// The accumulated gradient; empty while `grad_zero` (no storage held).
     grad: Vec<T>,
+    /// The gradient is all zeros: [`Params::zero_grad`] returned its storage to the buffer pool, and
+    /// the next backward moves the tape's gradient buffer in instead of adding it (as torch's
+    /// `zero_grad(set_to_none=True)` does). Readers see zeros.
+    grad_zero: bool,
 }
 
 /// Parameters and buffers in insertion (forward) order, looked up by name.
 pub struct Params<T: Float> {
     entries: Vec<Entry<T>>,
     by_name: HashMap<String, usize>,
+    /// Zeros at least as long as the largest trainable tensor, made on the first read of a zero
+    /// gradient through [`Params::grad`] (calloc'd: untouched pages cost no memory).
+    zeros: OnceLock<Vec<T>>,
 }
+
+/// Elements per parallel task when gradients are summed or zeroed.
+const GRAD_CHUNK: usize = 1 << 15;
 
 impl<T: Float> Default for Params<T> {
     fn default() -> Self {
@@ -41,6 +52,7 @@ impl<T: Float> Params<T> {
         Params {
             entries: Vec::new(),
             by_name: HashMap::new(),
+            zeros: OnceLock::new(),
         }
     }
 
@@ -64,17 +76,16 @@ impl<T: Float> Params<T> {
             )));
         }
         let i = self.entries.len();
-        let grad = if kind == ParamKind::Buffer {
-            Vec::new()
-        } else {
-            vec![T::ZERO; value.len()]
-        };
+        if self.zeros.get().is_some_and(|z| z.len() < value.len()) {
+            self.zeros = OnceLock::new();
+        }
         self.entries.push(Entry {
             name: name.to_string(),
             shape: shape.to_vec(),
             kind,
             value: Arc::new(Buf::from(value)),
-            grad,
+            grad: Vec::new(),
+            grad_zero: kind != ParamKind::Buffer,
         });
         self.by_name.insert(name.to_string(), i);
         Ok(i)
@@ -125,11 +136,35 @@ impl<T: Float> Params<T> {
             (y, x)
         }
     }
+    /// The gradient (zeros after [`Params::zero_grad`] until a backward adds one; empty for buffers).
     pub fn grad(&self, i: usize) -> &[T] {
-        &self.entries[i].grad
+        let e = &self.entries[i];
+        if e.grad_zero {
+            let n = e.value.len();
+            let z = self.zeros.get_or_init(|| {
+                let max = self
+                    .entries
+                    .iter()
+                    .map(|e| e.value.len())
+                    .max()
+                    .unwrap_or(0);
+                vec![T::ZERO; max]
+            });
+            return &z[..n];
+        }
+        &e.grad
     }
     pub fn grad_mut(&mut self, i: usize) -> &mut [T] {
+        Self::materialise(&mut self.entries[i]);
         &mut self.entries[i].grad
+    }
+
+    /// Gives a zero gradient real storage (pooled, zeroed in parallel).
+    fn materialise(e: &mut Entry<T>) {
+        if e.grad_zero {
+            e.grad = Buf::zeros(e.value.len()).into_vec();
+            e.grad_zero = false;
+        }
     }
     pub fn trainable(&self, i: usize) -> bool {
         self.entries[i].kind != ParamKind::Buffer
@@ -137,6 +172,7 @@ impl<T: Float> Params<T> {
 
     /// Value and gradient of every trainable tensor, for the optimiser: (name, kind, value, grad).
     pub fn trainable_mut(&mut self) -> Vec<(&str, ParamKind, &mut Vec<T>, &[T])> {
+        self.entries.iter_mut().for_each(Self::materialise);
         self.entries
             .iter_mut()
             .filter(|e| e.kind != ParamKind::Buffer)
@@ -151,14 +187,20 @@ impl<T: Float> Params<T> {
             .collect()
     }
 
+    /// Sets every gradient to zero. The storage goes back to the buffer pool (no memory traffic);
+    /// the next backward moves its gradient buffers in.
     pub fn zero_grad(&mut self) {
         for e in &mut self.entries {
-            e.grad.iter_mut().for_each(|g| *g = T::ZERO);
+            if e.kind != ParamKind::Buffer && !e.grad_zero {
+                Buf::recycle(std::mem::take(&mut e.grad));
+                e.grad_zero = true;
+            }
         }
     }
 
     /// Mutable gradient buffers of every trainable tensor (for clipping).
     pub fn grads_mut(&mut self) -> Vec<&mut [T]> {
+        self.entries.iter_mut().for_each(Self::materialise);
         self.entries
             .iter_mut()
             .filter(|e| e.kind != ParamKind::Buffer)
@@ -175,17 +217,27 @@ impl<T: Float> Params<T> {
         )
     }
 
-    pub(super) fn add_grad(&mut self, i: usize, g: &[T]) -> Result<()> {
+    /// Adds a backward's gradient of tensor `i` (moved in when the gradient is zero).
+    pub(super) fn add_grad(&mut self, i: usize, g: Buf<T>) -> Result<()> {
         let e = &mut self.entries[i];
-        if e.grad.len() != g.len() {
+        if e.kind == ParamKind::Buffer || e.value.len() != g.len() {
             return Err(Error::Internal(format!(
                 "gradient of {:?} has {} values, expected {}",
                 e.name,
                 g.len(),
-                e.grad.len()
+                e.value.len()
             )));
         }
-        e.grad.iter_mut().zip(g).for_each(|(a, b)| *a += *b);
+        if e.grad_zero {
+            e.grad = g.into_vec();
+            e.grad_zero = false;
+            return Ok(());
+        }
+        use rayon::prelude::*;
+        e.grad
+            .par_chunks_mut(GRAD_CHUNK)
+            .zip(g.par_chunks(GRAD_CHUNK))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += *b));
         Ok(())
     }
 

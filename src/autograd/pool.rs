@@ -87,7 +87,9 @@ impl<T: Float> Pool<T> {
                 drop(st);
                 v.truncate(n);
                 if zero {
-                    v.iter_mut().for_each(|x| *x = T::ZERO);
+                    use rayon::prelude::*;
+                    v.par_chunks_mut(1 << 16)
+                        .for_each(|c| c.iter_mut().for_each(|x| *x = T::ZERO));
                 }
                 return v;
             }
@@ -190,6 +192,10 @@ impl<T: Float> Buf<T> {
             v: T::pool().take(n, true),
             pooled: true,
         }
+    }
+    /// Hands a vector's storage to the pool (as if a pooled `Buf` of it were dropped).
+    pub fn recycle(v: Vec<T>) {
+        drop(Buf { v, pooled: true });
     }
     /// Takes the vector out (it will not return to the pool).
     pub fn into_vec(mut self) -> Vec<T> {

@@ -1020,21 +1020,16 @@ fn conv3x3_winograd<T: Float>(
                 return Ok(());
             }
             let mut dx = want_x.then(|| Buf::<T>::zeros(xv.len()));
-            let dw = winograd::backward(
-                &wg,
-                f(&xv),
-                f(&wv),
-                f(&dy),
-                dx.as_mut().map(|d| as_f32_mut(d).expect("f32")),
-                want_w,
-            );
-            drop(dy);
-            if let Some(dw) = dw {
-                gr.accumulate(wid, cout * cin * 9, |acc, _| {
+            let dxs = dx.as_mut().map(|d| as_f32_mut(d).expect("f32"));
+            if want_w {
+                gr.accumulate_uninit(wid, cout * cin * 9, |acc, fresh| {
                     let acc = as_f32_mut(acc).expect("f32");
-                    acc.iter_mut().zip(&dw).for_each(|(a, &v)| *a += v)
+                    winograd::backward_into(&wg, f(&xv), f(&wv), f(&dy), dxs, Some((acc, !fresh)));
                 });
+            } else {
+                winograd::backward_into(&wg, f(&xv), f(&wv), f(&dy), dxs, None);
             }
+            drop(dy);
             if let Some(dx) = dx {
                 gr.add(xid, dx);
             }

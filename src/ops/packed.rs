@@ -12,7 +12,11 @@ use rayon::prelude::*;
 
 /// A convolution's (or linear layer's) weights and bias packed for the register-tile kernel.
 pub struct PackedConv {
-    pk: PackedPointwise,
+    /// k > 1: the im2col register-tile kernel's packing.
+    pk: Option<PackedPointwise>,
+    /// k = 1 (linear / 1 × 1): Wᵀ as the AVX-512 GEMM's panels, and the bias.
+    #[cfg(target_arch = "x86_64")]
+    pb: Option<(crate::backend::cpu::sgemm::PackedB, Vec<f32>)>,
     cout: usize,
     cin: usize,
     k: usize,
@@ -26,6 +30,21 @@ impl PackedConv {
         if std::arch::is_x86_feature_detected!("avx512f") && w.len() == cout * cin * k * k {
             let kk = k * k;
             let kdim = cin * kk;
+            if kk == 1 {
+                use crate::backend::cpu::sgemm::PackedB;
+                let bias = match b {
+                    Some(b) if b.len() == cout => b.to_vec(),
+                    Some(_) => return None,
+                    None => vec![0f32; cout],
+                };
+                return Some(PackedConv {
+                    pk: None,
+                    pb: Some((PackedB::pack(w, cin, cout, 1, cin), bias)),
+                    cout,
+                    cin,
+                    k,
+                });
+            }
             // Tap-major [cout, k·k·cin], the layout of `im2col_taps`.
             let wp: Vec<f32> = if kk == 1 {
                 w.to_vec()
@@ -50,7 +69,8 @@ impl PackedConv {
                 }
             };
             return Some(PackedConv {
-                pk: PackedPointwise::new(&wp, bias, cout, kdim),
+                pk: Some(PackedPointwise::new(&wp, bias, cout, kdim)),
+                pb: None,
                 cout,
                 cin,
                 k,
@@ -87,10 +107,28 @@ pub fn linear_packed(tape: &mut Tape<f32>, x: &Var, pc: &PackedConv) -> Result<V
     let m = x.numel() / pc.cin;
     let xv = tape.value(x);
     let mut out = Buf::<f32>::alloc(m * pc.cout);
-    let rows = row_block(m);
-    out.par_chunks_mut(rows * pc.cout)
-        .zip(xv[..m * pc.cin].par_chunks(rows * pc.cin))
-        .for_each(|(o, a)| pc.pk.forward(a, o.len() / pc.cout, o, false, false));
+    #[cfg(target_arch = "x86_64")]
+    if let Some((pb, bias)) = &pc.pb {
+        use crate::backend::cpu::sgemm;
+        out.par_chunks_mut(pc.cout * 64).for_each(|o| {
+            o.chunks_exact_mut(pc.cout)
+                .for_each(|r| r.copy_from_slice(bias))
+        });
+        sgemm::gemm(
+            m,
+            sgemm::AView::rows(&xv, pc.cin),
+            pb.panels(),
+            &mut out,
+            pc.cout,
+            true,
+        );
+    }
+    if let Some(pk) = &pc.pk {
+        let rows = row_block(m);
+        out.par_chunks_mut(rows * pc.cout)
+            .zip(xv[..m * pc.cin].par_chunks(rows * pc.cin))
+            .for_each(|(o, a)| pk.forward(a, o.len() / pc.cout, o, false, false));
+    }
     let mut oshape = shape;
     *oshape.last_mut().unwrap_or(&mut 0) = pc.cout;
     Ok(tape.push(&oshape, out, false, |_, _| Ok(())))
@@ -145,7 +183,79 @@ pub fn conv2d_packed(
             oy1,
             &mut cols,
         );
-        pc.pk.forward(&cols, m, ob, false, false);
+        if let Some(pk) = &pc.pk {
+            pk.forward(&cols, m, ob, false, false);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some((pb, bias)) = &pc.pb {
+            use crate::backend::cpu::sgemm;
+            ob.chunks_exact_mut(cout)
+                .for_each(|r| r.copy_from_slice(bias));
+            sgemm::gemm_seq(
+                m,
+                sgemm::AView::rows(&cols, kdim),
+                pb.panels(),
+                ob,
+                cout,
+                true,
+            );
+        }
     });
     Ok(tape.push(&[n, g.oh, g.ow, cout], out, false, |_, _| Ok(())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv::conv2d_pad;
+    use crate::ops::elementwise::linear;
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    /// Packed linear / 1 × 1 (GEMM panels, any stride and padding) and k × k (im2col kernel)
+    /// against the tape's unpacked ops.
+    #[test]
+    fn packed_ops_match_the_tape_ops() {
+        let Some(_) = PackedConv::new(&[0.0], None, 1, 1, 1) else {
+            return; // no AVX-512
+        };
+        let (n, h, w, cin, cout) = (2, 7, 6, 19, 70);
+        let x = rnd(n * h * w * cin, 1);
+        for &(k, stride, pad) in &[(1usize, 1usize, 0usize), (1, 2, 1), (3, 2, 1), (3, 1, 1)] {
+            let wt = rnd(cout * cin * k * k, 2);
+            let b = rnd(cout, 3);
+            let mut t = Tape::<f32>::no_grad();
+            let xv = t.input(&[n, h, w, cin], x.clone(), false).unwrap();
+            let wv = t.input(&[cout, cin, k, k], wt.clone(), false).unwrap();
+            let bv = t.input(&[cout], b.clone(), false).unwrap();
+            let want = conv2d_pad(&mut t, &xv, &wv, Some(&bv), stride, Pad2d::same(pad)).unwrap();
+            let pc = PackedConv::new(&wt, Some(&b), cout, cin, k).unwrap();
+            let got = conv2d_packed(&mut t, &xv, &pc, stride, Pad2d::same(pad)).unwrap();
+            assert_eq!(got.shape(), want.shape());
+            close(&t.data(&got), &t.data(&want));
+            if k == 1 {
+                let w2 = t.input(&[cout, cin], wt.clone(), false).unwrap();
+                let want = linear(&mut t, &xv, &w2, Some(&bv)).unwrap();
+                let got = linear_packed(&mut t, &xv, &pc).unwrap();
+                close(&t.data(&got), &t.data(&want));
+            }
+        }
+    }
 }

@@ -58,8 +58,80 @@ pub fn silu_slice(v: &mut [f32]) {
     }
 }
 
+/// Φ(x), the standard normal CDF = ½ erfc(−x/√2), with erfc by the Chebyshev fit of Numerical
+/// Recipes' `erfcc` (fractional error < 1.2e-7 for every argument, so GELU keeps its relative
+/// accuracy in the negative tail where ½(1 + erf) would cancel).
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn normal_cdf(x: __m512) -> __m512 {
+    let one = _mm512_set1_ps(1.0);
+    let z = _mm512_mul_ps(x, _mm512_set1_ps(-std::f32::consts::FRAC_1_SQRT_2));
+    let az = _mm512_abs_ps(z);
+    let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.5), az, one));
+    let mut p = _mm512_set1_ps(0.170_872_77);
+    for c in [
+        -0.822_152_23f32,
+        1.488_515_87,
+        -1.135_203_98,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_68,
+        -1.265_512_23,
+    ] {
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
+    }
+    let ans = _mm512_mul_ps(t, exp(_mm512_fnmadd_ps(az, az, p)));
+    // erfc(z) = ans for z ≥ 0, 2 − ans otherwise.
+    let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, _mm512_setzero_ps());
+    let erfc = _mm512_mask_sub_ps(ans, neg, _mm512_set1_ps(2.0), ans);
+    _mm512_mul_ps(_mm512_set1_ps(0.5), erfc)
+}
+
+/// φ(x) = exp(−x²/2)/√(2π), the standard normal density.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub fn normal_pdf(x: __m512) -> __m512 {
+    let e = exp(_mm512_mul_ps(_mm512_set1_ps(-0.5), _mm512_mul_ps(x, x)));
+    _mm512_mul_ps(_mm512_set1_ps(0.398_942_28), e)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn vector_normal_cdf_and_pdf_match_f64() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        use std::arch::x86_64::*;
+        for i in 0..4000 {
+            let x = (i as f32 - 2000.0) * 0.0075; // −15 … 15
+                                                  // SAFETY: AVX-512F checked above.
+            let (c, p) = unsafe {
+                let v = _mm512_set1_ps(x);
+                let (mut c, mut p) = ([0f32; 16], [0f32; 16]);
+                _mm512_storeu_ps(c.as_mut_ptr(), super::normal_cdf(v));
+                _mm512_storeu_ps(p.as_mut_ptr(), super::normal_pdf(v));
+                (c[0] as f64, p[0] as f64)
+            };
+            let xd = x as f64;
+            let ce = 0.5 * libm::erfc(-xd * std::f64::consts::FRAC_1_SQRT_2);
+            let pe = (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            // Relative, growing as x² (the rounding of x² in f32 moves exp(−x²/2) by ~6e-8·x²),
+            // down to 1e-36 (f32's normal range ends at 1.2e-38).
+            let tol = |e: f64| {
+                if e > 1e-36 {
+                    2e-7 * (4.0 + xd * xd) * e
+                } else {
+                    1e-37
+                }
+            };
+            assert!((c - ce).abs() <= tol(ce), "cdf({x}): {c} vs {ce}");
+            assert!((p - pe).abs() <= tol(pe), "pdf({x}): {p} vs {pe}");
+        }
+    }
+
     #[test]
     fn vector_silu_matches_scalar_reference() {
         if !std::arch::is_x86_feature_detected!("avx512f") {

@@ -20,6 +20,8 @@ pub const NR: usize = 64;
 const MR: usize = 6;
 /// Rows of A per block (packed into strips of MR rows; stays in L2 across the panels).
 const MB: usize = 96;
+/// Panels per group (see `gemm_block`).
+const NG: usize = 4;
 /// Depth of a K block (a panel's block, KC × 32 floats, stays in L1/L2 across a row block).
 const KC: usize = 128;
 
@@ -376,6 +378,35 @@ unsafe fn gemm_block(
     } else {
         Vec::new()
     };
+    // Groups of NG panels: a group's K block of B (NG × 32 KB) and its C rows stay in L2 across
+    // the row blocks and K blocks (wide B would otherwise stream B and C from L3 every block).
+    let mut g0 = p0;
+    while g0 < p1 {
+        let g1 = (g0 + NG).min(p1);
+        gemm_group(m, g0, g1, &a, &b, c, ldc, accumulate, packed, &mut abuf);
+        g0 = g1;
+    }
+}
+
+/// [`gemm_block`] on panels p0..p1 (one group).
+///
+/// # Safety
+/// As [`gemm_block`].
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_group(
+    m: usize,
+    p0: usize,
+    p1: usize,
+    a: &AView,
+    b: &Panels,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    packed: bool,
+    abuf: &mut Vec<f32>,
+) {
+    let k = b.k;
     let mut k0 = 0;
     while k0 < k {
         let kc = KC.min(k - k0);
@@ -384,7 +415,7 @@ unsafe fn gemm_block(
         while m0 < m {
             let mb = MB.min(m - m0);
             if packed {
-                pack_a(&a, m0, mb, k0, kc, &mut abuf);
+                pack_a(a, m0, mb, k0, kc, abuf);
             }
             for p in p0..p1 {
                 let masks = quarter_masks((b.n - p * NR).min(NR));
@@ -401,7 +432,7 @@ unsafe fn gemm_block(
                         kernel::<false>(kc, ap, (a.rs, 1), bp, b.ld, cp, ldc, rows, masks, acc);
                     } else {
                         // The last rows: a strip zero-padded to MR (the kernel reads MR rows).
-                        pack_a(&a, m0 + s * MR, rows, k0, kc, abuf_tail(&mut abuf, kc));
+                        pack_a(a, m0 + s * MR, rows, k0, kc, abuf_tail(abuf, kc));
                         let ap = abuf.as_ptr();
                         kernel::<true>(kc, ap, (1, MR), bp, b.ld, cp, ldc, rows, masks, acc);
                     }
@@ -516,7 +547,14 @@ mod speed {
     #[ignore]
     fn sgemm_speed() {
         for &(m, k, n) in &[
-            (256usize, 768usize, 768usize),
+            (96usize, 128usize, 64usize),
+            (256, 768, 768),
+            (576, 512, 512),
+            (576, 2048, 512),
+            (576, 512, 4096),
+            (144, 768, 768),
+            (144, 3072, 768),
+            (144, 768, 6144),
             (72, 768, 768),
             (504, 256, 256),
             (256, 6912, 768),

@@ -196,11 +196,23 @@ unsafe fn pack_transformed(
     }
 }
 
-/// dW row co (OIHW, cin × 9 floats) from dUᵀ [16][cout][cin]: Gᵀ dU G, 16 input channels at a time.
+/// dW row co (OIHW, cin × 9 floats) from dUᵀ [16][cout][cin]: Gᵀ dU G, 16 input channels at a time;
+/// written (or added to the row when `add`).
 #[target_feature(enable = "avx512f")]
-unsafe fn weight_grad_row(dw: &mut [f32], du: &[f32], cin: usize, cout: usize, co: usize) {
+unsafe fn weight_grad_row(
+    dw: &mut [f32],
+    du: &[f32],
+    cin: usize,
+    cout: usize,
+    co: usize,
+    add: bool,
+) {
     assert!(dw.len() >= cin * 9 && du.len() >= 16 * cin * cout && co < cout);
     let half = _mm512_set1_ps(0.5);
+    let idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(9),
+    );
     let mut ci = 0;
     while ci < cin {
         let mask = lane_mask(ci, cin);
@@ -216,22 +228,26 @@ unsafe fn weight_grad_row(dw: &mut [f32], du: &[f32], cin: usize, cout: usize, c
             h[1][b] = _mm512_mul_ps(half, _mm512_sub_ps(d1, d2));
             h[2][b] = _mm512_add_ps(s12, d3);
         }
-        let mut taps = [[0f32; 16]; 9];
+        let mut taps = [_mm512_setzero_ps(); 9];
         for i in 0..3 {
             let [h0, h1, h2, h3] = h[i];
             let s12 = _mm512_mul_ps(half, _mm512_add_ps(h1, h2));
-            _mm512_storeu_ps(taps[i * 3].as_mut_ptr(), _mm512_add_ps(h0, s12));
-            _mm512_storeu_ps(
-                taps[i * 3 + 1].as_mut_ptr(),
-                _mm512_mul_ps(half, _mm512_sub_ps(h1, h2)),
-            );
-            _mm512_storeu_ps(taps[i * 3 + 2].as_mut_ptr(), _mm512_add_ps(s12, h3));
+            taps[i * 3] = _mm512_add_ps(h0, s12);
+            taps[i * 3 + 1] = _mm512_mul_ps(half, _mm512_sub_ps(h1, h2));
+            taps[i * 3 + 2] = _mm512_add_ps(s12, h3);
         }
-        let lanes = (cin - ci).min(16);
-        for (l, out) in dw[ci * 9..(ci + lanes) * 9].chunks_exact_mut(9).enumerate() {
-            for (t, o) in out.iter_mut().enumerate() {
-                *o = taps[t][l];
-            }
+        // Lane l, tap t → dw[(ci + l)·9 + t] (inside dw: lanes past cin are masked off).
+        let base = dw.as_mut_ptr().add(ci * 9);
+        for (t, &tv) in taps.iter().enumerate() {
+            let v = if add {
+                _mm512_add_ps(
+                    tv,
+                    _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.add(t)),
+                )
+            } else {
+                tv
+            };
+            _mm512_mask_i32scatter_ps::<4>(base.add(t), mask, idx, v);
         }
         ci += 16;
     }
@@ -553,7 +569,30 @@ pub fn backward(
     dx: Option<&mut [f32]>,
     want_w: bool,
 ) -> Option<Vec<f32>> {
-    backward_chunked(g, x, w, dy, dx, want_w, CHUNK_FLOATS)
+    let mut dw = want_w.then(|| vec![0f32; g.cout * g.cin * 9]);
+    backward_chunked(
+        g,
+        x,
+        w,
+        dy,
+        dx,
+        dw.as_deref_mut().map(|d| (d, false)),
+        CHUNK_FLOATS,
+    );
+    dw
+}
+
+/// Backward into caller buffers: dx (if given) += ∂/∂x; `dw` (OIHW) = ∂/∂w, or += when its flag is
+/// set.
+pub fn backward_into(
+    g: &WinoGeom,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: Option<(&mut [f32], bool)>,
+) {
+    backward_chunked(g, x, w, dy, dx, dw, CHUNK_FLOATS)
 }
 
 fn backward_chunked(
@@ -562,16 +601,18 @@ fn backward_chunked(
     w: &[f32],
     dy: &[f32],
     mut dx: Option<&mut [f32]>,
-    want_w: bool,
+    dw_out: Option<(&mut [f32], bool)>,
     chunk: usize,
-) -> Option<Vec<f32>> {
+) {
     assert!(available(), "winograd: AVX-512 required");
+    let want_w = dw_out.is_some();
     let (th, tw, cin, cout) = (g.th(), g.tw(), g.cin, g.cout);
     assert!(
         x.len() >= g.n * g.h * g.w * cin
             && dy.len() >= g.n * g.oh * g.ow * cout
             && w.len() == cout * cin * 9
-            && dx.as_ref().is_none_or(|d| d.len() >= g.n * g.h * g.w * cin),
+            && dx.as_ref().is_none_or(|d| d.len() >= g.n * g.h * g.w * cin)
+            && dw_out.as_ref().is_none_or(|d| d.0.len() == cout * cin * 9),
         "winograd: buffers too short"
     );
     let rows = g.chunk_rows(chunk);
@@ -654,18 +695,16 @@ fn backward_chunked(
         r0 = r1;
     }
     let _ = &mut clock;
-    du.map(|du| {
+    if let (Some(du), Some((dw, add))) = (du, dw_out) {
         let mut clock = clock;
-        let mut dw = vec![0f32; cout * cin * 9];
         dw.par_chunks_mut(cin * 9)
             .enumerate()
             .for_each(|(co, row)| {
                 // SAFETY: AVX-512F checked; bounds asserted in the function.
-                unsafe { weight_grad_row(row, &du, cin, cout, co) }
+                unsafe { weight_grad_row(row, &du, cin, cout, co, add) }
             });
         phase(6, &mut clock);
-        dw
-    })
+    }
 }
 
 #[cfg(test)]
@@ -774,11 +813,23 @@ mod tests {
                 forward_chunked(&g, &x, &wf, Some(&b), &mut out, chunk);
                 close(&out, &y, "y");
                 let mut gx = vec![0f32; x.len()];
-                let gw = backward_chunked(&g, &x, &wt, &dy, Some(&mut gx), true, chunk).unwrap();
+                let mut gw = vec![0f32; wt.len()];
+                backward_chunked(
+                    &g,
+                    &x,
+                    &wt,
+                    &dy,
+                    Some(&mut gx),
+                    Some((&mut gw, false)),
+                    chunk,
+                );
                 close(&gx, &dx, "dx");
                 close(&gw, &dw, "dw");
-                let gw2 = backward_chunked(&g, &x, &wt, &dy, None, true, chunk).unwrap();
-                assert_eq!(gw, gw2);
+                // Without dx, added onto a copy: exactly twice (x + x is exact).
+                let mut gw2 = gw.clone();
+                backward_chunked(&g, &x, &wt, &dy, None, Some((&mut gw2, true)), chunk);
+                let twice: Vec<f32> = gw.iter().map(|v| 2.0 * v).collect();
+                assert_eq!(gw2, twice);
             }
         }
     }
