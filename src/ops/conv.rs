@@ -995,9 +995,8 @@ fn conv3x3_winograd<T: Float>(
     }
     let mut out = Buf::<T>::alloc(n * g.oh * g.ow * cout);
     {
-        let wt = winograd::WinoWeights::new(f(&wv), cout, cin, true);
         let o = as_f32_mut(&mut out).expect("f32");
-        winograd::forward(&wg, f(&xv), &wt, bv.as_deref().map(|b| f(b)), o);
+        winograd::forward_from_weights(&wg, f(&xv), f(&wv), bv.as_deref().map(|b| f(b)), o);
     }
     let (xid, wid, bid) = (x.id(), w.id(), b.map(|b| b.id()));
     let need =

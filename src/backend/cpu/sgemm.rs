@@ -123,6 +123,13 @@ pub fn pack_panel(
         if cols < NR {
             panel[..k * NR].fill(0.0);
         }
+        if rs == 1 && cs <= (i32::MAX as usize) / 16 && available() {
+            // SAFETY: AVX-512F present; every gathered element (kk, j0 + q·16 + l) with
+            // l < the quarter's columns is inside b (asserted by `PackedB::pack`), the other
+            // lanes are masked off; stores stay inside the panel (k rows of 64).
+            unsafe { pack_panel_t(panel, b, k, cs, j0, cols) };
+            return;
+        }
         if rs == 1 {
             // Blocks of 64 rows: the block of the panel (8 KB) stays in L1 across the 32 columns.
             for kb in (0..k).step_by(64) {
@@ -143,6 +150,33 @@ pub fn pack_panel(
                     panel[kk * NR + j] = b[kk * rs + col];
                 }
             }
+        }
+    }
+}
+
+/// A panel of a column-major B (element (kk, j) at `b[j·cs + kk]`): 16 columns at a time by
+/// gathers, 16 consecutive kk of the same 16 source lines staying in L1.
+///
+/// # Safety
+/// AVX-512F; b holds columns j0..j0+cols over k rows; panel holds k·64 floats.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_panel_t(panel: &mut [f32], b: &[f32], k: usize, cs: usize, j0: usize, cols: usize) {
+    assert!(
+        panel.len() >= k * NR && (k == 0 || cols == 0 || b.len() > (j0 + cols - 1) * cs + k - 1)
+    );
+    let idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(cs as i32),
+    );
+    for (q, &mask) in quarter_masks(cols).iter().enumerate() {
+        if mask == 0 {
+            break; // the panel was zero-filled
+        }
+        let base = b.as_ptr().add((j0 + q * 16) * cs);
+        let dst = panel.as_mut_ptr().add(q * 16);
+        for kk in 0..k {
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, base.add(kk));
+            _mm512_storeu_ps(dst.add(kk * NR), v);
         }
     }
 }
@@ -195,6 +229,22 @@ pub fn gemm_seq(m: usize, a: AView, b: Panels, c: &mut [f32], ldc: usize, accumu
             accumulate,
         )
     }
+}
+
+/// C (+)= A · B, single-threaded, through a raw C pointer (row stride `ldc`).
+///
+/// # Safety
+/// `c` must be valid for writes of rows 0..m × columns 0..b.n (row stride ldc), and no other
+/// thread may touch those elements during the call.
+pub unsafe fn gemm_raw(m: usize, a: AView, b: Panels, c: *mut f32, ldc: usize, accumulate: bool) {
+    assert!(available(), "sgemm: AVX-512 required");
+    b.check();
+    assert!(
+        m == 0 || b.k == 0 || a.data.len() > (m - 1) * a.rs + (b.k - 1) * a.cs,
+        "sgemm: A out of bounds"
+    );
+    assert!(ldc >= b.n, "sgemm: C row stride");
+    gemm_block(m, 0, b.n.div_ceil(NR), a, b, c, ldc, accumulate)
 }
 
 /// C [m, n] (+)= A · B across the pool (rows split when there are enough, else panels).

@@ -560,6 +560,111 @@ fn forward_chunked(
     }
 }
 
+/// Forward from the OIHW weights: out [n, oh, ow, cout] = conv(x, w) + bias. Each task transforms
+/// one 64-channel panel of U (16 × cin × 64 floats, L2-sized) and runs its 16 products at once, so
+/// the transformed weights never travel to memory (they are 16/9 of the weights, rewritten per call).
+pub fn forward_fused(g: &WinoGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    forward_fused_chunked(g, x, w, bias, out, CHUNK_FLOATS)
+}
+
+/// Forward from the OIHW weights, fused ([`forward_fused`]) when there are few tiles (each panel
+/// task rereads V, 16 × tiles × cin: cheaper than the transformed weights' round trip to memory
+/// up to ~128 tiles, e.g. the U-Net's 12 × 12 level at batch 2; measured slower in the model at 288), else with the weights transformed
+/// once ([`forward`]).
+pub fn forward_from_weights(
+    g: &WinoGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    if g.n * g.th() * g.tw() <= FUSED_MAX_TILES {
+        forward_fused(g, x, w, bias, out)
+    } else {
+        let wt = WinoWeights::new(w, g.cout, g.cin, true);
+        forward(g, x, &wt, bias, out)
+    }
+}
+
+/// See [`forward_from_weights`].
+const FUSED_MAX_TILES: usize = 128;
+
+fn forward_fused_chunked(
+    g: &WinoGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    chunk: usize,
+) {
+    assert!(available(), "winograd: AVX-512 required");
+    let (th, tw, cin, cout) = (g.th(), g.tw(), g.cin, g.cout);
+    assert!(
+        x.len() >= g.n * h_w(g) * cin
+            && out.len() >= g.n * g.oh * g.ow * cout
+            && w.len() == cout * cin * 9,
+        "winograd: buffers too short"
+    );
+    assert!(
+        bias.is_none_or(|b| b.len() == cout),
+        "winograd: bias length"
+    );
+    let rows = g.chunk_rows(chunk);
+    let tcmax = rows * tw;
+    let np = cout.div_ceil(NR);
+    let mut v = Buf::<f32>::alloc(16 * tcmax * cin);
+    let mut m = Buf::<f32>::alloc(16 * tcmax * cout);
+    let op = out.as_mut_ptr() as usize;
+    let mut r0 = 0;
+    while r0 < g.n * th {
+        let r1 = (r0 + rows).min(g.n * th);
+        let tc = (r1 - r0) * tw;
+        input_transform(g, x, r0, r1, &mut v, tc);
+        let mp = SendPtr(m.as_mut_ptr());
+        let mp = &mp;
+        let v = &v;
+        (0..np).into_par_iter().for_each(|p| {
+            let mut blk = Buf::<f32>::alloc(16 * cin * NR);
+            // SAFETY: AVX-512F checked; gathers inside w (masked past cout), stores inside blk.
+            unsafe { pack_transformed(&mut blk, w, cin, cin, cout, p, true) };
+            let cols = (cout - p * NR).min(NR);
+            for xi in 0..16 {
+                let b = Panels {
+                    data: &blk,
+                    k: cin,
+                    n: cols,
+                    offset: xi * cin * NR,
+                    stride: 16 * cin * NR,
+                    ld: NR,
+                };
+                let a = AView::rows(&v[xi * tc * cin..(xi + 1) * tc * cin], cin);
+                // SAFETY: M[ξ] rows 0..tc, columns p·64..p·64+cols lie inside m; this task is the
+                // only writer of panel p's columns.
+                unsafe {
+                    sgemm::gemm_raw(tc, a, b, mp.0.add(xi * tc * cout + p * NR), cout, false)
+                };
+            }
+        });
+        let mp = m.as_ptr() as usize;
+        (r0..r1).into_par_iter().for_each(|r| {
+            let (s, ty) = (r / th, r % th);
+            for tx in 0..tw {
+                let t = (r - r0) * tw + tx;
+                let y = out_pixels(g, op, s, ty, tx, |b, o| b + o * 4)
+                    .map(|p| p.map(|a| a as *mut f32));
+                // SAFETY: AVX-512F checked; M rows of this chunk are inside m; each tile writes
+                // its own output pixels (disjoint across tiles), inside out (asserted).
+                unsafe { output_tile((mp as *const f32).add(t * cout), tc * cout, cout, bias, &y) };
+            }
+        });
+        r0 = r1;
+    }
+}
+
+fn h_w(g: &WinoGeom) -> usize {
+    g.h * g.w
+}
+
 /// Backward: dx (if given, [n, h, w, cin]) += ∂/∂x, and returns ∂/∂w in OIHW if `want_w`.
 pub fn backward(
     g: &WinoGeom,
@@ -812,6 +917,9 @@ mod tests {
                 let wf = WinoWeights::new(&wt, cout, cin, true);
                 forward_chunked(&g, &x, &wf, Some(&b), &mut out, chunk);
                 close(&out, &y, "y");
+                let mut out2 = vec![f32::NAN; y.len()];
+                forward_fused_chunked(&g, &x, &wt, Some(&b), &mut out2, chunk);
+                assert_eq!(out, out2, "fused forward");
                 let mut gx = vec![0f32; x.len()];
                 let mut gw = vec![0f32; wt.len()];
                 backward_chunked(
@@ -880,6 +988,12 @@ mod speed {
                     forward(&g, &x, &wt, Some(&b), &mut out);
                 }
                 let tw = t.elapsed().as_secs_f64() / reps as f64;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    forward_fused(&g, &x, &w, Some(&b), &mut out);
+                }
+                let tfu = t.elapsed().as_secs_f64() / reps as f64;
+                println!("  fused forward {:.2} ms", tfu * 1e3);
                 let t = std::time::Instant::now();
                 let wt = WinoWeights::new(&w, cout, cin, true);
                 let tt = t.elapsed().as_secs_f64();
