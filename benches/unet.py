@@ -2,7 +2,7 @@
 """Side-by-side CPU timing of the LDM paper's diffusion U-Net: phenocore vs MONAI/PyTorch eager.
 
     python benches/unet.py [--batch 2] [--size 48] [--context-len 1] [--threads 2] [--iters 3]
-                           [--warmup 1] [--mode both|forward|train] [--skip-torch] [--skip-phenocore]
+                           [--warmup 2] [--mode both|forward|train] [--skip-torch] [--skip-phenocore]
                            [--phenocore-bin PATH] [--json out.json]
 
 The model (REFERENCE §10, issue 5 item 8): MONAI `DiffusionModelUNet(spatial_dims=2, in_channels=8,
@@ -21,7 +21,9 @@ tokens × 512 (the compound embedding).
 Each side and each mode runs in its own child process (its peak RSS is its own, per mode): torch
 via `--worker torch`, phenocore via `target/release/phenocore bench-unet` (or `--phenocore-bin`). Both get
 OMP/MKL/OPENBLAS/RAYON thread counts = `--threads`, make `--warmup` untimed iterations and then
-`--iters` timed ones, and print one JSON line. The table gives seconds per sample (median of the
+`--iters` timed ones, and print one JSON line. Two warm-up iterations by default: phenocore's
+steady state starts at the third training step (parameters hold the first step's gradients until
+the second step's `zero_grad` hands them back to the buffer pool). The table gives seconds per sample (median of the
 per-iteration times / batch) and peak RSS, then phenocore's speed-up (torch time / phenocore time,
 > 1 = phenocore faster) and RSS ratio (< 1 = phenocore uses less).
 """
@@ -48,7 +50,7 @@ def parse(argv=None):
     p.add_argument("--context-len", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--mode", default="both", choices=["both", "forward", "train"])
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-phenocore", action="store_true")

@@ -225,9 +225,15 @@ pub fn pointwise<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var) -> Result<Var> 
         let Some(dy) = gr.take(out_id) else {
             return Ok(());
         };
-        gr.accumulate(wid, cout * cin, |acc, _| {
-            // dW [Cout, Cin] += dYᵀ [Cout, M] · X [M, Cin]
-            if sgemm_weight_grad(acc, &dy, &xv, m, cout, cin) {
+        gr.accumulate_uninit(wid, cout * cin, |acc, fresh| {
+            // dW [Cout, Cin] (+)= dYᵀ [Cout, M] · X [M, Cin]
+            if m == 0 {
+                if fresh {
+                    acc.fill(T::ZERO);
+                }
+                return;
+            }
+            if sgemm_weight_grad(acc, &dy, &xv, m, cout, cin, !fresh) {
                 return;
             }
             gemm_t(
@@ -235,7 +241,7 @@ pub fn pointwise<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var) -> Result<Var> 
                 cin,
                 m,
                 acc,
-                true,
+                !fresh,
                 View::t(&dy, cout),
                 View::rows(&xv, cin),
                 true,
@@ -312,8 +318,9 @@ pub(crate) fn par_rows_gemm<T: Float>(
         });
 }
 
-/// f32 on AVX-512: acc [n_out, n_in] += dyᵀ · x (dy [m, n_out], x [m, n_in]) with the strided
-/// AVX-512 GEMM (x packed once). False (nothing done) otherwise.
+/// f32 on AVX-512: acc [n_out, n_in] (+)= dyᵀ · x (dy [m, n_out], x [m, n_in]; added when
+/// `accumulate`, else overwritten) with the strided AVX-512 GEMM (x packed once). False (nothing
+/// done) otherwise.
 pub(crate) fn sgemm_weight_grad<T: Float>(
     acc: &mut [T],
     dy: &[T],
@@ -321,6 +328,7 @@ pub(crate) fn sgemm_weight_grad<T: Float>(
     m: usize,
     n_out: usize,
     n_in: usize,
+    accumulate: bool,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -329,7 +337,7 @@ pub(crate) fn sgemm_weight_grad<T: Float>(
             if let (Some(acc), Some(dy), Some(x)) = (as_f32_mut(acc), as_f32(dy), as_f32(x)) {
                 let pb = sgemm::PackedB::pack(x, m, n_in, n_in, 1);
                 let b = pb.panels();
-                sgemm::gemm(n_out, sgemm::AView::t(dy, n_out), b, acc, n_in, true);
+                sgemm::gemm(n_out, sgemm::AView::t(dy, n_out), b, acc, n_in, accumulate);
                 return true;
             }
         }
@@ -800,13 +808,13 @@ pub fn conv2d_pad<T: Float>(
     let wv = tape.value(w);
     // Tap-major weight [Cout, k·k·Cin] matching the im2col layout.
     let mut wp = Buf::<T>::alloc(cout * kdim);
-    for o in 0..cout {
+    wp.par_chunks_mut(kdim).enumerate().for_each(|(o, row)| {
         for ci in 0..cin {
             for t in 0..kk {
-                wp[o * kdim + t * cin + ci] = wv[(o * cin + ci) * kk + t];
+                row[t * cin + ci] = wv[(o * cin + ci) * kk + t];
             }
         }
-    }
+    });
     let bv = b.map(|b| tape.value(b));
     let packed = packed_weights(&wp, bv.as_deref().map(|b| &b[..]), cout, kdim);
     let xv = tape.value(x);
@@ -901,13 +909,15 @@ pub fn conv2d_pad<T: Float>(
                     }
                 });
                 gr.accumulate(wid, cout * kdim, |acc, _| {
-                    for o in 0..cout {
-                        for ci in 0..cin {
-                            for t in 0..kk {
-                                acc[(o * cin + ci) * kk + t] += dwp[o * kdim + t * cin + ci];
+                    acc.par_chunks_mut(cin * kk)
+                        .enumerate()
+                        .for_each(|(o, row)| {
+                            for ci in 0..cin {
+                                for t in 0..kk {
+                                    row[ci * kk + t] += dwp[o * kdim + t * cin + ci];
+                                }
                             }
-                        }
-                    }
+                        })
                 });
             }
             if gr.wants(xid) {
@@ -918,11 +928,11 @@ pub fn conv2d_pad<T: Float>(
                     None
                 } else {
                     let mut wpt = Buf::<T>::alloc(kdim * cout);
-                    for o in 0..cout {
-                        for j in 0..kdim {
-                            wpt[j * cout + o] = wp[o * kdim + j];
+                    wpt.par_chunks_mut(cout).enumerate().for_each(|(j, row)| {
+                        for (o, v) in row.iter_mut().enumerate() {
+                            *v = wp[o * kdim + j];
                         }
-                    }
+                    });
                     packed_weights(&wpt, None, kdim, cout)
                 };
                 let mut dx = Buf::zeros(n * per_in);

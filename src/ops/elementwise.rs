@@ -248,8 +248,14 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
         let Some(d) = gr.take(out_id) else {
             return Ok(());
         };
-        gr.accumulate(wid, out_f * inp, |acc, _| {
-            if crate::ops::conv::sgemm_weight_grad(acc, &d, &xv, n, out_f, inp) {
+        gr.accumulate_uninit(wid, out_f * inp, |acc, fresh| {
+            if n == 0 {
+                if fresh {
+                    acc.fill(T::ZERO);
+                }
+                return;
+            }
+            if crate::ops::conv::sgemm_weight_grad(acc, &d, &xv, n, out_f, inp, !fresh) {
                 return;
             }
             gemm_t(
@@ -257,7 +263,7 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
                 inp,
                 n,
                 acc,
-                true,
+                !fresh,
                 View::t(&d, out_f),
                 View::rows(&xv, inp),
                 true,
