@@ -387,27 +387,29 @@ impl<T: Float> Grads<T> {
         len: usize,
         f: impl FnOnce(&mut [T], bool),
     ) -> bool {
-        if !self.requires[id] {
-            return false;
-        }
-        let slot = &mut self.slots[id];
-        let fresh = slot.is_none();
-        let buf = slot.get_or_insert_with(|| Buf::alloc(len));
-        debug_assert_eq!(buf.len(), len);
-        f(buf, fresh);
-        true
+        self.with_slot(id, len, Buf::alloc, f)
     }
 
     /// Runs `f` on var `id`'s gradient buffer of length `len` (zeros when new) so an op can
     /// accumulate into it in place; returns false (and does nothing) if `id` needs no gradient.
     /// `f` gets `fresh = true` when the buffer was just created (all zeros) — ops may overwrite.
     pub fn accumulate(&mut self, id: usize, len: usize, f: impl FnOnce(&mut [T], bool)) -> bool {
+        self.with_slot(id, len, Buf::zeros, f)
+    }
+
+    fn with_slot(
+        &mut self,
+        id: usize,
+        len: usize,
+        new: fn(usize) -> Buf<T>,
+        f: impl FnOnce(&mut [T], bool),
+    ) -> bool {
         if !self.requires[id] {
             return false;
         }
         let slot = &mut self.slots[id];
         let fresh = slot.is_none();
-        let buf = slot.get_or_insert_with(|| Buf::zeros(len));
+        let buf = slot.get_or_insert_with(|| new(len));
         debug_assert_eq!(buf.len(), len);
         f(buf, fresh);
         true

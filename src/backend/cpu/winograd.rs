@@ -513,14 +513,36 @@ fn forward_chunked(
     out: &mut [f32],
     chunk: usize,
 ) {
+    assert!(
+        wt.k == g.cin && wt.n == g.cout,
+        "winograd: weights for another shape"
+    );
+    let (cin, cout) = (g.cin, g.cout);
+    forward_driver(g, x, bias, out, chunk, |v, m, tc| {
+        m.par_chunks_mut(tc * cout)
+            .take(16)
+            .enumerate()
+            .for_each(|(xi, mx)| {
+                let a = AView::rows(&v[xi * tc * cin..(xi + 1) * tc * cin], cin);
+                sgemm::gemm_seq(tc, a, wt.panels(xi), mx, cout, false);
+            });
+    });
+}
+
+/// The forward's chunk loop: V of each chunk of tiles, `products(V, M, tiles)` filling
+/// M[ξ] = V[ξ] · U[ξ] ([16][tiles][cout]), then Y = Aᵀ M A + bias.
+fn forward_driver(
+    g: &WinoGeom,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    chunk: usize,
+    products: impl Fn(&[f32], &mut [f32], usize),
+) {
     assert!(available(), "winograd: AVX-512 required");
     assert!(
         x.len() >= g.n * g.h * g.w * g.cin && out.len() >= g.n * g.oh * g.ow * g.cout,
         "winograd: buffers too short"
-    );
-    assert!(
-        wt.k == g.cin && wt.n == g.cout,
-        "winograd: weights for another shape"
     );
     assert!(
         bias.is_none_or(|b| b.len() == g.cout),
@@ -537,13 +559,7 @@ fn forward_chunked(
         let r1 = (r0 + rows).min(g.n * th);
         let tc = (r1 - r0) * tw;
         input_transform(g, x, r0, r1, &mut v, tc);
-        m.par_chunks_mut(tc * cout)
-            .take(16)
-            .enumerate()
-            .for_each(|(xi, mx)| {
-                let a = AView::rows(&v[xi * tc * cin..(xi + 1) * tc * cin], cin);
-                sgemm::gemm_seq(tc, a, wt.panels(xi), mx, cout, false);
-            });
+        products(&v, &mut m, tc);
         let mp = m.as_ptr() as usize;
         (r0..r1).into_par_iter().for_each(|r| {
             let (s, ty) = (r / th, r % th);
@@ -597,32 +613,12 @@ fn forward_fused_chunked(
     out: &mut [f32],
     chunk: usize,
 ) {
-    assert!(available(), "winograd: AVX-512 required");
-    let (th, tw, cin, cout) = (g.th(), g.tw(), g.cin, g.cout);
-    assert!(
-        x.len() >= g.n * h_w(g) * cin
-            && out.len() >= g.n * g.oh * g.ow * cout
-            && w.len() == cout * cin * 9,
-        "winograd: buffers too short"
-    );
-    assert!(
-        bias.is_none_or(|b| b.len() == cout),
-        "winograd: bias length"
-    );
-    let rows = g.chunk_rows(chunk);
-    let tcmax = rows * tw;
+    let (cin, cout) = (g.cin, g.cout);
+    assert!(w.len() == cout * cin * 9, "winograd: weight shape");
     let np = cout.div_ceil(NR);
-    let mut v = Buf::<f32>::alloc(16 * tcmax * cin);
-    let mut m = Buf::<f32>::alloc(16 * tcmax * cout);
-    let op = out.as_mut_ptr() as usize;
-    let mut r0 = 0;
-    while r0 < g.n * th {
-        let r1 = (r0 + rows).min(g.n * th);
-        let tc = (r1 - r0) * tw;
-        input_transform(g, x, r0, r1, &mut v, tc);
+    forward_driver(g, x, bias, out, chunk, |v, m, tc| {
         let mp = SendPtr(m.as_mut_ptr());
         let mp = &mp;
-        let v = &v;
         (0..np).into_par_iter().for_each(|p| {
             let mut blk = Buf::<f32>::alloc(16 * cin * NR);
             // SAFETY: AVX-512F checked; gathers inside w (masked past cout), stores inside blk.
@@ -645,24 +641,7 @@ fn forward_fused_chunked(
                 };
             }
         });
-        let mp = m.as_ptr() as usize;
-        (r0..r1).into_par_iter().for_each(|r| {
-            let (s, ty) = (r / th, r % th);
-            for tx in 0..tw {
-                let t = (r - r0) * tw + tx;
-                let y = out_pixels(g, op, s, ty, tx, |b, o| b + o * 4)
-                    .map(|p| p.map(|a| a as *mut f32));
-                // SAFETY: AVX-512F checked; M rows of this chunk are inside m; each tile writes
-                // its own output pixels (disjoint across tiles), inside out (asserted).
-                unsafe { output_tile((mp as *const f32).add(t * cout), tc * cout, cout, bias, &y) };
-            }
-        });
-        r0 = r1;
-    }
-}
-
-fn h_w(g: &WinoGeom) -> usize {
-    g.h * g.w
+    });
 }
 
 /// Backward: dx (if given, [n, h, w, cin]) += ∂/∂x, and returns ∂/∂w in OIHW if `want_w`.
