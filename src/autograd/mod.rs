@@ -338,6 +338,14 @@ impl<T: Float> Tape<T> {
 /// Elements per parallel task when gradients are summed.
 const ADD_CHUNK: usize = 1 << 15;
 
+/// acc += g, elementwise, across the pool.
+pub(crate) fn add_into<T: Float>(acc: &mut [T], g: &[T]) {
+    use rayon::prelude::*;
+    acc.par_chunks_mut(ADD_CHUNK)
+        .zip(g.par_chunks(ADD_CHUNK))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += *b));
+}
+
 /// Gradients of the values of one tape, by var id, during backward.
 pub struct Grads<T: Float> {
     slots: Vec<Option<Buf<T>>>,
@@ -370,10 +378,7 @@ impl<T: Float> Grads<T> {
         match &mut self.slots[id] {
             Some(acc) => {
                 debug_assert_eq!(acc.len(), g.len());
-                use rayon::prelude::*;
-                acc.par_chunks_mut(ADD_CHUNK)
-                    .zip(g.par_chunks(ADD_CHUNK))
-                    .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += *b));
+                add_into(acc, &g);
             }
             slot => *slot = Some(g),
         }

@@ -21,12 +21,18 @@ struct Entry<T: Float> {
     shape: Vec<usize>,
     kind: ParamKind,
     value: Arc<Buf<T>>,
-    /// The accumulated gradient; empty while `grad_zero` (no storage held).
+    /// The accumulated gradient. Empty for a trainable tensor means all zeros: [`Params::zero_grad`]
+    /// returned its storage to the buffer pool, and the next backward moves the tape's gradient
+    /// buffer in instead of adding it (as torch's `zero_grad(set_to_none=True)` does). Readers see
+    /// zeros. Buffers never have one.
     grad: Vec<T>,
-    /// The gradient is all zeros: [`Params::zero_grad`] returned its storage to the buffer pool, and
-    /// the next backward moves the tape's gradient buffer in instead of adding it (as torch's
-    /// `zero_grad(set_to_none=True)` does). Readers see zeros.
-    grad_zero: bool,
+}
+
+impl<T: Float> Entry<T> {
+    /// A trainable tensor whose gradient holds no storage (all zeros).
+    fn grad_zero(&self) -> bool {
+        self.kind != ParamKind::Buffer && self.grad.len() != self.value.len()
+    }
 }
 
 /// Parameters and buffers in insertion (forward) order, looked up by name.
@@ -37,9 +43,6 @@ pub struct Params<T: Float> {
     /// gradient through [`Params::grad`] (calloc'd: untouched pages cost no memory).
     zeros: OnceLock<Vec<T>>,
 }
-
-/// Elements per parallel task when gradients are summed or zeroed.
-const GRAD_CHUNK: usize = 1 << 15;
 
 impl<T: Float> Default for Params<T> {
     fn default() -> Self {
@@ -85,7 +88,6 @@ impl<T: Float> Params<T> {
             kind,
             value: Arc::new(Buf::from(value)),
             grad: Vec::new(),
-            grad_zero: kind != ParamKind::Buffer,
         });
         self.by_name.insert(name.to_string(), i);
         Ok(i)
@@ -139,7 +141,7 @@ impl<T: Float> Params<T> {
     /// The gradient (zeros after [`Params::zero_grad`] until a backward adds one; empty for buffers).
     pub fn grad(&self, i: usize) -> &[T] {
         let e = &self.entries[i];
-        if e.grad_zero {
+        if e.grad_zero() {
             let n = e.value.len();
             let z = self.zeros.get_or_init(|| {
                 let max = self
@@ -161,9 +163,8 @@ impl<T: Float> Params<T> {
 
     /// Gives a zero gradient real storage (pooled, zeroed in parallel).
     fn materialise(e: &mut Entry<T>) {
-        if e.grad_zero {
+        if e.grad_zero() {
             e.grad = Buf::zeros(e.value.len()).into_vec();
-            e.grad_zero = false;
         }
     }
     pub fn trainable(&self, i: usize) -> bool {
@@ -191,9 +192,8 @@ impl<T: Float> Params<T> {
     /// the next backward moves its gradient buffers in.
     pub fn zero_grad(&mut self) {
         for e in &mut self.entries {
-            if e.kind != ParamKind::Buffer && !e.grad_zero {
+            if e.kind != ParamKind::Buffer && !e.grad_zero() {
                 Buf::recycle(std::mem::take(&mut e.grad));
-                e.grad_zero = true;
             }
         }
     }
@@ -228,16 +228,11 @@ impl<T: Float> Params<T> {
                 e.value.len()
             )));
         }
-        if e.grad_zero {
+        if e.grad_zero() {
             e.grad = g.into_vec();
-            e.grad_zero = false;
-            return Ok(());
+        } else {
+            super::add_into(&mut e.grad, &g);
         }
-        use rayon::prelude::*;
-        e.grad
-            .par_chunks_mut(GRAD_CHUNK)
-            .zip(g.par_chunks(GRAD_CHUNK))
-            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += *b));
         Ok(())
     }
 

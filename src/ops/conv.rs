@@ -362,24 +362,47 @@ pub(crate) fn sgemm_linear<T: Float>(
         use crate::backend::cpu::sgemm;
         if sgemm::available() {
             if let (Some(out), Some(x), Some(w)) = (as_f32_mut(out), as_f32(x), as_f32(w)) {
-                let pb = sgemm::PackedB::pack(w, n_in, n_out, 1, n_in);
-                let acc = match bias.map(as_f32) {
-                    Some(Some(b)) => {
-                        out[..m * n_out].par_chunks_mut(n_out * 64).for_each(|o| {
-                            o.chunks_exact_mut(n_out).for_each(|r| r.copy_from_slice(b))
-                        });
-                        true
-                    }
+                let b = match bias.map(as_f32) {
                     Some(None) => return false,
-                    None => false,
+                    Some(Some(b)) => Some(b),
+                    None => None,
                 };
-                sgemm::gemm(m, sgemm::AView::rows(x, n_in), pb.panels(), out, n_out, acc);
+                let pb = sgemm::PackedB::pack(w, n_in, n_out, 1, n_in);
+                sgemm_bias(out, x, pb.panels(), b, m, n_in, n_out);
                 return true;
             }
         }
     }
     let _ = (out, x, w, bias, m, n_in, n_out);
     false
+}
+
+/// out [m, n_out] = x [m, n_in] · B (+ bias) on the AVX-512 GEMM (B as panels, e.g. a packed Wᵀ).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn sgemm_bias(
+    out: &mut [f32],
+    x: &[f32],
+    b: crate::backend::cpu::sgemm::Panels,
+    bias: Option<&[f32]>,
+    m: usize,
+    n_in: usize,
+    n_out: usize,
+) {
+    use crate::backend::cpu::sgemm;
+    if let Some(bias) = bias {
+        out[..m * n_out].par_chunks_mut(n_out * 64).for_each(|o| {
+            o.chunks_exact_mut(n_out)
+                .for_each(|r| r.copy_from_slice(bias))
+        });
+    }
+    sgemm::gemm(
+        m,
+        sgemm::AView::rows(x, n_in),
+        b,
+        out,
+        n_out,
+        bias.is_some(),
+    );
 }
 
 /// out [M, N] = a [M, K] · w (w [K, N]), split over row blocks across the pool.

@@ -109,19 +109,7 @@ pub fn linear_packed(tape: &mut Tape<f32>, x: &Var, pc: &PackedConv) -> Result<V
     let mut out = Buf::<f32>::alloc(m * pc.cout);
     #[cfg(target_arch = "x86_64")]
     if let Some((pb, bias)) = &pc.pb {
-        use crate::backend::cpu::sgemm;
-        out.par_chunks_mut(pc.cout * 64).for_each(|o| {
-            o.chunks_exact_mut(pc.cout)
-                .for_each(|r| r.copy_from_slice(bias))
-        });
-        sgemm::gemm(
-            m,
-            sgemm::AView::rows(&xv, pc.cin),
-            pb.panels(),
-            &mut out,
-            pc.cout,
-            true,
-        );
+        crate::ops::conv::sgemm_bias(&mut out, &xv, pb.panels(), Some(bias), m, pc.cin, pc.cout);
     }
     if let Some(pk) = &pc.pk {
         let rows = row_block(m);
@@ -207,20 +195,9 @@ pub fn conv2d_packed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::test_rnd as rnd;
     use crate::ops::conv::conv2d_pad;
     use crate::ops::elementwise::linear;
-
-    fn rnd(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     fn close(a: &[f32], b: &[f32]) {
         assert_eq!(a.len(), b.len());

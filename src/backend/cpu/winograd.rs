@@ -795,17 +795,7 @@ fn backward_chunked(
 mod tests {
     use super::*;
 
-    fn rnd_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::backend::cpu::test_rnd as rnd_vec;
 
     /// Direct convolution in f64: y, and the adjoints dx, dw of a given dy.
     fn direct(
