@@ -996,7 +996,7 @@ pub fn conv2d_pad<T: Float>(
 #[cfg(target_arch = "x86_64")]
 use crate::backend::cpu::winograd;
 
-/// f32 on AVX-512: a 3 × 3 stride-1 convolution (any padding) by Winograd F(2 × 2, 3 × 3)
+/// f32 on AVX-512: a 3 × 3 stride-1 convolution (any padding) by Winograd F(2 × 2, 3 × 3) or F(4 × 4, 3 × 3)
 /// ([`winograd`]), forward and backward.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
