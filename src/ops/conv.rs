@@ -247,12 +247,10 @@ pub fn pointwise<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var) -> Result<Var> 
                 true,
             );
         });
-        if gr.wants(xid) {
-            // dX [M, Cin] = dY [M, Cout] · W [Cout, Cin]
-            let mut dx = Buf::alloc(m * cin);
-            par_rows_gemm_nn(&mut dx, &dy, &wv, m, cout, cin);
-            gr.add(xid, dx);
-        }
+        // dX [M, Cin] (+)= dY [M, Cout] · W [Cout, Cin], into the gradient in place.
+        gr.accumulate_uninit(xid, m * cin, |acc, fresh| {
+            par_rows_gemm_nn(acc, &dy, &wv, m, cout, cin, !fresh)
+        });
         Ok(())
     }))
 }
@@ -405,7 +403,8 @@ pub(crate) fn sgemm_bias(
     );
 }
 
-/// out [M, N] = a [M, K] · w (w [K, N]), split over row blocks across the pool.
+/// out [M, N] (+ out when `accumulate`) = a [M, K] · w (w [K, N]), split over row blocks across
+/// the pool; with `accumulate` false every element of out is written.
 pub(crate) fn par_rows_gemm_nn<T: Float>(
     out: &mut [T],
     a: &[T],
@@ -413,14 +412,24 @@ pub(crate) fn par_rows_gemm_nn<T: Float>(
     m: usize,
     k: usize,
     n: usize,
+    accumulate: bool,
 ) {
+    if m * n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out[..m * n].fill(T::ZERO);
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         use crate::backend::cpu::sgemm;
         if sgemm::available() {
             if let (Some(out), Some(a), Some(w)) = (as_f32_mut(out), as_f32(a), as_f32(w)) {
                 let pb = sgemm::PackedB::pack(w, k, n, n, 1);
-                sgemm::gemm(m, sgemm::AView::rows(a, k), pb.panels(), out, n, false);
+                sgemm::gemm(m, sgemm::AView::rows(a, k), pb.panels(), out, n, accumulate);
                 return;
             }
         }
@@ -430,7 +439,16 @@ pub(crate) fn par_rows_gemm_nn<T: Float>(
         .zip(a.par_chunks(rows * k))
         .for_each(|(o, a)| {
             let r = o.len() / n;
-            gemm_t(r, n, k, o, false, View::rows(a, k), View::rows(w, n), false);
+            gemm_t(
+                r,
+                n,
+                k,
+                o,
+                accumulate,
+                View::rows(a, k),
+                View::rows(w, n),
+                false,
+            );
         });
 }
 

@@ -276,14 +276,10 @@ pub fn linear<T: Float>(tape: &mut Tape<T>, x: &Var, w: &Var, b: Option<&Var>) -
                 }
             });
         }
-        if gr.wants(xid) {
-            let mut dx = vec![T::ZERO; n * inp];
-            if n * inp * out_f > 0 {
-                // dX [N, In] = dY [N, Out] · W [Out, In], row blocks across the pool.
-                crate::ops::conv::par_rows_gemm_nn(&mut dx, &d, &wv, n, out_f, inp);
-            }
-            gr.add(xid, dx);
-        }
+        // dX [N, In] (+)= dY [N, Out] · W [Out, In], into the gradient in place.
+        gr.accumulate_uninit(xid, n * inp, |acc, fresh| {
+            crate::ops::conv::par_rows_gemm_nn(acc, &d, &wv, n, out_f, inp, !fresh)
+        });
         Ok(())
     }))
 }

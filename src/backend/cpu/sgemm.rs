@@ -421,24 +421,43 @@ unsafe fn gemm_block(
         return;
     }
     // Row-major A is read in place (a few integer ops per step); strided rows are copied into
-    // strips first so the broadcasts stream through contiguous memory.
+    // strips first so the broadcasts stream through contiguous memory, all of them once (every
+    // panel group reuses them).
     let packed = a.cs != 1;
-    let mut abuf = if packed {
-        vec![0f32; MB.next_multiple_of(MR) * KC.min(k)]
-    } else {
-        Vec::new()
-    };
+    let (nkb, nmb) = (k.div_ceil(KC), m.div_ceil(MB));
+    let ablk = MB.next_multiple_of(MR) * KC;
+    // Pooled and uninitialised: `pack_a` writes every float the kernel reads.
+    let mut abuf = Buf::<f32>::alloc(if packed { nkb * nmb * ablk } else { 0 });
+    if packed {
+        for kb in 0..nkb {
+            let (k0, kc) = (kb * KC, KC.min(k - kb * KC));
+            for mbi in 0..nmb {
+                let (m0, mb) = (mbi * MB, MB.min(m - mbi * MB));
+                pack_a(
+                    &a,
+                    m0,
+                    mb,
+                    k0,
+                    kc,
+                    &mut abuf[(kb * nmb + mbi) * ablk..][..ablk],
+                );
+            }
+        }
+    }
+    let mut tail = Vec::new();
     // Groups of NG panels: a group's K block of B (NG × 32 KB) and its C rows stay in L2 across
     // the row blocks and K blocks (wide B would otherwise stream B and C from L3 every block).
     let mut g0 = p0;
     while g0 < p1 {
         let g1 = (g0 + NG).min(p1);
-        gemm_group(m, g0, g1, &a, &b, c, ldc, accumulate, packed, &mut abuf);
+        let strips = packed.then_some((&abuf[..], ablk));
+        gemm_group(m, g0, g1, &a, &b, c, ldc, accumulate, strips, &mut tail);
         g0 = g1;
     }
 }
 
-/// [`gemm_block`] on panels p0..p1 (one group).
+/// [`gemm_block`] on panels p0..p1 (one group). `strips`: A packed by [`gemm_block`] (block
+/// (k block, row block) at (kb · row blocks + mb) · stride); None: A read in place.
 ///
 /// # Safety
 /// As [`gemm_block`].
@@ -453,10 +472,11 @@ unsafe fn gemm_group(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
-    packed: bool,
-    abuf: &mut Vec<f32>,
+    strips: Option<(&[f32], usize)>,
+    tail: &mut Vec<f32>,
 ) {
     let k = b.k;
+    let nmb = m.div_ceil(MB);
     let mut k0 = 0;
     while k0 < k {
         let kc = KC.min(k - k0);
@@ -464,9 +484,10 @@ unsafe fn gemm_group(
         let mut m0 = 0;
         while m0 < m {
             let mb = MB.min(m - m0);
-            if packed {
-                pack_a(a, m0, mb, k0, kc, abuf);
-            }
+            let ablk = strips.map(|(buf, stride)| {
+                let at = ((k0 / KC) * nmb + m0 / MB) * stride;
+                buf[at..at + stride].as_ptr()
+            });
             for p in p0..p1 {
                 let masks = quarter_masks((b.n - p * NR).min(NR));
                 let bp = b.data.as_ptr().add(b.offset + p * b.stride + k0 * b.ld);
@@ -474,16 +495,16 @@ unsafe fn gemm_group(
                 while s * MR < mb {
                     let rows = (mb - s * MR).min(MR);
                     let cp = c.add((m0 + s * MR) * ldc + p * NR);
-                    if packed {
-                        let ap = abuf.as_ptr().add(s * kc * MR);
+                    if let Some(ab) = ablk {
+                        let ap = ab.add(s * kc * MR);
                         kernel::<true>(kc, ap, (1, MR), bp, b.ld, cp, ldc, rows, masks, acc);
                     } else if rows == MR {
                         let ap = a.data.as_ptr().add((m0 + s * MR) * a.rs + k0);
                         kernel::<false>(kc, ap, (a.rs, 1), bp, b.ld, cp, ldc, rows, masks, acc);
                     } else {
                         // The last rows: a strip zero-padded to MR (the kernel reads MR rows).
-                        pack_a(a, m0 + s * MR, rows, k0, kc, abuf_tail(abuf, kc));
-                        let ap = abuf.as_ptr();
+                        pack_a(a, m0 + s * MR, rows, k0, kc, abuf_tail(tail, kc));
+                        let ap = tail.as_ptr();
                         kernel::<true>(kc, ap, (1, MR), bp, b.ld, cp, ldc, rows, masks, acc);
                     }
                     s += 1;
