@@ -907,7 +907,7 @@ fn backward<S: Scheme>(
         dy,
         dx,
         dw.as_deref_mut().map(|d| (d, false)),
-        CHUNK_FLOATS,
+        backward_chunk::<S>(g),
     );
     dw
 }
@@ -923,9 +923,20 @@ pub fn backward_into(
     dw: Option<(&mut [f32], bool)>,
 ) {
     if use_f4(g) {
-        backward_chunked::<F4>(g, x, w, dy, dx, dw, CHUNK_FLOATS)
+        backward_chunked::<F4>(g, x, w, dy, dx, dw, backward_chunk::<F4>(g))
     } else {
-        backward_chunked::<F2>(g, x, w, dy, dx, dw, CHUNK_FLOATS)
+        backward_chunked::<F2>(g, x, w, dy, dx, dw, backward_chunk::<F2>(g))
+    }
+}
+
+/// Chunk size of the backward: with few tiles the whole batch in one chunk (up to 4 ×
+/// [`CHUNK_FLOATS`] per scratch buffer) so that the fused path applies.
+fn backward_chunk<S: Scheme>(g: &WinoGeom) -> usize {
+    let whole = S::T * S::T * g.tiles::<S>() * g.cin.max(g.cout);
+    if g.tiles::<S>() <= FUSED_MAX_TILES && whole <= 4 * CHUNK_FLOATS {
+        whole
+    } else {
+        CHUNK_FLOATS
     }
 }
 
