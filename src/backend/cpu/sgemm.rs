@@ -22,8 +22,8 @@ const MR: usize = 6;
 const MB: usize = 96;
 /// Panels per group (see `gemm_block`).
 const NG: usize = 4;
-/// Depth of a K block (a panel's block, KC × 32 floats, stays in L1/L2 across a row block).
-const KC: usize = 128;
+/// Depth of a K block (a panel's block, KC × 64 floats, stays in L1/L2 across a row block).
+pub(crate) const KC: usize = 128;
 
 /// True when the CPU runs the AVX-512 kernel.
 pub fn available() -> bool {

@@ -67,7 +67,7 @@ pub(crate) trait Scheme: Sync {
         blk: &mut [f32],
         w: &[f32],
         cin: usize,
-        k: usize,
+        rows: (usize, usize),
         n: usize,
         p: usize,
         over_out: bool,
@@ -115,12 +115,12 @@ macro_rules! tile_fns {
             blk: &mut [f32],
             w: &[f32],
             cin: usize,
-            k: usize,
+            rows: (usize, usize),
             n: usize,
             p: usize,
             over_out: bool,
         ) {
-            pack_transformed::<$s, $t>(blk, w, cin, k, n, p, over_out)
+            pack_transformed::<$s, $t>(blk, w, cin, rows, n, p, over_out)
         }
         unsafe fn weight_grad_row(
             dw: &mut [f32],
@@ -365,7 +365,7 @@ impl WinoWeights {
             .for_each(|(p, blk)| {
                 // SAFETY: AVX-512F present (asserted above); gathers stay inside w (lanes past n are
                 // masked off), stores inside blk (asserted in the function).
-                unsafe { S::pack_transformed(blk, w, cin, k, n, p, over_out) }
+                unsafe { S::pack_transformed(blk, w, cin, (0, k), n, p, over_out) }
             });
         WinoWeights { data, k, n, e }
     }
@@ -388,12 +388,13 @@ unsafe fn pack_transformed<S: Scheme, const T: usize>(
     blk: &mut [f32],
     w: &[f32],
     cin: usize,
-    k: usize,
+    (k0, k1): (usize, usize),
     n: usize,
     p: usize,
     over_out: bool,
 ) {
     let t = T;
+    let k = k1 - k0;
     assert!(blk.len() >= t * t * k * NR);
     let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     // Lane l of a quarter reads kernel (co, ci) = (j0 + l, kk) or (kk, j0 + l).
@@ -407,7 +408,7 @@ unsafe fn pack_transformed<S: Scheme, const T: usize>(
         })
         .collect();
     // kk outer: each (ξ, kk) row of the panel (64 floats) is written whole before moving on.
-    for kk in 0..k {
+    for kk in k0..k1 {
         for (q, &(cols, mask)) in quarters.iter().enumerate() {
             let j0 = p * NR + q * 16;
             let mut u = [[_mm512_setzero_ps(); T]; T];
@@ -431,7 +432,8 @@ unsafe fn pack_transformed<S: Scheme, const T: usize>(
             for r in 0..t {
                 for c in 0..t {
                     let xi = r * t + c;
-                    _mm512_storeu_ps(blk.as_mut_ptr().add((xi * k + kk) * NR + q * 16), u[r][c]);
+                    let at = (xi * k + kk - k0) * NR + q * 16;
+                    _mm512_storeu_ps(blk.as_mut_ptr().add(at), u[r][c]);
                 }
             }
         }
@@ -860,32 +862,62 @@ fn forward_fused_chunked<S: Scheme>(
 ) {
     let (cin, cout, e) = (g.cin, g.cout, S::T * S::T);
     assert!(w.len() == cout * cin * 9, "winograd: weight shape");
-    let np = cout.div_ceil(NR);
     forward_driver::<S>(g, x, bias, out, chunk, |v, m, tc| {
-        let mp = SendPtr(m.as_mut_ptr());
-        let mp = &mp;
-        (0..np).into_par_iter().for_each(|p| {
-            let mut blk = Buf::<f32>::alloc(e * cin * NR);
-            // SAFETY: AVX-512F checked; gathers inside w (masked past cout), stores inside blk.
-            unsafe { S::pack_transformed(&mut blk, w, cin, cin, cout, p, true) };
-            let cols = (cout - p * NR).min(NR);
+        assert!(v.len() >= e * tc * cin && m.len() >= e * tc * cout);
+        // SAFETY: v holds V [T²][tc][cin] and m has room for M [T²][tc][cout] (asserted).
+        unsafe { fused_products::<S>(w, cin, (cin, cout), true, v, tc, m.as_mut_ptr()) }
+    });
+}
+
+/// Floats of transformed weights per task of [`fused_products`] (about 1 MB: stays in L2).
+const FUSED_BLOCK_FLOATS: usize = 1 << 18;
+
+/// C[ξ] [tc, n] = A[ξ] [tc, k] · B[ξ] for every ξ, B[ξ] the transformed weights U[ξ] (`over_out`:
+/// k = cin, n = cout) or U[ξ]ᵀ (k = cout, n = cin), made one 64-column panel and one block of
+/// k at a time (multiples of the GEMM's K block, so the sums run in the same order as with
+/// [`WinoWeights`]) right before their products, so they never leave L2.
+///
+/// # Safety
+/// `c` must be valid for writes of T² × tc × n floats, touched by no one else during the call;
+/// a holds T² × tc × k floats.
+unsafe fn fused_products<S: Scheme>(
+    w: &[f32],
+    cin: usize,
+    (k, n): (usize, usize),
+    over_out: bool,
+    a: &[f32],
+    tc: usize,
+    c: *mut f32,
+) {
+    let e = S::T * S::T;
+    let kch = (FUSED_BLOCK_FLOATS / (e * NR * sgemm::KC)).max(1) * sgemm::KC;
+    let cp = SendPtr(c);
+    let cp = &cp;
+    (0..n.div_ceil(NR)).into_par_iter().for_each(|p| {
+        let mut blk = Buf::<f32>::alloc(e * kch.min(k) * NR);
+        let cols = (n - p * NR).min(NR);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = kch.min(k - k0);
+            // SAFETY: AVX-512F checked by the callers; gathers inside w (masked past n), stores
+            // inside blk (e · kc · 64 floats).
+            unsafe { S::pack_transformed(&mut blk, w, cin, (k0, k0 + kc), n, p, over_out) };
             for xi in 0..e {
                 let b = Panels {
                     data: &blk,
-                    k: cin,
+                    k: kc,
                     n: cols,
-                    offset: xi * cin * NR,
-                    stride: e * cin * NR,
+                    offset: xi * kc * NR,
+                    stride: e * kc * NR,
                     ld: NR,
                 };
-                let a = AView::rows(&v[xi * tc * cin..(xi + 1) * tc * cin], cin);
-                // SAFETY: M[ξ] rows 0..tc, columns p·64..p·64+cols lie inside m; this task is the
-                // only writer of panel p's columns.
-                unsafe {
-                    sgemm::gemm_raw(tc, a, b, mp.0.add(xi * tc * cout + p * NR), cout, false)
-                };
+                let av = AView::rows(&a[xi * tc * k + k0..(xi + 1) * tc * k], k);
+                // SAFETY: C[ξ] rows 0..tc, columns p·64..p·64+cols lie inside c; this task is
+                // the only writer of panel p's columns.
+                unsafe { sgemm::gemm_raw(tc, av, b, cp.0.add(xi * tc * n + p * NR), n, k0 > 0) };
             }
-        });
+            k0 += kc;
+        }
     });
 }
 
@@ -1031,32 +1063,8 @@ fn backward_chunked<S: Scheme>(
                         sgemm::gemm_seq(tc, a, wb.panels(xi), dvx, cin, false);
                     });
             } else {
-                // One 64-channel panel of Uᵀ per task, transformed and used at once.
-                let vp = SendPtr(v.as_mut_ptr());
-                let vp = &vp;
-                (0..cin.div_ceil(NR)).into_par_iter().for_each(|p| {
-                    let mut blk = Buf::<f32>::alloc(e * cout * NR);
-                    // SAFETY: AVX-512F checked; gathers inside w (masked past cin), stores inside
-                    // blk.
-                    unsafe { S::pack_transformed(&mut blk, w, cin, cout, cin, p, false) };
-                    let cols = (cin - p * NR).min(NR);
-                    for xi in 0..e {
-                        let b = Panels {
-                            data: &blk,
-                            k: cout,
-                            n: cols,
-                            offset: xi * cout * NR,
-                            stride: e * cout * NR,
-                            ld: NR,
-                        };
-                        let a = AView::rows(&dm[xi * tc * cout..(xi + 1) * tc * cout], cout);
-                        // SAFETY: dV[ξ] rows 0..tc, columns p·64..p·64+cols lie inside v; this
-                        // task is the only writer of panel p's columns.
-                        unsafe {
-                            sgemm::gemm_raw(tc, a, b, vp.0.add(xi * tc * cin + p * NR), cin, false)
-                        };
-                    }
-                });
+                // SAFETY: dm holds dM [T²][tc][cout]; v has room for dV [T²][tc][cin].
+                unsafe { fused_products::<S>(w, cin, (cout, cin), false, &dm, tc, v.as_mut_ptr()) }
             }
             phase(4, &mut clock);
             let dxp = dx.as_mut_ptr() as usize;
@@ -1268,6 +1276,9 @@ mod tests {
             (1, 9, 6, 16, 40, 0, 1, 1, 0),
             (3, 4, 4, 40, 7, 2, 0, 0, 2),
             (1, 5, 5, 4, 3, 3, 4, 0, 5),
+            // Several K blocks in the fused products (forward: cin; input gradient: cout).
+            (1, 6, 5, 300, 20, 1, 1, 1, 1),
+            (1, 5, 6, 20, 290, 1, 1, 1, 1),
         ] {
             let oh = h + pt + pb - 2;
             let ow = w + pl + pr - 2;
