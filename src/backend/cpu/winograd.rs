@@ -525,7 +525,8 @@ impl Win {
     }
 }
 
-/// V = Bᵀ d B for one tile: `d[r·T + c]` points at the patch's pixels; V[ξ] written at `v + ξ·vs`.
+/// V = Bᵀ d B for one tile: the patch's pixels in `xb` at window `win`; V[ξ] written at
+/// `v + ξ·vs`.
 #[target_feature(enable = "avx512f")]
 unsafe fn input_tile<S: Scheme, const T: usize>(
     xb: *const f32,
@@ -534,23 +535,37 @@ unsafe fn input_tile<S: Scheme, const T: usize>(
     v: *mut f32,
     vs: usize,
 ) {
-    let d: [Option<usize>; 36] = win.offsets(T);
-    let t = T;
+    transform_window::<T, T, false>(&S::BT, xb, win, c, v, vs)
+}
+
+/// The transform of one tile's N × N window of pixels (`src` at `win`, None outside read as
+/// zeros): m · X · mᵀ (`TR`: mᵀ · X · m), the T² results written at `dst + ξ·ds`, 16 channels
+/// at a time.
+#[inline(always)]
+unsafe fn transform_window<const N: usize, const T: usize, const TR: bool>(
+    m: &Mat,
+    src: *const f32,
+    win: &Win,
+    c: usize,
+    dst: *mut f32,
+    ds: usize,
+) {
+    let d: [Option<usize>; 36] = win.offsets(N);
     let mut c0 = 0;
     while c0 < c {
-        let m = lane_mask(c0, c);
-        let mut x = [[_mm512_setzero_ps(); T]; T];
-        for r in 0..t {
-            for cc in 0..t {
-                if let Some(p) = d[r * t + cc] {
-                    x[r][cc] = _mm512_maskz_loadu_ps(m, xb.add(p + c0));
+        let mask = lane_mask(c0, c);
+        let mut x = [[_mm512_setzero_ps(); N]; N];
+        for r in 0..N {
+            for cc in 0..N {
+                if let Some(p) = d[r * N + cc] {
+                    x[r][cc] = _mm512_maskz_loadu_ps(mask, src.add(p + c0));
                 }
             }
         }
-        let o: [[__m512; T]; T] = sandwich::<_, _, false>(&S::BT, &x);
-        for r in 0..t {
-            for cc in 0..t {
-                _mm512_mask_storeu_ps(v.add((r * t + cc) * vs + c0), m, o[r][cc]);
+        let o: [[__m512; T]; T] = sandwich::<_, _, TR>(m, &x);
+        for r in 0..T {
+            for cc in 0..T {
+                _mm512_mask_storeu_ps(dst.add((r * T + cc) * ds + c0), mask, o[r][cc]);
             }
         }
         c0 += 16;
@@ -603,27 +618,7 @@ unsafe fn output_tile_grad<S: Scheme, const T: usize, const O: usize>(
     dm: *mut f32,
     ms: usize,
 ) {
-    let dy: [Option<usize>; 16] = yw.offsets(O);
-    let (t, o) = (T, O);
-    let mut c0 = 0;
-    while c0 < c {
-        let mask = lane_mask(c0, c);
-        let mut g = [[_mm512_setzero_ps(); O]; O];
-        for r in 0..o {
-            for cc in 0..o {
-                if let Some(p) = dy[r * o + cc] {
-                    g[r][cc] = _mm512_maskz_loadu_ps(mask, dyb.add(p + c0));
-                }
-            }
-        }
-        let e: [[__m512; T]; T] = sandwich::<_, _, true>(&S::AT, &g);
-        for r in 0..t {
-            for cc in 0..t {
-                _mm512_mask_storeu_ps(dm.add((r * t + cc) * ms + c0), mask, e[r][cc]);
-            }
-        }
-        c0 += 16;
-    }
+    transform_window::<O, T, true>(&S::AT, dyb, yw, c, dm, ms)
 }
 
 /// dd = B dV Bᵀ for one tile, channels c0..c1, added to the patch pixels of `dx` at window
