@@ -973,7 +973,7 @@ fn backward_chunked<S: Scheme>(
     w: &[f32],
     dy: &[f32],
     mut dx: Option<&mut [f32]>,
-    dw_out: Option<(&mut [f32], bool)>,
+    mut dw_out: Option<(&mut [f32], bool)>,
     chunk: usize,
 ) {
     assert!(available(), "winograd: AVX-512 required");
@@ -1005,7 +1005,6 @@ fn backward_chunked<S: Scheme>(
     } else {
         None
     };
-    let mut dw_out = dw_out;
     let threads = crate::threads::num_threads().max(1);
     let cblk = cin.div_ceil(2 * threads).next_multiple_of(16).max(16);
     let dyp = dy.as_ptr() as usize;
