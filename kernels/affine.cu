@@ -7,7 +7,7 @@ template <typename A> struct Affine {
 };
 
 #define AFFINE_KERNEL(T, SUFFIX, NAME) \
-    extern "C" __global__ void NAME##_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, u64 n, double mul, double add) { \
+    KERNEL(NAME##_##SUFFIX, const T* __restrict__ x, T* __restrict__ y, u64 n, double mul, double add) { \
         typedef Acc<T>::type A; \
         map_unary(x, y, n, Affine<A>{(A)mul, (A)add}); \
     }

@@ -14,9 +14,15 @@ template <> struct Acc<double> { typedef double type; };
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(f16 x) {
+#ifdef PHENO_EMU
+    _Float16 h;
+    __builtin_memcpy(&h, &x.bits, 2);
+    return (float)h;
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
     return f;
+#endif
 }
 // bf16 is the top half of an f32: widening is exact.
 __device__ __forceinline__ float to_acc(bf16 x) { return __uint_as_float(((unsigned int)x.bits) << 16); }
@@ -26,12 +32,17 @@ template <> __device__ __forceinline__ float from_acc<float>(float v) { return v
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
 template <> __device__ __forceinline__ f16 from_acc<f16>(float v) {
     f16 h;
+#ifdef PHENO_EMU
+    _Float16 r = (_Float16)v;
+    __builtin_memcpy(&h.bits, &r, 2);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+#endif
     return h;
 }
 template <> __device__ __forceinline__ bf16 from_acc<bf16>(float v) {
     bf16 h;
-#if __CUDA_ARCH__ >= 800
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
 #else
     // Round to nearest even by hand before sm_80 (no cvt.bf16); NaN stays a quiet NaN.
@@ -74,6 +85,29 @@ __device__ __forceinline__ void map_unary(const T* __restrict__ x, T* __restrict
     const u64 done = packs * V;
     GRID_STRIDE_LOOP(i, n - done) { y[done + i] = from_acc<T>(op(to_acc(x[done + i]))); }
 }
+
+// A kernel entry point: KERNEL(name, params...) { body }. Under PHENO_EMU (the CPU emulation the
+// tests build with g++, tests/gpu/cuda_emu.hpp) it also exports emu__<name>, the launcher.
+#ifdef PHENO_EMU
+#define KERNEL(name, ...) \
+    extern "C" void name(__VA_ARGS__); \
+    extern "C" int emu__##name(const emu::Cfg* cfg, void** args) { return emu::launch(name, cfg, args); } \
+    extern "C" void name(__VA_ARGS__)
+#define KERNEL_BOUNDED(threads, name, ...) KERNEL(name, __VA_ARGS__)
+#else
+#define KERNEL(name, ...) extern "C" __global__ void name(__VA_ARGS__)
+// With __launch_bounds__(threads): the kernel is only ever launched with at most `threads` threads.
+#define KERNEL_BOUNDED(threads, name, ...) extern "C" __global__ void __launch_bounds__(threads) name(__VA_ARGS__)
+#endif
+
+// Dynamic shared memory as a T* named `name` (16-byte aligned).
+#ifdef PHENO_EMU
+#define DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(emu::dynamic_shared())
+#else
+#define DYNAMIC_SHARED(T, name) \
+    extern __shared__ __align__(16) unsigned char name##_bytes[]; \
+    T* name = reinterpret_cast<T*>(name##_bytes)
+#endif
 
 // One extern "C" entry point per dtype: NAME_f32, NAME_f64, NAME_f16, NAME_bf16.
 #define FOR_EACH_DTYPE(M, ...) \

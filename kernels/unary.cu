@@ -10,7 +10,7 @@ struct Sigmoid {
 };
 
 #define UNARY_KERNEL(T, SUFFIX, NAME, OP) \
-    extern "C" __global__ void NAME##_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, u64 n) { \
+    KERNEL(NAME##_##SUFFIX, const T* __restrict__ x, T* __restrict__ y, u64 n) { \
         map_unary(x, y, n, OP()); \
     }
 

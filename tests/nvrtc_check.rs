@@ -13,18 +13,6 @@ const ARCHS: [u32; 2] = [80, 90];
 const PTXAS_VERBOSE: &str = "--ptxas-options=-v";
 const NEEDS_NVRTC: &str = "needs libnvrtc: run scripts/test-cuda-nvrtc.sh";
 
-/// The entry points the Rust side launches, per module (see src/backend/cuda/ops.rs).
-fn expected_entries(module: &str) -> Vec<String> {
-    let ops: &[&str] = match module {
-        "unary" => &["silu", "sigmoid"],
-        "affine" => &["affine"],
-        _ => &[],
-    };
-    ops.iter()
-        .flat_map(|op| ["f32", "f64", "f16", "bf16"].map(|s| format!("{op}_{s}")))
-        .collect()
-}
-
 fn files_in_kernels(ext: &str) -> BTreeSet<String> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
     std::fs::read_dir(&dir)
@@ -81,8 +69,8 @@ fn kernels_compile_to_cubin_without_warnings_or_spills() {
             }
             let functions = nvrtc::parse_ptxas_log(&compiled.log);
             let names: BTreeSet<&str> = functions.iter().map(|f| f.name.as_str()).collect();
-            for entry in expected_entries(module.name) {
-                if !names.contains(entry.as_str()) {
+            for entry in module.entries {
+                if !names.contains(entry) {
                     failures.push(format!(
                         "{where_}: no ptxas report for entry point {entry} (log:\n{})",
                         compiled.log

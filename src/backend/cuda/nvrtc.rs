@@ -11,27 +11,7 @@ use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr, CString};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// One `kernels/<name>.cu` file, embedded in the binary.
-#[derive(Debug)]
-pub struct KernelModule {
-    pub name: &'static str,
-    pub source: &'static str,
-}
-
-pub static UNARY: KernelModule = KernelModule {
-    name: "unary",
-    source: include_str!("../../../kernels/unary.cu"),
-};
-pub static AFFINE: KernelModule = KernelModule {
-    name: "affine",
-    source: include_str!("../../../kernels/affine.cu"),
-};
-
-/// Every kernel module; `tests/nvrtc_check.rs` fails when a `kernels/*.cu` file is missing here.
-pub static MODULES: &[&KernelModule] = &[&UNARY, &AFFINE];
-
-/// Headers the modules may `#include "<name>"`, handed to NVRTC in memory.
-pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../../../kernels/common.cuh"))];
+pub use crate::backend::gpu::kernels::{KernelModule, AFFINE, HEADERS, MODULES, UNARY};
 
 /// Options every compile uses (the architecture is added per call).
 pub const BASE_OPTIONS: &[&str] = &["--std=c++17"];

@@ -1,0 +1,190 @@
+//! Depthwise convolution (`kernels/depthwise.cu`), NHWC: forward, input gradient, weight gradient.
+
+use super::elementwise::suffix;
+use super::kernels::DEPTHWISE;
+use super::{dim, grid_extent, grid_stride_blocks, Arg, Gpu, Launch, BLOCK};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// The geometry of one depthwise convolution, as the kernels' `DwGeom` struct.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DwGeom {
+    pub n: i32,
+    pub h: i32,
+    pub w: i32,
+    pub c: i32,
+    pub oh: i32,
+    pub ow: i32,
+    pub stride: i32,
+    pub pad_top: i32,
+    pub pad_left: i32,
+}
+
+/// A depthwise convolution: x [n, h, w, c] ⊛ w [c, k, k] → y [n, oh, ow, c].
+#[derive(Clone, Copy, Debug)]
+pub struct Depthwise {
+    pub dtype: DType,
+    pub k: usize,
+    pub geom: DwGeom,
+}
+
+impl Depthwise {
+    /// Checks the kernel support (k ∈ {3, 5}; f32 or bf16 storage) and the sizes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        dtype: DType,
+        [n, h, w, c]: [usize; 4],
+        k: usize,
+        stride: usize,
+        pad_top: usize,
+        pad_left: usize,
+        [oh, ow]: [usize; 2],
+    ) -> Result<Self> {
+        if !matches!(k, 3 | 5) {
+            return Err(Error::InvalidArgument(format!(
+                "depthwise conv on CUDA: kernel size {k} is not supported (3 or 5)"
+            )));
+        }
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(Error::InvalidArgument(format!(
+                "depthwise conv on CUDA: dtype {dtype:?} is not supported (f32 or bf16)"
+            )));
+        }
+        if stride == 0 || [n, h, w, c, oh, ow].contains(&0) {
+            return Err(Error::Shape(format!(
+                "depthwise conv on CUDA: empty geometry {n}×{h}×{w}×{c} → {oh}×{ow}, stride {stride}"
+            )));
+        }
+        let geom = DwGeom {
+            n: dim(n, "batch")?,
+            h: dim(h, "height")?,
+            w: dim(w, "width")?,
+            c: dim(c, "channels")?,
+            oh: dim(oh, "output height")?,
+            ow: dim(ow, "output width")?,
+            stride: dim(stride, "stride")?,
+            pad_top: dim(pad_top, "padding")?,
+            pad_left: dim(pad_left, "padding")?,
+        };
+        Ok(Depthwise { dtype, k, geom })
+    }
+
+    pub fn input_len(&self) -> usize {
+        let g = &self.geom;
+        g.n as usize * g.h as usize * g.w as usize * g.c as usize
+    }
+
+    pub fn output_len(&self) -> usize {
+        let g = &self.geom;
+        g.n as usize * g.oh as usize * g.ow as usize * g.c as usize
+    }
+
+    pub fn weight_len(&self) -> usize {
+        self.geom.c as usize * self.k * self.k
+    }
+
+    fn entry(&self, what: &str) -> String {
+        format!("depthwise_{what}_k{}_{}", self.k, suffix(self.dtype))
+    }
+
+    fn elementwise(
+        &self,
+        g: &impl Gpu,
+        what: &str,
+        items: usize,
+        a: u64,
+        b: u64,
+        out: u64,
+    ) -> Launch {
+        Launch {
+            module: &DEPTHWISE,
+            entry: self.entry(what),
+            grid: [grid_stride_blocks(g, items), 1, 1],
+            block: [BLOCK, 1, 1],
+            shared_bytes: 0,
+            args: vec![
+                Arg::Ptr(a),
+                Arg::Ptr(b),
+                Arg::Ptr(out),
+                Arg::pod(&self.geom),
+            ],
+        }
+    }
+
+    /// y = x ⊛ w.
+    ///
+    /// # Safety
+    /// x, w, y address `input_len`, `weight_len`, `output_len` elements of `dtype`; y is distinct.
+    pub unsafe fn forward(&self, g: &impl Gpu, x: u64, w: u64, y: u64) -> Result<()> {
+        g.launch(&self.elementwise(g, "forward", self.output_len(), x, w, y))
+    }
+
+    /// dx = ∂L/∂x from dy (overwrites dx).
+    ///
+    /// # Safety
+    /// dy, w, dx address `output_len`, `weight_len`, `input_len` elements of `dtype`; dx is distinct.
+    pub unsafe fn backward_x(&self, g: &impl Gpu, dy: u64, w: u64, dx: u64) -> Result<()> {
+        g.launch(&self.elementwise(g, "backward_x", self.input_len(), dy, w, dx))
+    }
+
+    /// dw (f32, [c, k, k]) = ∂L/∂w, added to dw's contents when `accumulate`.
+    ///
+    /// # Safety
+    /// x and dy address `input_len` / `output_len` elements of `dtype`; dw `weight_len` f32.
+    pub unsafe fn backward_w(
+        &self,
+        g: &impl Gpu,
+        x: u64,
+        dy: u64,
+        dw: u64,
+        accumulate: bool,
+    ) -> Result<()> {
+        let geo = &self.geom;
+        let positions = geo.n as usize * geo.oh as usize * geo.ow as usize;
+        let channel_blocks = (geo.c as usize).div_ceil(32);
+        // About four blocks per multiprocessor, each over at least 256 positions.
+        let want = (4 * g.multiprocessors() as usize).div_ceil(channel_blocks);
+        let splits = want.clamp(1, positions.div_ceil(256).clamp(1, 65535));
+        let per_split = positions.div_ceil(splits);
+        let splits = positions.div_ceil(per_split);
+        let len = self.weight_len();
+        let partial = g.alloc(splits * len * 4)?;
+        let pp = g.ptr(&partial);
+        g.launch(&Launch {
+            module: &DEPTHWISE,
+            entry: self.entry("backward_w"),
+            grid: [
+                grid_extent(channel_blocks, 0, "depthwise weight gradient")?,
+                grid_extent(splits, 1, "depthwise weight gradient")?,
+                1,
+            ],
+            block: [32 * DW_ROWS, 1, 1],
+            shared_bytes: 0,
+            args: vec![
+                Arg::Ptr(x),
+                Arg::Ptr(dy),
+                Arg::Ptr(pp),
+                Arg::pod(&self.geom),
+                Arg::I32(dim(per_split, "positions per split")?),
+            ],
+        })?;
+        g.launch(&Launch {
+            module: &DEPTHWISE,
+            entry: "depthwise_backward_w_reduce".into(),
+            grid: [grid_stride_blocks(g, len), 1, 1],
+            block: [BLOCK, 1, 1],
+            shared_bytes: 0,
+            args: vec![
+                Arg::Ptr(pp),
+                Arg::Ptr(dw),
+                Arg::U64(len as u64),
+                Arg::I32(splits as i32),
+                Arg::I32(accumulate as i32),
+            ],
+        })
+    }
+}
+
+/// `DW_ROWS` of kernels/depthwise.cu: position groups per weight-gradient block.
+const DW_ROWS: u32 = 8;

@@ -1,0 +1,89 @@
+//! Elementwise kernels (`kernels/unary.cu`, `kernels/affine.cu`): one 16-byte pack per thread per
+//! grid-stride step, f16 / bf16 computed in f32.
+
+use super::kernels::{AFFINE, UNARY};
+use super::{grid_stride_blocks, Arg, Gpu, Launch, BLOCK};
+use crate::error::Result;
+use crate::tensor::DType;
+
+/// The suffix of a dtype's entry point (`silu_f32`, `silu_bf16`, …), as `FOR_EACH_DTYPE` names them.
+pub fn suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+    }
+}
+
+/// Which activation [`unary`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unary {
+    Silu,
+    Sigmoid,
+}
+
+/// y = op(x) over `n` elements of `dtype`.
+///
+/// # Safety
+/// `x` and `y` address `n` elements of `dtype` each, in distinct buffers.
+pub unsafe fn unary(g: &impl Gpu, op: Unary, dtype: DType, x: u64, y: u64, n: usize) -> Result<()> {
+    let name = match op {
+        Unary::Silu => "silu",
+        Unary::Sigmoid => "sigmoid",
+    };
+    map(g, &UNARY, name, dtype, x, y, n, &[])
+}
+
+/// y = x · mul + add over `n` elements of `dtype`.
+///
+/// # Safety
+/// As [`unary`].
+pub unsafe fn affine(
+    g: &impl Gpu,
+    dtype: DType,
+    x: u64,
+    y: u64,
+    n: usize,
+    mul: f64,
+    add: f64,
+) -> Result<()> {
+    map(
+        g,
+        &AFFINE,
+        "affine",
+        dtype,
+        x,
+        y,
+        n,
+        &[Arg::F64(mul), Arg::F64(add)],
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn map(
+    g: &impl Gpu,
+    module: &'static super::kernels::KernelModule,
+    op: &str,
+    dtype: DType,
+    x: u64,
+    y: u64,
+    n: usize,
+    scalars: &[Arg],
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    // map_unary gives each thread one 16-byte pack per grid-stride step.
+    let packs = n.div_ceil(16 / dtype.size_in_bytes());
+    let mut args = vec![Arg::Ptr(x), Arg::Ptr(y), Arg::U64(n as u64)];
+    args.extend_from_slice(scalars);
+    g.launch(&Launch {
+        module,
+        entry: format!("{op}_{}", suffix(dtype)),
+        grid: [grid_stride_blocks(g, packs), 1, 1],
+        block: [BLOCK, 1, 1],
+        shared_bytes: 0,
+        args,
+    })
+}

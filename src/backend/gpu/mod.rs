@@ -1,0 +1,144 @@
+//! The launch layer of the hand-written kernels in `kernels/`: for each op, which entry point runs
+//! with which grid, block, shared memory and arguments. Written once against the [`Gpu`] trait, it
+//! drives a CUDA device (`backend::cuda`, feature `cuda`) and, in the tests, a CPU emulation of
+//! the same kernels (`tests/gpu/`), so launch geometry and kernel logic are checked against the CPU
+//! backend on every CI run, with or without a GPU.
+//!
+//! Functions here take raw device addresses (`u64`) and are `unsafe`: the caller guarantees each
+//! address points at a live buffer of the documented size and dtype. Typed, checked wrappers live
+//! in the backends.
+
+pub mod attention;
+pub mod crop;
+pub mod depthwise;
+pub mod elementwise;
+pub mod geglu;
+pub mod kernels;
+pub mod loss;
+pub mod norm;
+pub mod optim;
+pub mod shape;
+
+use crate::error::{Error, Result};
+use kernels::KernelModule;
+
+/// One kernel argument, as the kernel declares it (pointers are device addresses).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+    F64(f64),
+    /// A struct passed by value (its bytes, in 8-byte words so the host copy is aligned).
+    Struct(Vec<u64>),
+}
+
+impl Arg {
+    /// A `#[repr(C)]` struct argument, laid out as the kernel's C struct.
+    pub fn pod<T: bytemuck::Pod>(v: &T) -> Arg {
+        let bytes = bytemuck::bytes_of(v);
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Arg::Struct(words)
+    }
+
+    /// Where the argument's bytes are, as `cuLaunchKernel`'s `kernelParams` wants them.
+    pub fn as_param(&self) -> *mut std::ffi::c_void {
+        let p: *const std::ffi::c_void = match self {
+            Arg::Ptr(v) | Arg::U64(v) => v as *const u64 as _,
+            Arg::I32(v) => v as *const i32 as _,
+            Arg::U32(v) => v as *const u32 as _,
+            Arg::F32(v) => v as *const f32 as _,
+            Arg::F64(v) => v as *const f64 as _,
+            Arg::Struct(w) => w.as_ptr() as _,
+        };
+        p as *mut _
+    }
+}
+
+/// A kernel launch: entry point, geometry and arguments.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub module: &'static KernelModule,
+    pub entry: String,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: u32,
+    pub args: Vec<Arg>,
+}
+
+/// A device that runs the kernels: a CUDA GPU, or the tests' CPU emulation.
+pub trait Gpu {
+    /// Device memory, released on drop.
+    type Buf;
+    /// `bytes` of uninitialised device memory, 256-byte aligned.
+    fn alloc(&self, bytes: usize) -> Result<Self::Buf>;
+    /// The device address of a buffer.
+    fn ptr(&self, buf: &Self::Buf) -> u64;
+    /// A new buffer holding `bytes`.
+    fn upload(&self, bytes: &[u8]) -> Result<Self::Buf>;
+    /// Copies the first `out.len()` bytes of `buf` to the host, after all queued work.
+    fn download(&self, buf: &Self::Buf, out: &mut [u8]) -> Result<()>;
+    /// Sets `bytes` bytes at `ptr` to zero (in stream order).
+    ///
+    /// # Safety
+    /// `ptr .. ptr + bytes` must lie inside one live buffer of this device.
+    unsafe fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()>;
+    /// Queues a kernel.
+    ///
+    /// # Safety
+    /// `l.args` must match the entry point's parameters one for one in type, and every pointer must
+    /// address a live buffer large enough for every index the kernel computes from those arguments.
+    unsafe fn launch(&self, l: &Launch) -> Result<()>;
+    /// Streaming multiprocessors: sizes grid-stride launches.
+    fn multiprocessors(&self) -> u32;
+
+    /// Uploads a slice of plain values.
+    fn upload_slice<T: bytemuck::Pod>(&self, v: &[T]) -> Result<Self::Buf> {
+        self.upload(bytemuck::cast_slice(v))
+    }
+    /// Downloads `n` plain values from the start of `buf`.
+    fn download_vec<T: bytemuck::Pod + Default>(
+        &self,
+        buf: &Self::Buf,
+        n: usize,
+    ) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); n];
+        self.download(buf, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+}
+
+/// Threads per block of the grid-stride (elementwise-style) kernels.
+pub const BLOCK: u32 = 256;
+/// Grid-stride kernels launch at most this many blocks per multiprocessor.
+pub const BLOCKS_PER_SM: u32 = 8;
+
+/// Blocks for a grid-stride loop over `items` work items, `BLOCK` threads each.
+pub fn grid_stride_blocks(g: &impl Gpu, items: usize) -> u32 {
+    let cap = g.multiprocessors().max(1).saturating_mul(BLOCKS_PER_SM) as usize;
+    items.div_ceil(BLOCK as usize).clamp(1, cap) as u32
+}
+
+/// A dimension as the kernels' `int` parameters take it.
+pub fn dim(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "{what} = {v} is too large for the CUDA kernels (at most {})",
+            i32::MAX
+        ))
+    })
+}
+
+/// A grid extent, checked against CUDA's limits (x < 2³¹, y and z ≤ 65535).
+pub fn grid_extent(v: usize, axis: usize, what: &str) -> Result<u32> {
+    let max = if axis == 0 { i32::MAX as usize } else { 65535 };
+    if v == 0 || v > max {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: {v} blocks on grid axis {axis} (must be 1..={max})"
+        )));
+    }
+    Ok(v as u32)
+}

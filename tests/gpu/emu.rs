@@ -1,0 +1,226 @@
+//! The CPU emulation of the CUDA kernels (see `cuda_emu.hpp`): each `kernels/<module>.cu` is built
+//! with g++ into a shared library once (cached by content under the target dir) and launched through
+//! its `emu__<entry>` exports with the same grid, block and argument list a GPU would get.
+
+use phenocore::backend::gpu::kernels::{KernelModule, HEADERS};
+use phenocore::backend::gpu::{Gpu, Launch};
+use phenocore::{Error, Result};
+use std::alloc::Layout;
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+const EMU_HEADER: &str = include_str!("cuda_emu.hpp");
+
+/// The emulated device: host memory, kernels run by `cuda_emu.hpp`.
+pub struct Emu {
+    libs: Mutex<HashMap<&'static str, Arc<libloading::Library>>>,
+}
+
+pub fn emu() -> &'static Emu {
+    static EMU: OnceLock<Emu> = OnceLock::new();
+    EMU.get_or_init(|| Emu {
+        libs: Mutex::new(HashMap::new()),
+    })
+}
+
+/// Host memory standing in for a device buffer (256-byte aligned, like the caching allocator's).
+pub struct EmuBuf {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+unsafe impl Send for EmuBuf {}
+unsafe impl Sync for EmuBuf {}
+
+impl Drop for EmuBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `alloc` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+#[repr(C)]
+struct Cfg {
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: u32,
+}
+
+type Launcher = unsafe extern "C" fn(*const Cfg, *mut *mut c_void) -> c_int;
+
+fn build(module: &KernelModule) -> Result<PathBuf> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (module.source, HEADERS, EMU_HEADER).hash(&mut h);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("gpu-emu")
+        .join(format!("{}-{:016x}", module.name, h.finish()));
+    let lib = dir.join(format!("{}.so", module.name));
+    if lib.exists() {
+        return Ok(lib);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text).map_err(|e| Error::Io(format!("{name}: {e}")))
+    };
+    write("cuda_emu.hpp", EMU_HEADER)?;
+    for (name, text) in HEADERS {
+        write(name, text)?;
+    }
+    let src = format!("{}.cu", module.name);
+    write(&src, module.source)?;
+    let tmp = dir.join(format!("{}.so.tmp", module.name));
+    let out = std::process::Command::new(std::env::var("CXX").unwrap_or_else(|_| "g++".into()))
+        .current_dir(&dir)
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-g",
+            "-shared",
+            "-fPIC",
+            "-pthread",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+        ])
+        .args([
+            "-DPHENO_EMU",
+            "-include",
+            "cuda_emu.hpp",
+            "-I",
+            ".",
+            "-x",
+            "c++",
+            &src,
+            "-o",
+        ])
+        .arg(&tmp)
+        .output()
+        .map_err(|e| {
+            Error::Io(format!(
+                "running g++ (install g++ for the kernel emulation tests): {e}"
+            ))
+        })?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || log.contains("warning") {
+        return Err(Error::Cuda(format!(
+            "g++ could not build kernels/{src} for the emulation:\n{log}"
+        )));
+    }
+    std::fs::rename(&tmp, &lib).map_err(|e| Error::Io(format!("{}: {e}", lib.display())))?;
+    Ok(lib)
+}
+
+impl Emu {
+    fn lib(&self, module: &'static KernelModule) -> Result<Arc<libloading::Library>> {
+        let mut libs = self.libs.lock().unwrap();
+        if let Some(l) = libs.get(module.name) {
+            return Ok(l.clone());
+        }
+        let path = build(module)?;
+        // SAFETY: the library has no initialisers beyond C++ statics of the emulation header.
+        let lib = Arc::new(
+            unsafe { libloading::Library::new(&path) }
+                .map_err(|e| Error::Cuda(format!("loading {}: {e}", path.display())))?,
+        );
+        libs.insert(module.name, lib.clone());
+        Ok(lib)
+    }
+
+    /// Checks that every entry point the launch layer names exists in the module's build.
+    pub fn check_entries(&self, module: &'static KernelModule) -> Result<()> {
+        let lib = self.lib(module)?;
+        for entry in module.entries {
+            // SAFETY: only looks the symbol up.
+            unsafe { lib.get::<Launcher>(format!("emu__{entry}\0").as_bytes()) }.map_err(|e| {
+                Error::Cuda(format!(
+                    "kernels/{}.cu has no entry point {entry}: {e}",
+                    module.name
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Gpu for Emu {
+    type Buf = EmuBuf;
+
+    fn alloc(&self, bytes: usize) -> Result<EmuBuf> {
+        let layout = Layout::from_size_align(bytes.max(1), 256)
+            .map_err(|e| Error::OutOfMemory(format!("{bytes} bytes: {e}")))?;
+        // SAFETY: the layout has non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        if ptr.is_null() {
+            return Err(Error::OutOfMemory(format!("{bytes} bytes")));
+        }
+        // Uninitialised on a GPU: filled with 0xff bytes (a NaN in every float type) here, so a
+        // kernel that reads what nobody wrote shows it.
+        // SAFETY: ptr is valid for layout.size() bytes.
+        unsafe { std::ptr::write_bytes(ptr, 0xff, layout.size()) };
+        Ok(EmuBuf { ptr, layout })
+    }
+
+    fn ptr(&self, buf: &EmuBuf) -> u64 {
+        buf.ptr as u64
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<EmuBuf> {
+        let b = self.alloc(bytes.len())?;
+        // SAFETY: b holds at least bytes.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), b.ptr, bytes.len()) };
+        Ok(b)
+    }
+
+    fn download(&self, buf: &EmuBuf, out: &mut [u8]) -> Result<()> {
+        assert!(
+            out.len() <= buf.layout.size(),
+            "download past the end of a buffer"
+        );
+        // SAFETY: checked above.
+        unsafe { std::ptr::copy_nonoverlapping(buf.ptr, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    unsafe fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        std::ptr::write_bytes(ptr as *mut u8, 0, bytes);
+        Ok(())
+    }
+
+    unsafe fn launch(&self, l: &Launch) -> Result<()> {
+        let lib = self.lib(l.module)?;
+        let f = lib
+            .get::<Launcher>(format!("emu__{}\0", l.entry).as_bytes())
+            .map_err(|e| {
+                Error::Cuda(format!(
+                    "kernels/{}.cu: no entry point {}: {e}",
+                    l.module.name, l.entry
+                ))
+            })?;
+        assert!(
+            l.module.entries.contains(&l.entry.as_str()),
+            "{} is launched but not listed in the module's entries (the NVRTC check would miss it)",
+            l.entry
+        );
+        let cfg = Cfg {
+            grid: l.grid,
+            block: l.block,
+            shared_bytes: l.shared_bytes,
+        };
+        let mut params: Vec<*mut c_void> = l.args.iter().map(|a| a.as_param()).collect();
+        let rc = f(&cfg, params.as_mut_ptr());
+        if rc != 0 {
+            return Err(Error::Cuda(format!(
+                "emulated launch of {} failed ({rc}): {l:?}",
+                l.entry
+            )));
+        }
+        Ok(())
+    }
+
+    fn multiprocessors(&self) -> u32 {
+        // Few, so grid-stride loops and split reductions take more than one step in the tests.
+        2
+    }
+}

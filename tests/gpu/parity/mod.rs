@@ -1,0 +1,93 @@
+//! Parity of the CUDA kernels with the CPU backend, written once over `backend::gpu::Gpu`: run on
+//! the CPU emulation by `tests/gpu_emu.rs` (every CI run) and on a real GPU by
+//! `tests/cuda_parity.rs` (`--ignored`, feature `cuda`). References are the CPU ops on the tape in
+//! f64 from the same (rounded) inputs; errors are normwise, max |gpu − cpu| / max |cpu|, against
+//! the bounds: 1e-5 for f32 storage, 1e-2 for bf16.
+
+#![allow(dead_code)]
+
+pub mod attention;
+pub mod crop;
+pub mod depthwise;
+pub mod elementwise;
+pub mod geglu;
+pub mod loss;
+pub mod norm;
+pub mod optim;
+pub mod shape;
+
+use half::bf16;
+use rand::{Rng, SeedableRng};
+
+pub const F32_TOL: f64 = 1e-5;
+pub const BF16_TOL: f64 = 1e-2;
+
+/// Every parity test, by function name: `$m!(name, ...)` makes the test functions of a runner.
+#[macro_export]
+macro_rules! for_each_parity_test {
+    ($m:ident) => {
+        // One line per module (helpers edit their own line only).
+        $m!(
+            elementwise::unary_f32,
+            elementwise::unary_bf16,
+            elementwise::affine_f32,
+            depthwise::forward_and_backward_f32,
+            depthwise::forward_and_backward_bf16,
+            depthwise::accumulates_weight_gradient,
+            // norm:
+            // attention:
+            // geglu:
+            // loss:
+            // shape:
+            // optim:
+            // crop:
+        );
+    };
+}
+
+/// `n` values uniform in [−1, 1), fixed by `seed`.
+pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| r.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// Rounds to bf16 (to nearest even), as the bits and as the f32 value they hold.
+pub fn to_bf16(v: &[f32]) -> (Vec<u16>, Vec<f32>) {
+    let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+    (
+        b.iter().map(|x| x.to_bits()).collect(),
+        b.iter().map(|x| x.to_f32()).collect(),
+    )
+}
+
+pub fn from_bf16(bits: &[u16]) -> Vec<f64> {
+    bits.iter().map(|&b| bf16::from_bits(b).to_f64()).collect()
+}
+
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// max |got − want| / max |want|, asserted ≤ tol (and finite), with the worst index in the message.
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f64, |m, w| m.max(w.abs())).max(1e-30);
+    let (mut worst, mut at) = (0f64, 0);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let e = (g - w).abs();
+        if !(e <= worst) {
+            worst = e;
+            at = i;
+            if e.is_nan() {
+                break;
+            }
+        }
+    }
+    let rel = worst / scale;
+    assert!(
+        rel <= tol,
+        "{what}: relative error {rel:.3e} > {tol:.0e} (index {at}: got {}, want {}; scale {scale:.3e})",
+        got[at],
+        want[at]
+    );
+}
