@@ -131,6 +131,11 @@ impl CudaDevice {
     }
 
     /// Compute capability as major·10 + minor; kernels are compiled for exactly this.
+    /// Streaming multiprocessors on the device.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
     pub fn arch(&self) -> Arch {
         self.arch
     }

@@ -7,6 +7,7 @@
 
 mod alloc;
 mod device;
+mod gpu;
 pub mod nvrtc;
 pub mod ops;
 mod storage;
