@@ -58,5 +58,6 @@ cargo test --release --features cuda --test nvrtc_check -- --include-ignored
 if [ "$gpu" = 1 ]; then
     echo "== GPU tests"
     cargo test --release --features cuda --test cuda_ops -- --include-ignored
+    cargo test --release --features cuda --test cuda_parity -- --include-ignored
 fi
 echo "== CUDA checks passed"
