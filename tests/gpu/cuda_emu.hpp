@@ -4,11 +4,13 @@
 // `int emu__<entry>(const emu::Cfg*, void** args)`, which runs the kernel over its grid exactly as
 // cuLaunchKernel would be asked to (args[i] points at the i-th parameter's value).
 //
-// Model: blocks run one after another; the threads of a block run concurrently as OS threads, so
-// __syncthreads, warp shuffles and shared memory behave as on a GPU for race-free code, and a
-// missing barrier tends to show up as wrong results. `__shared__` variables are function statics
-// (blocks never overlap, so one copy per kernel suffices); dynamic shared memory is a per-launch
-// buffer. Threads that return early leave every barrier, as on sm_70+.
+// Model: blocks run one after another; the threads of a block are fibers run one at a time up to
+// their next barrier (__syncthreads, __syncwarp, or a shuffle's exchange), alternately in thread
+// order and in reverse, so results are deterministic and code that reads another thread's shared
+// memory without a barrier between write and read usually computes a wrong value. `__shared__`
+// variables are function statics (blocks never overlap, so one copy per kernel suffices); dynamic
+// shared memory is a per-block buffer filled with 0xff. Threads that return early leave every
+// barrier, as on sm_70+; threads waiting at different barriers are reported as a deadlock.
 //
 // What this does not check: memory-model subtleties beyond barriers, bank conflicts, performance,
 // register pressure (the NVRTC check covers spills), and out-of-bounds reads that land in mapped
@@ -25,6 +27,7 @@
 #include <exception>
 #include <mutex>
 #include <thread>
+#include <ucontext.h>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -55,59 +58,45 @@ struct Cfg {
     unsigned shared_bytes;
 };
 
-// A barrier whose participant count drops when a thread leaves (returns from the kernel).
-class Barrier {
-    std::mutex m_;
-    std::condition_variable cv_;
-    unsigned live_ = 0, arrived_ = 0;
-    unsigned long long generation_ = 0;
+// Each CUDA thread of a block is a fiber (ucontext) with its own stack; one OS thread runs them
+// one at a time, each until it reaches a barrier or returns, in thread order for even blocks and
+// in reverse order for odd ones. Deterministic, and a missing __syncthreads usually shows: the
+// first thread to run reads shared memory the others have not written yet.
+enum class State : unsigned char { Ready, AtBlock, AtWarp, Exited };
 
-    void release_locked() {
-        arrived_ = 0;
-        ++generation_;
-        cv_.notify_all();
-    }
-
-  public:
-    void reset(unsigned n) {
-        std::lock_guard<std::mutex> g(m_);
-        live_ = n;
-        arrived_ = 0;
-    }
-    void wait() {
-        std::unique_lock<std::mutex> l(m_);
-        unsigned long long mine = generation_;
-        if (++arrived_ == live_) {
-            release_locked();
-        } else {
-            cv_.wait(l, [&] { return generation_ != mine; });
-        }
-    }
-    void leave() {
-        std::lock_guard<std::mutex> g(m_);
-        --live_;
-        if (live_ > 0 && arrived_ == live_) release_locked();
-    }
+struct Fiber {
+    ucontext_t ctx;
+    State state;
 };
 
 struct Block {
     dim3 grid, block;
     unsigned threads = 0;
-    Barrier barrier;
-    std::vector<Barrier> warps;
+    std::vector<Fiber> fibers;
+    ucontext_t scheduler;
     std::vector<unsigned long long> exchange;
     std::vector<unsigned char> dynamic_shared;
+    void (*body)(void*) = nullptr;
+    void* body_ctx = nullptr;
+    std::exception_ptr failure;
 };
 
 inline Block* current = nullptr;
 // Launches of one module run one at a time (they share `current` and the geometry globals).
 inline std::mutex one_launch_at_a_time;
-inline dim3 grid_dim, block_dim;
-inline thread_local dim3 thread_idx, block_idx;
-inline thread_local unsigned linear_tid = 0;
+inline dim3 grid_dim, block_dim, thread_idx, block_idx;
+inline unsigned linear_tid = 0;
+constexpr std::size_t FIBER_STACK = 256 * 1024;
 
-inline void sync_block() { current->barrier.wait(); }
-inline void sync_warp() { current->warps[linear_tid / 32].wait(); }
+inline void park(State s) {
+    Block& b = *current;
+    Fiber& f = b.fibers[linear_tid];
+    f.state = s;
+    swapcontext(&f.ctx, &b.scheduler);
+}
+
+inline void sync_block() { park(State::AtBlock); }
+inline void sync_warp() { park(State::AtWarp); }
 
 // Every thread of the warp publishes v; each reads lane `src` of its own warp (own value if !valid).
 template <typename T> T exchange(T v, unsigned src, bool valid) {
@@ -132,6 +121,58 @@ inline unsigned char* dynamic_shared() {
     return reinterpret_cast<unsigned char*>((p + 15) & ~std::uintptr_t(15));
 }
 
+inline void fiber_main() {
+    Block& b = *current;
+    try {
+        b.body(b.body_ctx);
+    } catch (...) {
+        if (!b.failure) b.failure = std::current_exception();
+    }
+    park(State::Exited);  // never resumed
+}
+
+inline void set_thread(const Block& b, unsigned t) {
+    linear_tid = t;
+    thread_idx = dim3{t % b.block.x, (t / b.block.x) % b.block.y, t / (b.block.x * b.block.y)};
+}
+
+// Runs the fibers of the current block until all have returned; false on a barrier deadlock
+// (threads waiting at different barriers: divergent __syncthreads / __syncwarp).
+inline bool run_block(Block& b, bool reverse) {
+    for (;;) {
+        for (unsigned i = 0; i < b.threads; ++i) {
+            unsigned t = reverse ? b.threads - 1 - i : i;
+            if (b.fibers[t].state != State::Ready) continue;
+            set_thread(b, t);
+            swapcontext(&b.scheduler, &b.fibers[t].ctx);
+        }
+        bool live = false, released = false;
+        for (unsigned w = 0; w * 32 < b.threads; ++w) {
+            unsigned end = std::min(b.threads, 32 * w + 32);
+            bool all = true, any = false;
+            for (unsigned t = 32 * w; t < end; ++t) {
+                State st = b.fibers[t].state;
+                if (st == State::Exited) continue;
+                any = true;
+                all = all && st == State::AtWarp;
+            }
+            live = live || any;
+            if (any && all) {
+                for (unsigned t = 32 * w; t < end; ++t)
+                    if (b.fibers[t].state == State::AtWarp) b.fibers[t].state = State::Ready;
+                released = true;
+            }
+        }
+        if (!live) return true;
+        if (released) continue;
+        bool all_at_block = true;
+        for (auto& f : b.fibers) all_at_block = all_at_block && (f.state == State::Exited || f.state == State::AtBlock);
+        if (!all_at_block) return false;
+        for (auto& f : b.fibers)
+            if (f.state == State::AtBlock) f.state = State::Ready;
+    }
+}
+
 // Runs `body` once per thread per block. Returns 0, or a non-zero code for an invalid launch.
 template <typename F> int run(const Cfg* cfg, F&& body) {
     std::lock_guard<std::mutex> serial(one_launch_at_a_time);
@@ -152,71 +193,47 @@ template <typename F> int run(const Cfg* cfg, F&& body) {
         return 2;
     }
     b.threads = (unsigned)threads;
-    b.warps = std::vector<Barrier>((b.threads + 31) / 32);
+    b.fibers.resize(b.threads);
     b.exchange.assign(b.threads, 0);
-    // Uninitialised on a GPU; filled with a NaN pattern here so reads before writes show.
-    b.dynamic_shared.assign(cfg->shared_bytes + 16, 0xff);
+    b.body = [](void* p) { (*static_cast<std::remove_reference_t<F>*>(p))(); };
+    b.body_ctx = &body;
+    static std::vector<char> stacks;  // reused by later launches of this module
+    if (stacks.size() < b.threads * FIBER_STACK) stacks.resize(b.threads * FIBER_STACK);
     current = &b;
     grid_dim = b.grid;
     block_dim = b.block;
-
-    std::mutex gate_m;
-    std::condition_variable gate_cv;
-    unsigned long long started_block = ~0ull;  // block index the workers should run now
-    unsigned done = 0;
-    std::exception_ptr failure;
-
-    auto worker = [&](unsigned t) {
-        linear_tid = t;
-        thread_idx = dim3{t % b.block.x, (t / b.block.x) % b.block.y, t / (b.block.x * b.block.y)};
-        for (unsigned long long blk = 0; blk < blocks; ++blk) {
-            {
-                std::unique_lock<std::mutex> l(gate_m);
-                gate_cv.wait(l, [&] { return started_block == blk; });
-            }
-            block_idx = dim3{(unsigned)(blk % b.grid.x), (unsigned)((blk / b.grid.x) % b.grid.y),
-                             (unsigned)(blk / ((unsigned long long)b.grid.x * b.grid.y))};
-            try {
-                body();
-            } catch (...) {
-                std::lock_guard<std::mutex> g(gate_m);
-                if (!failure) failure = std::current_exception();
-            }
-            b.barrier.leave();
-            b.warps[t / 32].leave();
-            {
-                std::lock_guard<std::mutex> g(gate_m);
-                ++done;
-            }
-            gate_cv.notify_all();
+    int rc = 0;
+    for (unsigned long long blk = 0; blk < blocks && rc == 0; ++blk) {
+        block_idx = dim3{(unsigned)(blk % b.grid.x), (unsigned)((blk / b.grid.x) % b.grid.y),
+                         (unsigned)(blk / ((unsigned long long)b.grid.x * b.grid.y))};
+        // Uninitialised on a GPU; 0xff bytes (NaN in every float type) here, so reads before writes show.
+        b.dynamic_shared.assign(cfg->shared_bytes + 16, 0xff);
+        for (unsigned t = 0; t < b.threads; ++t) {
+            Fiber& f = b.fibers[t];
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = stacks.data() + t * FIBER_STACK;
+            f.ctx.uc_stack.ss_size = FIBER_STACK;
+            f.ctx.uc_link = &b.scheduler;
+            makecontext(&f.ctx, fiber_main, 0);
+            f.state = State::Ready;
         }
-    };
-    std::vector<std::thread> pool;
-    pool.reserve(b.threads);
-    for (unsigned t = 0; t < b.threads; ++t) pool.emplace_back(worker, t);
-    for (unsigned long long blk = 0; blk < blocks; ++blk) {
-        std::unique_lock<std::mutex> l(gate_m);
-        b.barrier.reset(b.threads);
-        for (unsigned w = 0; w < b.warps.size(); ++w)
-            b.warps[w].reset(std::min(32u, b.threads - 32 * w));
-        done = 0;
-        started_block = blk;
-        gate_cv.notify_all();
-        gate_cv.wait(l, [&] { return done == b.threads; });
+        if (!run_block(b, blk % 2 == 1)) {
+            std::fprintf(stderr, "emu: block %llu deadlocked: threads wait at different barriers\n", blk);
+            rc = 4;
+        }
+        if (b.failure) rc = 3;
     }
-    for (auto& th : pool) th.join();
     current = nullptr;
-    if (failure) {
+    if (b.failure) {
         try {
-            std::rethrow_exception(failure);
+            std::rethrow_exception(b.failure);
         } catch (const std::exception& e) {
             std::fprintf(stderr, "emu: kernel threw: %s\n", e.what());
         } catch (...) {
             std::fprintf(stderr, "emu: kernel threw\n");
         }
-        return 3;
     }
-    return 0;
+    return rc;
 }
 
 template <typename... A, std::size_t... I>
@@ -291,3 +308,12 @@ inline float max(float a, float b) { return std::fmax(a, b); }
 using std::exp;
 using std::log;
 using std::sqrt;
+// IEEE round-to-nearest arithmetic that the compiler may not contract into FMAs (optim, crop).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
