@@ -66,7 +66,25 @@ module!(NORM, "norm", []);
 module!(ATTENTION, "attention", []);
 module!(LOSS, "loss", []);
 module!(GEGLU, "geglu", []);
-module!(SHAPE, "shape", []);
+module!(SHAPE, "shape", [
+    "silu_backward_f32", "silu_backward_bf16", "silu_backward_vec_f32", "silu_backward_vec_bf16",
+    "sigmoid_backward_f32", "sigmoid_backward_bf16", "sigmoid_backward_vec_f32",
+    "sigmoid_backward_vec_bf16", "add_f32", "add_bf16", "add_vec_f32", "add_vec_bf16",
+    "add_per_sample_f32", "add_per_sample_bf16", "add_per_sample_vec_f32", "add_per_sample_vec_bf16",
+    "scale_channels_f32", "scale_channels_bf16", "scale_channels_vec_f32", "scale_channels_vec_bf16",
+    "scale_channels_backward_pooled_f32", "scale_channels_backward_pooled_bf16",
+    "scale_channels_backward_pooled_vec_f32", "scale_channels_backward_pooled_vec_bf16",
+    "global_avg_pool_backward_f32", "global_avg_pool_backward_bf16", "global_avg_pool_backward_vec_f32",
+    "global_avg_pool_backward_vec_bf16",
+    "position_sum_f32", "position_sum_bf16", "position_dot_f32", "position_dot_bf16",
+    "position_reduce_f32", "position_reduce_bf16",
+    "upsample2x_forward_w16", "upsample2x_forward_w8", "upsample2x_forward_w4", "upsample2x_forward_w2",
+    "copy_rows_w16", "copy_rows_w8", "copy_rows_w4", "copy_rows_w2", "embedding_forward_w16",
+    "embedding_forward_w8", "embedding_forward_w4", "embedding_forward_w2",
+    "upsample2x_backward_f32", "upsample2x_backward_bf16", "upsample2x_backward_vec_f32",
+    "upsample2x_backward_vec_bf16", "embedding_backward_f32", "embedding_backward_bf16",
+    "sum_partial_f32", "sum_partial_vec_f32", "sum_final_f32",
+]);
 module!(OPTIM, "optim", []);
 module!(CROP, "crop", []);
 

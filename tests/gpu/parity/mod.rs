@@ -38,7 +38,7 @@ macro_rules! for_each_parity_test {
             // attention:
             // geglu:
             // loss:
-            // shape:
+            shape::shape_activation_backward_and_add, shape::shape_pooling_and_squeeze_excite, shape::shape_per_sample_accumulate_and_in_place, shape::shape_upsample_nearest2x, shape::shape_concat_last, shape::shape_embedding_gather_scatter, shape::shape_deterministic_sum, shape::shape_rejects_unsupported_plans,
             // optim:
             // crop:
         );
