@@ -3,7 +3,8 @@
 //! its `emu__<entry>` exports with the same grid, block and argument list a GPU would get.
 
 use phenocore::backend::gpu::kernels::{KernelModule, HEADERS};
-use phenocore::backend::gpu::{Gpu, Launch};
+use phenocore::backend::gpu::{Gemm, Gpu, Launch};
+use phenocore::DType;
 use phenocore::{Error, Result};
 use std::alloc::Layout;
 use std::collections::HashMap;
@@ -215,6 +216,45 @@ impl Gpu for Emu {
                 "emulated launch of {} failed ({rc}): {l:?}",
                 l.entry
             )));
+        }
+        Ok(())
+    }
+
+    unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
+        g.check()?;
+        // Reads the operands as the GPU would (row-major, strides, transposes), sums in f64.
+        let load = |p: u64, i: usize| -> f64 {
+            match g.dtype {
+                DType::BF16 => half::bf16::from_bits(*(p as *const u16).add(i)).to_f64(),
+                _ => *(p as *const f32).add(i) as f64,
+            }
+        };
+        let a = |i: usize, l: usize| {
+            if g.trans_a {
+                load(g.a, l * g.lda + i)
+            } else {
+                load(g.a, i * g.lda + l)
+            }
+        };
+        let b = |l: usize, j: usize| {
+            if g.trans_b {
+                load(g.b, j * g.ldb + l)
+            } else {
+                load(g.b, l * g.ldb + j)
+            }
+        };
+        for i in 0..g.m {
+            for j in 0..g.n {
+                let acc: f64 = (0..g.k).map(|l| a(i, l) * b(l, j)).sum();
+                let at = i * g.ldc + j;
+                // beta = 0 ignores C (it may be uninitialised), as cuBLAS does.
+                let old = if g.beta == 0.0 { 0.0 } else { load(g.c, at) };
+                let v = (g.alpha as f64 * acc + g.beta as f64 * old) as f32;
+                match g.dtype {
+                    DType::BF16 => *(g.c as *mut u16).add(at) = half::bf16::from_f32(v).to_bits(),
+                    _ => *(g.c as *mut f32).add(at) = v,
+                }
+            }
         }
         Ok(())
     }

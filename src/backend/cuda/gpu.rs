@@ -3,7 +3,10 @@
 
 use super::device::CudaDevice;
 use super::{driver_error, guard, CudaStorage};
-use crate::backend::gpu::{Gpu, Launch};
+use crate::backend::gpu::{Gemm, Gpu, Launch, Math};
+use cudarc::cublas as blas;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use cudarc::driver::result as cu;
@@ -116,7 +119,90 @@ impl Gpu for Arc<CudaDevice> {
         })
     }
 
+    unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
+        g.check()?;
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let handle = cublas_handle(self)?;
+        guard("cublasGemmEx", || {
+            self.bind()?;
+            use blas::sys::{cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasOperation_t as Op, cudaDataType as Ty};
+            let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+            let ty = if g.dtype == DType::BF16 { Ty::CUDA_R_16BF } else { Ty::CUDA_R_32F };
+            let compute = match (g.dtype, g.math) {
+                (DType::F32, Math::F32) => Compute::CUBLAS_COMPUTE_32F,
+                (DType::F32, Math::Tf32) => Compute::CUBLAS_COMPUTE_32F_FAST_TF32,
+                _ => Compute::CUBLAS_COMPUTE_32F,
+            };
+            let (alpha, beta) = (g.alpha, g.beta);
+            // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: B's rows are the first
+            // operand's columns, so cuBLAS gets (n, m, k) with B first and A second.
+            // SAFETY: the caller guarantees the buffers; check() bounded every size by i32::MAX;
+            // alpha and beta are host f32 (the handle's default pointer mode), matching the f32 compute type.
+            unsafe {
+                blas::result::gemm_ex(
+                    handle.0,
+                    op(g.trans_b),
+                    op(g.trans_a),
+                    g.n as i32,
+                    g.m as i32,
+                    g.k as i32,
+                    &alpha as *const f32 as *const c_void,
+                    g.b as *const c_void,
+                    ty,
+                    g.ldb as i32,
+                    g.a as *const c_void,
+                    ty,
+                    g.lda as i32,
+                    &beta as *const f32 as *const c_void,
+                    g.c as *mut c_void,
+                    ty,
+                    g.ldc as i32,
+                    compute,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| Error::Cuda(format!("cublasGemmEx {}×{}×{} ({:?}): {e:?}", g.m, g.n, g.k, g.dtype)))
+        })
+    }
+
     fn multiprocessors(&self) -> u32 {
         self.sm_count()
     }
+}
+
+/// A cuBLAS handle bound to a device's stream (one per device, created on first use, kept).
+#[derive(Clone, Copy)]
+struct Handle(blas::sys::cublasHandle_t);
+// SAFETY: a cuBLAS handle may be used from any thread as long as calls do not overlap; every use
+// here happens inside the device's single-stream ordering under the `HANDLES` lookup.
+unsafe impl Send for Handle {}
+
+fn cublas_handle(dev: &Arc<CudaDevice>) -> Result<Handle> {
+    static HANDLES: Mutex<BTreeMap<usize, Handle>> = Mutex::new(BTreeMap::new());
+    let mut handles = HANDLES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = handles.get(&dev.ordinal()) {
+        return Ok(*h);
+    }
+    // SAFETY: only tries dlopen on the candidate library names.
+    if !unsafe { blas::sys::is_culib_present() } {
+        return Err(Error::NoDevice(
+            "libcublas could not be loaded: install the CUDA cuBLAS library (e.g. the nvidia-cublas wheel) \
+             and put its lib directory on LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    let h = guard("creating a cuBLAS handle", || {
+        dev.bind()?;
+        let h = blas::result::create_handle()
+            .map_err(|e| Error::Cuda(format!("cublasCreate on CUDA device {}: {e:?}", dev.ordinal())))?;
+        // SAFETY: h is a fresh handle; the stream belongs to the same context and outlives the
+        // handle (both live as long as the process-wide device).
+        unsafe { blas::result::set_stream(h, dev.stream().cu_stream() as _) }
+            .map_err(|e| Error::Cuda(format!("cublasSetStream: {e:?}")))?;
+        Ok(Handle(h))
+    })?;
+    handles.insert(dev.ordinal(), h);
+    Ok(h)
 }

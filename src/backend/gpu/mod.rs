@@ -20,6 +20,7 @@ pub mod optim;
 pub mod shape;
 
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 use kernels::KernelModule;
 
 /// One kernel argument, as the kernel declares it (pointers are device addresses).
@@ -92,6 +93,11 @@ pub trait Gpu {
     /// `l.args` must match the entry point's parameters one for one in type, and every pointer must
     /// address a live buffer large enough for every index the kernel computes from those arguments.
     unsafe fn launch(&self, l: &Launch) -> Result<()>;
+    /// Queues a GEMM (cuBLAS on a GPU).
+    ///
+    /// # Safety
+    /// The pointers address live buffers holding the matrices `g` describes (see [`Gemm`]).
+    unsafe fn gemm(&self, g: &Gemm) -> Result<()>;
     /// Streaming multiprocessors: sizes grid-stride launches.
     fn multiprocessors(&self) -> u32;
 
@@ -108,6 +114,63 @@ pub trait Gpu {
         let mut out = vec![T::default(); n];
         self.download(buf, bytemuck::cast_slice_mut(&mut out))?;
         Ok(out)
+    }
+}
+
+/// How a GEMM multiplies f32 inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Math {
+    /// IEEE f32 products and sums.
+    F32,
+    /// TF32 tensor cores (10-bit mantissa products, f32 sums); bf16 inputs always use tensor cores.
+    Tf32,
+}
+
+/// Row-major `C = alpha · op(A) · op(B) + beta · C`: op(A) is m × k, op(B) k × n, C m × n.
+/// A is stored m × k with row stride `lda` (k × m when `trans_a`), B k × n with `ldb` (n × k when
+/// `trans_b`), C with `ldc`. A, B and C hold `dtype` (F32 or BF16; sums in f32).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub lda: usize,
+    pub trans_a: bool,
+    pub b: u64,
+    pub ldb: usize,
+    pub trans_b: bool,
+    pub c: u64,
+    pub ldc: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub dtype: DType,
+    pub math: Math,
+}
+
+impl Gemm {
+    /// Checks the dtype, the leading dimensions and that every size fits cuBLAS's `int`.
+    pub fn check(&self) -> Result<()> {
+        if !matches!(self.dtype, DType::F32 | DType::BF16) {
+            return Err(Error::InvalidArgument(format!(
+                "GEMM on CUDA: dtype {:?} is not supported (f32 or bf16)",
+                self.dtype
+            )));
+        }
+        let (a_cols, b_cols) = (
+            if self.trans_a { self.m } else { self.k },
+            if self.trans_b { self.k } else { self.n },
+        );
+        for (ld, cols, what) in [(self.lda, a_cols, "lda"), (self.ldb, b_cols, "ldb"), (self.ldc, self.n, "ldc")] {
+            if ld < cols.max(1) {
+                return Err(Error::Shape(format!("GEMM: {what} = {ld} is less than the row length {cols}")));
+            }
+            dim(ld, what)?;
+        }
+        dim(self.m, "GEMM m")?;
+        dim(self.n, "GEMM n")?;
+        dim(self.k, "GEMM k")?;
+        Ok(())
     }
 }
 

@@ -11,6 +11,7 @@ pub mod crop;
 pub mod depthwise;
 pub mod elementwise;
 pub mod geglu;
+pub mod gemm;
 pub mod loss;
 pub mod norm;
 pub mod optim;
@@ -26,7 +27,7 @@ pub const BF16_TOL: f64 = 1e-2;
 #[macro_export]
 macro_rules! for_each_parity_test {
     ($m:ident) => {
-        // One line per module (helpers edit their own line only).
+        // One line per module. Names must be unique across modules (the runners flatten them).
         $m!(
             elementwise::unary_f32,
             elementwise::unary_bf16,
@@ -34,13 +35,15 @@ macro_rules! for_each_parity_test {
             depthwise::forward_and_backward_f32,
             depthwise::forward_and_backward_bf16,
             depthwise::accumulates_weight_gradient,
-            // norm:
-            // attention:
-            // geglu:
-            // loss:
-            shape::shape_activation_backward_and_add, shape::shape_pooling_and_squeeze_excite, shape::shape_per_sample_accumulate_and_in_place, shape::shape_upsample_nearest2x, shape::shape_concat_last, shape::shape_embedding_gather_scatter, shape::shape_deterministic_sum, shape::shape_rejects_unsupported_plans,
-            // optim:
-            // crop:
+            gemm::gemm_f32_bf16_tf32_transposes,
+            norm::batch_norm_train_f32, norm::batch_norm_train_bf16, norm::batch_norm_eval, norm::batch_norm_accumulates_and_repeats,
+            norm::group_norm_f32, norm::group_norm_bf16, norm::layer_norm_f32, norm::layer_norm_bf16, norm::norm_rejects_unsupported_plans,
+            attention::attention_f32, attention::attention_bf16, attention::attention_deterministic, attention::attention_rejects_unsupported_plans,
+            geglu::geglu_f32, geglu::geglu_bf16, geglu::geglu_rejects_unsupported_plans,
+            loss::cross_entropy_f32, loss::cross_entropy_bf16, loss::soft_target_cross_entropy_f32, loss::soft_target_cross_entropy_bf16, loss::cross_entropy_bad_label_is_nan, loss::cross_entropy_rejects_unsupported_plans,
+            shape::shape_activation_backward_and_add, shape::shape_pooling_and_squeeze_excite, shape::shape_per_sample_accumulate_and_in_place, shape::shape_upsample_nearest2x, shape::shape_concat_last, shape::shape_embedding_gather_scatter, shape::shape_deterministic_sum, shape::shape_rejects_unsupported_plans, shape::shape_tests_cover_every_entry_point,
+            optim::optim_sgd_matches_cpu, optim::optim_adamw_matches_cpu, optim::optim_grad_norm_and_clip, optim::optim_rejects_bad_plans,
+            crop::crop_extract_matches_cpu, crop::crop_augment_matches_cpu, crop::crop_rejects_bad_plans,
         );
     };
 }
