@@ -62,7 +62,14 @@ module!(
     ]
 );
 
-module!(NORM, "norm", []);
+module!(NORM, "norm", [
+    "norm_stats_partial_f32", "norm_apply_f32", "norm_backward_partial_f32", "norm_backward_dx_f32",
+    "layer_norm_forward_f32", "layer_norm_backward_dx_f32", "layer_norm_backward_params_f32",
+    "norm_stats_partial_bf16", "norm_apply_bf16", "norm_backward_partial_bf16", "norm_backward_dx_bf16",
+    "layer_norm_forward_bf16", "layer_norm_backward_dx_bf16", "layer_norm_backward_params_bf16",
+    "norm_stats_combine", "norm_stats_finalize", "batch_norm_eval_invstd", "norm_sum_splits",
+    "norm_backward_finalize",
+]);
 module!(ATTENTION, "attention", []);
 module!(LOSS, "loss", []);
 module!(GEGLU, "geglu", []);

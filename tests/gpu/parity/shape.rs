@@ -574,3 +574,67 @@ pub fn shape_rejects_unsupported_plans<G: Gpu>(g: &G) {
         assert!(c.backward(g, 0, &[None, None, None]).is_err());
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+
+/// A device that records which entry points run (and forwards everything to the real one).
+struct Recording<'a, G: Gpu> {
+    g: &'a G,
+    entries: std::cell::RefCell<std::collections::BTreeSet<String>>,
+}
+
+impl<G: Gpu> Gpu for Recording<'_, G> {
+    type Buf = G::Buf;
+    fn alloc(&self, bytes: usize) -> phenocore::Result<G::Buf> {
+        self.g.alloc(bytes)
+    }
+    fn ptr(&self, buf: &G::Buf) -> u64 {
+        self.g.ptr(buf)
+    }
+    fn upload(&self, bytes: &[u8]) -> phenocore::Result<G::Buf> {
+        self.g.upload(bytes)
+    }
+    fn download(&self, buf: &G::Buf, out: &mut [u8]) -> phenocore::Result<()> {
+        self.g.download(buf, out)
+    }
+    unsafe fn memset_zero(&self, ptr: u64, bytes: usize) -> phenocore::Result<()> {
+        self.g.memset_zero(ptr, bytes)
+    }
+    unsafe fn launch(&self, l: &phenocore::backend::gpu::Launch) -> phenocore::Result<()> {
+        self.entries.borrow_mut().insert(l.entry.clone());
+        self.g.launch(l)
+    }
+    unsafe fn gemm(&self, gemm: &phenocore::backend::gpu::Gemm) -> phenocore::Result<()> {
+        self.g.gemm(gemm)
+    }
+    fn multiprocessors(&self) -> u32 {
+        self.g.multiprocessors()
+    }
+}
+
+/// The parity tests above, run once more through a recorder: together they launch every entry
+/// point of kernels/shape.cu (so none goes untested, vector and scalar forms alike).
+pub fn shape_tests_cover_every_entry_point<G: Gpu>(g: &G) {
+    let r = Recording {
+        g,
+        entries: Default::default(),
+    };
+    shape_activation_backward_and_add(&r);
+    shape_pooling_and_squeeze_excite(&r);
+    shape_per_sample_accumulate_and_in_place(&r);
+    shape_upsample_nearest2x(&r);
+    shape_concat_last(&r);
+    shape_embedding_gather_scatter(&r);
+    shape_deterministic_sum(&r);
+    let ran = r.entries.into_inner();
+    let missing: Vec<&str> = phenocore::backend::gpu::kernels::SHAPE
+        .entries
+        .iter()
+        .copied()
+        .filter(|e| !ran.contains(*e))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "entry points no shape test launches: {missing:?}"
+    );
+}
