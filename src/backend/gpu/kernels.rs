@@ -70,9 +70,21 @@ module!(NORM, "norm", [
     "norm_stats_combine", "norm_stats_finalize", "batch_norm_eval_invstd", "norm_sum_splits",
     "norm_backward_finalize",
 ]);
-module!(ATTENTION, "attention", []);
-module!(LOSS, "loss", []);
-module!(GEGLU, "geglu", []);
+module!(ATTENTION, "attention", [
+    "attention_forward_d32_f32", "attention_backward_dq_d32_f32", "attention_backward_dkv_d32_f32",
+    "attention_forward_d64_f32", "attention_backward_dq_d64_f32", "attention_backward_dkv_d64_f32",
+    "attention_forward_d128_f32", "attention_backward_dq_d128_f32", "attention_backward_dkv_d128_f32",
+    "attention_forward_d32_bf16", "attention_backward_dq_d32_bf16", "attention_backward_dkv_d32_bf16",
+    "attention_forward_d64_bf16", "attention_backward_dq_d64_bf16", "attention_backward_dkv_d64_bf16",
+    "attention_forward_d128_bf16", "attention_backward_dq_d128_bf16", "attention_backward_dkv_d128_bf16",
+    "attention_backward_delta_f32", "attention_backward_delta_bf16",
+]);
+module!(LOSS, "loss", [
+    "loss_ce_forward_f32", "loss_ce_backward_f32", "loss_soft_forward_f32", "loss_soft_backward_f32",
+    "loss_ce_forward_bf16", "loss_ce_backward_bf16", "loss_soft_forward_bf16", "loss_soft_backward_bf16",
+    "loss_mean",
+]);
+module!(GEGLU, "geglu", ["geglu_forward_f32", "geglu_backward_f32", "geglu_forward_bf16", "geglu_backward_bf16"]);
 module!(SHAPE, "shape", [
     "silu_backward_f32", "silu_backward_bf16", "silu_backward_vec_f32", "silu_backward_vec_bf16",
     "sigmoid_backward_f32", "sigmoid_backward_bf16", "sigmoid_backward_vec_f32",
