@@ -104,8 +104,11 @@ module!(SHAPE, "shape", [
     "upsample2x_backward_vec_bf16", "embedding_backward_f32", "embedding_backward_bf16",
     "sum_partial_f32", "sum_partial_vec_f32", "sum_final_f32",
 ]);
-module!(OPTIM, "optim", []);
-module!(CROP, "crop", []);
+module!(OPTIM, "optim", [
+    "sgd_step_f32", "sgd_step_bf16", "adamw_step_f32", "adamw_step_bf16",
+    "grad_norm_partial_f32", "grad_norm_partial_bf16", "grad_norm_finish", "grad_scale_f32",
+]);
+module!(CROP, "crop", ["crop_extract_u8", "crop_extract_u16", "crop_extract_f32", "crop_augment"]);
 
 /// Every kernel module; `tests/nvrtc_check.rs` fails when a `kernels/*.cu` file is missing here.
 pub static MODULES: &[&KernelModule] = &[
