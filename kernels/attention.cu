@@ -27,6 +27,10 @@ struct AttnGeom {
 
 constexpr int ATT_WARPS = 4;
 constexpr int ATT_THREADS = 32 * ATT_WARPS;
+// __launch_bounds__(ATT_THREADS, 4): at least 4 blocks per multiprocessor (≤ 128 registers; the
+// shared tiles are < 48 KiB each). Without the minimum, ptxas trades a few spills for occupancy
+// on some instantiations.
+#define ATT_BOUNDS ATT_THREADS, 4
 // Keys per tile (forward, dq) and queries per tile (dk / dv): one per lane.
 constexpr int ATT_TILE = 32;
 // Rows per warp: the forward's queries; the backward's queries (dq) or keys (dk / dv), fewer at
@@ -49,7 +53,8 @@ __device__ __forceinline__ float att_warp_sum(float v) {
 }
 
 // dst[r·stride + c] = src[sample n, row row0 + r, head h, channel c] as f32 for r < rows, c < cols
-// (src is [N, len, heads·cols]); rows at or past len are zeros. Columns cols.. of dst are not written.
+// (src is [N, len, heads·cols]); rows at or past len are zeros. Columns cols.. are left alone
+// (att_zero_pad zeroes them once per kernel).
 template <typename T>
 __device__ __forceinline__ void att_load(float* dst, int stride, const T* __restrict__ src, int n, int len, int heads,
                                          int cols, int h, int row0, int rows) {
@@ -59,6 +64,17 @@ __device__ __forceinline__ void att_load(float* dst, int stride, const T* __rest
         const int row = row0 + r;
         dst[r * stride + c] =
             row < len ? to_acc(src[((u64)n * len + row) * heads * cols + (u64)h * cols + c]) : 0.f;
+    }
+}
+
+// dst[r·stride + c] = 0 for r < rows, cols ≤ c < DB: the channels past D (or Dv) that the per-lane
+// accumulators read but never store. Disjoint from what att_load writes: no barrier needed between.
+template <int DB>
+__device__ __forceinline__ void att_zero_pad(float* dst, int stride, int cols, int rows) {
+    const int pad = DB - cols;
+    for (int e = threadIdx.x; e < rows * pad; e += blockDim.x) {
+        const int r = e / pad;
+        dst[r * stride + cols + e - r * pad] = 0.f;
     }
 }
 
@@ -73,6 +89,7 @@ __device__ __forceinline__ void att_forward(const T* __restrict__ q, const T* __
     const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
     const int h = blockIdx.y, n = blockIdx.z, q0 = blockIdx.x * BQ;
     att_load(&q_s[0][0], DB, q, n, g.lq, g.h, g.d, h, q0, BQ);
+    att_zero_pad<DB>(&v_s[0][0], DB, g.dv, ATT_TILE);
     float m[R], l[R], acc[R][CT];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -172,6 +189,7 @@ __device__ __forceinline__ void att_backward_dq(const T* __restrict__ q, const T
     const int h = blockIdx.y, n = blockIdx.z, q0 = blockIdx.x * BQ;
     att_load(&q_s[0][0], DB, q, n, g.lq, g.h, g.d, h, q0, BQ);
     att_load(&do_s[0][0], DB, dout, n, g.lq, g.h, g.dv, h, q0, BQ);
+    att_zero_pad<DB>(&k_s[0][0], DB + 1, g.d, ATT_TILE);
     // Rows past Lq get lse = +∞: their probabilities are 0.
     float lse_r[R], del_r[R], acc[R][CT];
 #pragma unroll
@@ -252,6 +270,8 @@ __device__ __forceinline__ void att_backward_dkv(const T* __restrict__ q, const 
     const int h = blockIdx.y, n = blockIdx.z, k0 = blockIdx.x * BK;
     att_load(&k_s[0][0], DB, k, n, g.lk, g.h, g.d, h, k0, BK);
     att_load(&v_s[0][0], DB, v, n, g.lk, g.h, g.dv, h, k0, BK);
+    att_zero_pad<DB>(&q_s[0][0], DB + 1, g.d, ATT_TILE);
+    att_zero_pad<DB>(&do_s[0][0], DB + 1, g.dv, ATT_TILE);
     float dk_acc[R][CT], dv_acc[R][CT];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -327,18 +347,18 @@ __device__ __forceinline__ void att_backward_dkv(const T* __restrict__ q, const 
 }
 
 #define ATT_KERNELS(T, SUFFIX, DB)                                                                              \
-    KERNEL_BOUNDED(ATT_THREADS, attention_forward_d##DB##_##SUFFIX, const T* __restrict__ q,                   \
+    KERNEL_BOUNDED(ATT_BOUNDS, attention_forward_d##DB##_##SUFFIX, const T* __restrict__ q,                   \
                    const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o, float* __restrict__ lse, \
                    AttnGeom g) {                                                                                \
         att_forward<DB, ATT_FWD_ROWS>(q, k, v, o, lse, g);                                                      \
     }                                                                                                           \
-    KERNEL_BOUNDED(ATT_THREADS, attention_backward_dq_d##DB##_##SUFFIX, const T* __restrict__ q,               \
+    KERNEL_BOUNDED(ATT_BOUNDS, attention_backward_dq_d##DB##_##SUFFIX, const T* __restrict__ q,               \
                    const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,               \
                    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,         \
                    AttnGeom g) {                                                                                \
         att_backward_dq<DB, AttBwd<DB>::ROWS>(q, k, v, dout, lse, delta, dq, g);                               \
     }                                                                                                           \
-    KERNEL_BOUNDED(ATT_THREADS, attention_backward_dkv_d##DB##_##SUFFIX, const T* __restrict__ q,              \
+    KERNEL_BOUNDED(ATT_BOUNDS, attention_backward_dkv_d##DB##_##SUFFIX, const T* __restrict__ q,              \
                    const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,               \
                    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk,         \
                    T* __restrict__ dv, AttnGeom g) {                                                            \
