@@ -6,15 +6,17 @@ use phenocore::ops::attention::attention;
 use phenocore::DType;
 
 /// (n, lq, lk, heads, d, dv, scale): every head-dimension bound (32, 64, 128), Lk = 1, a handful of
-/// context keys, Lq and Lk not multiples of the tiles (16 / 8 query rows, 32 keys, 32 queries),
+/// context keys, 144 tokens, Lq and Lk not multiples of the tiles (16 / 8 query rows, 32 keys, 32 queries),
 /// several key and query tiles, D ≠ Dv both ways, custom scales.
-const CASES: [(usize, usize, usize, usize, usize, usize, Option<f64>); 6] = [
+const CASES: [(usize, usize, usize, usize, usize, usize, Option<f64>); 7] = [
     (2, 37, 20, 2, 16, 24, None),
     (1, 5, 1, 3, 8, 8, Some(0.7)),
     (2, 18, 41, 1, 64, 40, None),
     (1, 9, 6, 2, 128, 100, Some(0.05)),
     (1, 70, 33, 1, 72, 20, None),
     (2, 33, 67, 2, 24, 64, Some(0.3)),
+    // The U-Net's 12 × 12 self-attention length.
+    (2, 144, 144, 2, 32, 32, None),
 ];
 
 /// CPU output, dq, dk, dv in f64 and the per-row log-sum-exp [N, H, Lq].
