@@ -110,9 +110,11 @@ module!(OPTIM, "optim", [
 ]);
 module!(CROP, "crop", ["crop_extract_u8", "crop_extract_u16", "crop_extract_f32", "crop_augment"]);
 
+module!(CONV, "conv", ["im2col_nchw_f32", "im2col_nchw_bf16"]);
+
 /// Every kernel module; `tests/nvrtc_check.rs` fails when a `kernels/*.cu` file is missing here.
 pub static MODULES: &[&KernelModule] = &[
-    &UNARY, &AFFINE, &DEPTHWISE, &NORM, &ATTENTION, &LOSS, &GEGLU, &SHAPE, &OPTIM, &CROP,
+    &UNARY, &AFFINE, &DEPTHWISE, &NORM, &ATTENTION, &LOSS, &GEGLU, &SHAPE, &OPTIM, &CROP, &CONV,
 ];
 
 /// Headers the modules may `#include "<name>"`, handed to NVRTC in memory.

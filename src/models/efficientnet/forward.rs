@@ -57,7 +57,7 @@ fn get<'a>(s: &'a StateDict, k: &str) -> Result<&'a [f32]> {
 }
 
 /// Folds BN `{bn}.{weight,bias,running_mean,running_var}` into conv weight `conv` ([out, …]).
-fn fold(s: &StateDict, conv: &str, bn: &str, eps: f32) -> Result<FoldedConv> {
+pub(crate) fn fold(s: &StateDict, conv: &str, bn: &str, eps: f32) -> Result<FoldedConv> {
     let w = get(s, conv)?;
     let (gamma, beta, mean, var) = (
         get(s, &format!("{bn}.weight"))?,

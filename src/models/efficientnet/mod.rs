@@ -10,11 +10,13 @@
 
 mod config;
 mod forward;
+mod gpu;
 mod layers;
 mod train;
 mod weights;
 
 pub use config::{EfficientNetConfig, Padding, Precision, BLOCKS};
+pub use gpu::GpuEfficientNet;
 pub use layers::{LayerTap, TapPoint};
 pub use train::{Regularisation, TrainableEfficientNet};
 pub use weights::{expand_stem_channels, StateDict};

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod crop;
 pub mod depthwise;
+pub mod effnet;
 pub mod elementwise;
 pub mod geglu;
 pub mod gemm;
@@ -36,14 +37,45 @@ macro_rules! for_each_parity_test {
             depthwise::forward_and_backward_bf16,
             depthwise::accumulates_weight_gradient,
             gemm::gemm_f32_bf16_tf32_transposes,
-            norm::batch_norm_train_f32, norm::batch_norm_train_bf16, norm::batch_norm_eval, norm::batch_norm_accumulates_and_repeats,
-            norm::group_norm_f32, norm::group_norm_bf16, norm::layer_norm_f32, norm::layer_norm_bf16, norm::norm_rejects_unsupported_plans,
-            attention::attention_f32, attention::attention_bf16, attention::attention_deterministic, attention::attention_rejects_unsupported_plans,
-            geglu::geglu_f32, geglu::geglu_bf16, geglu::geglu_rejects_unsupported_plans,
-            loss::cross_entropy_f32, loss::cross_entropy_bf16, loss::soft_target_cross_entropy_f32, loss::soft_target_cross_entropy_bf16, loss::cross_entropy_bad_label_is_nan, loss::cross_entropy_rejects_unsupported_plans,
-            shape::shape_activation_backward_and_add, shape::shape_pooling_and_squeeze_excite, shape::shape_per_sample_accumulate_and_in_place, shape::shape_upsample_nearest2x, shape::shape_concat_last, shape::shape_embedding_gather_scatter, shape::shape_deterministic_sum, shape::shape_rejects_unsupported_plans, shape::shape_tests_cover_every_entry_point,
-            optim::optim_sgd_matches_cpu, optim::optim_adamw_matches_cpu, optim::optim_grad_norm_and_clip, optim::optim_rejects_bad_plans,
-            crop::crop_extract_matches_cpu, crop::crop_augment_matches_cpu, crop::crop_rejects_bad_plans,
+            effnet::effnet_features_match_cpu,
+            norm::batch_norm_train_f32,
+            norm::batch_norm_train_bf16,
+            norm::batch_norm_eval,
+            norm::batch_norm_accumulates_and_repeats,
+            norm::group_norm_f32,
+            norm::group_norm_bf16,
+            norm::layer_norm_f32,
+            norm::layer_norm_bf16,
+            norm::norm_rejects_unsupported_plans,
+            attention::attention_f32,
+            attention::attention_bf16,
+            attention::attention_deterministic,
+            attention::attention_rejects_unsupported_plans,
+            geglu::geglu_f32,
+            geglu::geglu_bf16,
+            geglu::geglu_rejects_unsupported_plans,
+            loss::cross_entropy_f32,
+            loss::cross_entropy_bf16,
+            loss::soft_target_cross_entropy_f32,
+            loss::soft_target_cross_entropy_bf16,
+            loss::cross_entropy_bad_label_is_nan,
+            loss::cross_entropy_rejects_unsupported_plans,
+            shape::shape_activation_backward_and_add,
+            shape::shape_pooling_and_squeeze_excite,
+            shape::shape_per_sample_accumulate_and_in_place,
+            shape::shape_upsample_nearest2x,
+            shape::shape_concat_last,
+            shape::shape_embedding_gather_scatter,
+            shape::shape_deterministic_sum,
+            shape::shape_rejects_unsupported_plans,
+            shape::shape_tests_cover_every_entry_point,
+            optim::optim_sgd_matches_cpu,
+            optim::optim_adamw_matches_cpu,
+            optim::optim_grad_norm_and_clip,
+            optim::optim_rejects_bad_plans,
+            crop::crop_extract_matches_cpu,
+            crop::crop_augment_matches_cpu,
+            crop::crop_rejects_bad_plans,
         );
     };
 }
@@ -71,8 +103,9 @@ pub fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-/// max |got − want| / max |want|, asserted ≤ tol (and finite), with the worst index in the message.
-pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+/// max |got − want| / max |want|, asserted ≤ tol (and finite), with the worst index in the message;
+/// returns it.
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) -> f64 {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(0f64, |m, w| m.max(w.abs())).max(1e-30);
     let (mut worst, mut at) = (0f64, 0);
@@ -93,4 +126,5 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
         got[at],
         want[at]
     );
+    rel
 }

@@ -1,0 +1,351 @@
+//! Inference on a [`Gpu`]: the CPU pass of `forward.rs` (BN folded into the convolutions) composed
+//! from the launch layer's kernels and GEMMs, f32. Stem: im2col + GEMM; MBConv: expand GEMM, bias,
+//! SiLU, depthwise, bias, SiLU, squeeze-excite (pool, two small GEMMs, SiLU / sigmoid, channel
+//! scale), project GEMM, bias, residual; taps are spatial means, as on the CPU. Runs on a CUDA device
+//! (`backend::cuda`) and, in the tests, on the CPU emulation of the kernels.
+
+use super::config::{BlockSpec, BLOCKS, STEM_CH, TOP_CH};
+use super::forward::fold;
+use super::layers::{resolve, TapPoint};
+use super::weights::block_keys;
+use super::EfficientNet;
+use crate::backend::gpu::elementwise::{unary, Unary};
+use crate::backend::gpu::shape::{add, SampleChannels};
+use crate::backend::gpu::{depthwise::Depthwise, Arg, Gemm, Gpu, Launch, Math, BLOCK};
+use crate::backend::gpu::{dim, grid_stride_blocks, kernels::CONV};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+
+const F32: DType = DType::F32;
+
+/// A convolution with BN folded in, on the device: w [out, in·k·k], b [out].
+struct Conv<B> {
+    w: B,
+    b: B,
+    out: usize,
+    inner: usize,
+}
+
+struct Block<B> {
+    spec: BlockSpec,
+    expand: Option<Conv<B>>,
+    dw: Conv<B>,
+    se1: Conv<B>,
+    se2: Conv<B>,
+    project: Conv<B>,
+}
+
+/// An [`EfficientNet`]'s inference weights on one device.
+pub struct GpuEfficientNet<G: Gpu> {
+    stem: Conv<G::Buf>,
+    blocks: Vec<Block<G::Buf>>,
+    top: Conv<G::Buf>,
+    in_channels: usize,
+    padding: super::Padding,
+    /// GEMM arithmetic: `Math::F32` (default) or TF32 tensor cores.
+    pub math: Math,
+}
+
+fn upload<G: Gpu>(g: &G, w: &[f32], b: &[f32]) -> Result<Conv<G::Buf>> {
+    Ok(Conv {
+        w: g.upload_slice(w)?,
+        b: g.upload_slice(b)?,
+        out: b.len(),
+        inner: w.len() / b.len().max(1),
+    })
+}
+
+/// The device activations of one pass: a buffer and its [rows, channels] shape.
+struct Act<B> {
+    buf: B,
+    rows: usize,
+    ch: usize,
+}
+
+impl<G: Gpu> GpuEfficientNet<G> {
+    /// Folds the model's BN into its convolutions (as the CPU pass does) and uploads everything.
+    pub fn new(g: &G, model: &EfficientNet) -> Result<Self> {
+        let s = model.state_dict();
+        let cfg = model.config();
+        let eps = cfg.bn_eps;
+        let get = |k: &str| -> Result<Vec<f32>> {
+            Ok(s.get(k)
+                .ok_or_else(|| Error::MissingKey(format!("missing key {k:?}")))?
+                .as_f32()?
+                .to_vec())
+        };
+        let conv = |w: &str, bn: &str| -> Result<Conv<G::Buf>> {
+            let f = fold(s, w, bn, eps)?;
+            upload(g, &f.w, &f.b)
+        };
+        let stem = conv("features.0.0.weight", "features.0.1")?;
+        let mut blocks = Vec::with_capacity(BLOCKS.len());
+        for spec in BLOCKS {
+            let k = block_keys(&spec);
+            let expand = match &k.expand {
+                Some(p) => Some(conv(&format!("{p}.0.weight"), &format!("{p}.1"))?),
+                None => None,
+            };
+            blocks.push(Block {
+                spec,
+                expand,
+                dw: conv(&format!("{}.0.weight", k.dw), &format!("{}.1", k.dw))?,
+                se1: upload(
+                    g,
+                    &get(&format!("{}.fc1.weight", k.se))?,
+                    &get(&format!("{}.fc1.bias", k.se))?,
+                )?,
+                se2: upload(
+                    g,
+                    &get(&format!("{}.fc2.weight", k.se))?,
+                    &get(&format!("{}.fc2.bias", k.se))?,
+                )?,
+                project: conv(
+                    &format!("{}.0.weight", k.project),
+                    &format!("{}.1", k.project),
+                )?,
+            });
+        }
+        let top = conv("features.8.0.weight", "features.8.1")?;
+        Ok(GpuEfficientNet {
+            stem,
+            blocks,
+            top,
+            in_channels: cfg.in_channels,
+            padding: cfg.padding,
+            math: Math::F32,
+        })
+    }
+
+    /// y [rows, conv.out] = x [rows, conv.inner] · wᵀ + b, then `act`.
+    fn linear(
+        &self,
+        g: &G,
+        x: &Act<G::Buf>,
+        c: &Conv<G::Buf>,
+        act: Option<Unary>,
+    ) -> Result<Act<G::Buf>> {
+        if x.ch != c.inner {
+            return Err(Error::Internal(format!(
+                "GPU EfficientNet: {} input channels for a layer of {}",
+                x.ch, c.inner
+            )));
+        }
+        let y = g.alloc(x.rows * c.out * 4)?;
+        // SAFETY: x holds rows × inner f32, w out × inner, y rows × out (fresh); b out.
+        unsafe {
+            g.gemm(&Gemm {
+                m: x.rows,
+                n: c.out,
+                k: c.inner,
+                a: g.ptr(&x.buf),
+                lda: c.inner,
+                trans_a: false,
+                b: g.ptr(&c.w),
+                ldb: c.inner,
+                trans_b: true,
+                c: g.ptr(&y),
+                ldc: c.out,
+                alpha: 1.0,
+                beta: 0.0,
+                dtype: F32,
+                math: self.math,
+            })?;
+        }
+        let y = Act {
+            buf: y,
+            rows: x.rows,
+            ch: c.out,
+        };
+        self.bias_act(g, y, &c.b, act)
+    }
+
+    /// y = act(y + b[channel]).
+    fn bias_act(
+        &self,
+        g: &G,
+        y: Act<G::Buf>,
+        b: &G::Buf,
+        act: Option<Unary>,
+    ) -> Result<Act<G::Buf>> {
+        let rows = SampleChannels::new(F32, [1, y.rows, y.ch])?;
+        // SAFETY: y holds rows × ch f32 (in place is allowed), b ch f32.
+        unsafe { rows.add_per_sample(g, g.ptr(&y.buf), g.ptr(b), g.ptr(&y.buf))? };
+        match act {
+            None => Ok(y),
+            Some(op) => {
+                let z = g.alloc(y.rows * y.ch * 4)?;
+                // SAFETY: y and z hold rows × ch f32, distinct.
+                unsafe { unary(g, op, F32, g.ptr(&y.buf), g.ptr(&z), y.rows * y.ch)? };
+                Ok(Act { buf: z, ..y })
+            }
+        }
+    }
+
+    /// Spatial mean per sample: [n · hw, ch] → host [n, ch].
+    fn pooled(&self, g: &G, x: &Act<G::Buf>, n: usize) -> Result<(G::Buf, Vec<f32>)> {
+        let sc = SampleChannels::new(F32, [n, x.rows / n, x.ch])?;
+        let p = g.alloc(sc.pooled_len() * 4)?;
+        // SAFETY: x holds n · hw · ch f32, p n · ch (distinct).
+        unsafe { sc.global_avg_pool(g, g.ptr(&x.buf), g.ptr(&p))? };
+        let host = g.download_vec(&p, sc.pooled_len())?;
+        Ok((p, host))
+    }
+
+    /// The spatial mean of layer `layer` (a Keras or torchvision name, see `EfficientNet::features`)
+    /// for crops (N, C, H, W) f32: an (N, D) tensor.
+    pub fn features(&self, g: &G, crops: &Tensor, layer: &str) -> Result<Tensor> {
+        let tap = resolve(layer)?;
+        let s = crops.shape();
+        if s.len() != 4 || s[1] != self.in_channels || s[0] == 0 || s[2] == 0 || s[3] == 0 {
+            return Err(Error::Shape(format!(
+                "crops must be a non-empty (N, {}, H, W) float32, got shape {s:?}",
+                self.in_channels
+            )));
+        }
+        if tap.point == TapPoint::Logits {
+            return Err(Error::InvalidArgument(
+                "GPU EfficientNet: logits are not implemented on the GPU path yet; ask for a feature layer".into(),
+            ));
+        }
+        crops.check_finite("crops")?;
+        let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
+        let x = g.upload_slice(crops.as_f32()?)?;
+        let done = |act: &Act<G::Buf>| -> Result<Tensor> {
+            let (_, v) = self.pooled(g, act, n)?;
+            Tensor::from_f32(&[n, act.ch], v)
+        };
+
+        // Stem: im2col + GEMM + bias + SiLU.
+        let (oh, pt) = self.padding.out_and_pad(h, 3, 2);
+        let (ow, pl) = self.padding.out_and_pad(w, 3, 2);
+        let rows = n * oh * ow;
+        let cols = g.alloc(rows * c * 9 * 4)?;
+        let geom = [n, c, h, w, 3, 2, pt, pl, oh, ow]
+            .iter()
+            .map(|&v| dim(v, "stem geometry"))
+            .collect::<Result<Vec<i32>>>()?;
+        // SAFETY: x holds n·c·h·w f32, cols rows · c·9 (im2col's ColGeom is these ten ints).
+        unsafe {
+            g.launch(&Launch {
+                module: &CONV,
+                entry: "im2col_nchw_f32".into(),
+                grid: [grid_stride_blocks(g, rows * c * 9), 1, 1],
+                block: [BLOCK, 1, 1],
+                shared_bytes: 0,
+                args: vec![
+                    Arg::Ptr(g.ptr(&x)),
+                    Arg::Ptr(g.ptr(&cols)),
+                    Arg::pod(&ColGeom(
+                        geom.try_into()
+                            .map_err(|_| Error::Internal("stem geometry".into()))?,
+                    )),
+                ],
+            })?;
+        }
+        let mut cur = self.linear(
+            g,
+            &Act {
+                buf: cols,
+                rows,
+                ch: c * 9,
+            },
+            &self.stem,
+            Some(Unary::Silu),
+        )?;
+        debug_assert_eq!(cur.ch, STEM_CH);
+        if tap.point == TapPoint::Stem {
+            return done(&cur);
+        }
+        let (mut hh, mut ww) = (oh, ow);
+        for (bi, blk) in self.blocks.iter().enumerate() {
+            let spec = &blk.spec;
+            let hid = spec.hidden();
+            let expanded = match &blk.expand {
+                Some(e) => {
+                    let a = self.linear(g, &cur, e, Some(Unary::Silu))?;
+                    if tap.point == TapPoint::Expand(bi) {
+                        return done(&a);
+                    }
+                    Some(a)
+                }
+                None => None,
+            };
+            let xin = expanded.as_ref().unwrap_or(&cur);
+            let (oh, pt) = self.padding.out_and_pad(hh, spec.kernel, spec.stride);
+            let (ow, pl) = self.padding.out_and_pad(ww, spec.kernel, spec.stride);
+            let d = Depthwise::new(
+                F32,
+                [n, hh, ww, hid],
+                spec.kernel,
+                spec.stride,
+                pt,
+                pl,
+                [oh, ow],
+            )?;
+            let y = g.alloc(d.output_len() * 4)?;
+            // SAFETY: xin holds n·hh·ww·hid f32, the weights hid·k·k, y the output (fresh).
+            unsafe { d.forward(g, g.ptr(&xin.buf), g.ptr(&blk.dw.w), g.ptr(&y))? };
+            let a = self.bias_act(
+                g,
+                Act {
+                    buf: y,
+                    rows: n * oh * ow,
+                    ch: hid,
+                },
+                &blk.dw.b,
+                Some(Unary::Silu),
+            )?;
+            drop(expanded);
+            // Squeeze-excite.
+            let (p, _) = self.pooled(g, &a, n)?;
+            if tap.point == TapPoint::Depthwise(bi) {
+                return done(&a);
+            }
+            let pooled = Act {
+                buf: p,
+                rows: n,
+                ch: hid,
+            };
+            let mid = self.linear(g, &pooled, &blk.se1, Some(Unary::Silu))?;
+            let scale = self.linear(g, &mid, &blk.se2, Some(Unary::Sigmoid))?;
+            let sc = SampleChannels::new(F32, [n, oh * ow, hid])?;
+            // SAFETY: a holds n·oh·ow·hid f32 (scaled in place), scale n·hid.
+            unsafe { sc.scale_channels(g, g.ptr(&a.buf), g.ptr(&scale.buf), g.ptr(&a.buf))? };
+            if tap.point == TapPoint::SeExcite(bi) {
+                return done(&a);
+            }
+            let proj = self.linear(g, &a, &blk.project, None)?;
+            if tap.point == TapPoint::Project(bi) {
+                return done(&proj);
+            }
+            if spec.residual() {
+                // SAFETY: both hold rows × out_ch f32; the sum goes into proj in place.
+                unsafe {
+                    add(
+                        g,
+                        F32,
+                        g.ptr(&proj.buf),
+                        g.ptr(&cur.buf),
+                        g.ptr(&proj.buf),
+                        proj.rows * proj.ch,
+                    )?
+                };
+            }
+            cur = proj;
+            if tap.point == TapPoint::Output(bi) {
+                return done(&cur);
+            }
+            hh = oh;
+            ww = ow;
+        }
+        let top = self.linear(g, &cur, &self.top, Some(Unary::Silu))?;
+        debug_assert_eq!(top.ch, TOP_CH);
+        done(&top)
+    }
+}
+
+/// kernels/conv.cu's `ColGeom`: n, c, h, w, k, stride, pad_top, pad_left, oh, ow.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct ColGeom([i32; 10]);

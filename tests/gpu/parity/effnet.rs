@@ -1,0 +1,80 @@
+use super::*;
+use phenocore::backend::gpu::Gpu;
+use phenocore::models::efficientnet::{
+    EfficientNet, EfficientNetConfig, GpuEfficientNet, Padding, StateDict,
+};
+use phenocore::Tensor;
+use rand::{Rng, SeedableRng};
+
+/// A model whose BN layers are not the identity (random γ, β, running mean and variance), so the
+/// folding is exercised; torchvision's initialisation otherwise.
+fn model(padding: Padding) -> EfficientNet {
+    let cfg = EfficientNetConfig {
+        in_channels: 5,
+        num_classes: 7,
+        padding,
+        bn_eps: 1e-3,
+    };
+    let base = EfficientNet::new(cfg, 11).unwrap();
+    let mut state: StateDict = base.state_dict().clone();
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let keys: Vec<String> = state.keys().cloned().collect();
+    for k in keys {
+        let t = &state[&k];
+        let shape = t.shape().to_vec();
+        let n: usize = shape.iter().product();
+        let v: Option<Vec<f32>> = if k.ends_with("running_var") {
+            Some((0..n).map(|_| r.gen_range(0.5f32..1.5)).collect())
+        } else if k.ends_with("running_mean") || (k.ends_with(".bias") && !k.contains("fc")) {
+            Some((0..n).map(|_| r.gen_range(-0.2f32..0.2)).collect())
+        } else if shape.len() == 1 && k.ends_with(".weight") {
+            Some((0..n).map(|_| r.gen_range(0.7f32..1.3)).collect())
+        } else {
+            None
+        };
+        if let Some(v) = v {
+            state.insert(k, Tensor::from_f32(&shape, v).unwrap());
+        }
+    }
+    EfficientNet::from_state_dict(state, padding, 1e-3).unwrap()
+}
+
+/// Whole-model inference: the GPU composition (im2col + GEMM stem, MBConv from the kernels and
+/// GEMMs, BN folded) against the CPU pass, at the paper's layer and at taps on the way.
+pub fn effnet_features_match_cpu<G: Gpu>(g: &G) {
+    for padding in [Padding::Symmetric, Padding::TfSame] {
+        let m = model(padding);
+        let gm = GpuEfficientNet::new(g, &m).unwrap();
+        let (n, h, w) = (2, 40, 36);
+        let crops = Tensor::from_f32(&[n, 5, h, w], uniform(n * 5 * h * w, 21)).unwrap();
+        for layer in [
+            "stem_activation",
+            "block2a_expand_activation",
+            "block3b_se_excite",
+            "block5c_add",
+            "block6a_activation",
+            "top_activation",
+        ] {
+            let want = &m.features(&crops, &[layer]).unwrap()[0];
+            let got = gm.features(g, &crops, layer).unwrap();
+            assert_eq!(got.shape(), want.shape(), "{layer}");
+            let what = format!("EfficientNet {padding:?} {layer}");
+            let rel = assert_close(
+                &what,
+                &f64s(got.as_f32().unwrap()),
+                &f64s(want.as_f32().unwrap()),
+                F32_TOL,
+            );
+            eprintln!("{what}: relative error {rel:.2e}");
+        }
+    }
+    let m = model(Padding::Symmetric);
+    let gm = GpuEfficientNet::new(g, &m).unwrap();
+    let bad = Tensor::from_f32(&[1, 3, 8, 8], vec![0.0; 192]).unwrap();
+    assert!(
+        gm.features(g, &bad, "block6a_activation").is_err(),
+        "3-channel crops for a 5-channel model"
+    );
+    let crops = Tensor::from_f32(&[1, 5, 8, 8], vec![0.0; 320]).unwrap();
+    assert!(gm.features(g, &crops, "no_such_layer").is_err());
+}
