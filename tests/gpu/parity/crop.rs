@@ -373,7 +373,7 @@ pub fn crop_rejects_bad_plans<G: Gpu>(g: &G) {
     let input = g.alloc(plan.len() * 4).unwrap();
     let output = g.alloc(plan.len() * 4).unwrap();
     let run = |p: &[AugmentParams]| unsafe { plan.apply(g, p, g.ptr(&input), g.ptr(&output)) };
-    let r = run(&[ok.clone()]);
+    let r = run(std::slice::from_ref(&ok));
     assert!(
         matches!(r, Err(Error::Shape(_))),
         "1 parameter set for 2 crops: {r:?}"

@@ -189,11 +189,8 @@ fn adamw_case<G: Gpu>(g: &G, dtype: DType, o: AdamWOptions, seed: u64) {
         .map(|(t, &n)| uniform(n, 2000 + t as u64))
         .collect();
     let wb: Vec<G::Buf> = w.iter().map(|v| g.upload_slice(v).unwrap()).collect();
-    let (mb, vb, vmb): (Vec<G::Buf>, Vec<G::Buf>, Vec<G::Buf>) = (
-        LENS.iter().map(|&n| zeros(g, n)).collect(),
-        LENS.iter().map(|&n| zeros(g, n)).collect(),
-        LENS.iter().map(|&n| zeros(g, n)).collect(),
-    );
+    let moments = || -> Vec<G::Buf> { LENS.iter().map(|&n| zeros(g, n)).collect() };
+    let (mb, vb, vmb) = (moments(), moments(), moments());
     let mut steps = vec![0u64; nt];
     let names: Vec<String> = (0..nt).map(|t| format!("p{t}")).collect();
     for (s, &lr) in LRS.iter().enumerate() {
