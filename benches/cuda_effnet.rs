@@ -1,0 +1,48 @@
+//! EfficientNet-B0 features on a CUDA GPU, phenocore alone: loads `WEIGHTS` (safetensors,
+//! torchvision names), runs `block6a_activation` on BATCH crops read from `CROPS` (raw f32,
+//! [BATCH, 5, 128, 128]), REPS timed passes after one warm-up, writes the features (raw f32) to
+//! `OUT`. `benches/cuda_effnet.py` runs it beside PyTorch eager and torch.compile and prints ratios.
+//!
+//! `cargo bench --features cuda --bench cuda_effnet -- WEIGHTS CROPS BATCH REPS OUT [tf32]`
+use phenocore::backend::cuda::device;
+use phenocore::backend::gpu::Math;
+use phenocore::models::efficientnet::{EfficientNet, GpuEfficientNet, Padding};
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    if args.len() < 5 {
+        eprintln!("usage: cuda_effnet WEIGHTS CROPS BATCH REPS OUT [tf32]");
+        std::process::exit(2);
+    }
+    let batch: usize = args[2].parse().expect("BATCH");
+    let reps: usize = args[3].parse().expect("REPS");
+    let model = EfficientNet::load(args[0].as_ref(), Padding::Symmetric, 1e-5).expect("weights");
+    let bytes = std::fs::read(&args[1]).expect("crops file");
+    let crops: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+    assert_eq!(crops.len(), batch * 5 * 128 * 128, "crops file size");
+    let x = phenocore::Tensor::from_f32(&[batch, 5, 128, 128], crops).expect("tensor");
+    let dev = device(0).expect("CUDA device 0");
+    let mut net = GpuEfficientNet::new(&dev, &model).expect("upload");
+    if args.get(5).is_some_and(|a| a == "tf32") {
+        net.math = Math::Tf32;
+    }
+    let layer = "block6a_activation";
+    let feats = net.features(&dev, &x, layer).expect("warm-up");
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        // features() ends with a download, which waits for the device.
+        std::hint::black_box(net.features(&dev, &x, layer).expect("features"));
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let med = times[times.len() / 2];
+    std::fs::write(&args[4], bytemuck::cast_slice(feats.as_f32().expect("f32"))).expect("write features");
+    println!(
+        "phenocore-cuda {} {layer} batch {batch}: median {med:.4} s, {:.1} crops/s (incl. host->device copy of the crops)",
+        dev.name(),
+        batch as f64 / med
+    );
+    println!("RESULT median_s={med}");
+}
