@@ -24,7 +24,7 @@ impl Geglu {
                 "geglu on CUDA: dtype {dtype:?} is not supported (f32 or bf16)"
             )));
         }
-        if rows == 0 || two_d == 0 || two_d % 2 != 0 {
+        if rows == 0 || two_d == 0 || !two_d.is_multiple_of(2) {
             return Err(Error::Shape(format!(
                 "geglu on CUDA: {rows} rows of {two_d} values (the last axis must be even and non-zero)"
             )));

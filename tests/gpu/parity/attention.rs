@@ -5,10 +5,13 @@ use phenocore::backend::gpu::Gpu;
 use phenocore::ops::attention::attention;
 use phenocore::DType;
 
-/// (n, lq, lk, heads, d, dv, scale): every head-dimension bound (32, 64, 128), Lk = 1, a handful of
+/// (n, lq, lk, heads, d, dv, scale).
+type Case = (usize, usize, usize, usize, usize, usize, Option<f64>);
+
+/// Cases: every head-dimension bound (32, 64, 128), Lk = 1, a handful of
 /// context keys, 144 tokens, Lq and Lk not multiples of the tiles (16 / 8 query rows, 32 keys, 32 queries),
 /// several key and query tiles, D ≠ Dv both ways, custom scales.
-const CASES: [(usize, usize, usize, usize, usize, usize, Option<f64>); 7] = [
+const CASES: [Case; 7] = [
     (2, 37, 20, 2, 16, 24, None),
     (1, 5, 1, 3, 8, 8, Some(0.7)),
     (2, 18, 41, 1, 64, 40, None),
@@ -22,7 +25,7 @@ const CASES: [(usize, usize, usize, usize, usize, usize, Option<f64>); 7] = [
 /// CPU output, dq, dk, dv in f64 and the per-row log-sum-exp [N, H, Lq].
 #[allow(clippy::type_complexity)]
 fn cpu(
-    (n, lq, lk, h, d, dv, scale): (usize, usize, usize, usize, usize, usize, Option<f64>),
+    (n, lq, lk, h, d, dv, scale): Case,
     q: &[f64],
     k: &[f64],
     v: &[f64],
