@@ -189,6 +189,15 @@ impl Gpu for Emu {
         Ok(())
     }
 
+    unsafe fn copy(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     unsafe fn launch(&self, l: &Launch) -> Result<()> {
         let lib = self.lib(l.module)?;
         let f = lib

@@ -77,6 +77,22 @@ impl Gpu for Arc<CudaDevice> {
         })
     }
 
+    unsafe fn copy(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        guard("device-to-device copy", || {
+            self.bind()?;
+            // SAFETY: the caller guarantees both ranges lie in live buffers and do not overlap.
+            unsafe { cu::memcpy_dtod_async(dst, src, bytes, self.stream().cu_stream()) }
+                .map_err(|e| driver_error(&format!("copying {bytes} bytes on the GPU"), e))
+        })
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        CudaDevice::synchronize(self)
+    }
+
     unsafe fn launch(&self, l: &Launch) -> Result<()> {
         let func = self.function(l.module, &l.entry)?;
         guard(&l.entry, || {

@@ -93,6 +93,13 @@ pub trait Gpu {
     /// `l.args` must match the entry point's parameters one for one in type, and every pointer must
     /// address a live buffer large enough for every index the kernel computes from those arguments.
     unsafe fn launch(&self, l: &Launch) -> Result<()>;
+    /// Copies `bytes` bytes from `src` to `dst` on the device (in stream order).
+    ///
+    /// # Safety
+    /// Both ranges lie inside live buffers of this device and do not overlap.
+    unsafe fn copy(&self, src: u64, dst: u64, bytes: usize) -> Result<()>;
+    /// Waits until every queued operation has finished.
+    fn synchronize(&self) -> Result<()>;
     /// Queues a GEMM (cuBLAS on a GPU).
     ///
     /// # Safety

@@ -556,6 +556,8 @@ pub fn shape_rejects_unsupported_plans<G: Gpu>(g: &G) {
     assert!(SampleChannels::new(DType::F64, [1, 2, 3]).is_err());
     assert!(SampleChannels::new(DType::F32, [1, 0, 3]).is_err());
     assert!(SampleChannels::new(DType::F32, [1, 2, 1 << 31]).is_err());
+    assert!(SampleChannels::new(DType::F32, [1, 1 << 30, 1]).is_err());
+    assert!(SampleChannels::new(DType::F32, [1 << 16, 2, 3]).is_err());
     assert!(SampleChannels::from_shape(DType::F32, &[5]).is_err());
     assert!(Upsample2x::new(DType::F16, [1, 2, 2, 1]).is_err());
     assert!(Upsample2x::new(DType::F32, [1, 0, 2, 1]).is_err());
@@ -603,6 +605,12 @@ impl<G: Gpu> Gpu for Recording<'_, G> {
     unsafe fn launch(&self, l: &phenocore::backend::gpu::Launch) -> phenocore::Result<()> {
         self.entries.borrow_mut().insert(l.entry.clone());
         self.g.launch(l)
+    }
+    unsafe fn copy(&self, src: u64, dst: u64, bytes: usize) -> phenocore::Result<()> {
+        self.g.copy(src, dst, bytes)
+    }
+    fn synchronize(&self) -> phenocore::Result<()> {
+        self.g.synchronize()
     }
     unsafe fn gemm(&self, gemm: &phenocore::backend::gpu::Gemm) -> phenocore::Result<()> {
         self.g.gemm(gemm)
