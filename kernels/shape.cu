@@ -225,6 +225,7 @@ __device__ __forceinline__ void position_reduce_partial(const T* __restrict__ a,
     const int cl = threadIdx.x % 32, r = threadIdx.x / 32;
     const int ch = blockIdx.x * 32 + cl;
     const int n = blockIdx.z;
+    // p0 < P; P + RED_ROWS + per_split < 2³¹ (checked by the launch layer), so no int overflow.
     const int p0 = blockIdx.y * geo.per_split;
     const int p1 = min(geo.p, p0 + geo.per_split);
     float acc = 0.f;

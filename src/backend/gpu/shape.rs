@@ -30,7 +30,7 @@ fn vec_width(dtype: DType) -> usize {
 }
 
 fn aligned16(ptrs: &[u64]) -> bool {
-    ptrs.iter().all(|p| p % 16 == 0)
+    ptrs.iter().all(|p| p.is_multiple_of(16))
 }
 
 /// `name_vec_<dtype>` or `name_<dtype>`.
@@ -179,7 +179,14 @@ impl SampleChannels {
             )));
         }
         dim(n, "batch")?;
-        dim(p, "positions per sample")?;
+        // The reductions' int position arithmetic (up to p + per_split + RED_ROWS ≤ 2p + RED_ROWS)
+        // stays below 2³¹.
+        let max_p = (i32::MAX as usize - RED_ROWS as usize) / 2;
+        if p > max_p {
+            return Err(Error::InvalidArgument(format!(
+                "per-sample channel op on CUDA: {p} positions per sample (at most {max_p})"
+            )));
+        }
         dim(c, "channels")?;
         grid_extent(n, 2, "per-sample reduction (batch)")?;
         Ok(SampleChannels { dtype, n, p, c })
@@ -225,7 +232,7 @@ impl SampleChannels {
         extra: &[Arg],
     ) -> Result<()> {
         let v = vec_width(self.dtype);
-        let vec = self.c % v == 0 && aligned16(ptrs);
+        let vec = self.c.is_multiple_of(v) && aligned16(ptrs);
         let total = self.len();
         let geo = SampleGeom {
             total: total as u64,
@@ -489,7 +496,7 @@ impl Upsample2x {
     pub unsafe fn backward(&self, g: &impl Gpu, dy: u64, dx: u64) -> Result<()> {
         let [n, h, w, c] = self.shape;
         let v = vec_width(self.dtype);
-        let vec = c % v == 0 && aligned16(&[dy, dx]);
+        let vec = c.is_multiple_of(v) && aligned16(&[dy, dx]);
         let items = if vec {
             self.input_len() / v
         } else {
