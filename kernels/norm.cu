@@ -6,9 +6,10 @@
 // gradients are f32; arithmetic is f32.
 //
 // Deterministic: every reduction has a fixed order given the launch geometry (no atomics).
-//   Forward statistics. Stage 1 (norm_stats_partial): block (32 channels × NR row groups), grid
-//   (ceil(C / 32), splits, N); thread (cl, r) of split `sp` covers rows ≡ r (mod NR) of the split
-//   and keeps shifted sums Σ(x − K), Σ(x − K)² (K = its first value: no cancellation for
+//   Forward statistics. Stage 1 (norm_stats_partial): block (W channels × R = 256 / W row groups),
+//   W = min(C, 32) (narrow layers keep every lane busy and read whole rows), grid (ceil(C / W),
+//   splits, N); thread (cl, r) of split `sp` covers rows ≡ r (mod R) of the split and keeps
+//   shifted sums Σ(x − K), Σ(x − K)² (K = its first value: no cancellation for
 //   |mean| ≫ σ), turned into (count, mean, M2) and merged over r with Chan's formula in order.
 //   Stage 2 (norm_stats_combine): per (n, c), Chan over the splits (r-strided, then in order).
 //   Stage 3 (norm_stats_finalize): per (n, g), Chan over the group's channels → mean, 1/√(σ² + ε)
@@ -18,14 +19,17 @@
 //   dx = invstd·(γ·dz − k1 − x̂·k2) elementwise, dz = dy·silu'(z) with z = γ·x̂ + β recomputed.
 #include "common.cuh"
 
-// Row groups of the column-reduction blocks (block = 32 × NR threads).
+// Row groups of the combine blocks (block = 32 × NR threads).
 #define NR 8
+// Threads of the stage-1 column blocks (W × R).
+#define COL_THREADS 256
 
 // Geometry shared by batch and group norm: x is [n, p, c]; stat index n·g + ch / cg.
 struct NormGeom {
     int n, p, c, g, cg;
     int rows_per_split, splits;
     int silu;
+    int tile;  // W: channels per stage-1 block, min(C, 32)
 };
 
 __device__ __forceinline__ float sigmoid_f(float z) { return 1.f / (1.f + expf(-z)); }
@@ -59,19 +63,20 @@ __device__ __forceinline__ void split_rows(const NormGeom& g, int sp, int& p0, i
 template <typename T>
 __device__ __forceinline__ void stats_partial(const T* __restrict__ x, float* __restrict__ pmean,
                                               float* __restrict__ pm2, NormGeom g) {
-    __shared__ float red_n[NR][32], red_m[NR][32], red_q[NR][32];
-    const int cl = threadIdx.x % 32, r = threadIdx.x / 32;
-    const int ch = blockIdx.x * 32 + cl;
+    __shared__ float red_n[COL_THREADS], red_m[COL_THREADS], red_q[COL_THREADS];
+    const int w = g.tile, rows = COL_THREADS / w;
+    const int cl = threadIdx.x % w, r = threadIdx.x / w;
+    const int ch = blockIdx.x * w + cl;
     const int sp = blockIdx.y, s = blockIdx.z;
     int p0, p1;
     split_rows(g, sp, p0, p1);
     float cnt = 0.f, mean = 0.f, m2 = 0.f;
-    if (ch < g.c && p0 + r < p1) {
+    if (r < rows && ch < g.c && p0 + r < p1) {
         const T* xs = x + (u64)s * g.p * g.c + ch;
         const float k = to_acc(xs[(u64)(p0 + r) * g.c]);
         float s1 = 0.f, s2 = 0.f;
         int n = 0;
-        for (int p = p0 + r; p < p1; p += NR) {
+        for (int p = p0 + r; p < p1; p += rows) {
             const float d = to_acc(xs[(u64)p * g.c]) - k;
             s1 += d;
             s2 += d * d;
@@ -82,14 +87,13 @@ __device__ __forceinline__ void stats_partial(const T* __restrict__ x, float* __
         mean = k + dm;
         m2 = fmaxf(s2 - s1 * dm, 0.f);
     }
-    red_n[r][cl] = cnt;
-    red_m[r][cl] = mean;
-    red_q[r][cl] = m2;
+    red_n[threadIdx.x] = cnt;
+    red_m[threadIdx.x] = mean;
+    red_q[threadIdx.x] = m2;
     __syncthreads();
     if (r == 0 && ch < g.c) {
-        float na = red_n[0][cl], ma = red_m[0][cl], qa = red_q[0][cl];
-#pragma unroll
-        for (int rr = 1; rr < NR; ++rr) chan_merge(na, ma, qa, red_n[rr][cl], red_m[rr][cl], red_q[rr][cl]);
+        float na = cnt, ma = mean, qa = m2;
+        for (int rr = 1; rr < rows; ++rr) chan_merge(na, ma, qa, red_n[rr * w + cl], red_m[rr * w + cl], red_q[rr * w + cl]);
         const u64 o = ((u64)s * g.splits + sp) * g.c + ch;
         pmean[o] = ma;
         pm2[o] = qa;
@@ -216,18 +220,19 @@ __device__ __forceinline__ void backward_partial(const T* __restrict__ x, const 
                                                  const float* __restrict__ gamma, const float* __restrict__ beta,
                                                  const float* __restrict__ mean, const float* __restrict__ invstd,
                                                  float* __restrict__ p1, float* __restrict__ p2, NormGeom g) {
-    __shared__ float red1[NR][32], red2[NR][32];
-    const int cl = threadIdx.x % 32, r = threadIdx.x / 32;
-    const int ch = blockIdx.x * 32 + cl;
+    __shared__ float red1[COL_THREADS], red2[COL_THREADS];
+    const int w = g.tile, rows = COL_THREADS / w;
+    const int cl = threadIdx.x % w, r = threadIdx.x / w;
+    const int ch = blockIdx.x * w + cl;
     const int sp = blockIdx.y, s = blockIdx.z;
     int p0, p1r;
     split_rows(g, sp, p0, p1r);
     float a1 = 0.f, a2 = 0.f;
-    if (ch < g.c) {
+    if (r < rows && ch < g.c) {
         const int si = s * g.g + ch / g.cg;
         const float mu = mean[si], is = invstd[si], gm = gamma[ch], bt = beta[ch];
         const u64 off = (u64)s * g.p * g.c + ch;
-        for (int p = p0 + r; p < p1r; p += NR) {
+        for (int p = p0 + r; p < p1r; p += rows) {
             const u64 o = off + (u64)p * g.c;
             const float xh = (to_acc(x[o]) - mu) * is;
             const float dz = act_backward(g, to_acc(dy[o]), xh, gm, bt);
@@ -235,14 +240,13 @@ __device__ __forceinline__ void backward_partial(const T* __restrict__ x, const 
             a2 += dz * xh;
         }
     }
-    red1[r][cl] = a1;
-    red2[r][cl] = a2;
+    red1[threadIdx.x] = a1;
+    red2[threadIdx.x] = a2;
     __syncthreads();
     if (r == 0 && ch < g.c) {
-#pragma unroll
-        for (int rr = 1; rr < NR; ++rr) {
-            a1 += red1[rr][cl];
-            a2 += red2[rr][cl];
+        for (int rr = 1; rr < rows; ++rr) {
+            a1 += red1[rr * w + cl];
+            a2 += red2[rr * w + cl];
         }
         const u64 o = ((u64)s * g.splits + sp) * g.c + ch;
         p1[o] = a1;
@@ -442,7 +446,7 @@ __device__ __forceinline__ void ln_backward_params(const T* __restrict__ x, cons
 // ---- entry points ------------------------------------------------------------------------------
 
 #define NORM_KERNELS(T, SUFFIX)                                                                                  \
-    KERNEL_BOUNDED(32 * NR, norm_stats_partial_##SUFFIX, const T* __restrict__ x, float* __restrict__ pmean,     \
+    KERNEL_BOUNDED(COL_THREADS, norm_stats_partial_##SUFFIX,   const T* __restrict__ x, float* __restrict__ pmean,     \
                    float* __restrict__ pm2, NormGeom g) {                                                        \
         stats_partial(x, pmean, pm2, g);                                                                         \
     }                                                                                                            \
@@ -451,7 +455,7 @@ __device__ __forceinline__ void ln_backward_params(const T* __restrict__ x, cons
            const T* __restrict__ residual, T* __restrict__ y, NormGeom g) {                                      \
         norm_apply(x, gamma, beta, mean, invstd, residual, y, g);                                                \
     }                                                                                                            \
-    KERNEL_BOUNDED(32 * NR, norm_backward_partial_##SUFFIX, const T* __restrict__ x, const T* __restrict__ dy,   \
+    KERNEL_BOUNDED(COL_THREADS, norm_backward_partial_##SUFFIX,   const T* __restrict__ x, const T* __restrict__ dy,   \
                    const float* __restrict__ gamma, const float* __restrict__ beta,                              \
                    const float* __restrict__ mean, const float* __restrict__ invstd, float* __restrict__ p1,     \
                    float* __restrict__ p2, NormGeom g) {                                                         \

@@ -19,10 +19,12 @@ use crate::error::{Error, Result};
 use crate::ops::norm::{Act, BatchNormConfig};
 use crate::tensor::DType;
 
-/// `NR` of kernels/norm.cu: row groups of the column-reduction blocks (32 × NR threads).
+/// `NR` of kernels/norm.cu: row groups of the combine blocks (32 × NR threads).
 const NR: u32 = 8;
-/// Splits cover at most this many rows (NR threads per channel: 256 rows per thread), so the f32
-/// sums of one thread stay short whatever M is.
+/// `COL_THREADS` of kernels/norm.cu: threads of the stage-1 column blocks.
+const COL_THREADS: u32 = 256;
+/// Splits cover at most this many rows (at least 8 threads per channel: at most 256 rows per
+/// thread), so the f32 sums of one thread stay short whatever M is.
 const MAX_ROWS_PER_SPLIT: usize = 2048;
 /// ... and at least this many, when more splits would only add combine work.
 const MIN_ROWS_PER_SPLIT: usize = 64;
@@ -39,6 +41,8 @@ pub struct NormGeom {
     pub rows_per_split: i32,
     pub splits: i32,
     pub silu: i32,
+    /// Channels per stage-1 column block: min(c, 32).
+    pub tile: i32,
 }
 
 fn check_dtype(dtype: DType, what: &str) -> Result<()> {
@@ -108,6 +112,7 @@ impl Grouped {
                 rows_per_split: 0,
                 splits: 0,
                 silu: (act == Act::Silu) as i32,
+                tile: dim(c.min(32), "channels")?,
             },
             eps,
             rows_per_split: None,
@@ -122,8 +127,9 @@ impl Grouped {
         self.geom.n as usize * self.geom.g as usize
     }
 
+    /// Stage-1 blocks across the channels (tiles of min(c, 32) channels).
     fn channel_blocks(&self) -> usize {
-        (self.geom.c as usize).div_ceil(32)
+        (self.geom.c as usize).div_ceil(self.geom.tile as usize)
     }
 
     /// The geometry with the split of each sample's rows filled in.
@@ -153,22 +159,30 @@ impl Grouped {
         format!("{what}_{}", suffix(self.dtype))
     }
 
+    /// A column-reduction launch: stage 1 (`tiled`: blocks of `tile` channels × 256 / tile rows)
+    /// or a combine (32 channels × NR).
     fn column_launch(
         &self,
         entry: String,
+        tiled: bool,
         grid_y: usize,
         grid_z: usize,
         args: Vec<Arg>,
     ) -> Result<Launch> {
+        let blocks = if tiled {
+            self.channel_blocks()
+        } else {
+            (self.geom.c as usize).div_ceil(32)
+        };
         Ok(Launch {
             module: &NORM,
             entry,
             grid: [
-                grid_extent(self.channel_blocks(), 0, "normalisation")?,
+                grid_extent(blocks, 0, "normalisation")?,
                 grid_extent(grid_y, 1, "normalisation")?,
                 grid_extent(grid_z, 2, "normalisation")?,
             ],
-            block: [32 * NR, 1, 1],
+            block: [if tiled { COL_THREADS } else { 32 * NR }, 1, 1],
             shared_bytes: 0,
             args,
         })
@@ -203,12 +217,14 @@ impl Grouped {
         let (pm, pq, cm, cq) = (g.ptr(&pm), g.ptr(&pq), g.ptr(&cm), g.ptr(&cq));
         g.launch(&self.column_launch(
             self.entry("norm_stats_partial"),
+            true,
             splits,
             n,
             vec![Arg::Ptr(x), Arg::Ptr(pm), Arg::Ptr(pq), Arg::pod(&geom)],
         )?)?;
         g.launch(&self.column_launch(
             "norm_stats_combine".into(),
+            false,
             n,
             1,
             vec![
@@ -302,6 +318,7 @@ impl Grouped {
         );
         g.launch(&self.column_launch(
             self.entry("norm_backward_partial"),
+            true,
             splits,
             n,
             vec![
@@ -318,6 +335,7 @@ impl Grouped {
         )?)?;
         g.launch(&self.column_launch(
             "norm_sum_splits".into(),
+            false,
             n,
             1,
             vec![
