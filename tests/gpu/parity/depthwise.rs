@@ -59,13 +59,9 @@ fn run<G: Gpu>(g: &G, dtype: DType, tol: f64) {
             uniform(d.output_len(), seed + 2),
         );
         let name = format!("depthwise {dtype:?} case {i} {case:?}");
-        let (upload, back, x, wt, dy): (
-            Box<dyn Fn(&[f32]) -> G::Buf>,
-            Box<dyn Fn(&G::Buf, usize) -> Vec<f64>>,
-            Vec<f32>,
-            Vec<f32>,
-            Vec<f32>,
-        ) = if dtype == DType::BF16 {
+        type Upload<'a, B> = Box<dyn Fn(&[f32]) -> B + 'a>;
+        type Back<'a, B> = Box<dyn Fn(&B, usize) -> Vec<f64> + 'a>;
+        let (upload, back, x, wt, dy): (Upload<G::Buf>, Back<G::Buf>, Vec<f32>, Vec<f32>, Vec<f32>) = if dtype == DType::BF16 {
             (
                 Box::new(|v: &[f32]| g.upload_slice(&to_bf16(v).0).unwrap()),
                 Box::new(|b: &G::Buf, n| from_bf16(&g.download_vec::<u16>(b, n).unwrap())),

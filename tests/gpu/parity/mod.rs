@@ -105,6 +105,8 @@ pub fn f64s(v: &[f32]) -> Vec<f64> {
 
 /// max |got − want| / max |want|, asserted ≤ tol (and finite), with the worst index in the message;
 /// returns it.
+// `!(e <= worst)` on purpose: a NaN error must win.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 pub fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) -> f64 {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(0f64, |m, w| m.max(w.abs())).max(1e-30);
