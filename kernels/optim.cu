@@ -2,7 +2,8 @@
 // whole parameter group in one launch. f32 master weights and optimizer state; gradients f32 or
 // bf16 (entry suffix). The host uploads a table of the group's tensors (pointers, lengths, the
 // per-tensor scalars) and, per chunk of `chunk` elements, the index of the tensor it belongs to;
-// blocks walk the chunks grid-stride, threads the elements of a chunk (coalesced).
+// blocks walk the chunks grid-stride, threads the elements of a chunk (coalesced; four per access
+// where every stream of the tensor is 16-byte aligned, 8-byte for bf16 gradients).
 //
 // Arithmetic reproduces src/optim/{sgd,adamw}.rs bit for bit: every operation is an explicit
 // round-to-nearest intrinsic (__fmul_rn, __fadd_rn, __fmaf_rn, …), so NVRTC's default FMA
@@ -46,9 +47,53 @@ __device__ __forceinline__ void chunk_range(const Tab& t, u64 ci, int chunk, u64
 __device__ __forceinline__ float load_grad(const float* g, u64 i) { return g[i]; }
 __device__ __forceinline__ float load_grad(const bf16* g, u64 i) { return to_acc(g[i]); }
 
+// Four consecutive values at p + i, one 16-byte (f32) or 8-byte (bf16) access.
+__device__ __forceinline__ void load4(const float* p, u64 i, float (&o)[4]) {
+    const float4 v = *reinterpret_cast<const float4*>(p + i);
+    o[0] = v.x;
+    o[1] = v.y;
+    o[2] = v.z;
+    o[3] = v.w;
+}
+__device__ __forceinline__ void load4(const bf16* p, u64 i, float (&o)[4]) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p + i);
+    o[0] = __uint_as_float(v.x << 16);
+    o[1] = __uint_as_float(v.x & 0xffff0000u);
+    o[2] = __uint_as_float(v.y << 16);
+    o[3] = __uint_as_float(v.y & 0xffff0000u);
+}
+__device__ __forceinline__ void store4(float* p, u64 i, const float (&o)[4]) {
+    float4 v;
+    v.x = o[0];
+    v.y = o[1];
+    v.z = o[2];
+    v.w = o[3];
+    *reinterpret_cast<float4*>(p + i) = v;
+}
+
+// Whether a chunk can go four elements per access: chunks start at multiples of 4 and every
+// stream is aligned for its vector width (0, an unused stream, is aligned).
+template <typename G>
+__device__ __forceinline__ bool vectorizable(int chunk, u64 f32_streams, u64 grad) {
+    return (chunk & 3) == 0 && (f32_streams & 15) == 0 && (grad & (4 * sizeof(G) - 1)) == 0;
+}
+
 // g = maximize ? −grad : grad;  g = fma(w, wd, g) (decay);
 // buf = g (first) | fma(g, 1 − dampening, buf·momentum);  d = nesterov ? fma(buf, momentum, g) : buf;
 // w = fma(d, −lr, w).
+__device__ __forceinline__ void sgd_element(float& w, float g, float& b, const SgdCoef& c, bool first, bool decay,
+                                            bool scaled, float scale) {
+    if (scaled) g = __fmul_rn(g, scale);
+    g = __fmul_rn(g, c.sign);
+    if (decay) g = __fmaf_rn(w, c.wd, g);
+    float d = g;
+    if (c.momentum_on) {
+        b = first ? g : __fmaf_rn(g, c.one_minus_dampening, __fmul_rn(b, c.momentum));
+        d = c.nesterov ? __fmaf_rn(b, c.momentum, g) : b;
+    }
+    w = __fmaf_rn(d, c.neg_lr, w);
+}
+
 template <typename G>
 __device__ __forceinline__ void sgd_step(const SgdTensor* __restrict__ table, const unsigned* __restrict__ chunk_tensor,
                                          u64 chunks, int chunk, SgdCoef c, const float* __restrict__ grad_scale) {
@@ -61,19 +106,28 @@ __device__ __forceinline__ void sgd_step(const SgdTensor* __restrict__ table, co
         float* __restrict__ w = reinterpret_cast<float*>(t.param);
         const G* __restrict__ gr = reinterpret_cast<const G*>(t.grad);
         float* __restrict__ b = reinterpret_cast<float*>(t.buf);
-        for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
-            float g = load_grad(gr, i);
-            if (scaled) g = __fmul_rn(g, scale);
-            g = __fmul_rn(g, c.sign);
-            const float wi = w[i];
-            if (t.decay) g = __fmaf_rn(wi, c.wd, g);
-            float d = g;
-            if (c.momentum_on) {
-                const float buf = t.first ? g : __fmaf_rn(g, c.one_minus_dampening, __fmul_rn(b[i], c.momentum));
-                b[i] = buf;
-                d = c.nesterov ? __fmaf_rn(buf, c.momentum, g) : buf;
+        const bool read_buf = c.momentum_on && !t.first;
+        u64 scalar_from = start;
+        if (vectorizable<G>(chunk, t.param | t.buf, t.grad)) {
+            const u64 packs = (end - start) / 4;
+            for (u64 p = threadIdx.x; p < packs; p += blockDim.x) {
+                const u64 i = start + 4 * p;
+                float w4[4], g4[4], b4[4] = {0.f, 0.f, 0.f, 0.f};
+                load4(w, i, w4);
+                load4(gr, i, g4);
+                if (read_buf) load4(b, i, b4);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) sgd_element(w4[k], g4[k], b4[k], c, t.first, t.decay, scaled, scale);
+                store4(w, i, w4);
+                if (c.momentum_on) store4(b, i, b4);
             }
-            w[i] = __fmaf_rn(d, c.neg_lr, wi);
+            scalar_from = start + 4 * packs;
+        }
+        for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) {
+            float wi = w[i], bi = read_buf ? b[i] : 0.f;
+            sgd_element(wi, load_grad(gr, i), bi, c, t.first, t.decay, scaled, scale);
+            w[i] = wi;
+            if (c.momentum_on) b[i] = bi;
         }
     }
 }
@@ -81,6 +135,23 @@ __device__ __forceinline__ void sgd_step(const SgdTensor* __restrict__ table, co
 // w = w·(1 − lr·wd) (decay);  m = lerp(m, g, 1 − β1);  v = fma((1 − β2)·g, g, v·β2);
 // vmax = max(vmax, v) (amsgrad, NaN kept);  denom = sqrt(v | vmax) / sqrt(1 − β2^t) + eps;
 // w = w + (−lr / (1 − β1^t))·m / denom.
+__device__ __forceinline__ void adamw_element(float& w, float g, float& m, float& v, float& vmax, const AdamTensor& t,
+                                              const AdamCoef& c, float lerp_weight_minus_one, bool scaled,
+                                              float scale) {
+    if (scaled) g = __fmul_rn(g, scale);
+    if (t.decay) w = __fmul_rn(w, t.decay_factor);
+    const float diff = __fsub_rn(g, m);
+    m = c.small ? __fmaf_rn(c.lerp_weight, diff, m) : __fmaf_rn(lerp_weight_minus_one, diff, g);
+    v = __fmaf_rn(__fmul_rn(c.one_minus_beta2, g), g, __fmul_rn(v, c.beta2));
+    float second = v;
+    if (c.amsgrad) {
+        if (!(vmax >= v || vmax != vmax)) vmax = v;
+        second = vmax;
+    }
+    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(second), t.bias_correction2_sqrt), c.eps);
+    w = __fadd_rn(w, __fdiv_rn(__fmul_rn(t.neg_step_size, m), denom));
+}
+
 template <typename G>
 __device__ __forceinline__ void adamw_step(const AdamTensor* __restrict__ table, const unsigned* __restrict__ chunk_tensor,
                                            u64 chunks, int chunk, AdamCoef c, const float* __restrict__ grad_scale) {
@@ -96,26 +167,34 @@ __device__ __forceinline__ void adamw_step(const AdamTensor* __restrict__ table,
         float* __restrict__ m = reinterpret_cast<float*>(t.m);
         float* __restrict__ v = reinterpret_cast<float*>(t.v);
         float* __restrict__ vmax = reinterpret_cast<float*>(t.vmax);
-        for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
-            float g = load_grad(gr, i);
-            if (scaled) g = __fmul_rn(g, scale);
-            float wi = w[i];
-            if (t.decay) wi = __fmul_rn(wi, t.decay_factor);
-            float mi = m[i];
-            const float diff = __fsub_rn(g, mi);
-            mi = c.small ? __fmaf_rn(c.lerp_weight, diff, mi) : __fmaf_rn(lerp_weight_minus_one, diff, g);
-            const float vi = __fmaf_rn(__fmul_rn(c.one_minus_beta2, g), g, __fmul_rn(v[i], c.beta2));
-            float second = vi;
-            if (c.amsgrad) {
-                const float vm = vmax[i];
-                const bool keep = vm >= vi || vm != vm;
-                if (!keep) vmax[i] = vi;
-                second = keep ? vm : vi;
+        u64 scalar_from = start;
+        if (vectorizable<G>(chunk, t.param | t.m | t.v | t.vmax, t.grad)) {
+            const u64 packs = (end - start) / 4;
+            for (u64 p = threadIdx.x; p < packs; p += blockDim.x) {
+                const u64 i = start + 4 * p;
+                float w4[4], g4[4], m4[4], v4[4], vm4[4] = {0.f, 0.f, 0.f, 0.f};
+                load4(w, i, w4);
+                load4(gr, i, g4);
+                load4(m, i, m4);
+                load4(v, i, v4);
+                if (c.amsgrad) load4(vmax, i, vm4);
+#pragma unroll
+                for (int k = 0; k < 4; ++k)
+                    adamw_element(w4[k], g4[k], m4[k], v4[k], vm4[k], t, c, lerp_weight_minus_one, scaled, scale);
+                store4(w, i, w4);
+                store4(m, i, m4);
+                store4(v, i, v4);
+                if (c.amsgrad) store4(vmax, i, vm4);
             }
-            const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(second), t.bias_correction2_sqrt), c.eps);
+            scalar_from = start + 4 * packs;
+        }
+        for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) {
+            float wi = w[i], mi = m[i], vi = v[i], vmi = c.amsgrad ? vmax[i] : 0.f;
+            adamw_element(wi, load_grad(gr, i), mi, vi, vmi, t, c, lerp_weight_minus_one, scaled, scale);
+            w[i] = wi;
             m[i] = mi;
             v[i] = vi;
-            w[i] = __fadd_rn(wi, __fdiv_rn(__fmul_rn(t.neg_step_size, mi), denom));
+            if (c.amsgrad) vmax[i] = vmi;
         }
     }
 }
