@@ -10,7 +10,10 @@ use phenocore::models::efficientnet::{EfficientNet, GpuEfficientNet, Padding};
 use std::time::Instant;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     if args.len() < 5 {
         eprintln!("usage: cuda_effnet WEIGHTS CROPS BATCH REPS OUT [tf32]");
         std::process::exit(2);
@@ -38,7 +41,8 @@ fn main() {
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let med = times[times.len() / 2];
-    std::fs::write(&args[4], bytemuck::cast_slice(feats.as_f32().expect("f32"))).expect("write features");
+    std::fs::write(&args[4], bytemuck::cast_slice(feats.as_f32().expect("f32")))
+        .expect("write features");
     println!(
         "phenocore-cuda {} {layer} batch {batch}: median {med:.4} s, {:.1} crops/s (incl. host->device copy of the crops)",
         dev.name(),

@@ -4,15 +4,15 @@
 use super::device::CudaDevice;
 use super::{driver_error, guard, CudaStorage};
 use crate::backend::gpu::{Gemm, Gpu, Launch, Math};
-use cudarc::cublas as blas;
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
+use cudarc::cublas as blas;
 use cudarc::driver::result as cu;
 use cudarc::driver::sys::CUfunction_attribute_enum;
+use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::sync::Arc;
+use std::sync::Mutex;
 
 /// Dynamic shared memory a launch may use without opting in (the CUDA default limit).
 const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
@@ -36,8 +36,12 @@ impl Gpu for Arc<CudaDevice> {
                 self.bind()?;
                 // SAFETY: the block holds at least bytes.len() bytes; `bytes` stays borrowed until
                 // the synchronize below has completed the copy.
-                unsafe { cu::memcpy_htod_async(out.device_ptr(), bytes, self.stream().cu_stream()) }
-                    .map_err(|e| driver_error(&format!("copying {} bytes to the GPU", bytes.len()), e))?;
+                unsafe {
+                    cu::memcpy_htod_async(out.device_ptr(), bytes, self.stream().cu_stream())
+                }
+                .map_err(|e| {
+                    driver_error(&format!("copying {} bytes to the GPU", bytes.len()), e)
+                })?;
                 self.synchronize()?;
             }
             Ok(out)
@@ -60,7 +64,9 @@ impl Gpu for Arc<CudaDevice> {
             // SAFETY: checked above that the block holds out.len() bytes; `out` is not touched
             // until the synchronize below has completed the copy.
             unsafe { cu::memcpy_dtoh_async(out, buf.device_ptr(), self.stream().cu_stream()) }
-                .map_err(|e| driver_error(&format!("copying {} bytes from the GPU", out.len()), e))?;
+                .map_err(|e| {
+                    driver_error(&format!("copying {} bytes from the GPU", out.len()), e)
+                })?;
             self.synchronize()
         })
     }
@@ -104,7 +110,10 @@ impl Gpu for Arc<CudaDevice> {
                 )
                 .map_err(|e| {
                     driver_error(
-                        &format!("{}: allowing {} bytes of shared memory", l.entry, l.shared_bytes),
+                        &format!(
+                            "{}: allowing {} bytes of shared memory",
+                            l.entry, l.shared_bytes
+                        ),
                         e,
                     )
                 })?;
@@ -143,9 +152,16 @@ impl Gpu for Arc<CudaDevice> {
         let handle = cublas_handle(self)?;
         guard("cublasGemmEx", || {
             self.bind()?;
-            use blas::sys::{cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasOperation_t as Op, cudaDataType as Ty};
+            use blas::sys::{
+                cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasOperation_t as Op,
+                cudaDataType as Ty,
+            };
             let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
-            let ty = if g.dtype == DType::BF16 { Ty::CUDA_R_16BF } else { Ty::CUDA_R_32F };
+            let ty = if g.dtype == DType::BF16 {
+                Ty::CUDA_R_16BF
+            } else {
+                Ty::CUDA_R_32F
+            };
             let compute = match (g.dtype, g.math) {
                 (DType::F32, Math::F32) => Compute::CUBLAS_COMPUTE_32F,
                 (DType::F32, Math::Tf32) => Compute::CUBLAS_COMPUTE_32F_FAST_TF32,
@@ -179,7 +195,12 @@ impl Gpu for Arc<CudaDevice> {
                     cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
-            .map_err(|e| Error::Cuda(format!("cublasGemmEx {}×{}×{} ({:?}): {e:?}", g.m, g.n, g.k, g.dtype)))
+            .map_err(|e| {
+                Error::Cuda(format!(
+                    "cublasGemmEx {}×{}×{} ({:?}): {e:?}",
+                    g.m, g.n, g.k, g.dtype
+                ))
+            })
         })
     }
 
@@ -211,8 +232,12 @@ fn cublas_handle(dev: &Arc<CudaDevice>) -> Result<Handle> {
     }
     let h = guard("creating a cuBLAS handle", || {
         dev.bind()?;
-        let h = blas::result::create_handle()
-            .map_err(|e| Error::Cuda(format!("cublasCreate on CUDA device {}: {e:?}", dev.ordinal())))?;
+        let h = blas::result::create_handle().map_err(|e| {
+            Error::Cuda(format!(
+                "cublasCreate on CUDA device {}: {e:?}",
+                dev.ordinal()
+            ))
+        })?;
         // SAFETY: h is a fresh handle; the stream belongs to the same context and outlives the
         // handle (both live as long as the process-wide device).
         unsafe { blas::result::set_stream(h, dev.stream().cu_stream() as _) }

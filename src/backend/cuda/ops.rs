@@ -20,7 +20,17 @@ pub fn affine(x: &CudaStorage, mul: f64, add: f64) -> Result<CudaStorage> {
     let dev = x.device();
     let y = CudaStorage::uninit(dev, x.dtype(), x.len())?;
     // SAFETY: x and y each hold x.len() elements of x.dtype(); y is a fresh block (no overlap).
-    unsafe { ew::affine(dev, x.dtype(), x.device_ptr(), y.device_ptr(), x.len(), mul, add)? };
+    unsafe {
+        ew::affine(
+            dev,
+            x.dtype(),
+            x.device_ptr(),
+            y.device_ptr(),
+            x.len(),
+            mul,
+            add,
+        )?
+    };
     Ok(y)
 }
 

@@ -62,53 +62,167 @@ module!(
     ]
 );
 
-module!(NORM, "norm", [
-    "norm_stats_partial_f32", "norm_apply_f32", "norm_backward_partial_f32", "norm_backward_dx_f32",
-    "layer_norm_forward_f32", "layer_norm_backward_dx_f32", "layer_norm_backward_params_f32",
-    "norm_stats_partial_bf16", "norm_apply_bf16", "norm_backward_partial_bf16", "norm_backward_dx_bf16",
-    "layer_norm_forward_bf16", "layer_norm_backward_dx_bf16", "layer_norm_backward_params_bf16",
-    "norm_stats_combine", "norm_stats_finalize", "batch_norm_eval_invstd", "norm_sum_splits",
-    "norm_backward_finalize",
-]);
-module!(ATTENTION, "attention", [
-    "attention_forward_d32_f32", "attention_backward_dq_d32_f32", "attention_backward_dkv_d32_f32",
-    "attention_forward_d64_f32", "attention_backward_dq_d64_f32", "attention_backward_dkv_d64_f32",
-    "attention_forward_d128_f32", "attention_backward_dq_d128_f32", "attention_backward_dkv_d128_f32",
-    "attention_forward_d32_bf16", "attention_backward_dq_d32_bf16", "attention_backward_dkv_d32_bf16",
-    "attention_forward_d64_bf16", "attention_backward_dq_d64_bf16", "attention_backward_dkv_d64_bf16",
-    "attention_forward_d128_bf16", "attention_backward_dq_d128_bf16", "attention_backward_dkv_d128_bf16",
-    "attention_backward_delta_f32", "attention_backward_delta_bf16",
-]);
-module!(LOSS, "loss", [
-    "loss_ce_forward_f32", "loss_ce_backward_f32", "loss_soft_forward_f32", "loss_soft_backward_f32",
-    "loss_ce_forward_bf16", "loss_ce_backward_bf16", "loss_soft_forward_bf16", "loss_soft_backward_bf16",
-    "loss_mean",
-]);
-module!(GEGLU, "geglu", ["geglu_forward_f32", "geglu_backward_f32", "geglu_forward_bf16", "geglu_backward_bf16"]);
-module!(SHAPE, "shape", [
-    "silu_backward_f32", "silu_backward_bf16", "silu_backward_vec_f32", "silu_backward_vec_bf16",
-    "sigmoid_backward_f32", "sigmoid_backward_bf16", "sigmoid_backward_vec_f32",
-    "sigmoid_backward_vec_bf16", "add_f32", "add_bf16", "add_vec_f32", "add_vec_bf16",
-    "add_per_sample_f32", "add_per_sample_bf16", "add_per_sample_vec_f32", "add_per_sample_vec_bf16",
-    "scale_channels_f32", "scale_channels_bf16", "scale_channels_vec_f32", "scale_channels_vec_bf16",
-    "scale_channels_backward_pooled_f32", "scale_channels_backward_pooled_bf16",
-    "scale_channels_backward_pooled_vec_f32", "scale_channels_backward_pooled_vec_bf16",
-    "global_avg_pool_backward_f32", "global_avg_pool_backward_bf16", "global_avg_pool_backward_vec_f32",
-    "global_avg_pool_backward_vec_bf16",
-    "position_sum_f32", "position_sum_bf16", "position_dot_f32", "position_dot_bf16",
-    "position_reduce_f32", "position_reduce_bf16",
-    "upsample2x_forward_w16", "upsample2x_forward_w8", "upsample2x_forward_w4", "upsample2x_forward_w2",
-    "copy_rows_w16", "copy_rows_w8", "copy_rows_w4", "copy_rows_w2", "embedding_forward_w16",
-    "embedding_forward_w8", "embedding_forward_w4", "embedding_forward_w2",
-    "upsample2x_backward_f32", "upsample2x_backward_bf16", "upsample2x_backward_vec_f32",
-    "upsample2x_backward_vec_bf16", "embedding_backward_f32", "embedding_backward_bf16",
-    "sum_partial_f32", "sum_partial_vec_f32", "sum_final_f32",
-]);
-module!(OPTIM, "optim", [
-    "sgd_step_f32", "sgd_step_bf16", "adamw_step_f32", "adamw_step_bf16",
-    "grad_norm_partial_f32", "grad_norm_partial_bf16", "grad_norm_finish", "grad_scale_f32",
-]);
-module!(CROP, "crop", ["crop_extract_u8", "crop_extract_u16", "crop_extract_f32", "crop_augment"]);
+module!(
+    NORM,
+    "norm",
+    [
+        "norm_stats_partial_f32",
+        "norm_apply_f32",
+        "norm_backward_partial_f32",
+        "norm_backward_dx_f32",
+        "layer_norm_forward_f32",
+        "layer_norm_backward_dx_f32",
+        "layer_norm_backward_params_f32",
+        "norm_stats_partial_bf16",
+        "norm_apply_bf16",
+        "norm_backward_partial_bf16",
+        "norm_backward_dx_bf16",
+        "layer_norm_forward_bf16",
+        "layer_norm_backward_dx_bf16",
+        "layer_norm_backward_params_bf16",
+        "norm_stats_combine",
+        "norm_stats_finalize",
+        "batch_norm_eval_invstd",
+        "norm_sum_splits",
+        "norm_backward_finalize",
+    ]
+);
+module!(
+    ATTENTION,
+    "attention",
+    [
+        "attention_forward_d32_f32",
+        "attention_backward_dq_d32_f32",
+        "attention_backward_dkv_d32_f32",
+        "attention_forward_d64_f32",
+        "attention_backward_dq_d64_f32",
+        "attention_backward_dkv_d64_f32",
+        "attention_forward_d128_f32",
+        "attention_backward_dq_d128_f32",
+        "attention_backward_dkv_d128_f32",
+        "attention_forward_d32_bf16",
+        "attention_backward_dq_d32_bf16",
+        "attention_backward_dkv_d32_bf16",
+        "attention_forward_d64_bf16",
+        "attention_backward_dq_d64_bf16",
+        "attention_backward_dkv_d64_bf16",
+        "attention_forward_d128_bf16",
+        "attention_backward_dq_d128_bf16",
+        "attention_backward_dkv_d128_bf16",
+        "attention_backward_delta_f32",
+        "attention_backward_delta_bf16",
+    ]
+);
+module!(
+    LOSS,
+    "loss",
+    [
+        "loss_ce_forward_f32",
+        "loss_ce_backward_f32",
+        "loss_soft_forward_f32",
+        "loss_soft_backward_f32",
+        "loss_ce_forward_bf16",
+        "loss_ce_backward_bf16",
+        "loss_soft_forward_bf16",
+        "loss_soft_backward_bf16",
+        "loss_mean",
+    ]
+);
+module!(
+    GEGLU,
+    "geglu",
+    [
+        "geglu_forward_f32",
+        "geglu_backward_f32",
+        "geglu_forward_bf16",
+        "geglu_backward_bf16"
+    ]
+);
+module!(
+    SHAPE,
+    "shape",
+    [
+        "silu_backward_f32",
+        "silu_backward_bf16",
+        "silu_backward_vec_f32",
+        "silu_backward_vec_bf16",
+        "sigmoid_backward_f32",
+        "sigmoid_backward_bf16",
+        "sigmoid_backward_vec_f32",
+        "sigmoid_backward_vec_bf16",
+        "add_f32",
+        "add_bf16",
+        "add_vec_f32",
+        "add_vec_bf16",
+        "add_per_sample_f32",
+        "add_per_sample_bf16",
+        "add_per_sample_vec_f32",
+        "add_per_sample_vec_bf16",
+        "scale_channels_f32",
+        "scale_channels_bf16",
+        "scale_channels_vec_f32",
+        "scale_channels_vec_bf16",
+        "scale_channels_backward_pooled_f32",
+        "scale_channels_backward_pooled_bf16",
+        "scale_channels_backward_pooled_vec_f32",
+        "scale_channels_backward_pooled_vec_bf16",
+        "global_avg_pool_backward_f32",
+        "global_avg_pool_backward_bf16",
+        "global_avg_pool_backward_vec_f32",
+        "global_avg_pool_backward_vec_bf16",
+        "position_sum_f32",
+        "position_sum_bf16",
+        "position_dot_f32",
+        "position_dot_bf16",
+        "position_reduce_f32",
+        "position_reduce_bf16",
+        "upsample2x_forward_w16",
+        "upsample2x_forward_w8",
+        "upsample2x_forward_w4",
+        "upsample2x_forward_w2",
+        "copy_rows_w16",
+        "copy_rows_w8",
+        "copy_rows_w4",
+        "copy_rows_w2",
+        "embedding_forward_w16",
+        "embedding_forward_w8",
+        "embedding_forward_w4",
+        "embedding_forward_w2",
+        "upsample2x_backward_f32",
+        "upsample2x_backward_bf16",
+        "upsample2x_backward_vec_f32",
+        "upsample2x_backward_vec_bf16",
+        "embedding_backward_f32",
+        "embedding_backward_bf16",
+        "sum_partial_f32",
+        "sum_partial_vec_f32",
+        "sum_final_f32",
+    ]
+);
+module!(
+    OPTIM,
+    "optim",
+    [
+        "sgd_step_f32",
+        "sgd_step_bf16",
+        "adamw_step_f32",
+        "adamw_step_bf16",
+        "grad_norm_partial_f32",
+        "grad_norm_partial_bf16",
+        "grad_norm_finish",
+        "grad_scale_f32",
+    ]
+);
+module!(
+    CROP,
+    "crop",
+    [
+        "crop_extract_u8",
+        "crop_extract_u16",
+        "crop_extract_f32",
+        "crop_augment"
+    ]
+);
 
 module!(CONV, "conv", ["im2col_nchw_f32", "im2col_nchw_bf16"]);
 

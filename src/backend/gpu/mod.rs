@@ -168,9 +168,15 @@ impl Gemm {
             if self.trans_a { self.m } else { self.k },
             if self.trans_b { self.k } else { self.n },
         );
-        for (ld, cols, what) in [(self.lda, a_cols, "lda"), (self.ldb, b_cols, "ldb"), (self.ldc, self.n, "ldc")] {
+        for (ld, cols, what) in [
+            (self.lda, a_cols, "lda"),
+            (self.ldb, b_cols, "ldb"),
+            (self.ldc, self.n, "ldc"),
+        ] {
             if ld < cols.max(1) {
-                return Err(Error::Shape(format!("GEMM: {what} = {ld} is less than the row length {cols}")));
+                return Err(Error::Shape(format!(
+                    "GEMM: {what} = {ld} is less than the row length {cols}"
+                )));
             }
             dim(ld, what)?;
         }

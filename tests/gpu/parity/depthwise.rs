@@ -61,7 +61,13 @@ fn run<G: Gpu>(g: &G, dtype: DType, tol: f64) {
         let name = format!("depthwise {dtype:?} case {i} {case:?}");
         type Upload<'a, B> = Box<dyn Fn(&[f32]) -> B + 'a>;
         type Back<'a, B> = Box<dyn Fn(&B, usize) -> Vec<f64> + 'a>;
-        let (upload, back, x, wt, dy): (Upload<G::Buf>, Back<G::Buf>, Vec<f32>, Vec<f32>, Vec<f32>) = if dtype == DType::BF16 {
+        let (upload, back, x, wt, dy): (
+            Upload<G::Buf>,
+            Back<G::Buf>,
+            Vec<f32>,
+            Vec<f32>,
+            Vec<f32>,
+        ) = if dtype == DType::BF16 {
             (
                 Box::new(|v: &[f32]| g.upload_slice(&to_bf16(v).0).unwrap()),
                 Box::new(|b: &G::Buf, n| from_bf16(&g.download_vec::<u16>(b, n).unwrap())),
