@@ -5,16 +5,9 @@ use super::nvrtc::{self, Arch, KernelModule};
 use super::{catch_panic, driver_error, guard};
 use crate::error::{Error, Result};
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{
-    result as cu, CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig,
-};
+use cudarc::driver::{result as cu, CudaContext, CudaFunction, CudaModule, CudaStream};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
-
-/// Threads per block for elementwise kernels.
-const BLOCK: u32 = 256;
-/// Grid-stride kernels launch at most this many blocks per multiprocessor.
-const BLOCKS_PER_SM: u32 = 16;
 
 /// One GPU: its context, the stream every phenocore op on it runs on, compiled modules, memory.
 pub struct CudaDevice {
@@ -205,17 +198,6 @@ impl CudaDevice {
         })?;
         modules.insert(module.name, m.clone());
         Ok(m)
-    }
-
-    /// A 1-D launch for a grid-stride kernel over `items` work items.
-    pub fn launch_config(&self, items: usize) -> LaunchConfig {
-        let max_blocks = self.sm_count.saturating_mul(BLOCKS_PER_SM) as usize;
-        let blocks = items.div_ceil(BLOCK as usize).clamp(1, max_blocks.max(1));
-        LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        }
     }
 
     /// A block of at least `bytes` from the caching allocator: (device pointer, bucket size).
