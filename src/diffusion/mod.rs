@@ -1,5 +1,6 @@
 //! Latent diffusion (REFERENCE §10): noise schedules and samplers.
 pub mod config;
+pub mod gpu;
 pub mod scheduler;
 pub mod train;
 pub mod unet;

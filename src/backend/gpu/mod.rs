@@ -9,6 +9,7 @@
 //! in the backends.
 
 pub mod attention;
+pub mod conv;
 pub mod crop;
 pub mod depthwise;
 pub mod elementwise;

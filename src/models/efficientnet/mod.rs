@@ -11,6 +11,7 @@
 mod config;
 mod forward;
 mod gpu;
+mod gpu_train;
 mod layers;
 mod train;
 mod weights;

@@ -7,9 +7,11 @@
 #![allow(dead_code)]
 
 pub mod attention;
+pub mod conv;
 pub mod crop;
 pub mod depthwise;
 pub mod effnet;
+pub mod effnet_train;
 pub mod elementwise;
 pub mod geglu;
 pub mod gemm;
@@ -17,6 +19,7 @@ pub mod loss;
 pub mod norm;
 pub mod optim;
 pub mod shape;
+pub mod unet;
 
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -76,6 +79,9 @@ macro_rules! for_each_parity_test {
             crop::crop_extract_matches_cpu,
             crop::crop_augment_matches_cpu,
             crop::crop_rejects_bad_plans,
+            // conv:
+            // unet:
+            // effnet_train:
         );
     };
 }

@@ -1,0 +1,1 @@
+//! Dense k × k convolutions on a [`super::Gpu`] (placeholder: being written).

@@ -1,0 +1,1 @@
+//! The diffusion U-Net on a [`crate::backend::gpu::Gpu`] (placeholder: being written).

@@ -1,0 +1,1 @@
+//! EfficientNet training step on a [`crate::backend::gpu::Gpu`] (placeholder: being written).

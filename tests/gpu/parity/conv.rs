@@ -1,0 +1,1 @@
+//! Parity tests: conv (placeholder: being written).

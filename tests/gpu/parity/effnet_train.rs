@@ -1,0 +1,1 @@
+//! Parity tests: effnet_train (placeholder: being written).

@@ -1,0 +1,1 @@
+//! Parity tests: unet (placeholder: being written).
