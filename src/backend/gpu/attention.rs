@@ -1,7 +1,11 @@
 //! Multi-head scaled-dot-product attention (`kernels/attention.cu`), flash style: forward with an
 //! online softmax (output and per-row log-sum-exp), backward recomputing the probabilities from the
 //! log-sum-exp (Δ, then dq over query tiles, then dk / dv over key tiles). No `Lq × Lk` buffer;
-//! deterministic. Layouts as `ops::attention`: q [N, Lq, H·D], k [N, Lk, H·D], v [N, Lk, H·Dv],
+//! deterministic. Head dimensions up to 128 run the tiled kernels (bound 32, 64 or 128, per-lane
+//! register accumulators); wider heads, up to [`MAX_HEAD_DIM`] = 1024 and any value, run the
+//! `_wide` kernels, which walk the channels in chunks of 64 and keep the block's accumulator rows
+//! in dynamic shared memory (≤ 32 KiB, ≤ 44 KiB per block in all: no opt-in needed).
+//! Layouts as `ops::attention`: q [N, Lq, H·D], k [N, Lk, H·D], v [N, Lk, H·Dv],
 //! o [N, Lq, H·Dv]; the log-sum-exp is f32 [N, H, Lq].
 
 use super::elementwise::suffix;
@@ -24,23 +28,33 @@ pub struct AttnGeom {
 }
 
 /// The largest head dimension (D and Dv) the kernels support.
-pub const MAX_HEAD_DIM: usize = 128;
+pub const MAX_HEAD_DIM: usize = 1024;
+/// The largest head dimension of the tiled (register-accumulator) kernels; wider heads run the
+/// `_wide` kernels.
+pub const MAX_TILED_HEAD_DIM: usize = 128;
+/// [`Attention::bound`] of a plan that runs the `_wide` kernels.
+pub const WIDE: usize = MAX_HEAD_DIM;
 /// `ATT_WARPS` of kernels/attention.cu: warps per block.
 const WARPS: usize = 4;
 /// `ATT_FWD_ROWS`: queries per warp in the forward.
 const FWD_ROWS: usize = 4;
+/// `ATW_BQ`: query rows per block of the wide forward and dq kernels.
+const WIDE_QUERY_ROWS: usize = 8;
+/// `ATW_BK`: key rows per block of the wide dk / dv kernel.
+const WIDE_KEY_ROWS: usize = 4;
 
 /// An attention launch plan: `softmax(scale · q kᵀ) v` per sample and head.
 #[derive(Clone, Copy, Debug)]
 pub struct Attention {
     pub dtype: DType,
     pub geom: AttnGeom,
-    /// The kernels' head-dimension bound: 32, 64 or 128, the smallest ≥ max(D, Dv).
+    /// The kernels' head-dimension bound: 32, 64 or 128, the smallest ≥ max(D, Dv), for the
+    /// tiled kernels; [`WIDE`] (= [`MAX_HEAD_DIM`]) when max(D, Dv) > 128 (the `_wide` kernels).
     pub bound: usize,
 }
 
 impl Attention {
-    /// Checks the support (f32 or bf16 storage, D and Dv ≤ [`MAX_HEAD_DIM`]) and the sizes (all
+    /// Checks the support (f32 or bf16 storage, D and Dv ≤ [`MAX_HEAD_DIM`], any value) and the sizes (all
     /// ≥ 1, `scale` finite; None = 1/√D).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -66,7 +80,7 @@ impl Attention {
         let widest = d.max(dv);
         if widest > MAX_HEAD_DIM {
             return Err(Error::InvalidArgument(format!(
-                "attention on CUDA: head dimensions D {d}, Dv {dv} exceed the kernels' bound {MAX_HEAD_DIM}"
+                "attention on CUDA: head dimensions D {d}, Dv {dv} exceed the kernels' limit {MAX_HEAD_DIM}"
             )));
         }
         let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
@@ -75,10 +89,10 @@ impl Attention {
                 "attention on CUDA: scale must be finite, got {scale}"
             )));
         }
-        let bound = [32, 64, 128]
+        let bound = [32, 64, MAX_TILED_HEAD_DIM]
             .into_iter()
             .find(|&b| b >= widest)
-            .unwrap_or(MAX_HEAD_DIM);
+            .unwrap_or(WIDE);
         let geom = AttnGeom {
             n: dim(n, "batch")?,
             lq: dim(lq, "query length")?,
@@ -92,8 +106,9 @@ impl Attention {
         // Every index the kernels form is a u64, but the channel widths and row counts must fit the
         // kernels' int parameters too.
         dim(heads * widest, "channels")?;
-        plan.grid(lq.div_ceil(WARPS * FWD_ROWS))?;
-        plan.grid(lk.div_ceil(WARPS * plan.bwd_rows()))?;
+        plan.grid(lq.div_ceil(plan.fwd_rows_per_block()))?;
+        plan.grid(lq.div_ceil(plan.dq_rows_per_block()))?;
+        plan.grid(lk.div_ceil(plan.dkv_rows_per_block()))?;
         Ok(plan)
     }
 
@@ -132,12 +147,54 @@ impl Attention {
         n * h * lq
     }
 
-    /// `AttBwd<DB>::ROWS`: queries (dq) or keys (dk / dv) per warp in the backward.
+    /// Whether the plan runs the `_wide` kernels (max(D, Dv) > 128).
+    pub fn is_wide(&self) -> bool {
+        self.bound == WIDE
+    }
+
+    /// `AttBwd<DB>::ROWS`: queries (dq) or keys (dk / dv) per warp in the tiled backward.
     fn bwd_rows(&self) -> usize {
         if self.bound >= 128 {
             2
         } else {
             4
+        }
+    }
+
+    /// Query rows per block of the forward.
+    fn fwd_rows_per_block(&self) -> usize {
+        if self.is_wide() {
+            WIDE_QUERY_ROWS
+        } else {
+            WARPS * FWD_ROWS
+        }
+    }
+
+    /// Query rows per block of the dq kernel.
+    fn dq_rows_per_block(&self) -> usize {
+        if self.is_wide() {
+            WIDE_QUERY_ROWS
+        } else {
+            WARPS * self.bwd_rows()
+        }
+    }
+
+    /// Key rows per block of the dk / dv kernel.
+    fn dkv_rows_per_block(&self) -> usize {
+        if self.is_wide() {
+            WIDE_KEY_ROWS
+        } else {
+            WARPS * self.bwd_rows()
+        }
+    }
+
+    /// Dynamic shared memory of a launch: the wide kernels' f32 accumulator rows (`rows` × `width`
+    /// channels; at most 8 × 1024 or 4 × 2048 f32 = 32 KiB), none for the tiled kernels.
+    fn wide_shared(&self, rows: usize, width: usize) -> u32 {
+        if self.is_wide() {
+            (rows * width * 4) as u32
+        } else {
+            0
         }
     }
 
@@ -150,13 +207,25 @@ impl Attention {
         ])
     }
 
-    fn tiled(&self, what: &str, rows: usize, per_block: usize, args: Vec<Arg>) -> Result<Launch> {
+    fn tiled(
+        &self,
+        what: &str,
+        rows: usize,
+        per_block: usize,
+        shared_bytes: u32,
+        args: Vec<Arg>,
+    ) -> Result<Launch> {
+        let variant = if self.is_wide() {
+            "wide".to_string()
+        } else {
+            format!("d{}", self.bound)
+        };
         Ok(Launch {
             module: &ATTENTION,
-            entry: format!("attention_{what}_d{}_{}", self.bound, suffix(self.dtype)),
+            entry: format!("attention_{what}_{variant}_{}", suffix(self.dtype)),
             grid: self.grid(rows.div_ceil(per_block))?,
             block: [(32 * WARPS) as u32, 1, 1],
-            shared_bytes: 0,
+            shared_bytes,
             args,
         })
     }
@@ -183,7 +252,9 @@ impl Attention {
             Arg::Ptr(lse),
             Arg::pod(&self.geom),
         ];
-        g.launch(&self.tiled("forward", self.geom.lq as usize, WARPS * FWD_ROWS, args)?)
+        let rows = self.fwd_rows_per_block();
+        let shared = self.wide_shared(rows, self.geom.dv as usize);
+        g.launch(&self.tiled("forward", self.geom.lq as usize, rows, shared, args)?)
     }
 
     /// dq, dk, dv (overwritten) from the upstream gradient d_out, the forward's o and lse.
@@ -220,7 +291,6 @@ impl Attention {
                 Arg::pod(&self.geom),
             ],
         })?;
-        let rows = self.bwd_rows() * WARPS;
         let common = [
             Arg::Ptr(q),
             Arg::Ptr(k),
@@ -231,9 +301,14 @@ impl Attention {
         ];
         let mut args = common.to_vec();
         args.extend([Arg::Ptr(dq), Arg::pod(&self.geom)]);
-        g.launch(&self.tiled("backward_dq", self.geom.lq as usize, rows, args)?)?;
+        let (d, dv_width) = (self.geom.d as usize, self.geom.dv as usize);
+        let rows = self.dq_rows_per_block();
+        let shared = self.wide_shared(rows, d);
+        g.launch(&self.tiled("backward_dq", self.geom.lq as usize, rows, shared, args)?)?;
         let mut args = common.to_vec();
         args.extend([Arg::Ptr(dk), Arg::Ptr(dv), Arg::pod(&self.geom)]);
-        g.launch(&self.tiled("backward_dkv", self.geom.lk as usize, rows, args)?)
+        let rows = self.dkv_rows_per_block();
+        let shared = self.wide_shared(rows, d + dv_width);
+        g.launch(&self.tiled("backward_dkv", self.geom.lk as usize, rows, shared, args)?)
     }
 }

@@ -109,6 +109,12 @@ module!(
         "attention_forward_d128_bf16",
         "attention_backward_dq_d128_bf16",
         "attention_backward_dkv_d128_bf16",
+        "attention_forward_wide_f32",
+        "attention_backward_dq_wide_f32",
+        "attention_backward_dkv_wide_f32",
+        "attention_forward_wide_bf16",
+        "attention_backward_dq_wide_bf16",
+        "attention_backward_dkv_wide_bf16",
         "attention_backward_delta_f32",
         "attention_backward_delta_bf16",
     ]

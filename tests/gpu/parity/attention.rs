@@ -22,6 +22,24 @@ const CASES: [Case; 7] = [
     (2, 144, 144, 2, 32, 32, None),
 ];
 
+/// Wide heads (max(D, Dv) > 128: the `_wide` kernels, 64-channel chunks): D = 160 (a partial
+/// chunk), 512, 768 and the limit 1024; the U-Net's cross-attention shapes (Lk = 1 and 3 context
+/// keys) and self-attention across two key tiles (Lk = 37) and two query tiles (Lq = 40, the
+/// dk / dv kernel's 32-query tiles); Lq not a multiple of the 8-row query blocks nor Lk of the
+/// 4-row key blocks; D ≠ Dv both ways (one of them ≤ 128); a custom scale. N · heads = 2.
+const WIDE_CASES: [Case; 7] = [
+    (2, 20, 37, 1, 160, 160, None),
+    (1, 40, 1, 2, 512, 512, None),
+    (2, 33, 3, 1, 768, 768, None),
+    (1, 40, 37, 2, 512, 512, Some(0.03)),
+    (2, 23, 37, 1, 768, 768, None),
+    (1, 26, 6, 2, 160, 96, Some(0.05)),
+    (2, 9, 5, 1, 40, 1024, None),
+];
+
+/// The limit, D = Dv = 1024, across two key tiles.
+const WIDE_LIMIT_CASE: [Case; 1] = [(1, 10, 35, 2, 1024, 1024, None)];
+
 /// CPU output, dq, dk, dv in f64 and the per-row log-sum-exp [N, H, Lq].
 #[allow(clippy::type_complexity)]
 fn cpu(
@@ -67,11 +85,12 @@ fn cpu(
     (out, [g(&qv), g(&kv), g(&vv)], lse)
 }
 
-fn run<G: Gpu>(g: &G, dtype: DType, tol: f64) {
-    for (i, case) in CASES.into_iter().enumerate() {
+fn run<G: Gpu>(g: &G, dtype: DType, tol: f64, cases: &[Case], wide: bool) {
+    for (i, &case) in cases.iter().enumerate() {
         let (n, lq, lk, h, d, dv, scale) = case;
         let a = Attention::new(dtype, n, lq, lk, h, d, dv, scale).unwrap();
-        let seed = 1000 + 10 * i as u64;
+        assert_eq!(a.is_wide(), wide, "{case:?}: wide kernels");
+        let seed = 1000 + 10 * i as u64 + if wide { 500 } else { 0 };
         // Spread the scores so the softmax is far from uniform.
         let q: Vec<f32> = uniform(a.q_len(), seed).iter().map(|x| 2.0 * x).collect();
         let k: Vec<f32> = uniform(a.k_len(), seed + 1)
@@ -153,16 +172,32 @@ fn run<G: Gpu>(g: &G, dtype: DType, tol: f64) {
 }
 
 pub fn attention_f32<G: Gpu>(g: &G) {
-    run(g, DType::F32, F32_TOL);
+    run(g, DType::F32, F32_TOL, &CASES, false);
 }
 
 pub fn attention_bf16<G: Gpu>(g: &G) {
-    run(g, DType::BF16, BF16_TOL);
+    run(g, DType::BF16, BF16_TOL, &CASES, false);
+}
+
+pub fn attention_wide_f32<G: Gpu>(g: &G) {
+    run(g, DType::F32, F32_TOL, &WIDE_CASES, true);
+    run(g, DType::F32, F32_TOL, &WIDE_LIMIT_CASE, true);
+}
+
+pub fn attention_wide_bf16<G: Gpu>(g: &G) {
+    run(g, DType::BF16, BF16_TOL, &WIDE_CASES, true);
+    run(g, DType::BF16, BF16_TOL, &WIDE_LIMIT_CASE, true);
 }
 
 /// The same inputs twice give bit-identical results (no atomics, fixed summation order).
 pub fn attention_deterministic<G: Gpu>(g: &G) {
-    let a = Attention::new(DType::F32, 1, 40, 70, 2, 32, 32, None).unwrap();
+    for (lq, lk, d, dv) in [(40, 70, 32, 32), (40, 37, 200, 136)] {
+        deterministic(g, lq, lk, d, dv);
+    }
+}
+
+fn deterministic<G: Gpu>(g: &G, lq: usize, lk: usize, d: usize, dv: usize) {
+    let a = Attention::new(DType::F32, 1, lq, lk, 2, d, dv, None).unwrap();
     let (q, k, v, dy) = (
         uniform(a.q_len(), 1),
         uniform(a.k_len(), 2),
@@ -205,14 +240,18 @@ pub fn attention_deterministic<G: Gpu>(g: &G) {
         ]
         .map(|(b, n)| g.download_vec::<u32>(b, n).unwrap())
     };
-    assert!(once() == once(), "attention: two runs differ");
+    assert!(
+        once() == once(),
+        "attention (Lq {lq}, Lk {lk}, D {d}, Dv {dv}): two runs differ"
+    );
 }
 
 pub fn attention_rejects_unsupported_plans<G: Gpu>(_g: &G) {
     use phenocore::Error;
     let bad = [
-        (DType::F32, 1, 4, 4, 1, 129, 8, None, "D > 128"),
-        (DType::F32, 1, 4, 4, 2, 64, 136, None, "Dv > 128"),
+        (DType::F32, 1, 4, 4, 1, 1025, 8, None, "D > 1024"),
+        (DType::F32, 1, 4, 4, 2, 64, 1040, None, "Dv > 1024"),
+        (DType::BF16, 1, 4, 4, 1, 2048, 2048, None, "D, Dv > 1024"),
         (DType::F16, 1, 4, 4, 1, 32, 32, None, "f16"),
         (DType::F64, 1, 4, 4, 1, 32, 32, None, "f64"),
         (DType::F32, 1, 4, 0, 1, 32, 32, None, "Lk = 0"),
@@ -248,9 +287,23 @@ pub fn attention_rejects_unsupported_plans<G: Gpu>(_g: &G) {
             other => panic!("attention plan with {what}: expected an error, got {other:?}"),
         }
     }
-    // At the bound: accepted.
+    // The error names the limit.
+    match Attention::new(DType::F32, 1, 4, 4, 1, 1025, 64, None) {
+        Err(Error::InvalidArgument(msg)) => assert!(
+            msg.contains("1025") && msg.contains("1024"),
+            "the error should name D and the limit 1024: {msg}"
+        ),
+        other => panic!("attention plan with D = 1025: expected InvalidArgument, got {other:?}"),
+    }
+    // At the bounds: accepted, tiled up to 128, wide above (any value up to 1024).
     let a = Attention::new(DType::BF16, 1, 4, 4, 1, 128, 128, Some(0.1)).unwrap();
     assert_eq!(a.bound, 128);
+    assert!(!a.is_wide());
+    for (d, dv) in [(129, 8), (8, 129), (1024, 1024), (1000, 3), (768, 768)] {
+        let a = Attention::new(DType::F32, 1, 4, 4, 2, d, dv, None).unwrap();
+        assert!(a.is_wide(), "D {d}, Dv {dv}: wide kernels");
+        assert_eq!(a.bound, 1024);
+    }
     assert_eq!(
         Attention::new(DType::F32, 1, 4, 4, 1, 33, 8, None)
             .unwrap()

@@ -52,6 +52,8 @@ macro_rules! for_each_parity_test {
             norm::norm_rejects_unsupported_plans,
             attention::attention_f32,
             attention::attention_bf16,
+            attention::attention_wide_f32,
+            attention::attention_wide_bf16,
             attention::attention_deterministic,
             attention::attention_rejects_unsupported_plans,
             geglu::geglu_f32,
