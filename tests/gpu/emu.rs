@@ -147,6 +147,7 @@ impl Emu {
 
 impl Gpu for Emu {
     type Buf = EmuBuf;
+    type Event = EmuEvent;
 
     fn alloc(&self, bytes: usize) -> Result<EmuBuf> {
         let layout = Layout::from_size_align(bytes.max(1), 256)
@@ -272,4 +273,42 @@ impl Gpu for Emu {
         // Few, so grid-stride loops and split reductions take more than one step in the tests.
         2
     }
+
+    fn record(&self) -> Result<EmuEvent> {
+        Ok(EmuEvent::default())
+    }
+
+    fn wait(&self, e: &EmuEvent) -> Result<()> {
+        if let Some((bytes, dst)) = e.0.lock().unwrap().take() {
+            // SAFETY: upload_async's caller guaranteed dst holds bytes.len() bytes, live until
+            // waited on.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst as *mut u8, bytes.len()) };
+        }
+        Ok(())
+    }
+
+    unsafe fn upload_async(
+        &self,
+        bytes: &[u8],
+        dst: u64,
+        after: Option<&EmuEvent>,
+    ) -> Result<EmuEvent> {
+        if let Some(a) = after {
+            self.wait(a)?;
+        }
+        // The copy lands only when someone waits on its event: the latest a real copy stream may
+        // complete it. Compute that reads `dst` without waiting sees the old bytes.
+        Ok(EmuEvent(Arc::new(Mutex::new(Some((bytes.to_vec(), dst))))))
+    }
+
+    unsafe fn download_after(&self, src: u64, out: &mut [u8], after: &EmuEvent) -> Result<()> {
+        self.wait(after)?;
+        std::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr(), out.len());
+        Ok(())
+    }
 }
+
+/// A point in the emulated stream: work runs when it is queued, except a pending
+/// [`Gpu::upload_async`] copy, which lands when the event is waited on.
+#[derive(Clone, Default)]
+pub struct EmuEvent(Arc<Mutex<Option<(Vec<u8>, u64)>>>);

@@ -17,6 +17,10 @@ pub struct CudaDevice {
     sm_count: u32,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Host ↔ device copies that overlap the compute stream (`Gpu::upload_async`, `download_after`).
+    copy_stream: Arc<CudaStream>,
+    /// Pinned host buffers `upload_async` stages through, used round-robin.
+    pub(crate) staging: Mutex<Staging>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
     alloc: CachingAllocator,
@@ -96,6 +100,7 @@ impl CudaDevice {
                 .map_err(|e| driver_error(&what, e))?;
             let name = ctx.name().map_err(|e| driver_error(&what, e))?;
             let stream = ctx.new_stream().map_err(|e| driver_error(&what, e))?;
+            let copy_stream = ctx.new_stream().map_err(|e| driver_error(&what, e))?;
             Ok(CudaDevice {
                 ordinal,
                 name,
@@ -103,6 +108,8 @@ impl CudaDevice {
                 sm_count: sm_count.max(1) as u32,
                 ctx,
                 stream,
+                copy_stream,
+                staging: Mutex::default(),
                 modules: Mutex::default(),
                 functions: Mutex::default(),
                 alloc: CachingAllocator::default(),
@@ -135,6 +142,15 @@ impl CudaDevice {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The stream of `Gpu::upload_async` / `download_after` copies.
+    pub fn copy_stream(&self) -> &Arc<CudaStream> {
+        &self.copy_stream
+    }
+
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
     }
 
     /// Makes this device's context current on the calling thread (needed before raw driver calls).
@@ -248,8 +264,27 @@ impl RawMemory for CudaDevice {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| driver_error(&format!("waiting for CUDA device {}", self.ordinal), e))
+        for s in [&self.stream, &self.copy_stream] {
+            s.synchronize().map_err(|e| {
+                driver_error(&format!("waiting for CUDA device {}", self.ordinal), e)
+            })?;
+        }
+        Ok(())
     }
 }
+
+/// Pinned host buffers for staged uploads: slot i is free once its last copy's event has completed.
+#[derive(Default)]
+pub(crate) struct Staging {
+    pub(crate) slots: Vec<StagingSlot>,
+    pub(crate) next: usize,
+}
+
+pub(crate) struct StagingSlot {
+    pub(crate) host: cudarc::driver::PinnedHostSlice<u8>,
+    /// The last copy out of `host`.
+    pub(crate) done: Option<cudarc::driver::CudaEvent>,
+}
+
+/// Uploads in flight at once (double buffering: one being copied while the next is filled).
+pub(crate) const STAGING_SLOTS: usize = 2;

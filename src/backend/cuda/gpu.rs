@@ -1,14 +1,15 @@
 //! `backend::gpu::Gpu` for a CUDA device: the launch layer's launches become `cuLaunchKernel` on
 //! the device's stream, its buffers come from the caching allocator.
 
-use super::device::CudaDevice;
+use super::device::{CudaDevice, StagingSlot, STAGING_SLOTS};
 use super::{driver_error, guard, CudaStorage};
 use crate::backend::gpu::{Gemm, Gpu, Launch, Math};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use cudarc::cublas as blas;
 use cudarc::driver::result as cu;
-use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute_enum};
+use cudarc::driver::{CudaEvent, CudaStream};
 use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 
 impl Gpu for Arc<CudaDevice> {
     type Buf = CudaStorage;
+    type Event = CudaEvent;
 
     fn alloc(&self, bytes: usize) -> Result<CudaStorage> {
         // Stored as f32 words: the buffer is raw bytes to the launch layer.
@@ -207,6 +209,106 @@ impl Gpu for Arc<CudaDevice> {
     fn multiprocessors(&self) -> u32 {
         self.sm_count()
     }
+
+    fn record(&self) -> Result<CudaEvent> {
+        record_on(self, self.stream())
+    }
+
+    fn wait(&self, e: &CudaEvent) -> Result<()> {
+        guard("stream wait", || {
+            self.stream()
+                .wait(e)
+                .map_err(|err| driver_error("making the compute stream wait for an event", err))
+        })
+    }
+
+    unsafe fn upload_async(
+        &self,
+        bytes: &[u8],
+        dst: u64,
+        after: Option<&CudaEvent>,
+    ) -> Result<CudaEvent> {
+        guard("staged copy to the GPU", || {
+            self.bind()?;
+            let copy = self.copy_stream();
+            let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+            if staging.slots.len() < STAGING_SLOTS {
+                let slot = pinned_slot(self, bytes.len())?;
+                staging.slots.push(slot);
+            }
+            let i = staging.next % staging.slots.len();
+            staging.next = staging.next.wrapping_add(1);
+            let slot = &mut staging.slots[i];
+            // The slot's previous copy must have left it before the host overwrites it.
+            if let Some(done) = slot.done.take() {
+                done.synchronize()
+                    .map_err(|e| driver_error("waiting for a staging buffer", e))?;
+            }
+            if slot.host.len() < bytes.len() {
+                *slot = pinned_slot(self, bytes.len())?;
+            }
+            let host = slot
+                .host
+                .as_mut_slice()
+                .map_err(|e| driver_error("mapping a staging buffer", e))?;
+            host[..bytes.len()].copy_from_slice(bytes);
+            if let Some(a) = after {
+                copy.wait(a)
+                    .map_err(|e| driver_error("making the copy stream wait for an event", e))?;
+            }
+            if !bytes.is_empty() {
+                // SAFETY: the caller guarantees dst holds bytes.len() bytes and that nothing
+                // unordered with `after` touches them; the pinned slot stays untouched until the
+                // event recorded below has completed (checked above before each reuse).
+                unsafe { cu::memcpy_htod_async(dst, &host[..bytes.len()], copy.cu_stream()) }
+                    .map_err(|e| {
+                        driver_error(&format!("copying {} bytes to the GPU", bytes.len()), e)
+                    })?;
+            }
+            slot.done = Some(record_on(self, copy)?);
+            record_on(self, copy)
+        })
+    }
+
+    unsafe fn download_after(&self, src: u64, out: &mut [u8], after: &CudaEvent) -> Result<()> {
+        guard("copy from the GPU", || {
+            self.bind()?;
+            let copy = self.copy_stream();
+            copy.wait(after)
+                .map_err(|e| driver_error("making the copy stream wait for an event", e))?;
+            if !out.is_empty() {
+                // SAFETY: the caller guarantees src holds out.len() bytes, unwritten until this
+                // returns; `out` is not touched until the synchronize below.
+                unsafe { cu::memcpy_dtoh_async(out, src, copy.cu_stream()) }.map_err(|e| {
+                    driver_error(&format!("copying {} bytes from the GPU", out.len()), e)
+                })?;
+            }
+            copy.synchronize()
+                .map_err(|e| driver_error("waiting for a copy from the GPU", e))
+        })
+    }
+}
+
+fn record_on(dev: &CudaDevice, stream: &CudaStream) -> Result<CudaEvent> {
+    guard("recording an event", || {
+        dev.bind()?;
+        stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(|e| driver_error("recording an event", e))
+    })
+}
+
+/// A pinned host buffer of at least `bytes` (rounded up to 1 MiB so slightly larger batches reuse it).
+fn pinned_slot(dev: &CudaDevice, bytes: usize) -> Result<StagingSlot> {
+    let len = bytes.max(1).div_ceil(1 << 20) << 20;
+    // SAFETY: the memory is only written (by upload_async) before it is read by a copy.
+    let host = unsafe { dev.context().alloc_pinned::<u8>(len) }.map_err(|e| match e.0 {
+        cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+            Error::OutOfMemory(format!("{len} bytes of pinned host memory for staging"))
+        }
+        _ => driver_error(&format!("allocating {len} bytes of pinned host memory"), e),
+    })?;
+    Ok(StagingSlot { host, done: None })
 }
 
 /// A cuBLAS handle bound to a device's stream (one per device, created on first use, kept).

@@ -75,6 +75,8 @@ pub struct Launch {
 pub trait Gpu {
     /// Device memory, released on drop.
     type Buf;
+    /// A point in a stream's work (a CUDA event).
+    type Event;
     /// `bytes` of uninitialised device memory, 256-byte aligned.
     fn alloc(&self, bytes: usize) -> Result<Self::Buf>;
     /// The device address of a buffer.
@@ -108,6 +110,34 @@ pub trait Gpu {
     unsafe fn gemm(&self, g: &Gemm) -> Result<()>;
     /// Streaming multiprocessors: sizes grid-stride launches.
     fn multiprocessors(&self) -> u32;
+
+    /// Marks the work queued so far on the compute stream (every launch, GEMM and copy above).
+    fn record(&self) -> Result<Self::Event>;
+    /// Work queued on the compute stream from now on waits until `e` has completed.
+    fn wait(&self, e: &Self::Event) -> Result<()>;
+    /// Copies `bytes` to `dst` on the copy stream, once `after` (if any) has completed, and returns
+    /// the copy's event. `bytes` may be reused when this returns: on CUDA they are staged through
+    /// pinned host memory and the copy overlaps the compute stream's work. Nothing orders the copy
+    /// before later compute: [`Gpu::wait`] on the returned event before reading `dst` (or dropping
+    /// its buffer).
+    ///
+    /// # Safety
+    /// `dst .. dst + bytes.len()` lies inside one live buffer of this device, and no queued work
+    /// that is not ordered before `after` reads or writes it.
+    unsafe fn upload_async(
+        &self,
+        bytes: &[u8],
+        dst: u64,
+        after: Option<&Self::Event>,
+    ) -> Result<Self::Event>;
+    /// Copies `out.len()` bytes at `src` to the host once `after` has completed, on the copy
+    /// stream, so compute queued after `after` keeps the device busy meanwhile; returns when `out`
+    /// holds them.
+    ///
+    /// # Safety
+    /// `src .. src + out.len()` lies inside one live buffer of this device, and no work queued
+    /// after `after` writes it before this returns.
+    unsafe fn download_after(&self, src: u64, out: &mut [u8], after: &Self::Event) -> Result<()>;
 
     /// Uploads a slice of plain values.
     fn upload_slice<T: bytemuck::Pod>(&self, v: &[T]) -> Result<Self::Buf> {

@@ -182,20 +182,86 @@ impl<G: Gpu> GpuEfficientNet<G> {
         }
     }
 
-    /// Spatial mean per sample: [n · hw, ch] → host [n, ch].
-    fn pooled(&self, g: &G, x: &Act<G::Buf>, n: usize) -> Result<(G::Buf, Vec<f32>)> {
+    /// Spatial mean per sample: [n · hw, ch] → device [n, ch].
+    fn pooled(&self, g: &G, x: &Act<G::Buf>, n: usize) -> Result<G::Buf> {
         let sc = SampleChannels::new(F32, [n, x.rows / n, x.ch])?;
         let p = g.alloc(sc.pooled_len() * 4)?;
         // SAFETY: x holds n · hw · ch f32, p n · ch (distinct).
         unsafe { sc.global_avg_pool(g, g.ptr(&x.buf), g.ptr(&p))? };
-        let host = g.download_vec(&p, sc.pooled_len())?;
-        Ok((p, host))
+        Ok(p)
     }
 
     /// The spatial mean of layer `layer` (a Keras or torchvision name, see `EfficientNet::features`)
     /// for crops (N, C, H, W) f32: an (N, D) tensor.
     pub fn features(&self, g: &G, crops: &Tensor, layer: &str) -> Result<Tensor> {
         let tap = resolve(layer)?;
+        let [n, h, w] = self.check_crops(crops, tap.point)?;
+        let x = g.upload_slice(crops.as_f32()?)?;
+        let (p, d) = self.pooled_features(g, &x, n, h, w, tap.point)?;
+        Tensor::from_f32(&[n, d], g.download_vec(&p, n * d)?)
+    }
+
+    /// [`Self::features`] in batches of `batch` crops, pipelined: while the device computes batch
+    /// i, the host stages batch i + 1 through pinned memory on the copy stream and reads back the
+    /// features of batch i − 1 (double-buffered device inputs and outputs). Same result as
+    /// `features` over all crops at once.
+    pub fn features_batched(
+        &self,
+        g: &G,
+        crops: &Tensor,
+        layer: &str,
+        batch: usize,
+    ) -> Result<Tensor> {
+        let tap = resolve(layer)?;
+        let [n, h, w] = self.check_crops(crops, tap.point)?;
+        if batch == 0 {
+            return Err(Error::InvalidArgument(
+                "features_batched: batch must be positive".into(),
+            ));
+        }
+        let per = self.in_channels * h * w;
+        let x = crops.as_f32()?;
+        let chunks: Vec<(usize, usize)> = (0..n)
+            .step_by(batch)
+            .map(|s| (s, batch.min(n - s)))
+            .collect();
+        let inputs = [g.alloc(batch * per * 4)?, g.alloc(batch * per * 4)?];
+        let mut staged: [Option<G::Event>; 2] = [None, None];
+        let mut freed: [Option<G::Event>; 2] = [None, None];
+        // Device features of the batch before, its event, its place in the output and its width.
+        let mut pending: Option<(G::Buf, G::Event, usize, usize, usize)> = None;
+        let mut out: Vec<f32> = Vec::new();
+        let mut width = 0;
+        let stage = |i: usize, freed: &[Option<G::Event>; 2]| -> Result<G::Event> {
+            let (s, m) = chunks[i];
+            let bytes = bytemuck::cast_slice(&x[s * per..(s + m) * per]);
+            // SAFETY: inputs[i % 2] holds batch · per f32 ≥ m · per; the batch that last read it
+            // is ordered before `freed[i % 2]`.
+            unsafe { g.upload_async(bytes, g.ptr(&inputs[i % 2]), freed[i % 2].as_ref()) }
+        };
+        staged[0] = Some(stage(0, &freed)?);
+        for (i, &(s, m)) in chunks.iter().enumerate() {
+            if i + 1 < chunks.len() {
+                staged[(i + 1) % 2] = Some(stage(i + 1, &freed)?);
+            }
+            if let Some(e) = staged[i % 2].take() {
+                g.wait(&e)?;
+            }
+            let (p, d) = self.pooled_features(g, &inputs[i % 2], m, h, w, tap.point)?;
+            let done = g.record()?;
+            freed[i % 2] = Some(g.record()?);
+            if let Some(prev) = pending.replace((p, done, s, m, d)) {
+                read_back(g, prev, &mut out, n)?;
+            }
+            width = d;
+        }
+        if let Some(prev) = pending.take() {
+            read_back(g, prev, &mut out, n)?;
+        }
+        Tensor::from_f32(&[n, width], out)
+    }
+
+    fn check_crops(&self, crops: &Tensor, point: TapPoint) -> Result<[usize; 3]> {
         let s = crops.shape();
         if s.len() != 4 || s[1] != self.in_channels || s[0] == 0 || s[2] == 0 || s[3] == 0 {
             return Err(Error::Shape(format!(
@@ -203,17 +269,29 @@ impl<G: Gpu> GpuEfficientNet<G> {
                 self.in_channels
             )));
         }
-        if tap.point == TapPoint::Logits {
+        if point == TapPoint::Logits {
             return Err(Error::InvalidArgument(
                 "GPU EfficientNet: logits are not implemented on the GPU path yet; ask for a feature layer".into(),
             ));
         }
         crops.check_finite("crops")?;
-        let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
-        let x = g.upload_slice(crops.as_f32()?)?;
-        let done = |act: &Act<G::Buf>| -> Result<Tensor> {
-            let (_, v) = self.pooled(g, act, n)?;
-            Tensor::from_f32(&[n, act.ch], v)
+        Ok([s[0], s[2], s[3]])
+    }
+
+    /// Queues the pass for crops `x` (n, C, h, w) f32 on the device up to `point` and its spatial
+    /// mean: a device buffer of n × D f32, and D. Nothing waits for the device.
+    fn pooled_features(
+        &self,
+        g: &G,
+        x: &G::Buf,
+        n: usize,
+        h: usize,
+        w: usize,
+        point: TapPoint,
+    ) -> Result<(G::Buf, usize)> {
+        let c = self.in_channels;
+        let done = |act: &Act<G::Buf>| -> Result<(G::Buf, usize)> {
+            Ok((self.pooled(g, act, n)?, act.ch))
         };
 
         // Stem: im2col + GEMM + bias + SiLU.
@@ -234,7 +312,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
                 block: [BLOCK, 1, 1],
                 shared_bytes: 0,
                 args: vec![
-                    Arg::Ptr(g.ptr(&x)),
+                    Arg::Ptr(g.ptr(x)),
                     Arg::Ptr(g.ptr(&cols)),
                     Arg::pod(&ColGeom(
                         geom.try_into()
@@ -254,7 +332,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
             Some(Unary::Silu),
         )?;
         debug_assert_eq!(cur.ch, STEM_CH);
-        if tap.point == TapPoint::Stem {
+        if point == TapPoint::Stem {
             return done(&cur);
         }
         let (mut hh, mut ww) = (oh, ow);
@@ -264,7 +342,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
             let expanded = match &blk.expand {
                 Some(e) => {
                     let a = self.linear(g, &cur, e, Some(Unary::Silu))?;
-                    if tap.point == TapPoint::Expand(bi) {
+                    if point == TapPoint::Expand(bi) {
                         return done(&a);
                     }
                     Some(a)
@@ -298,8 +376,8 @@ impl<G: Gpu> GpuEfficientNet<G> {
             )?;
             drop(expanded);
             // Squeeze-excite.
-            let (p, _) = self.pooled(g, &a, n)?;
-            if tap.point == TapPoint::Depthwise(bi) {
+            let p = self.pooled(g, &a, n)?;
+            if point == TapPoint::Depthwise(bi) {
                 return done(&a);
             }
             let pooled = Act {
@@ -312,11 +390,11 @@ impl<G: Gpu> GpuEfficientNet<G> {
             let sc = SampleChannels::new(F32, [n, oh * ow, hid])?;
             // SAFETY: a holds n·oh·ow·hid f32 (scaled in place), scale n·hid.
             unsafe { sc.scale_channels(g, g.ptr(&a.buf), g.ptr(&scale.buf), g.ptr(&a.buf))? };
-            if tap.point == TapPoint::SeExcite(bi) {
+            if point == TapPoint::SeExcite(bi) {
                 return done(&a);
             }
             let proj = self.linear(g, &a, &blk.project, None)?;
-            if tap.point == TapPoint::Project(bi) {
+            if point == TapPoint::Project(bi) {
                 return done(&proj);
             }
             if spec.residual() {
@@ -333,7 +411,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
                 };
             }
             cur = proj;
-            if tap.point == TapPoint::Output(bi) {
+            if point == TapPoint::Output(bi) {
                 return done(&cur);
             }
             hh = oh;
@@ -349,3 +427,18 @@ impl<G: Gpu> GpuEfficientNet<G> {
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct ColGeom([i32; 10]);
+
+/// Copies one batch's features (device buffer, its event, first crop, crops, width) into `out`.
+fn read_back<G: Gpu>(
+    g: &G,
+    (p, done, s, m, d): (G::Buf, G::Event, usize, usize, usize),
+    out: &mut Vec<f32>,
+    n: usize,
+) -> Result<()> {
+    if out.is_empty() {
+        out.resize(n * d, 0.0);
+    }
+    let dst = &mut out[s * d..(s + m) * d];
+    // SAFETY: p holds m · d f32 written by work ordered before `done`; nothing writes it later.
+    unsafe { g.download_after(g.ptr(&p), bytemuck::cast_slice_mut(dst), &done) }
+}

@@ -78,3 +78,30 @@ pub fn effnet_features_match_cpu<G: Gpu>(g: &G) {
     let crops = Tensor::from_f32(&[1, 5, 8, 8], vec![0.0; 320]).unwrap();
     assert!(gm.features(g, &crops, "no_such_layer").is_err());
 }
+
+/// The pipelined pass (staged uploads on the copy stream, double-buffered inputs, read-back of
+/// batch i − 1 while batch i runs) gives the features of the one-shot pass, with a short last
+/// batch. On the emulation a staged upload lands only when its event is waited on, so a batch
+/// computed before its input arrived would read the previous batch (or NaN) and fail here.
+pub fn effnet_features_batched_match_one_shot<G: Gpu>(g: &G) {
+    let m = model(Padding::TfSame);
+    let gm = GpuEfficientNet::new(g, &m).unwrap();
+    let (n, h, w) = (5, 24, 20);
+    let crops = Tensor::from_f32(&[n, 5, h, w], uniform(n * 5 * h * w, 23)).unwrap();
+    for layer in ["block3b_se_excite", "block6a_activation"] {
+        let want = gm.features(g, &crops, layer).unwrap();
+        for batch in [1, 2, 5, 8] {
+            let got = gm.features_batched(g, &crops, layer, batch).unwrap();
+            assert_eq!(got.shape(), want.shape(), "{layer} batch {batch}");
+            assert_close(
+                &format!("batched features {layer}, batch {batch}"),
+                &f64s(got.as_f32().unwrap()),
+                &f64s(want.as_f32().unwrap()),
+                F32_TOL,
+            );
+        }
+    }
+    assert!(gm
+        .features_batched(g, &crops, "block6a_activation", 0)
+        .is_err());
+}

@@ -587,6 +587,7 @@ struct Recording<'a, G: Gpu> {
 
 impl<G: Gpu> Gpu for Recording<'_, G> {
     type Buf = G::Buf;
+    type Event = G::Event;
     fn alloc(&self, bytes: usize) -> phenocore::Result<G::Buf> {
         self.g.alloc(bytes)
     }
@@ -617,6 +618,28 @@ impl<G: Gpu> Gpu for Recording<'_, G> {
     }
     fn multiprocessors(&self) -> u32 {
         self.g.multiprocessors()
+    }
+    fn record(&self) -> phenocore::Result<G::Event> {
+        self.g.record()
+    }
+    fn wait(&self, e: &G::Event) -> phenocore::Result<()> {
+        self.g.wait(e)
+    }
+    unsafe fn upload_async(
+        &self,
+        bytes: &[u8],
+        dst: u64,
+        after: Option<&G::Event>,
+    ) -> phenocore::Result<G::Event> {
+        self.g.upload_async(bytes, dst, after)
+    }
+    unsafe fn download_after(
+        &self,
+        src: u64,
+        out: &mut [u8],
+        after: &G::Event,
+    ) -> phenocore::Result<()> {
+        self.g.download_after(src, out, after)
     }
 }
 
