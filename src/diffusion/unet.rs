@@ -341,6 +341,160 @@ impl UNetConfig {
         v
     }
 
+    /// Checks the input shape and the conditions for a batch of `n` samples of `h` × `w`
+    /// (what every forward of this config, on the CPU or a GPU, checks first).
+    pub fn check_inputs<T: Float>(
+        &self,
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        timesteps: &[f64],
+        cond: &Conditioning<'_, T>,
+    ) -> Result<()> {
+        let cfg = self;
+        if c != cfg.in_channels {
+            return Err(Error::Shape(format!(
+                "U-Net input has {c} channels, the config expects in_channels = {}",
+                cfg.in_channels
+            )));
+        }
+        let f = 1usize << (cfg.channels.len() - 1);
+        if n == 0 || h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+            return Err(Error::Shape(format!(
+                "U-Net input {n} × {c} × {h} × {w}: height and width must be positive multiples of {f} \
+                 ({} levels)",
+                cfg.channels.len()
+            )));
+        }
+        if timesteps.len() != n {
+            return Err(Error::Shape(format!(
+                "{} timesteps for a batch of {n}",
+                timesteps.len()
+            )));
+        }
+        if let Some(t) = timesteps.iter().find(|t| !t.is_finite()) {
+            return Err(Error::NonFinite(format!("timestep {t} is not finite")));
+        }
+        match (cfg.cross_attention_dim, cond.context) {
+            (None, Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "a context was given but the model has with_conditioning = false".into(),
+                ))
+            }
+            (Some(d), Some(ctx)) => {
+                if cond.context_len == 0 || ctx.len() != n * cond.context_len * d {
+                    return Err(Error::Shape(format!(
+                        "context has {} values; expected N·context_len·cross_attention_dim = {n}·{}·{d}",
+                        ctx.len(),
+                        cond.context_len
+                    )));
+                }
+                if let Some(i) = ctx.iter().position(|v| !v.to_f64().is_finite()) {
+                    return Err(Error::NonFinite(format!(
+                        "context value {i} (sample {}) is not finite",
+                        i / (cond.context_len * d)
+                    )));
+                }
+            }
+            _ => {}
+        }
+        if let Some(flags) = cond.context_null {
+            if flags.len() != n {
+                return Err(Error::Shape(format!(
+                    "{} context_null flags for a batch of {n}",
+                    flags.len()
+                )));
+            }
+            if flags.iter().any(|&f| f) && !(cfg.null_embeddings && cfg.with_conditioning) {
+                return Err(Error::InvalidArgument(
+                    "null context requested (guidance) but the model has no null embeddings \
+                     (null_embeddings = false or no conditioning)"
+                        .into(),
+                ));
+            }
+            if cond.context.is_none() && flags.iter().any(|&f| !f) {
+                return Err(Error::InvalidArgument(
+                    "context_null leaves samples with a context, but no context was given".into(),
+                ));
+            }
+        }
+        match (cfg.num_class_embeds, cond.class_labels) {
+            (Some(_), None) => {
+                return Err(Error::InvalidArgument(
+                    "class_labels must be given: the model has num_class_embeds".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "class_labels given but the model has no num_class_embeds".into(),
+                ))
+            }
+            (Some(k), Some(l)) => {
+                if l.len() != n {
+                    return Err(Error::Shape(format!(
+                        "{} class labels for a batch of {n}",
+                        l.len()
+                    )));
+                }
+                if let Some((i, v)) = l.iter().enumerate().find(|(_, &v)| v >= k) {
+                    return Err(Error::InvalidArgument(format!(
+                        "class label {v} of sample {i} is out of range (num_class_embeds = {k})"
+                    )));
+                }
+            }
+            _ => {}
+        }
+        let kc = cfg.confounders.len();
+        match cond.confounders {
+            None if kc > 0 => {
+                return Err(Error::InvalidArgument(format!(
+                    "confounders must be given: the model has {kc} ({})",
+                    cfg.confounders
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )))
+            }
+            Some(_) if kc == 0 => {
+                return Err(Error::InvalidArgument(
+                    "confounders given but the model has none".into(),
+                ))
+            }
+            Some(idx) => {
+                if idx.len() != n * kc {
+                    return Err(Error::Shape(format!(
+                        "{} confounder indices; expected N × K = {n} × {kc}",
+                        idx.len()
+                    )));
+                }
+                for (i, &v) in idx.iter().enumerate() {
+                    let cf = &cfg.confounders[i % kc];
+                    if v == NULL {
+                        if !cfg.null_embeddings {
+                            return Err(Error::InvalidArgument(format!(
+                                "null value of confounder {:?} (sample {}) requested but the model \
+                                 has no null embeddings",
+                                cf.name,
+                                i / kc
+                            )));
+                        }
+                    } else if v >= cf.num_values {
+                        return Err(Error::InvalidArgument(format!(
+                            "confounder {:?} index {v} of sample {} is out of range ({} values)",
+                            cf.name,
+                            i / kc,
+                            cf.num_values
+                        )));
+                    }
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
     /// Keys MONAI zero-initialises (`zero_module`): residual conv2, proj_out and the output conv.
     fn zero_init(key: &str) -> bool {
         key.contains(".conv2.conv.") || key.contains(".proj_out.conv.") || key.starts_with("out.2.")
@@ -595,7 +749,8 @@ impl<T: Float> DiffusionUNet<T> {
         tape.param_named(&self.params, key)
     }
 
-    /// Checks the input shape and the conditions for a batch of `n` samples of `h` × `w`.
+    /// Checks the input shape and the conditions for a batch of `n` samples of `h` × `w`
+    /// (see [`UNetConfig::check_inputs`]).
     pub fn check_inputs(
         &self,
         n: usize,
@@ -605,147 +760,7 @@ impl<T: Float> DiffusionUNet<T> {
         timesteps: &[f64],
         cond: &Conditioning<'_, T>,
     ) -> Result<()> {
-        let cfg = &self.config;
-        if c != cfg.in_channels {
-            return Err(Error::Shape(format!(
-                "U-Net input has {c} channels, the config expects in_channels = {}",
-                cfg.in_channels
-            )));
-        }
-        let f = 1usize << (cfg.channels.len() - 1);
-        if n == 0 || h == 0 || w == 0 || h % f != 0 || w % f != 0 {
-            return Err(Error::Shape(format!(
-                "U-Net input {n} × {c} × {h} × {w}: height and width must be positive multiples of {f} \
-                 ({} levels)",
-                cfg.channels.len()
-            )));
-        }
-        if timesteps.len() != n {
-            return Err(Error::Shape(format!(
-                "{} timesteps for a batch of {n}",
-                timesteps.len()
-            )));
-        }
-        if let Some(t) = timesteps.iter().find(|t| !t.is_finite()) {
-            return Err(Error::NonFinite(format!("timestep {t} is not finite")));
-        }
-        match (cfg.cross_attention_dim, cond.context) {
-            (None, Some(_)) => {
-                return Err(Error::InvalidArgument(
-                    "a context was given but the model has with_conditioning = false".into(),
-                ))
-            }
-            (Some(d), Some(ctx)) => {
-                if cond.context_len == 0 || ctx.len() != n * cond.context_len * d {
-                    return Err(Error::Shape(format!(
-                        "context has {} values; expected N·context_len·cross_attention_dim = {n}·{}·{d}",
-                        ctx.len(),
-                        cond.context_len
-                    )));
-                }
-                if let Some(i) = ctx.iter().position(|v| !v.to_f64().is_finite()) {
-                    return Err(Error::NonFinite(format!(
-                        "context value {i} (sample {}) is not finite",
-                        i / (cond.context_len * d)
-                    )));
-                }
-            }
-            _ => {}
-        }
-        if let Some(flags) = cond.context_null {
-            if flags.len() != n {
-                return Err(Error::Shape(format!(
-                    "{} context_null flags for a batch of {n}",
-                    flags.len()
-                )));
-            }
-            if flags.iter().any(|&f| f) && !(cfg.null_embeddings && cfg.with_conditioning) {
-                return Err(Error::InvalidArgument(
-                    "null context requested (guidance) but the model has no null embeddings \
-                     (null_embeddings = false or no conditioning)"
-                        .into(),
-                ));
-            }
-            if cond.context.is_none() && flags.iter().any(|&f| !f) {
-                return Err(Error::InvalidArgument(
-                    "context_null leaves samples with a context, but no context was given".into(),
-                ));
-            }
-        }
-        match (cfg.num_class_embeds, cond.class_labels) {
-            (Some(_), None) => {
-                return Err(Error::InvalidArgument(
-                    "class_labels must be given: the model has num_class_embeds".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(Error::InvalidArgument(
-                    "class_labels given but the model has no num_class_embeds".into(),
-                ))
-            }
-            (Some(k), Some(l)) => {
-                if l.len() != n {
-                    return Err(Error::Shape(format!(
-                        "{} class labels for a batch of {n}",
-                        l.len()
-                    )));
-                }
-                if let Some((i, v)) = l.iter().enumerate().find(|(_, &v)| v >= k) {
-                    return Err(Error::InvalidArgument(format!(
-                        "class label {v} of sample {i} is out of range (num_class_embeds = {k})"
-                    )));
-                }
-            }
-            _ => {}
-        }
-        let kc = cfg.confounders.len();
-        match cond.confounders {
-            None if kc > 0 => {
-                return Err(Error::InvalidArgument(format!(
-                    "confounders must be given: the model has {kc} ({})",
-                    cfg.confounders
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )))
-            }
-            Some(_) if kc == 0 => {
-                return Err(Error::InvalidArgument(
-                    "confounders given but the model has none".into(),
-                ))
-            }
-            Some(idx) => {
-                if idx.len() != n * kc {
-                    return Err(Error::Shape(format!(
-                        "{} confounder indices; expected N × K = {n} × {kc}",
-                        idx.len()
-                    )));
-                }
-                for (i, &v) in idx.iter().enumerate() {
-                    let cf = &cfg.confounders[i % kc];
-                    if v == NULL {
-                        if !cfg.null_embeddings {
-                            return Err(Error::InvalidArgument(format!(
-                                "null value of confounder {:?} (sample {}) requested but the model \
-                                 has no null embeddings",
-                                cf.name,
-                                i / kc
-                            )));
-                        }
-                    } else if v >= cf.num_values {
-                        return Err(Error::InvalidArgument(format!(
-                            "confounder {:?} index {v} of sample {} is out of range ({} values)",
-                            cf.name,
-                            i / kc,
-                            cf.num_values
-                        )));
-                    }
-                }
-            }
-            None => {}
-        }
-        Ok(())
+        self.config.check_inputs(n, c, h, w, timesteps, cond)
     }
 
     /// Forward pass on `tape`: `x` NHWC [N, H, W, in_channels] → NHWC [N, H, W, out_channels].

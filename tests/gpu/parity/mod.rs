@@ -83,7 +83,8 @@ macro_rules! for_each_parity_test {
             crop::crop_augment_matches_cpu,
             crop::crop_rejects_bad_plans,
             // conv:
-            // unet:
+            unet::unet_forward_matches_cpu,
+            unet::unet_null_context_only,
             // effnet_train:
         );
     };
