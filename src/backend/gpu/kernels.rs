@@ -230,7 +230,19 @@ module!(
     ]
 );
 
-module!(CONV, "conv", ["im2col_nchw_f32", "im2col_nchw_bf16"]);
+module!(
+    CONV,
+    "conv",
+    [
+        "im2col_nchw_f32",
+        "im2col_nchw_bf16",
+        "im2col_nhwc_f32",
+        "im2col_nhwc_bf16",
+        "col2im_nhwc_f32",
+        "col2im_nhwc_bf16",
+        "conv_grad_accumulate_bf16",
+    ]
+);
 
 /// Every kernel module; `tests/nvrtc_check.rs` fails when a `kernels/*.cu` file is missing here.
 pub static MODULES: &[&KernelModule] = &[

@@ -82,7 +82,12 @@ macro_rules! for_each_parity_test {
             crop::crop_extract_matches_cpu,
             crop::crop_augment_matches_cpu,
             crop::crop_rejects_bad_plans,
-            // conv:
+            conv::conv_f32,
+            conv::conv_bf16,
+            conv::conv_tf32,
+            conv::conv_chunked_f32,
+            conv::conv_chunked_bf16,
+            conv::conv_rejects_unsupported_plans,
             unet::unet_forward_matches_cpu,
             unet::unet_null_context_only,
             // effnet_train:
