@@ -54,6 +54,8 @@ cargo build --release --features cuda
 
 echo "== NVRTC check (sm_80, sm_90)"
 cargo test --release --features cuda --test nvrtc_check -- --include-ignored
+echo "== cargo test --features cuda --lib backend::cuda (allocator, graph pool, error mapping; no GPU needed)"
+cargo test --release --features cuda --lib backend::cuda
 
 if [ "$gpu" = 1 ]; then
     echo "== GPU tests"

@@ -38,8 +38,78 @@ unsafe impl Sync for EmuBuf {}
 
 impl Drop for EmuBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `alloc` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+        // A buffer allocated inside a capture is the graph's: kept until the graph is dropped.
+        let kept = CAPTURE.with(|c| match c.borrow_mut().as_mut() {
+            Some(cap) => {
+                let inside = cap.live.remove(&(self.ptr as usize));
+                if inside {
+                    cap.kept.push((self.ptr, self.layout));
+                }
+                inside
+            }
+            None => false,
+        });
+        if !kept {
+            // SAFETY: allocated in `alloc` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+        }
+    }
+}
+
+/// What a capture records, to run on replay.
+enum Op {
+    Launch(Launch),
+    Gemm(Gemm),
+    Zero(u64, usize),
+    Copy(u64, u64, usize),
+}
+
+/// The calling thread's capture under way (tests run on several threads at once).
+#[derive(Default)]
+struct Capturing {
+    ops: Vec<Op>,
+    /// Buffers allocated inside the capture and not yet released.
+    live: std::collections::HashSet<usize>,
+    /// Buffers allocated and released inside the capture.
+    kept: Vec<(*mut u8, Layout)>,
+}
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Capturing>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Records `op` when the calling thread is capturing (and returns true).
+fn recorded(op: impl FnOnce() -> Op) -> bool {
+    CAPTURE.with(|c| match c.borrow_mut().as_mut() {
+        Some(cap) => {
+            cap.ops.push(op());
+            true
+        }
+        None => false,
+    })
+}
+
+fn no_capture(what: &str) -> Result<()> {
+    if CAPTURE.with(|c| c.borrow().is_some()) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} is not allowed while capturing a graph"
+        )));
+    }
+    Ok(())
+}
+
+/// A captured sequence and the buffers it owns.
+pub struct EmuGraph {
+    ops: Vec<Op>,
+    kept: Vec<(*mut u8, Layout)>,
+}
+
+impl Drop for EmuGraph {
+    fn drop(&mut self) {
+        for &(p, l) in &self.kept {
+            // SAFETY: allocated in `alloc` with this layout, released only here.
+            unsafe { std::alloc::dealloc(p, l) }
+        }
     }
 }
 
@@ -148,6 +218,7 @@ impl Emu {
 impl Gpu for Emu {
     type Buf = EmuBuf;
     type Event = EmuEvent;
+    type Graph = EmuGraph;
 
     fn alloc(&self, bytes: usize) -> Result<EmuBuf> {
         let layout = Layout::from_size_align(bytes.max(1), 256)
@@ -161,6 +232,11 @@ impl Gpu for Emu {
         // kernel that reads what nobody wrote shows it.
         // SAFETY: ptr is valid for layout.size() bytes.
         unsafe { std::ptr::write_bytes(ptr, 0xff, layout.size()) };
+        CAPTURE.with(|c| {
+            if let Some(cap) = c.borrow_mut().as_mut() {
+                cap.live.insert(ptr as usize);
+            }
+        });
         Ok(EmuBuf { ptr, layout })
     }
 
@@ -169,6 +245,7 @@ impl Gpu for Emu {
     }
 
     fn upload(&self, bytes: &[u8]) -> Result<EmuBuf> {
+        no_capture("a copy to the device")?;
         let b = self.alloc(bytes.len())?;
         // SAFETY: b holds at least bytes.len() bytes.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), b.ptr, bytes.len()) };
@@ -176,6 +253,7 @@ impl Gpu for Emu {
     }
 
     fn download(&self, buf: &EmuBuf, out: &mut [u8]) -> Result<()> {
+        no_capture("a copy from the device")?;
         assert!(
             out.len() <= buf.layout.size(),
             "download past the end of a buffer"
@@ -186,17 +264,23 @@ impl Gpu for Emu {
     }
 
     unsafe fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        if recorded(|| Op::Zero(ptr, bytes)) {
+            return Ok(());
+        }
         std::ptr::write_bytes(ptr as *mut u8, 0, bytes);
         Ok(())
     }
 
     unsafe fn copy(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        if recorded(|| Op::Copy(src, dst, bytes)) {
+            return Ok(());
+        }
         std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes);
         Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {
-        Ok(())
+        no_capture("synchronising")
     }
 
     unsafe fn launch(&self, l: &Launch) -> Result<()> {
@@ -214,6 +298,9 @@ impl Gpu for Emu {
             "{} is launched but not listed in the module's entries (the NVRTC check would miss it)",
             l.entry
         );
+        if recorded(|| Op::Launch(l.clone())) {
+            return Ok(());
+        }
         let cfg = Cfg {
             grid: l.grid,
             block: l.block,
@@ -232,6 +319,9 @@ impl Gpu for Emu {
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
         g.check()?;
+        if recorded(|| Op::Gemm(*g)) {
+            return Ok(());
+        }
         // Reads the operands as the GPU would (row-major, strides, transposes), sums in f64.
         let load = |p: u64, i: usize| -> f64 {
             match g.dtype {
@@ -293,6 +383,7 @@ impl Gpu for Emu {
         dst: u64,
         after: Option<&EmuEvent>,
     ) -> Result<EmuEvent> {
+        no_capture("a copy to the device")?;
         if let Some(a) = after {
             self.wait(a)?;
         }
@@ -302,9 +393,53 @@ impl Gpu for Emu {
     }
 
     unsafe fn download_after(&self, src: u64, out: &mut [u8], after: &EmuEvent) -> Result<()> {
+        no_capture("a copy from the device")?;
         self.wait(after)?;
         std::ptr::copy_nonoverlapping(src as *const u8, out.as_mut_ptr(), out.len());
         Ok(())
+    }
+
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<EmuGraph> {
+        self.capture_impl(f)
+    }
+
+    unsafe fn replay(&self, graph: &EmuGraph) -> Result<()> {
+        no_capture("replaying a graph")?;
+        for op in &graph.ops {
+            match op {
+                Op::Launch(l) => self.launch(l)?,
+                Op::Gemm(g) => self.gemm(g)?,
+                Op::Zero(p, n) => self.memset_zero(*p, *n)?,
+                Op::Copy(s, d, n) => self.copy(*s, *d, *n)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Emu {
+    /// Captures on the calling thread: launches, GEMMs and device copies are recorded, not run.
+    fn capture_impl(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<EmuGraph> {
+        if CAPTURE.with(|c| c.borrow().is_some()) {
+            return Err(Error::InvalidArgument(
+                "a capture is already under way".into(),
+            ));
+        }
+        CAPTURE.with(|c| *c.borrow_mut() = Some(Capturing::default()));
+        let r = f();
+        let cap = CAPTURE.with(|c| c.borrow_mut().take()).expect("set above");
+        let graph = EmuGraph {
+            ops: cap.ops,
+            kept: cap.kept,
+        };
+        r?;
+        if !cap.live.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{} buffer(s) allocated during the capture outlived it",
+                cap.live.len()
+            )));
+        }
+        Ok(graph)
     }
 }
 

@@ -47,6 +47,26 @@ pub fn bucket_size(bytes: usize) -> Option<usize> {
 struct Inner {
     free: HashMap<usize, Vec<u64>>,
     stats: AllocStats,
+    private: Option<Private>,
+}
+
+/// A pool that one thread's allocations and releases go to while it captures a CUDA graph: the
+/// graph's kernels keep the addresses they were captured with, so every block the capture touched
+/// stays the graph's until it is dropped (blocks freed inside the capture are reused inside it).
+struct Private {
+    thread: std::thread::ThreadId,
+    free: HashMap<usize, Vec<u64>>,
+    /// Every block handed out inside the capture: (pointer, bucket).
+    owned: Vec<(u64, usize)>,
+    /// Of those, how many the host still holds.
+    live: usize,
+}
+
+impl Private {
+    fn mine(p: &Option<Private>) -> bool {
+        p.as_ref()
+            .is_some_and(|p| p.thread == std::thread::current().id())
+    }
 }
 
 #[derive(Default)]
@@ -68,9 +88,20 @@ impl CachingAllocator {
         })?;
         {
             let mut inner = self.lock();
+            if Private::mine(&inner.private) {
+                let block = {
+                    let p = inner.private.as_mut().expect("checked");
+                    p.free.get_mut(&bucket).and_then(Vec::pop)
+                };
+                if let Some(ptr) = block {
+                    inner.private.as_mut().expect("checked").live += 1;
+                    return Ok((ptr, bucket));
+                }
+            }
             if let Some(ptr) = inner.free.get_mut(&bucket).and_then(Vec::pop) {
                 inner.stats.bytes_cached -= bucket;
                 Self::count_in_use(&mut inner.stats, bucket);
+                Self::adopt(&mut inner, ptr, bucket);
                 return Ok((ptr, bucket));
             }
         }
@@ -91,7 +122,62 @@ impl CachingAllocator {
         let mut inner = self.lock();
         inner.stats.driver_allocs += 1;
         Self::count_in_use(&mut inner.stats, bucket);
+        Self::adopt(&mut inner, ptr, bucket);
         Ok((ptr, bucket))
+    }
+
+    /// A block handed out from the shared cache or the driver joins the capturing thread's pool.
+    fn adopt(inner: &mut Inner, ptr: u64, bucket: usize) {
+        if Private::mine(&inner.private) {
+            let p = inner.private.as_mut().expect("checked");
+            p.owned.push((ptr, bucket));
+            p.live += 1;
+        }
+    }
+
+    /// Routes the calling thread's allocations and releases to a private pool until
+    /// [`Self::end_private`]. Errors if a capture is already under way on this device.
+    pub fn begin_private(&self) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.private.is_some() {
+            return Err(Error::InvalidArgument(
+                "a CUDA graph is already being captured on this device".into(),
+            ));
+        }
+        inner.private = Some(Private {
+            thread: std::thread::current().id(),
+            free: HashMap::new(),
+            owned: Vec::new(),
+            live: 0,
+        });
+        Ok(())
+    }
+
+    /// Ends the private pool: the blocks of the capture the host has released, which now belong
+    /// to the graph (give them back with [`Self::release_owned`] when it is dropped), and how many
+    /// blocks of the capture the host still holds (those go back to the shared cache when their
+    /// holders release them; a graph whose buffers outlive the capture is not safe to keep).
+    pub fn end_private(&self) -> (Vec<(u64, usize)>, usize) {
+        match self.lock().private.take() {
+            Some(p) => (
+                p.free
+                    .into_iter()
+                    .flat_map(|(b, ptrs)| ptrs.into_iter().map(move |ptr| (ptr, b)))
+                    .collect(),
+                p.live,
+            ),
+            None => (Vec::new(), 0),
+        }
+    }
+
+    /// Returns a dropped graph's blocks to the shared cache (after the stream has finished it).
+    pub fn release_owned(&self, blocks: &[(u64, usize)]) {
+        let mut inner = self.lock();
+        for &(ptr, bucket) in blocks {
+            inner.free.entry(bucket).or_default().push(ptr);
+            inner.stats.bytes_in_use -= bucket;
+            inner.stats.bytes_cached += bucket;
+        }
     }
 
     fn count_in_use(stats: &mut AllocStats, bucket: usize) {
@@ -102,6 +188,15 @@ impl CachingAllocator {
     /// Puts a block from `alloc` back on its free list.
     pub fn release(&self, ptr: u64, bucket: usize) {
         let mut inner = self.lock();
+        if let Some(p) = inner.private.as_mut() {
+            if p.owned.contains(&(ptr, bucket)) {
+                // A block of the capture (the capturing thread frees it, or anyone else frees a
+                // block the capture took from them: both keep it for the graph). Still in use.
+                p.live -= 1;
+                p.free.entry(bucket).or_default().push(ptr);
+                return;
+            }
+        }
         inner.free.entry(bucket).or_default().push(ptr);
         inner.stats.bytes_in_use -= bucket;
         inner.stats.bytes_cached += bucket;
@@ -198,6 +293,60 @@ mod tests {
             let b = bucket_size(bytes).unwrap();
             assert!(b >= bytes && (b - bytes) * 4 <= bytes, "{bytes} → {b}");
         }
+    }
+
+    #[test]
+    fn a_capture_keeps_its_blocks_until_the_graph_returns_them() {
+        let dev = FakeDevice::new(1 << 30);
+        let a = CachingAllocator::default();
+        // A cached block from before the capture, and one held by the host throughout.
+        let (held, hb) = a.alloc(&dev, 4000).unwrap();
+        let (c0, cb) = a.alloc(&dev, 4000).unwrap();
+        a.release(c0, cb);
+        a.begin_private().unwrap();
+        assert!(a.begin_private().is_err(), "one capture at a time");
+        // Inside: the first block comes from the shared cache, a freed block is reused inside.
+        let (p1, b1) = a.alloc(&dev, 4000).unwrap();
+        assert_eq!(p1, c0);
+        let (p2, b2) = a.alloc(&dev, 100_000).unwrap();
+        a.release(p2, b2);
+        let (p3, b3) = a.alloc(&dev, 100_000).unwrap();
+        assert_eq!(p3, p2, "freed inside the capture, reused inside it");
+        a.release(p1, b1);
+        a.release(p3, b3);
+        // Another thread allocating meanwhile never gets the capture's blocks.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Its own fake device (the fake is single-threaded), at distinct addresses.
+                let other = FakeDevice::new(1 << 30);
+                other.next.set(1 << 40);
+                let (q, qb) = a.alloc(&other, 4000).unwrap();
+                assert!(q != p1, "a captured block went to another thread");
+                a.release(q, qb);
+            });
+        });
+        let (mut owned, live) = a.end_private();
+        owned.sort();
+        let mut want = vec![(p1, b1), (p2, b2)];
+        want.sort();
+        assert_eq!((owned.clone(), live), (want, 0));
+        // The graph's blocks stay out of the cache: a new request gets fresh memory.
+        let (q, qb) = a.alloc(&dev, 100_000).unwrap();
+        assert_ne!(q, p2);
+        a.release(q, qb);
+        a.release_owned(&owned);
+        let (r, rb) = a.alloc(&dev, 100_000).unwrap();
+        assert!(r == p2 || r == q);
+        a.release(r, rb);
+        a.release(held, hb);
+        assert_eq!(a.stats().bytes_in_use, 0);
+        // A block allocated inside and still held at the end is reported, not adopted.
+        a.begin_private().unwrap();
+        let (x, xb) = a.alloc(&dev, 4000).unwrap();
+        let (idle, live) = a.end_private();
+        assert_eq!((idle.len(), live), (0, 1));
+        a.release(x, xb);
+        assert_eq!(a.stats().bytes_in_use, 0);
     }
 
     #[test]

@@ -225,6 +225,21 @@ impl CudaDevice {
         self.alloc.release(ptr, bucket)
     }
 
+    /// See `CachingAllocator::begin_private` (CUDA graph capture).
+    pub(crate) fn begin_private(&self) -> Result<()> {
+        self.alloc.begin_private()
+    }
+
+    /// See `CachingAllocator::end_private`.
+    pub(crate) fn end_private(&self) -> (Vec<(u64, usize)>, usize) {
+        self.alloc.end_private()
+    }
+
+    /// Gives a dropped graph's blocks back to the cache.
+    pub(crate) fn release_owned(&self, blocks: &[(u64, usize)]) {
+        self.alloc.release_owned(blocks)
+    }
+
     pub fn alloc_stats(&self) -> AllocStats {
         self.alloc.stats()
     }

@@ -8,8 +8,10 @@ use crate::error::{Error, Result};
 use crate::tensor::DType;
 use cudarc::cublas as blas;
 use cudarc::driver::result as cu;
-use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute_enum};
-use cudarc::driver::{CudaEvent, CudaStream};
+use cudarc::driver::sys::{
+    CUevent_flags, CUfunction_attribute_enum, CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaStream};
 use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -17,10 +19,13 @@ use std::sync::Mutex;
 
 /// Dynamic shared memory a launch may use without opting in (the CUDA default limit).
 const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
+/// The cuBLAS handle's own workspace.
+const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 impl Gpu for Arc<CudaDevice> {
     type Buf = CudaStorage;
     type Event = CudaEvent;
+    type Graph = CudaGraphRun;
 
     fn alloc(&self, bytes: usize) -> Result<CudaStorage> {
         // Stored as f32 words: the buffer is raw bytes to the launch layer.
@@ -287,6 +292,108 @@ impl Gpu for Arc<CudaDevice> {
                 .map_err(|e| driver_error("waiting for a copy from the GPU", e))
         })
     }
+
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraphRun> {
+        guard("capturing a CUDA graph", || capture_on(self, f))
+    }
+
+    unsafe fn replay(&self, graph: &CudaGraphRun) -> Result<()> {
+        guard("replaying a CUDA graph", || {
+            let g = graph
+                .graph
+                .as_ref()
+                .ok_or_else(|| Error::Internal("a released CUDA graph".into()))?;
+            if !Arc::ptr_eq(&graph.dev, self) {
+                return Err(Error::InvalidArgument(format!(
+                    "a graph captured on CUDA device {} replayed on device {}",
+                    graph.dev.ordinal(),
+                    self.ordinal()
+                )));
+            }
+            g.launch()
+                .map_err(|e| driver_error("launching a CUDA graph", e))
+        })
+    }
+}
+
+/// A captured CUDA graph and the device blocks its kernels use (back to the cache on drop).
+pub struct CudaGraphRun {
+    graph: Option<CudaGraph>,
+    blocks: Vec<(u64, usize)>,
+    dev: Arc<CudaDevice>,
+}
+
+impl Drop for CudaGraphRun {
+    fn drop(&mut self) {
+        // A replay may still be running: the blocks return to the cache once the stream is idle
+        // (if it cannot be waited for, they are leaked rather than handed out under a kernel).
+        if self.dev.synchronize().is_ok() {
+            self.graph.take();
+            self.dev.release_owned(&self.blocks);
+        }
+    }
+}
+
+/// Ends a capture and the allocator's private pool however `capture` leaves (error or panic).
+struct CaptureScope<'a> {
+    dev: &'a Arc<CudaDevice>,
+    capturing: bool,
+}
+
+impl CaptureScope<'_> {
+    /// Ends the stream capture (once): the instantiated graph, if any.
+    fn end(&mut self) -> Result<Option<CudaGraph>> {
+        if !std::mem::replace(&mut self.capturing, false) {
+            return Ok(None);
+        }
+        self.dev
+            .stream()
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(|e| driver_error("ending a CUDA graph capture", e))
+    }
+}
+
+impl Drop for CaptureScope<'_> {
+    fn drop(&mut self) {
+        let _ = self.end();
+        let (idle, _) = self.dev.end_private();
+        self.dev.release_owned(&idle);
+    }
+}
+
+fn capture_on(dev: &Arc<CudaDevice>, f: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraphRun> {
+    dev.bind()?;
+    // cuBLAS must not allocate its workspace inside a capture: give the handle one now.
+    cublas_handle(dev)?;
+    dev.begin_private()?;
+    let mut scope = CaptureScope {
+        dev,
+        capturing: false,
+    };
+    // Relaxed: a cache miss inside the capture may still call cuMemAlloc (not captured).
+    dev.stream()
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(|e| driver_error("beginning a CUDA graph capture", e))?;
+    scope.capturing = true;
+    let run = f();
+    let graph = scope.end();
+    run?;
+    let graph =
+        graph?.ok_or_else(|| Error::Cuda("the CUDA graph capture recorded nothing".into()))?;
+    let (blocks, live) = dev.end_private();
+    if live != 0 {
+        dev.release_owned(&blocks);
+        return Err(Error::InvalidArgument(format!(
+            "{live} device buffer(s) allocated during the graph capture outlived it; allocate \
+             inputs and outputs before capturing"
+        )));
+    }
+    drop(scope);
+    Ok(CudaGraphRun {
+        graph: Some(graph),
+        blocks,
+        dev: dev.clone(),
+    })
 }
 
 fn record_on(dev: &CudaDevice, stream: &CudaStream) -> Result<CudaEvent> {
@@ -344,6 +451,17 @@ fn cublas_handle(dev: &Arc<CudaDevice>) -> Result<Handle> {
         // handle (both live as long as the process-wide device).
         unsafe { blas::result::set_stream(h, dev.stream().cu_stream() as _) }
             .map_err(|e| Error::Cuda(format!("cublasSetStream: {e:?}")))?;
+        // A workspace of its own (32 MiB, NVIDIA's suggestion for Hopper), so cuBLAS never
+        // allocates while a CUDA graph is being captured. Lives as long as the handle (the process).
+        // SAFETY: the context is current; the block is only ever used by this handle.
+        let ws = unsafe { cu::malloc_sync(CUBLAS_WORKSPACE) }
+            .map_err(|e| driver_error("allocating the cuBLAS workspace", e))?;
+        // SAFETY: h is live; ws holds CUBLAS_WORKSPACE bytes for as long as h exists.
+        let st =
+            unsafe { blas::sys::cublasSetWorkspace_v2(h, ws as *mut c_void, CUBLAS_WORKSPACE) };
+        if st != blas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::Cuda(format!("cublasSetWorkspace: {st:?}")));
+        }
         Ok(Handle(h))
     })?;
     handles.insert(dev.ordinal(), h);

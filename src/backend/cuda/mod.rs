@@ -14,6 +14,7 @@ mod storage;
 
 pub use alloc::{bucket_size, AllocStats};
 pub use device::{device, device_count, ensure_driver, CudaDevice};
+pub use gpu::CudaGraphRun;
 pub use storage::CudaStorage;
 
 use crate::error::{Error, Result};

@@ -77,6 +77,8 @@ pub trait Gpu {
     type Buf;
     /// A point in a stream's work (a CUDA event).
     type Event;
+    /// Captured work to replay (a CUDA graph).
+    type Graph;
     /// `bytes` of uninitialised device memory, 256-byte aligned.
     fn alloc(&self, bytes: usize) -> Result<Self::Buf>;
     /// The device address of a buffer.
@@ -138,6 +140,18 @@ pub trait Gpu {
     /// `src .. src + out.len()` lies inside one live buffer of this device, and no work queued
     /// after `after` writes it before this returns.
     unsafe fn download_after(&self, src: u64, out: &mut [u8], after: &Self::Event) -> Result<()>;
+
+    /// Records the launches, GEMMs, zeroings and device copies `f` queues, without running them,
+    /// as a graph that [`Gpu::replay`] runs again with the same arguments (fixed-shape inference
+    /// without per-launch host cost). Buffers `f` allocates stay the graph's until it is dropped
+    /// and must all be released by the end of `f`; inputs and outputs are buffers allocated
+    /// before the capture. Host copies and synchronisation inside `f` are errors.
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
+    /// Queues the captured work once more.
+    ///
+    /// # Safety
+    /// Every buffer allocated before the capture that the graph uses is still live.
+    unsafe fn replay(&self, graph: &Self::Graph) -> Result<()>;
 
     /// Uploads a slice of plain values.
     fn upload_slice<T: bytemuck::Pod>(&self, v: &[T]) -> Result<Self::Buf> {

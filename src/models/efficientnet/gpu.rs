@@ -261,6 +261,48 @@ impl<G: Gpu> GpuEfficientNet<G> {
         Tensor::from_f32(&[n, width], out)
     }
 
+    /// Captures the pass for batches of exactly `n` crops of `h` × `w` up to `layer` as a graph
+    /// (a CUDA graph on a GPU): [`FeatureGraph::run`] then replays every launch and GEMM at once,
+    /// without the host cost of queuing them one by one.
+    pub fn capture_features(
+        &self,
+        g: &G,
+        n: usize,
+        h: usize,
+        w: usize,
+        layer: &str,
+    ) -> Result<FeatureGraph<'_, G>> {
+        let tap = resolve(layer)?;
+        if n == 0 || h == 0 || w == 0 {
+            return Err(Error::Shape(format!(
+                "capture_features: empty batch {n} × {h} × {w}"
+            )));
+        }
+        if tap.point == TapPoint::Logits {
+            return Err(Error::InvalidArgument(
+                "GPU EfficientNet: logits are not implemented on the GPU path yet; ask for a feature layer".into(),
+            ));
+        }
+        let input = g.alloc(n * self.in_channels * h * w * 4)?;
+        // Run once outside the capture: the width of the output, and a warm allocator cache.
+        let (_, d) = self.pooled_features(g, &input, n, h, w, tap.point)?;
+        g.synchronize()?;
+        let output = g.alloc(n * d * 4)?;
+        let graph = g.capture(&mut || {
+            let (p, _) = self.pooled_features(g, &input, n, h, w, tap.point)?;
+            // SAFETY: both hold n · d f32.
+            unsafe { g.copy(g.ptr(&p), g.ptr(&output), n * d * 4) }
+        })?;
+        Ok(FeatureGraph {
+            graph,
+            input,
+            output,
+            shape: [n, self.in_channels, h, w],
+            width: d,
+            _weights: std::marker::PhantomData,
+        })
+    }
+
     fn check_crops(&self, crops: &Tensor, point: TapPoint) -> Result<[usize; 3]> {
         let s = crops.shape();
         if s.len() != 4 || s[1] != self.in_channels || s[0] == 0 || s[2] == 0 || s[3] == 0 {
@@ -441,4 +483,47 @@ fn read_back<G: Gpu>(
     let dst = &mut out[s * d..(s + m) * d];
     // SAFETY: p holds m · d f32 written by work ordered before `done`; nothing writes it later.
     unsafe { g.download_after(g.ptr(&p), bytemuck::cast_slice_mut(dst), &done) }
+}
+
+/// A captured features pass for one batch shape (see [`GpuEfficientNet::capture_features`]). It
+/// owns its input and output buffers and borrows the model (the graph reads its weights).
+pub struct FeatureGraph<'m, G: Gpu> {
+    graph: G::Graph,
+    input: G::Buf,
+    output: G::Buf,
+    shape: [usize; 4],
+    width: usize,
+    _weights: std::marker::PhantomData<&'m GpuEfficientNet<G>>,
+}
+
+impl<G: Gpu> FeatureGraph<'_, G> {
+    /// The features of `crops`, which must have exactly the captured shape.
+    pub fn run(&self, g: &G, crops: &Tensor) -> Result<Tensor> {
+        if crops.shape() != self.shape {
+            return Err(Error::Shape(format!(
+                "this features graph was captured for crops {:?}, got {:?}",
+                self.shape,
+                crops.shape()
+            )));
+        }
+        crops.check_finite("crops")?;
+        let after = g.record()?;
+        // SAFETY: input holds the captured shape's f32; the last replay that read it is ordered
+        // before `after`.
+        let staged = unsafe {
+            g.upload_async(
+                bytemuck::cast_slice(crops.as_f32()?),
+                g.ptr(&self.input),
+                Some(&after),
+            )?
+        };
+        g.wait(&staged)?;
+        // SAFETY: the graph's buffers live in it and in self; the borrow keeps the weights.
+        unsafe { g.replay(&self.graph)? };
+        let n = self.shape[0];
+        Tensor::from_f32(
+            &[n, self.width],
+            g.download_vec(&self.output, n * self.width)?,
+        )
+    }
 }

@@ -17,7 +17,7 @@ mod train;
 mod weights;
 
 pub use config::{EfficientNetConfig, Padding, Precision, BLOCKS};
-pub use gpu::GpuEfficientNet;
+pub use gpu::{FeatureGraph, GpuEfficientNet};
 pub use layers::{LayerTap, TapPoint};
 pub use train::{Regularisation, TrainableEfficientNet};
 pub use weights::{expand_stem_channels, StateDict};

@@ -105,3 +105,36 @@ pub fn effnet_features_batched_match_one_shot<G: Gpu>(g: &G) {
         .features_batched(g, &crops, "block6a_activation", 0)
         .is_err());
 }
+
+/// A captured features pass replays to the one-shot pass's features for new crops each time
+/// (on the emulation, capture records the launches without running them; replay runs them).
+pub fn effnet_features_graph_replays<G: Gpu>(g: &G) {
+    let m = model(Padding::Symmetric);
+    let gm = GpuEfficientNet::new(g, &m).unwrap();
+    let (n, h, w) = (2, 20, 24);
+    let graph = gm
+        .capture_features(g, n, h, w, "block6a_activation")
+        .unwrap();
+    for seed in [31, 32] {
+        let crops = Tensor::from_f32(&[n, 5, h, w], uniform(n * 5 * h * w, seed)).unwrap();
+        let want = gm.features(g, &crops, "block6a_activation").unwrap();
+        let got = graph.run(g, &crops).unwrap();
+        assert_close(
+            &format!("graph replay, crops {seed}"),
+            &f64s(got.as_f32().unwrap()),
+            &f64s(want.as_f32().unwrap()),
+            F32_TOL,
+        );
+    }
+    let other = Tensor::from_f32(&[1, 5, h, w], uniform(5 * h * w, 3)).unwrap();
+    assert!(graph.run(g, &other).is_err(), "a batch of another shape");
+    // Host copies cannot be captured; a buffer allocated inside must not outlive the capture.
+    assert!(g.capture(&mut || g.upload(&[0u8; 16]).map(drop)).is_err());
+    let mut leaked = None;
+    assert!(g
+        .capture(&mut || {
+            leaked = Some(g.alloc(64)?);
+            Ok(())
+        })
+        .is_err());
+}

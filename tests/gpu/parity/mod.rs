@@ -42,6 +42,7 @@ macro_rules! for_each_parity_test {
             gemm::gemm_f32_bf16_tf32_transposes,
             effnet::effnet_features_match_cpu,
             effnet::effnet_features_batched_match_one_shot,
+            effnet::effnet_features_graph_replays,
             norm::batch_norm_train_f32,
             norm::batch_norm_train_bf16,
             norm::batch_norm_eval,

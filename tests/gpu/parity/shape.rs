@@ -588,6 +588,7 @@ struct Recording<'a, G: Gpu> {
 impl<G: Gpu> Gpu for Recording<'_, G> {
     type Buf = G::Buf;
     type Event = G::Event;
+    type Graph = G::Graph;
     fn alloc(&self, bytes: usize) -> phenocore::Result<G::Buf> {
         self.g.alloc(bytes)
     }
@@ -640,6 +641,12 @@ impl<G: Gpu> Gpu for Recording<'_, G> {
         after: &G::Event,
     ) -> phenocore::Result<()> {
         self.g.download_after(src, out, after)
+    }
+    fn capture(&self, f: &mut dyn FnMut() -> phenocore::Result<()>) -> phenocore::Result<G::Graph> {
+        self.g.capture(f)
+    }
+    unsafe fn replay(&self, graph: &G::Graph) -> phenocore::Result<()> {
+        self.g.replay(graph)
     }
 }
 
