@@ -20,6 +20,7 @@ pub mod norm;
 pub mod optim;
 pub mod shape;
 pub mod unet;
+pub mod vae;
 
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -91,6 +92,7 @@ macro_rules! for_each_parity_test {
             conv::conv_rejects_unsupported_plans,
             unet::unet_forward_matches_cpu,
             unet::unet_null_context_only,
+            vae::vae_encode_decode_match_cpu, vae::vae_encode5_decode5_and_rejects,
             // effnet_train:
         );
     };
