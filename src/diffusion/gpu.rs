@@ -29,18 +29,20 @@ use crate::backend::gpu::depthwise::Depthwise;
 use crate::backend::gpu::elementwise::{unary, Unary};
 use crate::backend::gpu::geglu::Geglu;
 use crate::backend::gpu::norm::{GroupNorm, LayerNorm};
-use crate::backend::gpu::shape::{add, ConcatLast, Embedding, SampleChannels, Upsample2x};
+use crate::backend::gpu::shape::{activation_backward, add, ActivationGrad};
+use crate::backend::gpu::shape::{ConcatLast, Embedding, SampleChannels, Upsample2x};
 use crate::backend::gpu::{Gemm, Gpu, Math};
 use crate::error::{Error, Result};
 use crate::ops::conv::Pad2d;
 use crate::ops::norm::Act;
 use crate::tensor::DType;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 const F32: DType = DType::F32;
 
-// The dense convolution: `backend::gpu::conv::Conv2d` once it lands.
-use HostIm2colConv as Conv2d;
+// The dense convolution (`backend::gpu::conv`).
+use crate::backend::gpu::conv::Conv2d;
 
 /// torch.nn.LayerNorm's default ε (MONAI does not set it), as the CPU pass uses.
 const LAYER_NORM_EPS: f64 = 1e-5;
@@ -51,28 +53,33 @@ struct Param<B> {
     shape: Vec<usize>,
 }
 
-/// A device activation map, NHWC [n, h, w, c], f32.
-struct Map<B> {
-    buf: B,
+/// A device value, NHWC [n, h, w, c] f32 (token sequences: h = length, w = 1; per-sample
+/// vectors: h = w = 1), with its id on the recording (0: a constant, no gradient).
+struct Val<B> {
+    buf: Rc<B>,
+    id: usize,
     n: usize,
     h: usize,
     w: usize,
     c: usize,
 }
 
-impl<B> Map<B> {
+impl<B> Clone for Val<B> {
+    fn clone(&self) -> Self {
+        Val {
+            buf: self.buf.clone(),
+            ..*self
+        }
+    }
+}
+
+impl<B> Val<B> {
     fn rows(&self) -> usize {
         self.n * self.h * self.w
     }
     fn len(&self) -> usize {
         self.rows() * self.c
     }
-}
-
-/// The context on the device: [n, len, dim].
-struct Context<B> {
-    buf: B,
-    len: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,7 +89,130 @@ enum Resample {
     Down,
 }
 
-/// A [`DiffusionUNet`]'s parameters on one device (f32), and its forward pass there.
+/// What the backward of one op needs (`y`: the output's id).
+enum Node<B> {
+    Linear {
+        x: Val<B>,
+        key: String,
+        bias: bool,
+        y: usize,
+    },
+    Conv {
+        x: Val<B>,
+        key: String,
+        stride: usize,
+        pad: Pad2d,
+        y: usize,
+    },
+    /// GroupNorm (`Some(act)`) or LayerNorm (`None`) with the saved statistics.
+    Norm {
+        x: Val<B>,
+        key: String,
+        group: Option<Act>,
+        mean: B,
+        invstd: B,
+        y: usize,
+    },
+    Silu {
+        x: Val<B>,
+        y: usize,
+    },
+    Add {
+        a: usize,
+        b: usize,
+        len: usize,
+        y: usize,
+    },
+    AddPerSample {
+        x: usize,
+        e: usize,
+        shape: [usize; 3],
+        y: usize,
+    },
+    Attention {
+        qkv: [Val<B>; 3],
+        o: Rc<B>,
+        lse: B,
+        plan: Attention,
+        y: usize,
+    },
+    Geglu {
+        x: Val<B>,
+        y: usize,
+    },
+    Upsample {
+        x: usize,
+        shape: [usize; 4],
+        y: usize,
+    },
+    AvgPool {
+        x: usize,
+        shape: [usize; 4],
+        taps: B,
+        y: usize,
+    },
+    Concat {
+        a: usize,
+        b: usize,
+        rows: usize,
+        widths: [usize; 2],
+        y: usize,
+    },
+    Embedding {
+        key: String,
+        plan: Embedding,
+        y: usize,
+    },
+    /// The context with null-flagged samples' tokens taken from `null_context` (`sel`: 1 for
+    /// those tokens, 0 elsewhere).
+    NullContext {
+        sel: Vec<f32>,
+        d: usize,
+        y: usize,
+    },
+}
+
+/// The ops of one forward pass, recorded for the backward when `on`.
+struct Rec<B> {
+    on: bool,
+    next: usize,
+    nodes: Vec<Node<B>>,
+}
+
+impl<B> Rec<B> {
+    fn new(on: bool) -> Self {
+        Rec {
+            on,
+            next: 0,
+            nodes: Vec::new(),
+        }
+    }
+    fn id(&mut self) -> usize {
+        if self.on {
+            self.next += 1;
+            self.next
+        } else {
+            0
+        }
+    }
+    fn push(&mut self, node: Node<B>) {
+        if self.on {
+            self.nodes.push(node);
+        }
+    }
+}
+
+/// The gradients of one backward pass: host copies, f32.
+#[derive(Clone, Debug, Default)]
+pub struct UNetGrads {
+    /// ∂L/∂x, NHWC [n, h, w, in_channels].
+    pub input: Vec<f32>,
+    /// ∂L/∂θ for every parameter, by MONAI key (zeros for parameters the pass did not use, e.g.
+    /// `null_context` when no sample was null), in each parameter's layout.
+    pub params: HashMap<String, Vec<f32>>,
+}
+
+/// A [`DiffusionUNet`]'s parameters on one device (f32), and its forward and backward passes.
 pub struct GpuUNet<G: Gpu> {
     config: UNetConfig,
     params: HashMap<String, Param<G::Buf>>,
@@ -163,19 +293,8 @@ impl<G: Gpu> GpuUNet<G> {
         Ok(nhwc_to_nchw(&y, n, self.config.out_channels, h, w))
     }
 
-    /// The forward pass on NHWC input [n, h, w, in_channels] → NHWC [n, h, w, out_channels] on the
-    /// host, as [`DiffusionUNet::forward`] computes it.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        g: &G,
-        x_nhwc: &[f32],
-        n: usize,
-        h: usize,
-        w: usize,
-        timesteps: &[f64],
-        cond: &Conditioning<'_, f32>,
-    ) -> Result<Vec<f32>> {
+    /// Checks a host NHWC input and uploads it.
+    fn upload_input(&self, g: &G, x_nhwc: &[f32], n: usize, h: usize, w: usize) -> Result<G::Buf> {
         let c = self.config.in_channels;
         if x_nhwc.len() != n * h * w * c {
             return Err(Error::Shape(format!(
@@ -189,19 +308,36 @@ impl<G: Gpu> GpuUNet<G> {
                 i / (c * h * w).max(1)
             )));
         }
-        self.config.check_inputs(n, c, h, w, timesteps, cond)?;
-        let x = g.upload_slice(x_nhwc)?;
-        let y = self.forward_device(g, &x, n, h, w, timesteps, cond)?;
+        g.upload_slice(x_nhwc)
+    }
+
+    /// The forward pass on NHWC input [n, h, w, in_channels] → NHWC [n, h, w, out_channels] on the
+    /// host, as [`DiffusionUNet::forward`] computes it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        g: &G,
+        x_nhwc: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        timesteps: &[f64],
+        cond: &Conditioning<'_, f32>,
+    ) -> Result<Vec<f32>> {
+        self.config
+            .check_inputs(n, self.config.in_channels, h, w, timesteps, cond)?;
+        let x = self.upload_input(g, x_nhwc, n, h, w)?;
+        let y = self.forward_device(g, x, n, h, w, timesteps, cond)?;
         g.download_vec(&y, n * h * w * self.config.out_channels)
     }
 
-    /// The forward pass on a device input x (NHWC [n, h, w, in_channels] f32) → a new device
-    /// buffer NHWC [n, h, w, out_channels] f32. Checks the conditions (not x's values).
+    /// The forward pass on a device input x (NHWC [n, h, w, in_channels] f32, consumed) → a
+    /// device buffer NHWC [n, h, w, out_channels] f32. Checks the conditions (not x's values).
     #[allow(clippy::too_many_arguments)]
     pub fn forward_device(
         &self,
         g: &G,
-        x: &G::Buf,
+        x: G::Buf,
         n: usize,
         h: usize,
         w: usize,
@@ -209,57 +345,128 @@ impl<G: Gpu> GpuUNet<G> {
         cond: &Conditioning<'_, f32>,
     ) -> Result<G::Buf> {
         let cfg = &self.config;
-        self.config
-            .check_inputs(n, cfg.in_channels, h, w, timesteps, cond)?;
-        let levels = cfg.channels.len();
-        let emb = self.embedding(g, n, timesteps, cond)?;
-        let ctx = self.context(g, n, cond)?;
-        let ctx = ctx.as_ref();
-
-        // Down.
-        let xin = Map {
-            buf: g.alloc(n * h * w * cfg.in_channels * 4)?,
+        cfg.check_inputs(n, cfg.in_channels, h, w, timesteps, cond)?;
+        let mut rec = Rec::new(false);
+        let x = Val {
+            buf: Rc::new(x),
+            id: 0,
             n,
             h,
             w,
             c: cfg.in_channels,
         };
-        // SAFETY: x holds (the caller's contract) and xin was sized for n·h·w·in_channels f32.
-        unsafe { g.copy(g.ptr(x), g.ptr(&xin.buf), xin.len() * 4)? };
-        let mut skips = vec![self.conv(g, &xin, "conv_in", 1, Pad2d::same(1))?];
-        drop(xin);
-        // The skip stack holds every map the up path concatenates; the last one is the current.
-        let last = |s: &Vec<Map<G::Buf>>| -> Result<usize> {
-            s.len()
-                .checked_sub(1)
-                .ok_or_else(|| Error::Internal("GPU U-Net: empty skip stack".into()))
+        let y = self.run(g, &mut rec, x, timesteps, cond)?;
+        Rc::try_unwrap(y.buf).map_err(|_| Error::Internal("GPU U-Net: output still shared".into()))
+    }
+
+    /// Forward and backward: the output y (NHWC, as [`GpuUNet::forward`]) and, for the upstream
+    /// gradient `dy` (NHWC, y's shape), the gradients of the input and of every parameter, as the
+    /// CPU tape's `backward_with` computes them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward(
+        &self,
+        g: &G,
+        x_nhwc: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        timesteps: &[f64],
+        cond: &Conditioning<'_, f32>,
+        dy_nhwc: &[f32],
+    ) -> Result<(Vec<f32>, UNetGrads)> {
+        let cfg = &self.config;
+        cfg.check_inputs(n, cfg.in_channels, h, w, timesteps, cond)?;
+        let out_len = n * h * w * cfg.out_channels;
+        if dy_nhwc.len() != out_len {
+            return Err(Error::Shape(format!(
+                "output gradient has {} values, the output {n} × {h} × {w} × {} has {out_len}",
+                dy_nhwc.len(),
+                cfg.out_channels
+            )));
+        }
+        let mut rec = Rec::new(true);
+        let x = Val {
+            buf: Rc::new(self.upload_input(g, x_nhwc, n, h, w)?),
+            id: rec.id(),
+            n,
+            h,
+            w,
+            c: cfg.in_channels,
         };
+        let x_id = x.id;
+        let y = self.run(g, &mut rec, x, timesteps, cond)?;
+        let y_host = g.download_vec(&y.buf, out_len)?;
+        let mut grads = Grads {
+            act: HashMap::new(),
+            params: HashMap::new(),
+        };
+        grads.act.insert(y.id, g.upload_slice(dy_nhwc)?);
+        drop(y);
+        while let Some(node) = rec.nodes.pop() {
+            self.backward_node(g, node, &mut grads)?;
+        }
+        let input = match grads.act.remove(&x_id) {
+            Some(b) => g.download_vec(&b, n * h * w * cfg.in_channels)?,
+            None => vec![0.0; n * h * w * cfg.in_channels],
+        };
+        let mut params = HashMap::new();
+        for (key, p) in &self.params {
+            let len = p.shape.iter().product::<usize>();
+            let v = match grads.params.get(key) {
+                Some(b) => g.download_vec(b, len)?,
+                None => vec![0.0; len],
+            };
+            params.insert(key.clone(), v);
+        }
+        Ok((y_host, UNetGrads { input, params }))
+    }
+
+    /// The whole pass from the input value.
+    fn run(
+        &self,
+        g: &G,
+        t: &mut Rec<G::Buf>,
+        x: Val<G::Buf>,
+        timesteps: &[f64],
+        cond: &Conditioning<'_, f32>,
+    ) -> Result<Val<G::Buf>> {
+        let cfg = &self.config;
+        let levels = cfg.channels.len();
+        let n = x.n;
+        let emb = self.embedding(g, t, n, timesteps, cond)?;
+        let ctx = self.context(g, t, n, cond)?;
+        let ctx = ctx.as_ref();
+
+        // Down. The skip stack holds every map the up path concatenates; the last is the current.
+        let mut skips = vec![self.conv(g, t, &x, "conv_in", 1, Pad2d::same(1))?];
+        drop(x);
         for l in 0..levels {
             let k = format!("down_blocks.{l}");
             for j in 0..cfg.num_res_blocks[l] {
-                let x = &skips[last(&skips)?];
-                let mut h = self.resnet(g, x, &emb, &format!("{k}.resnets.{j}"), Resample::None)?;
+                let x = last(&skips)?;
+                let mut h =
+                    self.resnet(g, t, x, &emb, &format!("{k}.resnets.{j}"), Resample::None)?;
                 if cfg.attention_levels[l] {
-                    h = self.attention(g, &h, ctx, &format!("{k}.attentions.{j}"), l)?;
+                    h = self.attention(g, t, &h, ctx, &format!("{k}.attentions.{j}"), l)?;
                 }
                 skips.push(h);
             }
             if l + 1 < levels {
-                let x = &skips[last(&skips)?];
+                let x = last(&skips)?;
                 let d = if cfg.resblock_updown {
-                    self.resnet(g, x, &emb, &format!("{k}.downsampler"), Resample::Down)?
+                    self.resnet(g, t, x, &emb, &format!("{k}.downsampler"), Resample::Down)?
                 } else {
-                    self.conv(g, x, &format!("{k}.downsampler.op"), 2, Pad2d::same(1))?
+                    self.conv(g, t, x, &format!("{k}.downsampler.op"), 2, Pad2d::same(1))?
                 };
                 skips.push(d);
             }
         }
         // Middle.
-        let x = &skips[last(&skips)?];
-        let m1 = self.resnet(g, x, &emb, "middle_block.resnet_1", Resample::None)?;
-        let m2 = self.attention(g, &m1, ctx, "middle_block.attention", levels - 1)?;
+        let x = last(&skips)?;
+        let m1 = self.resnet(g, t, x, &emb, "middle_block.resnet_1", Resample::None)?;
+        let m2 = self.attention(g, t, &m1, ctx, "middle_block.attention", levels - 1)?;
         drop(m1);
-        let mut hcur = self.resnet(g, &m2, &emb, "middle_block.resnet_2", Resample::None)?;
+        let mut hcur = self.resnet(g, t, &m2, &emb, "middle_block.resnet_2", Resample::None)?;
         drop(m2);
         // Up.
         for i in 0..levels {
@@ -269,46 +476,76 @@ impl<G: Gpu> GpuUNet<G> {
                 let skip = skips.pop().ok_or_else(|| {
                     Error::Internal("GPU U-Net: skip connections exhausted".into())
                 })?;
-                let cat = self.concat(g, &hcur, &skip)?;
+                let cat = self.concat(g, t, &hcur, &skip)?;
                 drop(skip);
-                hcur = self.resnet(g, &cat, &emb, &format!("{k}.resnets.{j}"), Resample::None)?;
+                hcur = self.resnet(
+                    g,
+                    t,
+                    &cat,
+                    &emb,
+                    &format!("{k}.resnets.{j}"),
+                    Resample::None,
+                )?;
                 drop(cat);
                 if cfg.attention_levels[l] {
-                    hcur = self.attention(g, &hcur, ctx, &format!("{k}.attentions.{j}"), l)?;
+                    hcur = self.attention(g, t, &hcur, ctx, &format!("{k}.attentions.{j}"), l)?;
                 }
             }
             if i + 1 < levels {
                 hcur = if cfg.resblock_updown {
-                    self.resnet(g, &hcur, &emb, &format!("{k}.upsampler"), Resample::Up)?
+                    self.resnet(g, t, &hcur, &emb, &format!("{k}.upsampler"), Resample::Up)?
                 } else {
-                    let u = self.upsample(g, &hcur)?;
-                    self.conv(g, &u, &format!("{k}.upsampler.postconv"), 1, Pad2d::same(1))?
+                    let u = self.upsample(g, t, &hcur)?;
+                    self.conv(
+                        g,
+                        t,
+                        &u,
+                        &format!("{k}.upsampler.postconv"),
+                        1,
+                        Pad2d::same(1),
+                    )?
                 };
             }
         }
         // Out.
-        let hn = self.group_norm(g, &hcur, "out.0", Act::Silu)?;
+        let hn = self.group_norm(g, t, &hcur, "out.0", Act::Silu)?;
         drop(hcur);
-        let y = self.conv(g, &hn, "out.2", 1, Pad2d::same(1))?;
-        Ok(y.buf)
+        self.conv(g, t, &hn, "out.2", 1, Pad2d::same(1))
+    }
+
+    /// A new value of `like`'s sample / position shape with `c` channels.
+    fn val(&self, t: &mut Rec<G::Buf>, buf: G::Buf, like: &Val<G::Buf>, c: usize) -> Val<G::Buf> {
+        Val {
+            buf: Rc::new(buf),
+            id: t.id(),
+            c,
+            ..*like
+        }
     }
 
     /// SiLU(time embedding (+ class, confounders)) [n, time_embed_dim] on the device.
     fn embedding(
         &self,
         g: &G,
+        t: &mut Rec<G::Buf>,
         n: usize,
         timesteps: &[f64],
         cond: &Conditioning<'_, f32>,
-    ) -> Result<G::Buf> {
+    ) -> Result<Val<G::Buf>> {
         let cfg = &self.config;
         let temb = cfg.time_embed_dim();
-        let t = g.upload_slice(&monai_timestep_embedding::<f32>(timesteps, cfg.channels[0]))?;
-        let e = self.linear(g, &t, n, "time_embed.0", true)?;
-        let s = g.alloc(n * temb * 4)?;
-        // SAFETY: e and s hold n·temb f32, distinct.
-        unsafe { unary(g, Unary::Silu, F32, g.ptr(&e), g.ptr(&s), n * temb)? };
-        let emb = self.linear(g, &s, n, "time_embed.2", true)?;
+        let table = monai_timestep_embedding::<f32>(timesteps, cfg.channels[0]);
+        let t0 = Val {
+            buf: Rc::new(g.upload_slice(&table)?),
+            id: 0,
+            n,
+            h: 1,
+            w: 1,
+            c: cfg.channels[0],
+        };
+        let e = self.linear(g, t, &t0, "time_embed.0", true)?;
+        let e = self.silu(g, t, &e)?;
+        let mut emb = self.linear(g, t, &e, "time_embed.2", true)?;
         let mut tables: Vec<(String, Vec<usize>)> = Vec::new();
         if let Some(labels) = cond.class_labels {
             tables.push(("class_embedding.weight".into(), labels.to_vec()));
@@ -329,16 +566,17 @@ impl<G: Gpu> GpuUNet<G> {
             let p = self.param(&key)?;
             let plan = Embedding::new(F32, p.shape[0], temb, &rows)?;
             let ce = g.alloc(plan.output_len() * 4)?;
-            // SAFETY: the table holds vocab · temb f32, ce n · temb; emb n · temb (sum in place).
-            unsafe {
-                plan.forward(g, g.ptr(&p.buf), g.ptr(&ce))?;
-                add(g, F32, g.ptr(&emb), g.ptr(&ce), g.ptr(&emb), n * temb)?;
-            }
+            // SAFETY: the table holds vocab · temb f32, ce n · temb (fresh).
+            unsafe { plan.forward(g, g.ptr(&p.buf), g.ptr(&ce))? };
+            let ce = self.val(t, ce, &emb, temb);
+            t.push(Node::Embedding {
+                key,
+                plan,
+                y: ce.id,
+            });
+            emb = self.add(g, t, &emb, &ce)?;
         }
-        let out = g.alloc(n * temb * 4)?;
-        // SAFETY: emb and out hold n·temb f32, distinct.
-        unsafe { unary(g, Unary::Silu, F32, g.ptr(&emb), g.ptr(&out), n * temb)? };
-        Ok(out)
+        self.silu(g, t, &emb)
     }
 
     /// The context [n, len, cross_attention_dim] on the device, null-flagged samples replaced by
@@ -346,9 +584,10 @@ impl<G: Gpu> GpuUNet<G> {
     fn context(
         &self,
         g: &G,
+        t: &mut Rec<G::Buf>,
         n: usize,
         cond: &Conditioning<'_, f32>,
-    ) -> Result<Option<Context<G::Buf>>> {
+    ) -> Result<Option<Val<G::Buf>>> {
         let d = match self.config.cross_attention_dim {
             Some(d) => d,
             None => return Ok(None),
@@ -366,36 +605,59 @@ impl<G: Gpu> GpuUNet<G> {
             Some(c) => c.to_vec(),
             None => vec![0.0; n * len * d],
         };
+        let mut sel = vec![0f32; n * len];
         if any_null {
             let nv = self.null_context.as_ref().ok_or_else(|| {
                 Error::MissingKey("GPU U-Net: null context requested, no null_context".into())
             })?;
             for (s, _) in flags.iter().enumerate().filter(|(_, &f)| f) {
-                for t in 0..len {
-                    data[(s * len + t) * d..][..d].copy_from_slice(&nv[..d]);
+                for tok in 0..len {
+                    data[(s * len + tok) * d..][..d].copy_from_slice(&nv[..d]);
+                    sel[s * len + tok] = 1.0;
                 }
             }
         }
-        Ok(Some(Context {
-            buf: g.upload_slice(&data)?,
-            len,
-        }))
+        let v = Val {
+            buf: Rc::new(g.upload_slice(&data)?),
+            id: if any_null { t.id() } else { 0 },
+            n,
+            h: len,
+            w: 1,
+            c: d,
+        };
+        if any_null {
+            t.push(Node::NullContext { sel, d, y: v.id });
+        }
+        Ok(Some(v))
     }
 
     /// y [rows, out] = x [rows, in] · Wᵀ (+ b) for the linear (or 1 × 1 conv) `key`.
-    fn linear(&self, g: &G, x: &G::Buf, rows: usize, key: &str, bias: bool) -> Result<G::Buf> {
+    fn linear(
+        &self,
+        g: &G,
+        t: &mut Rec<G::Buf>,
+        x: &Val<G::Buf>,
+        key: &str,
+        bias: bool,
+    ) -> Result<Val<G::Buf>> {
         let wp = self.param(&format!("{key}.weight"))?;
         let out = wp.shape[0];
         let inp = wp.shape[1..].iter().product::<usize>();
+        if inp != x.c {
+            return Err(Error::Internal(format!(
+                "GPU U-Net: {key} takes {inp} features, the input has {}",
+                x.c
+            )));
+        }
+        let rows = x.rows();
         let y = g.alloc(rows * out * 4)?;
-        // SAFETY: x holds rows × inp f32 (the caller's map of that width), w out × inp, y rows ×
-        // out (fresh); b out.
+        // SAFETY: x holds rows × inp f32, w out × inp, y rows × out (fresh); b out.
         unsafe {
             g.gemm(&Gemm {
                 m: rows,
                 n: out,
                 k: inp,
-                a: g.ptr(x),
+                a: g.ptr(&x.buf),
                 lda: inp,
                 trans_a: false,
                 b: g.ptr(&wp.buf),
@@ -418,37 +680,26 @@ impl<G: Gpu> GpuUNet<G> {
                 )?;
             }
         }
+        let y = self.val(t, y, x, out);
+        t.push(Node::Linear {
+            x: x.clone(),
+            key: key.to_string(),
+            bias,
+            y: y.id,
+        });
         Ok(y)
-    }
-
-    /// Linear on a map's channels.
-    fn linear_map(&self, g: &G, x: &Map<G::Buf>, key: &str) -> Result<Map<G::Buf>> {
-        let inp: usize = self.param(&format!("{key}.weight"))?.shape[1..]
-            .iter()
-            .product();
-        if inp != x.c {
-            return Err(Error::Internal(format!(
-                "GPU U-Net: {key} takes {inp} channels, the map has {}",
-                x.c
-            )));
-        }
-        let out = self.param(&format!("{key}.weight"))?.shape[0];
-        Ok(Map {
-            buf: self.linear(g, &x.buf, x.rows(), key, true)?,
-            c: out,
-            ..*x
-        })
     }
 
     /// Convolution `key` (`{key}.conv.weight` [out, in, k, k], `.bias`).
     fn conv(
         &self,
         g: &G,
-        x: &Map<G::Buf>,
+        t: &mut Rec<G::Buf>,
+        x: &Val<G::Buf>,
         key: &str,
         stride: usize,
         pad: Pad2d,
-    ) -> Result<Map<G::Buf>> {
+    ) -> Result<Val<G::Buf>> {
         let wkey = format!("{key}.conv.weight");
         let shape = self.param(&wkey)?.shape.clone();
         let (out, inp, k) = (shape[0], shape[1], shape[2]);
@@ -459,7 +710,7 @@ impl<G: Gpu> GpuUNet<G> {
             )));
         }
         if k == 1 && stride == 1 && pad == Pad2d::same(0) {
-            return self.linear_map(g, x, &format!("{key}.conv"));
+            return self.linear(g, t, x, &format!("{key}.conv"), true);
         }
         let plan = Conv2d::new(F32, [x.n, x.h, x.w, x.c], out, k, stride, pad)?;
         let [oh, ow] = plan.out_hw();
@@ -470,105 +721,189 @@ impl<G: Gpu> GpuUNet<G> {
         );
         // SAFETY: x holds the plan's input, w its OIHW weights, b out f32, y its output (fresh).
         unsafe { plan.forward(g, g.ptr(&x.buf), wp, Some(bp), g.ptr(&y), self.math)? };
-        Ok(Map {
-            buf: y,
+        let y = Val {
+            buf: Rc::new(y),
+            id: t.id(),
             n: x.n,
             h: oh,
             w: ow,
             c: out,
-        })
-    }
-
-    fn group_norm(&self, g: &G, x: &Map<G::Buf>, key: &str, act: Act) -> Result<Map<G::Buf>> {
-        let cfg = &self.config;
-        let plan = GroupNorm::new(
-            F32,
-            [x.n, x.h * x.w, x.c],
-            cfg.norm_num_groups,
-            cfg.norm_eps,
-            act,
-        )?;
-        let y = g.alloc(plan.x_len() * 4)?;
-        let mean = g.alloc(plan.stats_len() * 4)?;
-        let invstd = g.alloc(plan.stats_len() * 4)?;
-        let (gamma, beta) = (
-            self.ptr(g, &format!("{key}.weight"))?,
-            self.ptr(g, &format!("{key}.bias"))?,
-        );
-        // SAFETY: x and y hold x_len f32 (distinct), γ / β c f32, mean / invstd stats_len.
-        unsafe {
-            plan.forward(
-                g,
-                g.ptr(&x.buf),
-                gamma,
-                beta,
-                g.ptr(&y),
-                g.ptr(&mean),
-                g.ptr(&invstd),
-            )?
         };
-        Ok(Map { buf: y, ..*x })
-    }
-
-    fn layer_norm(&self, g: &G, x: &G::Buf, rows: usize, c: usize, key: &str) -> Result<G::Buf> {
-        let plan = LayerNorm::new(F32, rows, c, LAYER_NORM_EPS)?;
-        let y = g.alloc(plan.x_len() * 4)?;
-        let mean = g.alloc(rows * 4)?;
-        let invstd = g.alloc(rows * 4)?;
-        let (gamma, beta) = (
-            self.ptr(g, &format!("{key}.weight"))?,
-            self.ptr(g, &format!("{key}.bias"))?,
-        );
-        // SAFETY: x and y hold rows·c f32 (distinct), γ / β c f32, mean / invstd rows.
-        unsafe {
-            plan.forward(
-                g,
-                g.ptr(x),
-                gamma,
-                beta,
-                g.ptr(&y),
-                g.ptr(&mean),
-                g.ptr(&invstd),
-            )?
-        };
+        t.push(Node::Conv {
+            x: x.clone(),
+            key: key.to_string(),
+            stride,
+            pad,
+            y: y.id,
+        });
         Ok(y)
     }
 
-    fn upsample(&self, g: &G, x: &Map<G::Buf>) -> Result<Map<G::Buf>> {
-        let plan = Upsample2x::new(F32, [x.n, x.h, x.w, x.c])?;
+    fn group_norm(
+        &self,
+        g: &G,
+        t: &mut Rec<G::Buf>,
+        x: &Val<G::Buf>,
+        key: &str,
+        act: Act,
+    ) -> Result<Val<G::Buf>> {
+        self.norm(g, t, x, key, Some(act))
+    }
+
+    /// GroupNorm (`Some(act)`, groups per sample over the positions) or LayerNorm (`None`, per
+    /// row) with the parameters `{key}.weight` / `.bias`.
+    fn norm(
+        &self,
+        g: &G,
+        t: &mut Rec<G::Buf>,
+        x: &Val<G::Buf>,
+        key: &str,
+        group: Option<Act>,
+    ) -> Result<Val<G::Buf>> {
+        let cfg = &self.config;
+        let stats = match group {
+            Some(_) => x.n * cfg.norm_num_groups,
+            None => x.rows(),
+        };
+        let y = g.alloc(x.len() * 4)?;
+        let mean = g.alloc(stats * 4)?;
+        let invstd = g.alloc(stats * 4)?;
+        let (gamma, beta) = (
+            self.ptr(g, &format!("{key}.weight"))?,
+            self.ptr(g, &format!("{key}.bias"))?,
+        );
+        let (xp, yp, mp, ip) = (g.ptr(&x.buf), g.ptr(&y), g.ptr(&mean), g.ptr(&invstd));
+        // SAFETY: x and y hold len f32 (distinct), γ / β c f32, mean / invstd `stats` f32.
+        unsafe {
+            match group {
+                Some(act) => GroupNorm::new(
+                    F32,
+                    [x.n, x.h * x.w, x.c],
+                    cfg.norm_num_groups,
+                    cfg.norm_eps,
+                    act,
+                )?
+                .forward(g, xp, gamma, beta, yp, mp, ip)?,
+                None => LayerNorm::new(F32, x.rows(), x.c, LAYER_NORM_EPS)?
+                    .forward(g, xp, gamma, beta, yp, mp, ip)?,
+            }
+        }
+        let y = self.val(t, y, x, x.c);
+        if t.on {
+            t.push(Node::Norm {
+                x: x.clone(),
+                key: key.to_string(),
+                group,
+                mean,
+                invstd,
+                y: y.id,
+            });
+        }
+        Ok(y)
+    }
+
+    fn silu(&self, g: &G, t: &mut Rec<G::Buf>, x: &Val<G::Buf>) -> Result<Val<G::Buf>> {
+        let y = g.alloc(x.len() * 4)?;
+        // SAFETY: x and y hold len f32, distinct.
+        unsafe { unary(g, Unary::Silu, F32, g.ptr(&x.buf), g.ptr(&y), x.len())? };
+        let y = self.val(t, y, x, x.c);
+        t.push(Node::Silu {
+            x: x.clone(),
+            y: y.id,
+        });
+        Ok(y)
+    }
+
+    /// a + b (a new value of a's shape).
+    fn add(
+        &self,
+        g: &G,
+        t: &mut Rec<G::Buf>,
+        a: &Val<G::Buf>,
+        b: &Val<G::Buf>,
+    ) -> Result<Val<G::Buf>> {
+        if a.len() != b.len() {
+            return Err(Error::Internal(format!(
+                "GPU U-Net: adding {} values to {}",
+                b.len(),
+                a.len()
+            )));
+        }
+        let y = g.alloc(a.len() * 4)?;
+        // SAFETY: a, b, y hold len f32; y is fresh.
+        unsafe { add(g, F32, g.ptr(&a.buf), g.ptr(&b.buf), g.ptr(&y), a.len())? };
+        let y = self.val(t, y, a, a.c);
+        t.push(Node::Add {
+            a: a.id,
+            b: b.id,
+            len: a.len(),
+            y: y.id,
+        });
+        Ok(y)
+    }
+
+    fn upsample(&self, g: &G, t: &mut Rec<G::Buf>, x: &Val<G::Buf>) -> Result<Val<G::Buf>> {
+        let shape = [x.n, x.h, x.w, x.c];
+        let plan = Upsample2x::new(F32, shape)?;
         let y = g.alloc(plan.output_len() * 4)?;
         // SAFETY: x holds input_len f32, y output_len (fresh).
         unsafe { plan.forward(g, g.ptr(&x.buf), g.ptr(&y))? };
-        Ok(Map {
-            buf: y,
+        let y = Val {
+            buf: Rc::new(y),
+            id: t.id(),
             h: 2 * x.h,
             w: 2 * x.w,
             ..*x
-        })
+        };
+        t.push(Node::Upsample {
+            x: x.id,
+            shape,
+            y: y.id,
+        });
+        Ok(y)
     }
 
     /// 2 × 2 average pooling, stride 2: a stride-2 depthwise 3 × 3 convolution whose taps are ¼ on
-    /// the top-left 2 × 2 window and 0 elsewhere (the window's third row / column, past the
-    /// input at the last output, is never read as anything but zero · padding).
-    fn avg_pool(&self, g: &G, x: &Map<G::Buf>) -> Result<Map<G::Buf>> {
-        let (oh, ow) = (x.h / 2, x.w / 2);
-        let plan = Depthwise::new(F32, [x.n, x.h, x.w, x.c], 3, 2, 0, 0, [oh, ow])?;
+    /// the top-left 2 × 2 window and 0 elsewhere (the third row / column of the last window lies
+    /// past the input and reads as padding).
+    fn avg_pool_plan(shape: [usize; 4]) -> Result<Depthwise> {
+        let [n, h, w, c] = shape;
+        Depthwise::new(F32, [n, h, w, c], 3, 2, 0, 0, [h / 2, w / 2])
+    }
+
+    fn avg_pool(&self, g: &G, t: &mut Rec<G::Buf>, x: &Val<G::Buf>) -> Result<Val<G::Buf>> {
+        let shape = [x.n, x.h, x.w, x.c];
+        let plan = Self::avg_pool_plan(shape)?;
         let taps: Vec<f32> = (0..x.c)
             .flat_map(|_| [0.25, 0.25, 0.0, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0])
             .collect();
-        let wb = g.upload_slice(&taps)?;
+        let taps = g.upload_slice(&taps)?;
         let y = g.alloc(plan.output_len() * 4)?;
         // SAFETY: x holds input_len f32, the taps c·9, y output_len (fresh).
-        unsafe { plan.forward(g, g.ptr(&x.buf), g.ptr(&wb), g.ptr(&y))? };
-        Ok(Map {
-            buf: y,
-            h: oh,
-            w: ow,
+        unsafe { plan.forward(g, g.ptr(&x.buf), g.ptr(&taps), g.ptr(&y))? };
+        let y = Val {
+            buf: Rc::new(y),
+            id: t.id(),
+            h: x.h / 2,
+            w: x.w / 2,
             ..*x
-        })
+        };
+        t.push(Node::AvgPool {
+            x: x.id,
+            shape,
+            taps,
+            y: y.id,
+        });
+        Ok(y)
     }
 
-    fn concat(&self, g: &G, a: &Map<G::Buf>, b: &Map<G::Buf>) -> Result<Map<G::Buf>> {
+    fn concat(
+        &self,
+        g: &G,
+        t: &mut Rec<G::Buf>,
+        a: &Val<G::Buf>,
+        b: &Val<G::Buf>,
+    ) -> Result<Val<G::Buf>> {
         if (a.n, a.h, a.w) != (b.n, b.h, b.w) {
             return Err(Error::Internal(format!(
                 "GPU U-Net: skip {}×{}×{} for a map {}×{}×{}",
@@ -579,297 +914,474 @@ impl<G: Gpu> GpuUNet<G> {
         let y = g.alloc(plan.output_len() * 4)?;
         // SAFETY: a and b hold rows × their widths f32, y rows × (sum) (fresh).
         unsafe { plan.forward(g, &[g.ptr(&a.buf), g.ptr(&b.buf)], g.ptr(&y))? };
-        Ok(Map {
-            buf: y,
-            c: a.c + b.c,
-            ..*a
-        })
+        let y = self.val(t, y, a, a.c + b.c);
+        t.push(Node::Concat {
+            a: a.id,
+            b: b.id,
+            rows: a.rows(),
+            widths: [a.c, b.c],
+            y: y.id,
+        });
+        Ok(y)
     }
 
     /// `DiffusionUNetResnetBlock`; `emb` is SiLU(time embedding) [n, temb].
     fn resnet(
         &self,
         g: &G,
-        x: &Map<G::Buf>,
-        emb: &G::Buf,
+        t: &mut Rec<G::Buf>,
+        x: &Val<G::Buf>,
+        emb: &Val<G::Buf>,
         key: &str,
         resample: Resample,
-    ) -> Result<Map<G::Buf>> {
-        let mut hn = self.group_norm(g, x, &format!("{key}.norm1"), Act::Silu)?;
+    ) -> Result<Val<G::Buf>> {
+        let mut hn = self.group_norm(g, t, x, &format!("{key}.norm1"), Act::Silu)?;
         let resampled = match resample {
             Resample::None => None,
             Resample::Up => {
-                hn = self.upsample(g, &hn)?;
-                Some(self.upsample(g, x)?)
+                hn = self.upsample(g, t, &hn)?;
+                Some(self.upsample(g, t, x)?)
             }
             Resample::Down => {
-                hn = self.avg_pool(g, &hn)?;
-                Some(self.avg_pool(g, x)?)
+                hn = self.avg_pool(g, t, &hn)?;
+                Some(self.avg_pool(g, t, x)?)
             }
         };
         let x = resampled.as_ref().unwrap_or(x);
-        let h1 = self.conv(g, &hn, &format!("{key}.conv1"), 1, Pad2d::same(1))?;
+        let h1 = self.conv(g, t, &hn, &format!("{key}.conv1"), 1, Pad2d::same(1))?;
         drop(hn);
-        let t = self.linear(g, emb, x.n, &format!("{key}.time_emb_proj"), true)?;
-        let per = SampleChannels::new(F32, [h1.n, h1.h * h1.w, h1.c])?;
-        // SAFETY: h1 holds n·hw·c f32 (in place), t n·c.
-        unsafe { per.add_per_sample(g, g.ptr(&h1.buf), g.ptr(&t), g.ptr(&h1.buf))? };
-        let h2 = self.group_norm(g, &h1, &format!("{key}.norm2"), Act::Silu)?;
+        let e = self.linear(g, t, emb, &format!("{key}.time_emb_proj"), true)?;
+        let shape = [h1.n, h1.h * h1.w, h1.c];
+        let per = SampleChannels::new(F32, shape)?;
+        let hb = g.alloc(h1.len() * 4)?;
+        // SAFETY: h1 and hb hold n·hw·c f32 (hb fresh), e n·c.
+        unsafe { per.add_per_sample(g, g.ptr(&h1.buf), g.ptr(&e.buf), g.ptr(&hb))? };
+        let hb = self.val(t, hb, &h1, h1.c);
+        t.push(Node::AddPerSample {
+            x: h1.id,
+            e: e.id,
+            shape,
+            y: hb.id,
+        });
         drop(h1);
-        let h3 = self.conv(g, &h2, &format!("{key}.conv2"), 1, Pad2d::same(1))?;
+        let h2 = self.group_norm(g, t, &hb, &format!("{key}.norm2"), Act::Silu)?;
+        drop(hb);
+        let h3 = self.conv(g, t, &h2, &format!("{key}.conv2"), 1, Pad2d::same(1))?;
         drop(h2);
         let skip_key = format!("{key}.skip_connection");
-        let conv_skip = if self.params.contains_key(&format!("{skip_key}.conv.weight")) {
-            Some(self.conv(g, x, &skip_key, 1, Pad2d::same(0))?)
+        if self.params.contains_key(&format!("{skip_key}.conv.weight")) {
+            let s = self.conv(g, t, x, &skip_key, 1, Pad2d::same(0))?;
+            self.add(g, t, &s, &h3)
         } else {
-            None
-        };
-        let skip = conv_skip.as_ref().unwrap_or(x);
-        if skip.len() != h3.len() {
-            return Err(Error::Internal(format!(
-                "GPU U-Net: {key}: skip of {} values for an output of {}",
-                skip.len(),
-                h3.len()
-            )));
+            self.add(g, t, x, &h3)
         }
-        // SAFETY: both hold len f32; the sum goes into h3 in place.
-        unsafe {
-            add(
-                g,
-                F32,
-                g.ptr(&skip.buf),
-                g.ptr(&h3.buf),
-                g.ptr(&h3.buf),
-                h3.len(),
-            )?
-        };
-        Ok(h3)
     }
 
     /// `SpatialAttentionBlock` (no conditioning) or `SpatialTransformer` (conditioning).
     fn attention(
         &self,
         g: &G,
-        x: &Map<G::Buf>,
-        ctx: Option<&Context<G::Buf>>,
+        t: &mut Rec<G::Buf>,
+        x: &Val<G::Buf>,
+        ctx: Option<&Val<G::Buf>>,
         key: &str,
         level: usize,
-    ) -> Result<Map<G::Buf>> {
+    ) -> Result<Val<G::Buf>> {
         let cfg = &self.config;
         let hc = cfg.num_head_channels[level];
         let heads = cfg.channels[level] / hc.max(1);
-        let (n, l, rows) = (x.n, x.h * x.w, x.rows());
-        let xn = self.group_norm(g, x, &format!("{key}.norm"), Act::None)?;
+        let xn = self.group_norm(g, t, x, &format!("{key}.norm"), Act::None)?;
         let y = if cfg.with_conditioning {
-            let t = self.linear_map(g, &xn, &format!("{key}.proj_in.conv"))?;
+            let mut s = self.linear(g, t, &xn, &format!("{key}.proj_in.conv"), true)?;
             drop(xn);
-            let inner = t.c;
-            let tb = t.buf;
-            let residual = |f: &G::Buf| -> Result<()> {
-                // SAFETY: both hold rows × inner f32; the sum goes into the stream in place.
-                unsafe { add(g, F32, g.ptr(&tb), g.ptr(f), g.ptr(&tb), rows * inner) }
-            };
             for layer in 0..cfg.transformer_num_layers {
                 let b = format!("{key}.transformer_blocks.{layer}");
-                let a = self.layer_norm(g, &tb, rows, inner, &format!("{b}.norm1"))?;
-                let o = self.mha(g, &a, n, l, None, &format!("{b}.attn1"), heads, hc, false)?;
-                residual(&o)?;
-                let a = self.layer_norm(g, &tb, rows, inner, &format!("{b}.norm2"))?;
-                let o = self.mha(g, &a, n, l, ctx, &format!("{b}.attn2"), heads, hc, false)?;
-                residual(&o)?;
-                let a = self.layer_norm(g, &tb, rows, inner, &format!("{b}.norm3"))?;
-                let f1 = self.linear(g, &a, rows, &format!("{b}.ff.linear1"), true)?;
-                let two_d = self.param(&format!("{b}.ff.linear1.weight"))?.shape[0];
-                let geglu = Geglu::new(F32, rows, two_d)?;
+                let a = self.norm(g, t, &s, &format!("{b}.norm1"), None)?;
+                let o = self.mha(g, t, &a, None, &format!("{b}.attn1"), heads, hc, false)?;
+                s = self.add(g, t, &s, &o)?;
+                let a = self.norm(g, t, &s, &format!("{b}.norm2"), None)?;
+                let o = self.mha(g, t, &a, ctx, &format!("{b}.attn2"), heads, hc, false)?;
+                s = self.add(g, t, &s, &o)?;
+                let a = self.norm(g, t, &s, &format!("{b}.norm3"), None)?;
+                let f1 = self.linear(g, t, &a, &format!("{b}.ff.linear1"), true)?;
+                let geglu = Geglu::new(F32, f1.rows(), f1.c)?;
                 let gl = g.alloc(geglu.output_len() * 4)?;
                 // SAFETY: f1 holds rows × 2d f32, gl rows × d (fresh).
-                unsafe { geglu.forward(g, g.ptr(&f1), g.ptr(&gl))? };
-                let f2 = self.linear(g, &gl, rows, &format!("{b}.ff.linear2"), true)?;
-                residual(&f2)?;
+                unsafe { geglu.forward(g, g.ptr(&f1.buf), g.ptr(&gl))? };
+                let gl = self.val(t, gl, &f1, f1.c / 2);
+                t.push(Node::Geglu {
+                    x: f1.clone(),
+                    y: gl.id,
+                });
+                let f2 = self.linear(g, t, &gl, &format!("{b}.ff.linear2"), true)?;
+                s = self.add(g, t, &s, &f2)?;
             }
-            let t = Map {
-                buf: tb,
-                c: inner,
-                ..*x
-            };
-            self.linear_map(g, &t, &format!("{key}.proj_out.conv"))?
+            self.linear(g, t, &s, &format!("{key}.proj_out.conv"), true)?
         } else {
-            let o = self.mha(
-                g,
-                &xn.buf,
-                n,
-                l,
-                None,
-                &format!("{key}.attn"),
-                heads,
-                hc,
-                true,
-            )?;
-            Map {
-                buf: o,
-                c: cfg.channels[level],
-                ..*x
-            }
+            self.mha(g, t, &xn, None, &format!("{key}.attn"), heads, hc, true)?
         };
-        if y.len() != x.len() {
-            return Err(Error::Internal(format!(
-                "GPU U-Net: {key}: {} output values for an input of {}",
-                y.len(),
-                x.len()
-            )));
-        }
-        // SAFETY: both hold len f32; the sum goes into y in place.
-        unsafe { add(g, F32, g.ptr(&y.buf), g.ptr(&x.buf), g.ptr(&y.buf), y.len())? };
-        Ok(y)
+        self.add(g, t, &y, x)
     }
 
     /// MONAI SABlock / CrossAttentionBlock on x [n, lq, ·]: q from x, k / v from the context (or
-    /// x), scale 1/√head_dim, then out_proj → [n·lq, out].
+    /// x), scale 1/√head_dim, then out_proj.
     #[allow(clippy::too_many_arguments)]
     fn mha(
         &self,
         g: &G,
-        x: &G::Buf,
-        n: usize,
-        lq: usize,
-        ctx: Option<&Context<G::Buf>>,
+        t: &mut Rec<G::Buf>,
+        x: &Val<G::Buf>,
+        ctx: Option<&Val<G::Buf>>,
         key: &str,
         heads: usize,
         head_dim: usize,
         qkv_bias: bool,
-    ) -> Result<G::Buf> {
-        let (kv, lk) = match ctx {
-            Some(c) => (&c.buf, c.len),
-            None => (x, lq),
-        };
-        let q = self.linear(g, x, n * lq, &format!("{key}.to_q"), qkv_bias)?;
-        let k = self.linear(g, kv, n * lk, &format!("{key}.to_k"), qkv_bias)?;
-        let v = self.linear(g, kv, n * lk, &format!("{key}.to_v"), qkv_bias)?;
+    ) -> Result<Val<G::Buf>> {
+        let kv = ctx.unwrap_or(x);
+        let q = self.linear(g, t, x, &format!("{key}.to_q"), qkv_bias)?;
+        let k = self.linear(g, t, kv, &format!("{key}.to_k"), qkv_bias)?;
+        let v = self.linear(g, t, kv, &format!("{key}.to_v"), qkv_bias)?;
+        let (lq, lk) = (x.h * x.w, kv.h * kv.w);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let plan = Attention::new(F32, n, lq, lk, heads, head_dim, head_dim, Some(scale))?;
+        let plan = Attention::new(F32, x.n, lq, lk, heads, head_dim, head_dim, Some(scale))?;
         let o = g.alloc(plan.out_len() * 4)?;
         let lse = g.alloc(plan.lse_len() * 4)?;
         // SAFETY: q, k, v hold the plan's q_len, k_len, v_len f32 (the projections' outputs), o and
         // lse are fresh.
-        unsafe { plan.forward(g, g.ptr(&q), g.ptr(&k), g.ptr(&v), g.ptr(&o), g.ptr(&lse))? };
-        self.linear(g, &o, n * lq, &format!("{key}.out_proj"), true)
-    }
-}
-
-// ------------------------------------------------------------------------------------------------
-// Dense convolution.
-
-/// STAND-IN for `backend::gpu::conv::Conv2d` (being written; same API subset) until it lands:
-/// im2col on the host (download, gather, upload), GEMM and per-channel bias on the device.
-/// Switch with the `use` line above [`GpuUNet`].
-struct HostIm2colConv {
-    shape: [usize; 4],
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: Pad2d,
-    out: [usize; 2],
-}
-
-impl HostIm2colConv {
-    fn new(
-        dtype: DType,
-        shape: [usize; 4],
-        cout: usize,
-        k: usize,
-        stride: usize,
-        pad: Pad2d,
-    ) -> Result<Self> {
-        if dtype != F32 {
-            return Err(Error::InvalidArgument("host-im2col conv: f32 only".into()));
+        unsafe {
+            plan.forward(
+                g,
+                g.ptr(&q.buf),
+                g.ptr(&k.buf),
+                g.ptr(&v.buf),
+                g.ptr(&o),
+                g.ptr(&lse),
+            )?
+        };
+        let (ob, c) = (Rc::new(o), heads * head_dim);
+        let a = Val {
+            buf: ob.clone(),
+            id: t.id(),
+            c,
+            ..*x
+        };
+        if t.on {
+            t.push(Node::Attention {
+                qkv: [q, k, v],
+                o: ob.clone(),
+                lse,
+                plan,
+                y: a.id,
+            });
         }
-        let [_, h, w, _] = shape;
-        let g = crate::ops::conv::Geom::explicit(h, w, k, stride, pad)?;
-        Ok(HostIm2colConv {
-            shape,
-            cout,
-            k,
-            stride,
-            pad,
-            out: [g.oh, g.ow],
-        })
+        self.linear(g, t, &a, &format!("{key}.out_proj"), true)
     }
+}
 
-    fn out_hw(&self) -> [usize; 2] {
-        self.out
-    }
+fn last<B>(s: &[Val<B>]) -> Result<&Val<B>> {
+    s.last()
+        .ok_or_else(|| Error::Internal("GPU U-Net: empty skip stack".into()))
+}
 
-    fn output_len(&self) -> usize {
-        self.shape[0] * self.out[0] * self.out[1] * self.cout
-    }
+/// Gradients during the backward: activations by id, parameters by key (device, f32).
+struct Grads<B> {
+    act: HashMap<usize, B>,
+    params: HashMap<String, B>,
+}
 
-    /// # Safety
-    /// x holds n·h·w·cin f32, w cout·cin·k·k (OIHW), b cout, y `output_len` (fresh).
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn forward<G: Gpu>(
+impl<G: Gpu> GpuUNet<G> {
+    /// Adds `d` (len f32) into the gradient of value `id` (ignored for constants).
+    fn acc_act(
         &self,
         g: &G,
-        x: u64,
-        w: u64,
-        b: Option<u64>,
-        y: u64,
-        math: Math,
+        gr: &mut Grads<G::Buf>,
+        id: usize,
+        d: G::Buf,
+        len: usize,
     ) -> Result<()> {
-        let [n, h, wd, c] = self.shape;
-        let [oh, ow] = self.out;
-        let k = self.k;
-        // Download x through a device copy into a buffer we own.
-        let tmp = g.alloc(n * h * wd * c * 4)?;
-        g.copy(x, g.ptr(&tmp), n * h * wd * c * 4)?;
-        let xs: Vec<f32> = g.download_vec(&tmp, n * h * wd * c)?;
-        let inner = c * k * k;
-        let rows = n * oh * ow;
-        let mut cols = vec![0f32; rows * inner];
-        for s in 0..n {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let r = (s * oh + oy) * ow + ox;
-                    let row = &mut cols[r * inner..][..inner];
-                    for ky in 0..k {
-                        let iy = (oy * self.stride + ky) as isize - self.pad.top as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        for kx in 0..k {
-                            let ix = (ox * self.stride + kx) as isize - self.pad.left as isize;
-                            if ix < 0 || ix >= wd as isize {
-                                continue;
-                            }
-                            let src = &xs[((s * h + iy as usize) * wd + ix as usize) * c..][..c];
-                            for (ci, &v) in src.iter().enumerate() {
-                                row[ci * k * k + ky * k + kx] = v;
-                            }
-                        }
+        if id == 0 {
+            return Ok(());
+        }
+        match gr.act.get(&id) {
+            // SAFETY: both hold len f32 (the value's gradient); the sum goes into the old one.
+            Some(old) => unsafe { add(g, F32, g.ptr(old), g.ptr(&d), g.ptr(old), len) },
+            None => {
+                gr.act.insert(id, d);
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds `d` into parameter `key`'s gradient.
+    fn acc_param(&self, g: &G, gr: &mut Grads<G::Buf>, key: &str, d: G::Buf) -> Result<()> {
+        let len = self.param(key)?.shape.iter().product::<usize>();
+        match gr.params.get(key) {
+            // SAFETY: both hold len f32; the sum goes into the old one.
+            Some(old) => unsafe { add(g, F32, g.ptr(old), g.ptr(&d), g.ptr(old), len) },
+            None => {
+                gr.params.insert(key.to_string(), d);
+                Ok(())
+            }
+        }
+    }
+
+    /// The backward of one recorded op, from its output's gradient (if any reached it).
+    fn backward_node(&self, g: &G, node: Node<G::Buf>, gr: &mut Grads<G::Buf>) -> Result<()> {
+        let y = match &node {
+            Node::Linear { y, .. }
+            | Node::Conv { y, .. }
+            | Node::Norm { y, .. }
+            | Node::Silu { y, .. }
+            | Node::Add { y, .. }
+            | Node::AddPerSample { y, .. }
+            | Node::Attention { y, .. }
+            | Node::Geglu { y, .. }
+            | Node::Upsample { y, .. }
+            | Node::AvgPool { y, .. }
+            | Node::Concat { y, .. }
+            | Node::Embedding { y, .. }
+            | Node::NullContext { y, .. } => *y,
+        };
+        let dy = match gr.act.remove(&y) {
+            Some(d) => d,
+            None => return Ok(()),
+        };
+        let dyp = g.ptr(&dy);
+        let math = self.math;
+        // SAFETY (every launch below): dy holds the op's output gradient (its output's size), the
+        // saved values their forward sizes, and every gradient buffer is fresh and sized as the
+        // plan (or the GEMM's m × n) says.
+        unsafe {
+            match node {
+                Node::Linear { x, key, bias, .. } => {
+                    let wp = self.param(&format!("{key}.weight"))?;
+                    let (out, inp, rows) = (wp.shape[0], x.c, x.rows());
+                    let gemm = |m, n, k, a, lda, ta, b, ldb, tb, c, ldc| Gemm {
+                        m,
+                        n,
+                        k,
+                        a,
+                        lda,
+                        trans_a: ta,
+                        b,
+                        ldb,
+                        trans_b: tb,
+                        c,
+                        ldc,
+                        alpha: 1.0,
+                        beta: 0.0,
+                        dtype: F32,
+                        math,
+                    };
+                    let dw = g.alloc(out * inp * 4)?;
+                    let xp = g.ptr(&x.buf);
+                    g.gemm(&gemm(
+                        out,
+                        inp,
+                        rows,
+                        dyp,
+                        out,
+                        true,
+                        xp,
+                        inp,
+                        false,
+                        g.ptr(&dw),
+                        inp,
+                    ))?;
+                    self.acc_param(g, gr, &format!("{key}.weight"), dw)?;
+                    if bias {
+                        let db = g.alloc(out * 4)?;
+                        SampleChannels::new(F32, [1, rows, out])?.add_per_sample_backward_e(
+                            g,
+                            dyp,
+                            g.ptr(&db),
+                            false,
+                        )?;
+                        self.acc_param(g, gr, &format!("{key}.bias"), db)?;
                     }
+                    if x.id != 0 {
+                        let dx = g.alloc(rows * inp * 4)?;
+                        let wb = g.ptr(&wp.buf);
+                        g.gemm(&gemm(
+                            rows,
+                            inp,
+                            out,
+                            dyp,
+                            out,
+                            false,
+                            wb,
+                            inp,
+                            false,
+                            g.ptr(&dx),
+                            inp,
+                        ))?;
+                        self.acc_act(g, gr, x.id, dx, rows * inp)?;
+                    }
+                }
+                Node::Conv {
+                    x,
+                    key,
+                    stride,
+                    pad,
+                    ..
+                } => {
+                    let (wk, bk) = (format!("{key}.conv.weight"), format!("{key}.conv.bias"));
+                    let wp = self.param(&wk)?;
+                    let (out, k) = (wp.shape[0], wp.shape[2]);
+                    let plan = Conv2d::new(F32, [x.n, x.h, x.w, x.c], out, k, stride, pad)?;
+                    let dw = g.alloc(plan.weight_len() * 4)?;
+                    plan.backward_w(g, g.ptr(&x.buf), dyp, g.ptr(&dw), math)?;
+                    let db = g.alloc(out * 4)?;
+                    plan.backward_b(g, dyp, g.ptr(&db))?;
+                    if x.id != 0 {
+                        let dx = g.alloc(plan.input_len() * 4)?;
+                        plan.backward_x(g, dyp, g.ptr(&wp.buf), g.ptr(&dx), math)?;
+                        self.acc_act(g, gr, x.id, dx, plan.input_len())?;
+                    }
+                    self.acc_param(g, gr, &wk, dw)?;
+                    self.acc_param(g, gr, &bk, db)?;
+                }
+                Node::Norm {
+                    x,
+                    key,
+                    group,
+                    mean,
+                    invstd,
+                    ..
+                } => {
+                    let cfg = &self.config;
+                    let (wk, bk) = (format!("{key}.weight"), format!("{key}.bias"));
+                    let (gamma, beta) = (self.ptr(g, &wk)?, self.ptr(g, &bk)?);
+                    let dx = g.alloc(x.len() * 4)?;
+                    let dgamma = g.alloc(x.c * 4)?;
+                    let dbeta = g.alloc(x.c * 4)?;
+                    let (xp, dxp, dgp, dbp) =
+                        (g.ptr(&x.buf), g.ptr(&dx), g.ptr(&dgamma), g.ptr(&dbeta));
+                    let (mp, ip) = (g.ptr(&mean), g.ptr(&invstd));
+                    match group {
+                        Some(act) => GroupNorm::new(
+                            F32,
+                            [x.n, x.h * x.w, x.c],
+                            cfg.norm_num_groups,
+                            cfg.norm_eps,
+                            act,
+                        )?
+                        .backward(g, xp, dyp, gamma, beta, mp, ip, dxp, dgp, dbp, false)?,
+                        None => LayerNorm::new(F32, x.rows(), x.c, LAYER_NORM_EPS)?
+                            .backward(g, xp, dyp, gamma, mp, ip, dxp, dgp, dbp, false)?,
+                    }
+                    self.acc_param(g, gr, &wk, dgamma)?;
+                    self.acc_param(g, gr, &bk, dbeta)?;
+                    self.acc_act(g, gr, x.id, dx, x.len())?;
+                }
+                Node::Silu { x, .. } => {
+                    let dx = g.alloc(x.len() * 4)?;
+                    activation_backward(
+                        g,
+                        ActivationGrad::Silu,
+                        F32,
+                        g.ptr(&x.buf),
+                        dyp,
+                        g.ptr(&dx),
+                        x.len(),
+                    )?;
+                    self.acc_act(g, gr, x.id, dx, x.len())?;
+                }
+                Node::Add { a, b, len, .. } => {
+                    if a != 0 {
+                        let da = g.alloc(len * 4)?;
+                        g.copy(dyp, g.ptr(&da), len * 4)?;
+                        self.acc_act(g, gr, a, da, len)?;
+                    }
+                    self.acc_act(g, gr, b, dy, len)?;
+                }
+                Node::AddPerSample { x, e, shape, .. } => {
+                    let [n, _, c] = shape;
+                    let de = g.alloc(n * c * 4)?;
+                    SampleChannels::new(F32, shape)?.add_per_sample_backward_e(
+                        g,
+                        dyp,
+                        g.ptr(&de),
+                        false,
+                    )?;
+                    self.acc_act(g, gr, e, de, n * c)?;
+                    self.acc_act(g, gr, x, dy, shape.iter().product())?;
+                }
+                Node::Attention {
+                    qkv, o, lse, plan, ..
+                } => {
+                    let d = [plan.q_len(), plan.k_len(), plan.v_len()];
+                    let bufs = [g.alloc(d[0] * 4)?, g.alloc(d[1] * 4)?, g.alloc(d[2] * 4)?];
+                    plan.backward(
+                        g,
+                        [g.ptr(&qkv[0].buf), g.ptr(&qkv[1].buf), g.ptr(&qkv[2].buf)],
+                        g.ptr(&o),
+                        g.ptr(&lse),
+                        dyp,
+                        [g.ptr(&bufs[0]), g.ptr(&bufs[1]), g.ptr(&bufs[2])],
+                    )?;
+                    for ((v, b), len) in qkv.iter().zip(bufs).zip(d) {
+                        self.acc_act(g, gr, v.id, b, len)?;
+                    }
+                }
+                Node::Geglu { x, .. } => {
+                    let plan = Geglu::new(F32, x.rows(), x.c)?;
+                    let dx = g.alloc(plan.input_len() * 4)?;
+                    plan.backward(g, g.ptr(&x.buf), dyp, g.ptr(&dx))?;
+                    self.acc_act(g, gr, x.id, dx, x.len())?;
+                }
+                Node::Upsample { x, shape, .. } => {
+                    let plan = Upsample2x::new(F32, shape)?;
+                    let dx = g.alloc(plan.input_len() * 4)?;
+                    plan.backward(g, dyp, g.ptr(&dx))?;
+                    self.acc_act(g, gr, x, dx, plan.input_len())?;
+                }
+                Node::AvgPool { x, shape, taps, .. } => {
+                    let plan = Self::avg_pool_plan(shape)?;
+                    let dx = g.alloc(plan.input_len() * 4)?;
+                    plan.backward_x(g, dyp, g.ptr(&taps), g.ptr(&dx))?;
+                    self.acc_act(g, gr, x, dx, plan.input_len())?;
+                }
+                Node::Concat {
+                    a, b, rows, widths, ..
+                } => {
+                    let plan = ConcatLast::new(F32, rows, &widths)?;
+                    let da = g.alloc(rows * widths[0] * 4)?;
+                    let db = g.alloc(rows * widths[1] * 4)?;
+                    plan.backward(g, dyp, &[Some(g.ptr(&da)), Some(g.ptr(&db))])?;
+                    self.acc_act(g, gr, a, da, rows * widths[0])?;
+                    self.acc_act(g, gr, b, db, rows * widths[1])?;
+                }
+                Node::Embedding { key, plan, .. } => {
+                    let dt = g.alloc(plan.table_len() * 4)?;
+                    plan.backward(g, dyp, g.ptr(&dt), false)?;
+                    self.acc_param(g, gr, &key, dt)?;
+                }
+                Node::NullContext { sel, d, .. } => {
+                    // d null = Σ over the null tokens of their gradient rows: sel [1, tokens] · dy.
+                    let sb = g.upload_slice(&sel)?;
+                    let dn = g.alloc(d * 4)?;
+                    g.gemm(&Gemm {
+                        m: 1,
+                        n: d,
+                        k: sel.len(),
+                        a: g.ptr(&sb),
+                        lda: sel.len(),
+                        trans_a: false,
+                        b: dyp,
+                        ldb: d,
+                        trans_b: false,
+                        c: g.ptr(&dn),
+                        ldc: d,
+                        alpha: 1.0,
+                        beta: 0.0,
+                        dtype: F32,
+                        math: Math::F32,
+                    })?;
+                    self.acc_param(g, gr, "null_context", dn)?;
                 }
             }
         }
-        let cb = g.upload_slice(&cols)?;
-        g.gemm(&Gemm {
-            m: rows,
-            n: self.cout,
-            k: inner,
-            a: g.ptr(&cb),
-            lda: inner,
-            trans_a: false,
-            b: w,
-            ldb: inner,
-            trans_b: true,
-            c: y,
-            ldc: self.cout,
-            alpha: 1.0,
-            beta: 0.0,
-            dtype: F32,
-            math,
-        })?;
-        if let Some(b) = b {
-            SampleChannels::new(F32, [1, rows, self.cout])?.add_per_sample(g, y, b, y)?;
-        }
-        g.synchronize()
+        Ok(())
     }
 }

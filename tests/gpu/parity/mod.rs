@@ -92,6 +92,7 @@ macro_rules! for_each_parity_test {
             conv::conv_rejects_unsupported_plans,
             unet::unet_forward_matches_cpu,
             unet::unet_null_context_only,
+            unet::unet_backward_matches_cpu,
             vae::vae_encode_decode_match_cpu, vae::vae_encode5_decode5_and_rejects,
             // effnet_train:
         );

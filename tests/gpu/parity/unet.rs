@@ -205,3 +205,111 @@ pub fn unet_null_context_only<G: Gpu>(g: &G) {
         "a context for a model without conditioning"
     );
 }
+
+/// Forward and backward on the GPU against the CPU tape (f64): the input gradient and every
+/// parameter's gradient for a random upstream gradient, normwise per tensor ≤ 1e-5.
+pub fn unet_backward_matches_cpu<G: Gpu>(g: &G) {
+    use phenocore::autograd::Tape;
+    let cases = [
+        (
+            conditioned(),
+            Some(vec![true, false]),
+            Some(vec![0usize, 2]),
+            vec![NULL, 1, 2, NULL],
+            70u64,
+        ),
+        (unconditioned(), None, None, vec![2, NULL], 71u64),
+    ];
+    for (cfg, null, labels, conf, seed) in cases {
+        let (m32, mut m64) = models(cfg.clone(), seed);
+        let gm = GpuUNet::new(g, &m32).unwrap();
+        let (n, h, w) = (2, 8, 8);
+        let (cin, cout) = (cfg.in_channels, cfg.out_channels);
+        let x = uniform(n * h * w * cin, seed + 1);
+        let dy = uniform(n * h * w * cout, seed + 2);
+        let ctx32: Option<Vec<f32>> = cfg
+            .cross_attention_dim
+            .map(|d| uniform(n * 2 * d, seed + 3));
+        let ctx64: Option<Vec<f64>> = ctx32.as_deref().map(f64s);
+        let ts = [123.0, 7.0];
+        let cond32 = Conditioning {
+            context: ctx32.as_deref(),
+            context_len: 2,
+            context_null: null.as_deref(),
+            class_labels: labels.as_deref(),
+            confounders: Some(&conf),
+        };
+        let cond64 = Conditioning {
+            context: ctx64.as_deref(),
+            context_len: 2,
+            context_null: null.as_deref(),
+            class_labels: labels.as_deref(),
+            confounders: Some(&conf),
+        };
+        assert!(
+            gm.forward_backward(g, &x, n, h, w, &ts, &cond32, &dy[1..])
+                .is_err(),
+            "an upstream gradient of the wrong length"
+        );
+        let (y, grads) = gm
+            .forward_backward(g, &x, n, h, w, &ts, &cond32, &dy)
+            .unwrap();
+        let mut tape = Tape::<f64>::new(true);
+        let xv = tape.input(&[n, h, w, cin], f64s(&x), true).unwrap();
+        let yv = m64.forward(&mut tape, &xv, &ts, &cond64).unwrap();
+        let want_y = tape.data(&yv).to_vec();
+        m64.params_mut().zero_grad();
+        let cpu = tape
+            .backward_with(&yv, f64s(&dy), m64.params_mut())
+            .unwrap();
+        let what = if cfg.with_conditioning {
+            "conditioned"
+        } else {
+            "unconditioned"
+        };
+        assert_close(&format!("U-Net {what} output"), &f64s(&y), &want_y, F32_TOL);
+        let rel = assert_close(
+            &format!("U-Net {what} input gradient"),
+            &f64s(&grads.input),
+            cpu.get(&xv).unwrap(),
+            F32_TOL,
+        );
+        eprintln!("U-Net {what}: input gradient relative error {rel:.2e}");
+        let p = m64.params();
+        let mut worst = (0f64, String::new());
+        assert_eq!(grads.params.len(), p.len());
+        for i in 0..p.len() {
+            let name = p.name(i);
+            let got = f64s(&grads.params[name]);
+            let want = p.grad(i);
+            let rel = if let Some(layer) = name.strip_suffix(".to_k.bias") {
+                // Softmax is invariant to a key bias: its exact gradient is zero, both sides hold
+                // rounding noise. Bounded by the layer's key-weight gradient scale instead.
+                let wi = p.index(&format!("{layer}.to_k.weight")).unwrap();
+                let scale = p.grad(wi).iter().fold(0f64, |m, v| m.max(v.abs()));
+                let worst = got.iter().chain(want).fold(0f64, |m, v| m.max(v.abs()));
+                assert!(
+                    worst <= F32_TOL * scale,
+                    "U-Net {what} d{name}: {worst:.3e} against a key-weight gradient scale {scale:.3e}"
+                );
+                worst / scale
+            } else {
+                assert_close(&format!("U-Net {what} d{name}"), &got, want, F32_TOL)
+            };
+            if rel >= worst.0 {
+                worst = (rel, name.to_string());
+            }
+        }
+        eprintln!(
+            "U-Net {what}: {} parameter gradients, worst relative error {:.2e} ({})",
+            p.len(),
+            worst.0,
+            worst.1
+        );
+        // The null context is used (and gets a gradient) only where a sample is null.
+        if let Some(i) = (0..p.len()).find(|&i| p.name(i) == "null_context") {
+            let nonzero = p.grad(i).iter().any(|v| *v != 0.0);
+            assert_eq!(nonzero, null.is_some(), "null_context gradient");
+        }
+    }
+}
