@@ -9,8 +9,8 @@
 //!   `null_context` in every token) and uploaded;
 //! - convolutions: 3 × 3 (stride 1 or 2) by the dense convolution of `backend::gpu::conv`, 1 × 1
 //!   (skip connections, `proj_in`, `proj_out`) and linear layers by GEMM + per-channel bias;
-//! - residual blocks: GroupNorm with fused SiLU, conv, + projected embedding per sample, GroupNorm
-//!   + SiLU, conv, + skip; resampling residual blocks (`resblock_updown`) by nearest 2× upsampling
+//! - residual blocks: GroupNorm with fused SiLU, conv, plus the projected embedding per sample,
+//!   GroupNorm with SiLU, conv, plus the skip; resampling residual blocks (`resblock_updown`) by nearest 2× upsampling
 //!   or 2 × 2 average pooling (a stride-2 depthwise convolution with weights ¼ on a 2 × 2 window);
 //! - attention: `SpatialAttentionBlock` (GroupNorm, q / k / v GEMMs with bias, flash attention,
 //!   out_proj, + residual) or `SpatialTransformer` (GroupNorm, proj_in, LayerNorm → self-attention,
@@ -19,8 +19,14 @@
 //! - up path: skip concatenation on the channel axis, nearest 2× upsampling + conv;
 //! - out: GroupNorm + SiLU, conv.
 //!
+//! Training: [`GpuUNet::forward_backward`] records the pass on a small device tape (each op's
+//! saved inputs and statistics, values by id; everything out of place) and walks it backwards
+//! with the kernels' backward launchers and GEMMs, gradients of shared values (the embedding, the
+//! context, the skips) summed; it returns the input and every parameter gradient, as the CPU
+//! tape's `backward_with`. Each parameter enters the pass once.
+//!
 //! Runs on a CUDA device (`backend::cuda`) and, in the tests, on the CPU emulation of the kernels
-//! (`tests/gpu/parity/unet.rs`: parity with the CPU forward in f64).
+//! (`tests/gpu/parity/unet.rs`: parity with the CPU forward and backward in f64).
 
 use super::unet::{monai_timestep_embedding, nchw_to_nhwc, nhwc_to_nchw};
 use super::unet::{Conditioning, DiffusionUNet, UNetConfig, NULL};
