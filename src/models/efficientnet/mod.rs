@@ -18,6 +18,7 @@ mod weights;
 
 pub use config::{EfficientNetConfig, Padding, Precision, BLOCKS};
 pub use gpu::{FeatureGraph, GpuEfficientNet};
+pub use gpu_train::{GpuEfficientNetTrainer, GpuOptimizer, GpuTrainOptions};
 pub use layers::{LayerTap, TapPoint};
 pub use train::{Regularisation, TrainableEfficientNet};
 pub use weights::{expand_stem_channels, StateDict};

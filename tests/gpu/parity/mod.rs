@@ -94,7 +94,9 @@ macro_rules! for_each_parity_test {
             unet::unet_null_context_only,
             unet::unet_backward_matches_cpu,
             vae::vae_encode_decode_match_cpu, vae::vae_encode5_decode5_and_rejects,
-            // effnet_train:
+            effnet_train::effnet_train_sgd_matches_cpu,
+            effnet_train::effnet_train_adamw_matches_cpu,
+            effnet_train::effnet_train_rejects_and_restores,
         );
     };
 }
