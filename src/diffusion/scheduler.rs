@@ -430,6 +430,73 @@ impl Scheduler {
         }
     }
 
+    /// The coefficients of the step from timestep `t` (see [`StepCoefficients`]): what
+    /// [`Self::step_into`] applies to every value, for a device sampler to apply the same.
+    /// Requires `set_timesteps`.
+    pub fn step_coefficients(&self, t: usize) -> Result<StepCoefficients> {
+        let Some(ratio) = self.step_ratio else {
+            return Err(Error::InvalidArgument(
+                "step: set_timesteps has not been called".into(),
+            ));
+        };
+        self.step_coefficients_at(t, ratio)
+    }
+
+    fn step_coefficients_at(&self, t: usize, ratio: usize) -> Result<StepCoefficients> {
+        let ab_t = self.abar(t, "step: timestep")?;
+        let prev = t.checked_sub(ratio);
+        let c = &self.config;
+        let ab_prev = match (prev, c.kind) {
+            (Some(p), _) => self.alphas_cumprod[p],
+            (None, SamplerKind::Ddim) if !c.set_alpha_to_one => self.alphas_cumprod[0],
+            (None, _) => 1.0,
+        };
+        let (sa, sb) = (ab_t.sqrt(), (1.0 - ab_t).sqrt());
+        // x0 = p·model_output + q·sample; ε = r·model_output + s·sample.
+        let (p, q, r, s) = match c.prediction_type {
+            PredictionType::Epsilon => (-sb / sa, 1.0 / sa, 1.0, 0.0),
+            PredictionType::VPrediction => (-sb, sa, sa, sb),
+            PredictionType::Sample => (1.0, 0.0, -sa / sb, 1.0 / sb),
+        };
+        let clip = c.clip_sample.then_some(c.clip_sample_range);
+        // x_prev = u·x0 + w·ε_or_x_t + std·z, where the second term is ε (DDIM) or x_t (DDPM).
+        let (u, w, std, eps_term) = match c.kind {
+            SamplerKind::Ddpm => {
+                // diffusers DDPMScheduler.step: posterior q(x_prev | x_t, x0) with the effective
+                // β_t = 1 − ᾱ_t/ᾱ_prev (Ho et al. 2020, eq. 7); fixed-small variance ≥ 1e-20.
+                let alpha_t = ab_t / ab_prev;
+                let beta_t = 1.0 - alpha_t;
+                let u = ab_prev.sqrt() * beta_t / (1.0 - ab_t);
+                let w = alpha_t.sqrt() * (1.0 - ab_prev) / (1.0 - ab_t);
+                let var = ((1.0 - ab_prev) / (1.0 - ab_t) * beta_t).max(1e-20);
+                (u, w, if t > 0 { var.sqrt() } else { 0.0 }, false)
+            }
+            SamplerKind::Ddim => {
+                // Song et al. 2021, eq. 12 and 16.
+                let var = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev);
+                let std = c.eta * var.sqrt();
+                let dir = (1.0 - ab_prev - std * std).max(0.0).sqrt();
+                (ab_prev.sqrt(), dir, std, true)
+            }
+        };
+        let adds_noise = match c.kind {
+            SamplerKind::Ddpm => t > 0,
+            SamplerKind::Ddim => c.eta > 0.0,
+        };
+        Ok(StepCoefficients {
+            p,
+            q,
+            r,
+            s,
+            u,
+            w,
+            std,
+            clip,
+            eps_term,
+            adds_noise,
+        })
+    }
+
     /// One sampler step from timestep `t` (see `step_into`).
     pub fn step(
         &mut self,
@@ -495,46 +562,18 @@ impl Scheduler {
         }
         check_finite("step", "model_output", model_output)?;
         check_finite("step", "sample", sample)?;
-        let ab_t = self.abar(t, "step: timestep")?;
-        let prev = t.checked_sub(ratio);
-        let c = &self.config;
-        let ab_prev = match (prev, c.kind) {
-            (Some(p), _) => self.alphas_cumprod[p],
-            (None, SamplerKind::Ddim) if !c.set_alpha_to_one => self.alphas_cumprod[0],
-            (None, _) => 1.0,
-        };
-        let (sa, sb) = (ab_t.sqrt(), (1.0 - ab_t).sqrt());
-        // x0 = p·model_output + q·sample; ε = r·model_output + s·sample.
-        let (p, q, r, s) = match c.prediction_type {
-            PredictionType::Epsilon => (-sb / sa, 1.0 / sa, 1.0, 0.0),
-            PredictionType::VPrediction => (-sb, sa, sa, sb),
-            PredictionType::Sample => (1.0, 0.0, -sa / sb, 1.0 / sb),
-        };
-        let clip = c.clip_sample.then_some(c.clip_sample_range);
-        // x_prev = u·x0 + w·ε_or_x_t + std·z, where the second term is ε (DDIM) or x_t (DDPM).
-        let (u, w, std, eps_term) = match c.kind {
-            SamplerKind::Ddpm => {
-                // diffusers DDPMScheduler.step: posterior q(x_prev | x_t, x0) with the effective
-                // β_t = 1 − ᾱ_t/ᾱ_prev (Ho et al. 2020, eq. 7); fixed-small variance ≥ 1e-20.
-                let alpha_t = ab_t / ab_prev;
-                let beta_t = 1.0 - alpha_t;
-                let u = ab_prev.sqrt() * beta_t / (1.0 - ab_t);
-                let w = alpha_t.sqrt() * (1.0 - ab_prev) / (1.0 - ab_t);
-                let var = ((1.0 - ab_prev) / (1.0 - ab_t) * beta_t).max(1e-20);
-                (u, w, if t > 0 { var.sqrt() } else { 0.0 }, false)
-            }
-            SamplerKind::Ddim => {
-                // Song et al. 2021, eq. 12 and 16.
-                let var = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev);
-                let std = c.eta * var.sqrt();
-                let dir = (1.0 - ab_prev - std * std).max(0.0).sqrt();
-                (ab_prev.sqrt(), dir, std, true)
-            }
-        };
-        let adds_noise = match c.kind {
-            SamplerKind::Ddpm => t > 0,
-            SamplerKind::Ddim => c.eta > 0.0,
-        };
+        let StepCoefficients {
+            p,
+            q,
+            r,
+            s,
+            u,
+            w,
+            std,
+            clip,
+            eps_term,
+            adds_noise,
+        } = self.step_coefficients_at(t, ratio)?;
         let drawn;
         let z: Option<&[f32]> = match noise {
             Some(z) if adds_noise => Some(z),
@@ -560,6 +599,23 @@ impl Scheduler {
         }
         Ok(())
     }
+}
+
+/// One sampler step as coefficients, per value (m the model output, x the sample, z the noise):
+/// x0 = p·m + q·x, clamped to ±`clip`; x_prev = u·x0 + w·(r·m + s·x if `eps_term`, else x) +
+/// std·z, the noise term only when `adds_noise`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepCoefficients {
+    pub p: f64,
+    pub q: f64,
+    pub r: f64,
+    pub s: f64,
+    pub u: f64,
+    pub w: f64,
+    pub std: f64,
+    pub clip: Option<f64>,
+    pub eps_term: bool,
+    pub adds_noise: bool,
 }
 
 /// Classifier-free guidance: uncond + scale·(cond − uncond).

@@ -29,7 +29,7 @@
 //! conditional and the null-conditioned batch together (2N) and uses uncond + s·(cond − uncond).
 
 use super::scheduler::{guide, SamplerKind, Scheduler, SchedulerConfig};
-use super::unet::{nchw_to_nhwc, Conditioning, DiffusionUNet, NULL};
+use super::unet::{nchw_to_nhwc, Conditioning, DiffusionUNet, UNetConfig, NULL};
 use crate::autograd::Tape;
 use crate::error::{Error, Result};
 use crate::optim::{clip_grad_norm, AdamW, AdamWOptions, Optimizer, OptimizerState, ParamView};
@@ -606,61 +606,13 @@ pub fn sample(
 ) -> Result<Vec<f32>> {
     let cfg = model.config();
     let c = cfg.in_channels;
-    if cfg.out_channels != c {
-        return Err(Error::InvalidArgument(format!(
-            "sample: the U-Net predicts {} channels for {c} input channels; out_channels must \
-             equal in_channels",
-            cfg.out_channels
-        )));
-    }
     let s = opts.guidance_scale;
-    if !s.is_finite() {
-        return Err(Error::InvalidArgument(format!(
-            "sample: guidance_scale is {s}; expected a finite number"
-        )));
-    }
-    let guided = s != 1.0;
-    if guided && !cfg.null_embeddings {
-        return Err(Error::InvalidArgument(format!(
-            "sample: guidance_scale = {s} needs the null-conditioned pass, but the U-Net has no null \
-             embeddings (null_embeddings = false); use guidance_scale = 1"
-        )));
-    }
+    let guided = check_sample(cfg, opts)?;
     model.check_inputs(n, c, h, w, &vec![0.0; n], cond)?;
     let mut sched = Scheduler::new(opts.scheduler, opts.seed)?;
     sched.set_timesteps(opts.steps)?;
-
-    // Conditions of the 2N batch: [cond; null].
-    let kc = cfg.confounders.len();
-    // The null pass replaces the context by the learned null context; without a context (and no
-    // flags) neither pass has one and only the confounders are nulled.
-    let nulls_ctx = cfg.with_conditioning
-        && cfg.cross_attention_dim.is_some()
-        && (cond.context.is_some() || cond.context_null.is_some());
-    let ctx2: Option<Vec<f32>> = cond.context.map(|c| [c, c].concat());
-    let flags2: Vec<bool> = (0..2 * n)
-        .map(|i| {
-            if i < n {
-                cond.context_null.is_some_and(|f| f[i])
-            } else {
-                true
-            }
-        })
-        .collect();
-    let labels2: Option<Vec<usize>> = cond.class_labels.map(|l| [l, l].concat());
-    let conf2: Option<Vec<usize>> = cond.confounders.map(|idx| {
-        idx.iter()
-            .copied()
-            .chain(std::iter::repeat_n(NULL, n * kc))
-            .collect()
-    });
-    let cond2 = Conditioning {
-        context: ctx2.as_deref(),
-        context_len: cond.context_len,
-        context_null: if nulls_ctx { Some(&flags2[..]) } else { None },
-        class_labels: labels2.as_deref(),
-        confounders: conf2.as_deref(),
-    };
+    let doubled = GuidedConditions::new(cfg, cond, n);
+    let cond2 = doubled.get();
 
     let per = c * h * w;
     let mut x = sched.noise(n * per);
@@ -685,6 +637,79 @@ pub fn sample(
         }
     }
     Ok(x)
+}
+
+/// Checks the sampler settings against the model: whether the passes are guided (scale ≠ 1).
+pub(crate) fn check_sample(cfg: &UNetConfig, opts: &SampleOptions) -> Result<bool> {
+    let c = cfg.in_channels;
+    if cfg.out_channels != c {
+        return Err(Error::InvalidArgument(format!(
+            "sample: the U-Net predicts {} channels for {c} input channels; out_channels must \
+             equal in_channels",
+            cfg.out_channels
+        )));
+    }
+    let s = opts.guidance_scale;
+    if !s.is_finite() {
+        return Err(Error::InvalidArgument(format!(
+            "sample: guidance_scale is {s}; expected a finite number"
+        )));
+    }
+    let guided = s != 1.0;
+    if guided && !cfg.null_embeddings {
+        return Err(Error::InvalidArgument(format!(
+            "sample: guidance_scale = {s} needs the null-conditioned pass, but the U-Net has no null \
+             embeddings (null_embeddings = false); use guidance_scale = 1"
+        )));
+    }
+    Ok(guided)
+}
+
+/// The conditions of the guided batch of 2N: [cond; null] (context → the learned null context,
+/// every confounder → its null value).
+pub(crate) struct GuidedConditions {
+    context: Option<Vec<f32>>,
+    context_len: usize,
+    flags: Option<Vec<bool>>,
+    labels: Option<Vec<usize>>,
+    confounders: Option<Vec<usize>>,
+}
+
+impl GuidedConditions {
+    pub(crate) fn new(cfg: &UNetConfig, cond: &Conditioning<'_, f32>, n: usize) -> Self {
+        let kc = cfg.confounders.len();
+        // The null pass replaces the context by the learned null context; without a context (and
+        // no flags) neither pass has one and only the confounders are nulled.
+        let nulls_ctx = cfg.with_conditioning
+            && cfg.cross_attention_dim.is_some()
+            && (cond.context.is_some() || cond.context_null.is_some());
+        GuidedConditions {
+            context: cond.context.map(|c| [c, c].concat()),
+            context_len: cond.context_len,
+            flags: nulls_ctx.then(|| {
+                (0..2 * n)
+                    .map(|i| i >= n || cond.context_null.is_some_and(|f| f[i]))
+                    .collect()
+            }),
+            labels: cond.class_labels.map(|l| [l, l].concat()),
+            confounders: cond.confounders.map(|idx| {
+                idx.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(NULL, n * kc))
+                    .collect()
+            }),
+        }
+    }
+
+    pub(crate) fn get(&self) -> Conditioning<'_, f32> {
+        Conditioning {
+            context: self.context.as_deref(),
+            context_len: self.context_len,
+            context_null: self.flags.as_deref(),
+            class_labels: self.labels.as_deref(),
+            confounders: self.confounders.as_deref(),
+        }
+    }
 }
 
 /// ema ← ema − omd·(ema − w), element-wise in f32 (diffusers `s_param.sub_(omd * (s_param - param))`);

@@ -244,9 +244,12 @@ module!(
     ]
 );
 
+module!(SAMPLER, "sampler", ["sampler_step_f32"]);
+
 /// Every kernel module; `tests/nvrtc_check.rs` fails when a `kernels/*.cu` file is missing here.
 pub static MODULES: &[&KernelModule] = &[
     &UNARY, &AFFINE, &DEPTHWISE, &NORM, &ATTENTION, &LOSS, &GEGLU, &SHAPE, &OPTIM, &CROP, &CONV,
+    &SAMPLER,
 ];
 
 /// Headers the modules may `#include "<name>"`, handed to NVRTC in memory.

@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod loss;
 pub mod norm;
 pub mod optim;
+pub mod sampler;
 pub mod shape;
 
 use crate::error::{Error, Result};

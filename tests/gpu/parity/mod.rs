@@ -18,6 +18,7 @@ pub mod gemm;
 pub mod loss;
 pub mod norm;
 pub mod optim;
+pub mod sample;
 pub mod shape;
 pub mod unet;
 pub mod vae;
@@ -90,6 +91,7 @@ macro_rules! for_each_parity_test {
             conv::conv_chunked_f32,
             conv::conv_chunked_bf16,
             conv::conv_rejects_unsupported_plans,
+            sample::sample_ddim_ddpm_match_cpu,
             unet::unet_forward_matches_cpu,
             unet::unet_null_context_only,
             unet::unet_backward_matches_cpu,
