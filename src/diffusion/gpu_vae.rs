@@ -120,13 +120,9 @@ impl<G: Gpu> GpuVae<G> {
         let l = cfg.latent_channels;
         let mean = from_nhwc(&moments, [n, l, lh, lw], mc, 0);
         let mut logvar = from_nhwc(&moments, [n, l, lh, lw], mc, l);
-        // The CPU clamps with comparisons (NaN passes through).
+        // As the CPU (a NaN stays NaN).
         for v in logvar.data.iter_mut() {
-            if *v < LOGVAR_MIN {
-                *v = LOGVAR_MIN
-            } else if *v > LOGVAR_MAX {
-                *v = LOGVAR_MAX
-            }
+            *v = v.clamp(LOGVAR_MIN, LOGVAR_MAX);
         }
         Ok((mean, logvar))
     }
@@ -566,7 +562,7 @@ fn check_spatial(what: &str, n: usize, h: usize, w: usize, f: usize) -> Result<(
             "AutoencoderKL {what} has an empty batch"
         )));
     }
-    if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+    if h == 0 || w == 0 || !h.is_multiple_of(f) || !w.is_multiple_of(f) {
         return Err(Error::Shape(format!(
             "AutoencoderKL {what} is {h}×{w}: height and width must be positive multiples of {f} (2^(levels − 1))"
         )));
