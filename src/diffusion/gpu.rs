@@ -381,6 +381,42 @@ impl<G: Gpu> GpuUNet<G> {
         dy_nhwc: &[f32],
     ) -> Result<(Vec<f32>, UNetGrads)> {
         let cfg = &self.config;
+        let (y, input, grads) =
+            self.forward_backward_device(g, x_nhwc, n, h, w, timesteps, cond, dy_nhwc)?;
+        let y_host = g.download_vec(&y, n * h * w * cfg.out_channels)?;
+        let input = match input {
+            Some(b) => g.download_vec(&b, n * h * w * cfg.in_channels)?,
+            None => vec![0.0; n * h * w * cfg.in_channels],
+        };
+        let mut params = HashMap::new();
+        for (key, p) in &self.params {
+            let len = p.shape.iter().product::<usize>();
+            let v = match grads.get(key) {
+                Some(b) => g.download_vec(b, len)?,
+                None => vec![0.0; len],
+            };
+            params.insert(key.clone(), v);
+        }
+        Ok((y_host, UNetGrads { input, params }))
+    }
+
+    /// [`Self::forward_backward`] leaving its results on the device (for a training step, or to
+    /// time the passes without the copies): the output y (NHWC f32), the input gradient (None
+    /// when nothing reached it: zero) and the parameter gradients by key (f32, the parameter's
+    /// shape; a parameter the pass did not use has no entry: zero).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub fn forward_backward_device(
+        &self,
+        g: &G,
+        x_nhwc: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        timesteps: &[f64],
+        cond: &Conditioning<'_, f32>,
+        dy_nhwc: &[f32],
+    ) -> Result<(G::Buf, Option<G::Buf>, HashMap<String, G::Buf>)> {
+        let cfg = &self.config;
         cfg.check_inputs(n, cfg.in_channels, h, w, timesteps, cond)?;
         let out_len = n * h * w * cfg.out_channels;
         if dy_nhwc.len() != out_len {
@@ -401,30 +437,21 @@ impl<G: Gpu> GpuUNet<G> {
         };
         let x_id = x.id;
         let y = self.run(g, &mut rec, x, timesteps, cond)?;
-        let y_host = g.download_vec(&y.buf, out_len)?;
         let mut grads = Grads {
             act: HashMap::new(),
             params: HashMap::new(),
         };
         grads.act.insert(y.id, g.upload_slice(dy_nhwc)?);
+        let y_buf = y.buf.clone();
         drop(y);
         while let Some(node) = rec.nodes.pop() {
             self.backward_node(g, node, &mut grads)?;
         }
-        let input = match grads.act.remove(&x_id) {
-            Some(b) => g.download_vec(&b, n * h * w * cfg.in_channels)?,
-            None => vec![0.0; n * h * w * cfg.in_channels],
-        };
-        let mut params = HashMap::new();
-        for (key, p) in &self.params {
-            let len = p.shape.iter().product::<usize>();
-            let v = match grads.params.get(key) {
-                Some(b) => g.download_vec(b, len)?,
-                None => vec![0.0; len],
-            };
-            params.insert(key.clone(), v);
-        }
-        Ok((y_host, UNetGrads { input, params }))
+        drop(rec);
+        let y = Rc::try_unwrap(y_buf).map_err(|_| {
+            Error::Internal("GPU U-Net: output still shared after the backward".into())
+        })?;
+        Ok((y, grads.act.remove(&x_id), grads.params))
     }
 
     /// The whole pass from the input value.
