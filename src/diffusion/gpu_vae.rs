@@ -20,7 +20,7 @@
 //! (`tests/gpu/parity/vae.rs`: parity with the CPU VAE in f64).
 
 use super::unet::nchw_to_nhwc;
-use super::vae::{AutoencoderKL, AutoencoderKLConfig, Nchw};
+use super::vae::{check_groups, AutoencoderKL, AutoencoderKLConfig, Nchw};
 use crate::backend::gpu::attention::Attention;
 use crate::backend::gpu::conv::Conv2d;
 use crate::backend::gpu::norm::GroupNorm;
@@ -594,41 +594,4 @@ fn from_nhwc(nhwc: &[f32], shape: [usize; 4], ctot: usize, c0: usize) -> Nchw<f3
         }
     }
     Nchw { shape, data }
-}
-
-/// The CPU's channel-group checks of `encode5` / `decode5`.
-fn check_groups(groups: &[Vec<usize>], c: usize, size: usize, what: &str) -> Result<()> {
-    if groups.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "AutoencoderKL {what}: no channel groups"
-        )));
-    }
-    let mut covered = vec![false; c];
-    for (i, grp) in groups.iter().enumerate() {
-        if grp.len() != size {
-            return Err(Error::InvalidArgument(format!(
-                "AutoencoderKL {what}: group {i} {grp:?} has {} channels, the VAE takes {size}",
-                grp.len()
-            )));
-        }
-        for (j, &ch) in grp.iter().enumerate() {
-            if ch >= c {
-                return Err(Error::Shape(format!(
-                    "AutoencoderKL {what}: group {i} {grp:?} names channel {ch} of a {c}-channel image"
-                )));
-            }
-            if grp[..j].contains(&ch) {
-                return Err(Error::InvalidArgument(format!(
-                    "AutoencoderKL {what}: group {i} {grp:?} repeats channel {ch}"
-                )));
-            }
-            covered[ch] = true;
-        }
-    }
-    if let Some(ch) = covered.iter().position(|&v| !v) {
-        return Err(Error::InvalidArgument(format!(
-            "AutoencoderKL {what}: image channel {ch} is in no group {groups:?}"
-        )));
-    }
-    Ok(())
 }

@@ -984,7 +984,8 @@ pub fn ldm_groups() -> Vec<Vec<usize>> {
     LDM_GROUPS.iter().map(|g| g.to_vec()).collect()
 }
 
-fn check_groups(groups: &[Vec<usize>], c: usize, size: usize, what: &str) -> Result<()> {
+/// The channel-group checks of `encode5` / `decode5` (also the GPU VAE's).
+pub(crate) fn check_groups(groups: &[Vec<usize>], c: usize, size: usize, what: &str) -> Result<()> {
     if groups.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "AutoencoderKL {what}: no channel groups"
