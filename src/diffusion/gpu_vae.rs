@@ -20,7 +20,7 @@
 //! (`tests/gpu/parity/vae.rs`: parity with the CPU VAE in f64).
 
 use super::unet::nchw_to_nhwc;
-use super::vae::{check_groups, AutoencoderKL, AutoencoderKLConfig, Nchw};
+use super::vae::{check_groups, AutoencoderKL, AutoencoderKLConfig, Nchw, DOWNSAMPLE_PAD};
 use crate::backend::gpu::attention::Attention;
 use crate::backend::gpu::conv::Conv2d;
 use crate::backend::gpu::norm::GroupNorm;
@@ -278,15 +278,8 @@ impl<G: Gpu> GpuVae<G> {
                 hcur = self.resnet(g, hcur, &format!("encoder.down_blocks.{i}.resnets.{j}"))?;
             }
             if i + 1 < levels {
-                // diffusers Downsample2D(padding=0): F.pad(x, (0, 1, 0, 1)), stride-2 3×3 conv.
-                let pad = Pad2d {
-                    top: 0,
-                    bottom: 1,
-                    left: 0,
-                    right: 1,
-                };
                 let key = format!("encoder.down_blocks.{i}.downsamplers.0.conv");
-                hcur = self.conv(g, &hcur, &key, 2, pad)?;
+                hcur = self.conv(g, &hcur, &key, 2, DOWNSAMPLE_PAD)?;
             }
         }
         hcur = self.mid_block(g, hcur, "encoder.mid_block")?;

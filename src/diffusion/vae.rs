@@ -708,15 +708,8 @@ impl<T: Float> AutoencoderKL<T> {
                 h = self.resnet(tape, h, &format!("encoder.down_blocks.{i}.resnets.{j}"))?;
             }
             if i + 1 < levels {
-                // diffusers Downsample2D(padding=0): F.pad(x, (0, 1, 0, 1)) then a stride-2 3×3 conv.
-                let pad = Pad2d {
-                    top: 0,
-                    bottom: 1,
-                    left: 0,
-                    right: 1,
-                };
                 let pre = format!("encoder.down_blocks.{i}.downsamplers.0.conv");
-                h = consume(tape, h, |t, h| self.conv(t, h, &pre, 2, pad))?;
+                h = consume(tape, h, |t, h| self.conv(t, h, &pre, 2, DOWNSAMPLE_PAD))?;
             }
         }
         h = self.mid_block(tape, h, "encoder.mid_block")?;
@@ -983,6 +976,14 @@ impl<T: Float> AutoencoderKL<T> {
 pub fn ldm_groups() -> Vec<Vec<usize>> {
     LDM_GROUPS.iter().map(|g| g.to_vec()).collect()
 }
+
+/// diffusers `Downsample2D(padding=0)`: F.pad(x, (0, 1, 0, 1)) then a stride-2 3 × 3 conv.
+pub(crate) const DOWNSAMPLE_PAD: Pad2d = Pad2d {
+    top: 0,
+    bottom: 1,
+    left: 0,
+    right: 1,
+};
 
 /// The channel-group checks of `encode5` / `decode5` (also the GPU VAE's).
 pub(crate) fn check_groups(groups: &[Vec<usize>], c: usize, size: usize, what: &str) -> Result<()> {

@@ -337,32 +337,9 @@ impl<G: Gpu> GpuEfficientNet<G> {
         };
 
         // Stem: im2col + GEMM + bias + SiLU.
-        let (oh, pt) = self.padding.out_and_pad(h, 3, 2);
-        let (ow, pl) = self.padding.out_and_pad(w, 3, 2);
+        // SAFETY: x holds n·c·h·w f32 (checked by the callers).
+        let (cols, oh, ow) = unsafe { stem_im2col(g, g.ptr(x), [n, c, h, w], self.padding)? };
         let rows = n * oh * ow;
-        let cols = g.alloc(rows * c * 9 * 4)?;
-        let geom = [n, c, h, w, 3, 2, pt, pl, oh, ow]
-            .iter()
-            .map(|&v| dim(v, "stem geometry"))
-            .collect::<Result<Vec<i32>>>()?;
-        // SAFETY: x holds n·c·h·w f32, cols rows · c·9 (im2col's ColGeom is these ten ints).
-        unsafe {
-            g.launch(&Launch {
-                module: &CONV,
-                entry: "im2col_nchw_f32".into(),
-                grid: [grid_stride_blocks(g, rows * c * 9), 1, 1],
-                block: [BLOCK, 1, 1],
-                shared_bytes: 0,
-                args: vec![
-                    Arg::Ptr(g.ptr(x)),
-                    Arg::Ptr(g.ptr(&cols)),
-                    Arg::pod(&ColGeom(
-                        geom.try_into()
-                            .map_err(|_| Error::Internal("stem geometry".into()))?,
-                    )),
-                ],
-            })?;
-        }
         let mut cur = self.linear(
             g,
             &Act {
@@ -392,17 +369,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
                 None => None,
             };
             let xin = expanded.as_ref().unwrap_or(&cur);
-            let (oh, pt) = self.padding.out_and_pad(hh, spec.kernel, spec.stride);
-            let (ow, pl) = self.padding.out_and_pad(ww, spec.kernel, spec.stride);
-            let d = Depthwise::new(
-                F32,
-                [n, hh, ww, hid],
-                spec.kernel,
-                spec.stride,
-                pt,
-                pl,
-                [oh, ow],
-            )?;
+            let (d, oh, ow) = depthwise_plan(self.padding, [n, hh, ww, hid], spec)?;
             let y = g.alloc(d.output_len() * 4)?;
             // SAFETY: xin holds n·hh·ww·hid f32, the weights hid·k·k, y the output (fresh).
             unsafe { d.forward(g, g.ptr(&xin.buf), g.ptr(&blk.dw.w), g.ptr(&y))? };
@@ -463,6 +430,67 @@ impl<G: Gpu> GpuEfficientNet<G> {
         debug_assert_eq!(top.ch, TOP_CH);
         done(&top)
     }
+}
+
+/// The stem's im2col (3 × 3, stride 2) of crops `x` ([n, c, h, w] f32 on the device) into a fresh
+/// [n·oh·ow, c·9] f32 buffer: (cols, oh, ow).
+///
+/// # Safety
+/// `x` addresses n·c·h·w f32.
+pub(super) unsafe fn stem_im2col<G: Gpu>(
+    g: &G,
+    x: u64,
+    [n, c, h, w]: [usize; 4],
+    padding: super::Padding,
+) -> Result<(G::Buf, usize, usize)> {
+    let (oh, pt) = padding.out_and_pad(h, 3, 2);
+    let (ow, pl) = padding.out_and_pad(w, 3, 2);
+    let items = n * oh * ow * c * 9;
+    let cols = g.alloc(items * 4)?;
+    let geom = [n, c, h, w, 3, 2, pt, pl, oh, ow]
+        .iter()
+        .map(|&v| dim(v, "stem geometry"))
+        .collect::<Result<Vec<i32>>>()?;
+    // SAFETY: x holds n·c·h·w f32 (the caller), cols the output (im2col's ColGeom is these ten ints).
+    unsafe {
+        g.launch(&Launch {
+            module: &CONV,
+            entry: "im2col_nchw_f32".into(),
+            grid: [grid_stride_blocks(g, items), 1, 1],
+            block: [BLOCK, 1, 1],
+            shared_bytes: 0,
+            args: vec![
+                Arg::Ptr(x),
+                Arg::Ptr(g.ptr(&cols)),
+                Arg::pod(&ColGeom(
+                    geom.try_into()
+                        .map_err(|_| Error::Internal("stem geometry".into()))?,
+                )),
+            ],
+        })?;
+    }
+    Ok((cols, oh, ow))
+}
+
+/// The depthwise plan of block `spec` on an f32 input [n, h, w, hidden] under `padding`, and its
+/// output height and width.
+pub(super) fn depthwise_plan(
+    padding: super::Padding,
+    [n, h, w, hid]: [usize; 4],
+    spec: &BlockSpec,
+) -> Result<(Depthwise, usize, usize)> {
+    let (oh, pt) = padding.out_and_pad(h, spec.kernel, spec.stride);
+    let (ow, pl) = padding.out_and_pad(w, spec.kernel, spec.stride);
+    let d = Depthwise::new(
+        F32,
+        [n, h, w, hid],
+        spec.kernel,
+        spec.stride,
+        pt,
+        pl,
+        [oh, ow],
+    )?;
+    Ok((d, oh, ow))
 }
 
 /// kernels/conv.cu's `ColGeom`: n, c, h, w, k, stride, pad_top, pad_left, oh, ow.

@@ -21,19 +21,19 @@
 //! layout; tensors start at 256-byte boundaries (the optimizer's 4-wide path).
 
 use super::config::{BlockSpec, EfficientNetConfig, Padding, BLOCKS, STEM_CH, TOP_CH};
+use super::gpu::{depthwise_plan, stem_im2col};
 use super::train::{Regularisation, TrainableEfficientNet};
 use super::weights::{block_keys, StateDict};
 use crate::autograd::ParamKind;
 use crate::backend::gpu::depthwise::Depthwise;
 use crate::backend::gpu::elementwise::{unary, Unary};
-use crate::backend::gpu::kernels::CONV;
 use crate::backend::gpu::loss::CrossEntropy;
 use crate::backend::gpu::norm::BatchNorm;
 use crate::backend::gpu::optim::{
     AdamWPlan, AdamWTensorArgs, GradNormPlan, SgdPlan, SgdTensorArgs,
 };
 use crate::backend::gpu::shape::{activation_backward, add, ActivationGrad, SampleChannels};
-use crate::backend::gpu::{dim, grid_stride_blocks, Arg, Gemm, Gpu, Launch, Math, BLOCK};
+use crate::backend::gpu::{Gemm, Gpu, Math};
 use crate::error::{Error, Result};
 use crate::ops::norm::{Act, BatchNormConfig};
 use crate::optim::{AdamWOptions, SgdOptions};
@@ -173,11 +173,6 @@ pub struct GpuEfficientNetTrainer<G: Gpu> {
     cls_b: Span,
     steps: u64,
 }
-
-/// kernels/conv.cu's `ColGeom`: n, c, h, w, k, stride, pad_top, pad_left, oh, ow.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ColGeom([i32; 10]);
 
 /// What the backward of a convolution (or depthwise) + BN needs: the BN input (the convolution's
 /// output), the saved batch statistics and the plan.
@@ -847,30 +842,9 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         unsafe {
             // Stem: im2col + GEMM + BN-SiLU.
             let x = g.upload_slice(crops)?;
-            let (oh, pt) = pad.out_and_pad(h, 3, 2);
-            let (ow, pl) = pad.out_and_pad(w, 3, 2);
+            let (cols, oh, ow) = stem_im2col(g, ptr(&x), [n, c, h, w], pad)?;
             let rows = n * oh * ow;
             let kdim = c * 9;
-            let cols = g.alloc(rows * kdim * 4)?;
-            let geom = [n, c, h, w, 3, 2, pt, pl, oh, ow]
-                .iter()
-                .map(|&v| dim(v, "stem geometry"))
-                .collect::<Result<Vec<i32>>>()?;
-            g.launch(&Launch {
-                module: &CONV,
-                entry: "im2col_nchw_f32".into(),
-                grid: [grid_stride_blocks(g, rows * kdim), 1, 1],
-                block: [BLOCK, 1, 1],
-                shared_bytes: 0,
-                args: vec![
-                    Arg::Ptr(ptr(&x)),
-                    Arg::Ptr(ptr(&cols)),
-                    Arg::pod(&ColGeom(
-                        geom.try_into()
-                            .map_err(|_| Error::Internal("stem geometry".into()))?,
-                    )),
-                ],
-            })?;
             drop(x);
             let (stem_save, stem_y) =
                 self.conv_bn_forward(g, ptr(&cols), rows, kdim, &self.stem, Act::Silu, bn_cfg)?;
@@ -898,18 +872,8 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                     None => None,
                 };
                 let hin = expand.as_ref().map_or(xin, |(_, y)| ptr(y));
-                let (oh, pt) = pad.out_and_pad(hh, spec.kernel, spec.stride);
-                let (ow, pl) = pad.out_and_pad(ww, spec.kernel, spec.stride);
+                let (dw_plan, oh, ow) = depthwise_plan(pad, [n, hh, ww, hid], spec)?;
                 let rows_out = n * oh * ow;
-                let dw_plan = Depthwise::new(
-                    F32,
-                    [n, hh, ww, hid],
-                    spec.kernel,
-                    spec.stride,
-                    pt,
-                    pl,
-                    [oh, ow],
-                )?;
                 let dwc = g.alloc(dw_plan.output_len() * 4)?;
                 dw_plan.forward(g, hin, self.p(g, blk.dw.w), ptr(&dwc))?;
                 let (dw_save, d) = self.bn_forward(g, dwc, rows_out, &blk.dw, Act::Silu, bn_cfg)?;
