@@ -701,6 +701,7 @@ impl<G: Gpu> GpuUNet<G> {
                 alpha: 1.0,
                 beta: 0.0,
                 dtype: F32,
+                c_dtype: F32,
                 math: self.math,
             })?;
             if bias {
@@ -1204,6 +1205,7 @@ impl<G: Gpu> GpuUNet<G> {
                         alpha: 1.0,
                         beta: 0.0,
                         dtype: F32,
+                        c_dtype: F32,
                         math,
                     };
                     let dw = g.alloc(out * inp * 4)?;
@@ -1409,6 +1411,7 @@ impl<G: Gpu> GpuUNet<G> {
                         alpha: 1.0,
                         beta: 0.0,
                         dtype: F32,
+                        c_dtype: F32,
                         math: Math::F32,
                     })?;
                     self.acc_param(g, gr, "null_context", dn)?;

@@ -323,12 +323,13 @@ impl Gpu for Emu {
             return Ok(());
         }
         // Reads the operands as the GPU would (row-major, strides, transposes), sums in f64.
-        let load = |p: u64, i: usize| -> f64 {
-            match g.dtype {
+        let load_as = |dtype: DType, p: u64, i: usize| -> f64 {
+            match dtype {
                 DType::BF16 => half::bf16::from_bits(*(p as *const u16).add(i)).to_f64(),
                 _ => *(p as *const f32).add(i) as f64,
             }
         };
+        let load = |p: u64, i: usize| load_as(g.dtype, p, i);
         let a = |i: usize, l: usize| {
             if g.trans_a {
                 load(g.a, l * g.lda + i)
@@ -348,9 +349,13 @@ impl Gpu for Emu {
                 let acc: f64 = (0..g.k).map(|l| a(i, l) * b(l, j)).sum();
                 let at = i * g.ldc + j;
                 // beta = 0 ignores C (it may be uninitialised), as cuBLAS does.
-                let old = if g.beta == 0.0 { 0.0 } else { load(g.c, at) };
+                let old = if g.beta == 0.0 {
+                    0.0
+                } else {
+                    load_as(g.c_dtype, g.c, at)
+                };
                 let v = (g.alpha as f64 * acc + g.beta as f64 * old) as f32;
-                match g.dtype {
+                match g.c_dtype {
                     DType::BF16 => *(g.c as *mut u16).add(at) = half::bf16::from_f32(v).to_bits(),
                     _ => *(g.c as *mut f32).add(at) = v,
                 }

@@ -164,11 +164,15 @@ impl Gpu for Arc<CudaDevice> {
                 cudaDataType as Ty,
             };
             let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
-            let ty = if g.dtype == DType::BF16 {
-                Ty::CUDA_R_16BF
-            } else {
-                Ty::CUDA_R_32F
+            let cuda_ty = |d: DType| {
+                if d == DType::BF16 {
+                    Ty::CUDA_R_16BF
+                } else {
+                    Ty::CUDA_R_32F
+                }
             };
+            // bf16 A and B with an f32 C is one of cublasGemmEx's supported type combinations.
+            let (ty, c_ty) = (cuda_ty(g.dtype), cuda_ty(g.c_dtype));
             let compute = match (g.dtype, g.math) {
                 (DType::F32, Math::F32) => Compute::CUBLAS_COMPUTE_32F,
                 (DType::F32, Math::Tf32) => Compute::CUBLAS_COMPUTE_32F_FAST_TF32,
@@ -196,7 +200,7 @@ impl Gpu for Arc<CudaDevice> {
                     g.lda as i32,
                     &beta as *const f32 as *const c_void,
                     g.c as *mut c_void,
-                    ty,
+                    c_ty,
                     g.ldc as i32,
                     compute,
                     cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -204,8 +208,8 @@ impl Gpu for Arc<CudaDevice> {
             }
             .map_err(|e| {
                 Error::Cuda(format!(
-                    "cublasGemmEx {}×{}×{} ({:?}): {e:?}",
-                    g.m, g.n, g.k, g.dtype
+                    "cublasGemmEx {}×{}×{} ({:?} -> {:?}): {e:?}",
+                    g.m, g.n, g.k, g.dtype, g.c_dtype
                 ))
             })
         })

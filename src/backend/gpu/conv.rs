@@ -389,6 +389,7 @@ impl Conv2d {
             alpha: 1.0,
             beta,
             dtype: self.dtype,
+            c_dtype: self.dtype,
             math,
         })
     }

@@ -60,6 +60,36 @@ pub unsafe fn affine(
     )
 }
 
+/// y = x converted from `from` to `to` over `n` elements: f32 → bf16 (round to nearest even) or
+/// bf16 → f32 (exact). The same dtype twice is a device copy.
+///
+/// # Safety
+/// `x` addresses `n` elements of `from`, `y` `n` of `to`, in distinct buffers (16-byte aligned).
+pub unsafe fn cast(g: &impl Gpu, from: DType, to: DType, x: u64, y: u64, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let entry = match (from, to) {
+        (a, b) if a == b => return g.copy(x, y, n * a.size_in_bytes()),
+        (DType::F32, DType::BF16) => "cast_f32_to_bf16",
+        (DType::BF16, DType::F32) => "cast_bf16_to_f32",
+        _ => {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "cast on CUDA: {from:?} to {to:?} is not supported (f32 <-> bf16)"
+            )))
+        }
+    };
+    // cast_map gives each thread one pack of 8 elements per grid-stride step.
+    g.launch(&Launch {
+        module: &UNARY,
+        entry: entry.into(),
+        grid: [grid_stride_blocks(g, n.div_ceil(8)), 1, 1],
+        block: [BLOCK, 1, 1],
+        shared_bytes: 0,
+        args: vec![Arg::Ptr(x), Arg::Ptr(y), Arg::U64(n as u64)],
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 unsafe fn map(
     g: &impl Gpu,

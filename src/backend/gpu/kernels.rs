@@ -34,6 +34,8 @@ module!(
         "sigmoid_f64",
         "sigmoid_f16",
         "sigmoid_bf16",
+        "cast_f32_to_bf16",
+        "cast_bf16_to_f32",
     ]
 );
 module!(

@@ -181,7 +181,8 @@ pub enum Math {
 
 /// Row-major `C = alpha · op(A) · op(B) + beta · C`: op(A) is m × k, op(B) k × n, C m × n.
 /// A is stored m × k with row stride `lda` (k × m when `trans_a`), B k × n with `ldb` (n × k when
-/// `trans_b`), C with `ldc`. A, B and C hold `dtype` (F32 or BF16; sums in f32).
+/// `trans_b`), C with `ldc`. A and B hold `dtype` (F32 or BF16; sums in f32), C holds `c_dtype`:
+/// `dtype`, or F32 with BF16 A and B (the f32 weight gradients of mixed-precision training).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gemm {
     pub m: usize,
@@ -198,6 +199,7 @@ pub struct Gemm {
     pub alpha: f32,
     pub beta: f32,
     pub dtype: DType,
+    pub c_dtype: DType,
     pub math: Math,
 }
 
@@ -208,6 +210,15 @@ impl Gemm {
             return Err(Error::InvalidArgument(format!(
                 "GEMM on CUDA: dtype {:?} is not supported (f32 or bf16)",
                 self.dtype
+            )));
+        }
+        if !(self.c_dtype == self.dtype
+            || (self.dtype == DType::BF16 && self.c_dtype == DType::F32))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "GEMM on CUDA: output dtype {:?} with {:?} inputs is not supported (the inputs' \
+                 dtype, or f32 with bf16 inputs)",
+                self.c_dtype, self.dtype
             )));
         }
         let (a_cols, b_cols) = (

@@ -9,7 +9,7 @@ use super::forward::fold;
 use super::layers::{resolve, TapPoint};
 use super::weights::block_keys;
 use super::EfficientNet;
-use crate::backend::gpu::elementwise::{unary, Unary};
+use crate::backend::gpu::elementwise::{suffix, unary, Unary};
 use crate::backend::gpu::shape::{add, SampleChannels};
 use crate::backend::gpu::{depthwise::Depthwise, Arg, Gemm, Gpu, Launch, Math, BLOCK};
 use crate::backend::gpu::{dim, grid_stride_blocks, kernels::CONV};
@@ -149,6 +149,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
                 alpha: 1.0,
                 beta: 0.0,
                 dtype: F32,
+                c_dtype: F32,
                 math: self.math,
             })?;
         }
@@ -338,7 +339,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
 
         // Stem: im2col + GEMM + bias + SiLU.
         // SAFETY: x holds n·c·h·w f32 (checked by the callers).
-        let (cols, oh, ow) = unsafe { stem_im2col(g, g.ptr(x), [n, c, h, w], self.padding)? };
+        let (cols, oh, ow) = unsafe { stem_im2col(g, F32, g.ptr(x), [n, c, h, w], self.padding)? };
         let rows = n * oh * ow;
         let mut cur = self.linear(
             g,
@@ -369,7 +370,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
                 None => None,
             };
             let xin = expanded.as_ref().unwrap_or(&cur);
-            let (d, oh, ow) = depthwise_plan(self.padding, [n, hh, ww, hid], spec)?;
+            let (d, oh, ow) = depthwise_plan(F32, self.padding, [n, hh, ww, hid], spec)?;
             let y = g.alloc(d.output_len() * 4)?;
             // SAFETY: xin holds n·hh·ww·hid f32, the weights hid·k·k, y the output (fresh).
             unsafe { d.forward(g, g.ptr(&xin.buf), g.ptr(&blk.dw.w), g.ptr(&y))? };
@@ -432,13 +433,14 @@ impl<G: Gpu> GpuEfficientNet<G> {
     }
 }
 
-/// The stem's im2col (3 × 3, stride 2) of crops `x` ([n, c, h, w] f32 on the device) into a fresh
-/// [n·oh·ow, c·9] f32 buffer: (cols, oh, ow).
+/// The stem's im2col (3 × 3, stride 2) of crops `x` ([n, c, h, w] of `dtype`, f32 or bf16, on the
+/// device) into a fresh [n·oh·ow, c·9] buffer of `dtype`: (cols, oh, ow).
 ///
 /// # Safety
-/// `x` addresses n·c·h·w f32.
+/// `x` addresses n·c·h·w elements of `dtype`.
 pub(super) unsafe fn stem_im2col<G: Gpu>(
     g: &G,
+    dtype: DType,
     x: u64,
     [n, c, h, w]: [usize; 4],
     padding: super::Padding,
@@ -446,16 +448,17 @@ pub(super) unsafe fn stem_im2col<G: Gpu>(
     let (oh, pt) = padding.out_and_pad(h, 3, 2);
     let (ow, pl) = padding.out_and_pad(w, 3, 2);
     let items = n * oh * ow * c * 9;
-    let cols = g.alloc(items * 4)?;
+    let cols = g.alloc(items * dtype.size_in_bytes())?;
     let geom = [n, c, h, w, 3, 2, pt, pl, oh, ow]
         .iter()
         .map(|&v| dim(v, "stem geometry"))
         .collect::<Result<Vec<i32>>>()?;
-    // SAFETY: x holds n·c·h·w f32 (the caller), cols the output (im2col's ColGeom is these ten ints).
+    // SAFETY: x holds n·c·h·w elements (the caller), cols the output (im2col's ColGeom is these
+    // ten ints).
     unsafe {
         g.launch(&Launch {
             module: &CONV,
-            entry: "im2col_nchw_f32".into(),
+            entry: format!("im2col_nchw_{}", suffix(dtype)),
             grid: [grid_stride_blocks(g, items), 1, 1],
             block: [BLOCK, 1, 1],
             shared_bytes: 0,
@@ -472,9 +475,10 @@ pub(super) unsafe fn stem_im2col<G: Gpu>(
     Ok((cols, oh, ow))
 }
 
-/// The depthwise plan of block `spec` on an f32 input [n, h, w, hidden] under `padding`, and its
-/// output height and width.
+/// The depthwise plan of block `spec` on an input [n, h, w, hidden] of `dtype` under `padding`,
+/// and its output height and width.
 pub(super) fn depthwise_plan(
+    dtype: DType,
     padding: super::Padding,
     [n, h, w, hid]: [usize; 4],
     spec: &BlockSpec,
@@ -482,7 +486,7 @@ pub(super) fn depthwise_plan(
     let (oh, pt) = padding.out_and_pad(h, spec.kernel, spec.stride);
     let (ow, pl) = padding.out_and_pad(w, spec.kernel, spec.stride);
     let d = Depthwise::new(
-        F32,
+        dtype,
         [n, h, w, hid],
         spec.kernel,
         spec.stride,

@@ -1,6 +1,7 @@
 //! One EfficientNet-B0 training step on a [`Gpu`]: the CPU step of [`TrainableEfficientNet`]
 //! (`train.rs`) plus softmax cross-entropy with label smoothing and an SGD / AdamW update (as
-//! `Trainer::step` does them), composed from the launch layer's kernels and GEMMs, f32 throughout.
+//! `Trainer::step` does them), composed from the launch layer's kernels and GEMMs, in f32 (IEEE or
+//! TF32 GEMMs) or in bf16 mixed precision (see [`GpuTrainOptions::compute`]).
 //!
 //! BN is NOT folded: every convolution is followed by batch norm in training mode (batch
 //! statistics saved for the backward, running statistics updated in place on the device, SiLU
@@ -26,7 +27,7 @@ use super::train::{Regularisation, TrainableEfficientNet};
 use super::weights::{block_keys, StateDict};
 use crate::autograd::ParamKind;
 use crate::backend::gpu::depthwise::Depthwise;
-use crate::backend::gpu::elementwise::{unary, Unary};
+use crate::backend::gpu::elementwise::{cast, unary, Unary};
 use crate::backend::gpu::loss::CrossEntropy;
 use crate::backend::gpu::norm::BatchNorm;
 use crate::backend::gpu::optim::{
@@ -65,8 +66,15 @@ pub struct GpuTrainOptions {
     pub decay_scope: DecayScope,
     /// Gradient clipping by the total 2-norm (None = off).
     pub clip_grad_norm: Option<f64>,
-    /// GEMM arithmetic: `Math::F32` (default) or TF32 tensor cores.
+    /// GEMM arithmetic of f32 GEMMs: `Math::F32` (default) or TF32 tensor cores.
     pub math: Math,
+    /// `DType::F32` (default), or `DType::BF16`: mixed precision as torch's autocast trains, with
+    /// f32 master weights. Each step casts the parameters to a bf16 working copy that the
+    /// convolutions read; the convolutions, batch norms (f32 statistics and affine), SiLU,
+    /// depthwise, drop-connect and the residual stream store bf16 activations and gradients;
+    /// the squeeze-excite MLP, the head from the global pool on (dropout, classifier, loss), every
+    /// weight gradient (bf16 GEMM operands, f32 output), the optimizer and its state are f32.
+    pub compute: DType,
 }
 
 impl GpuTrainOptions {
@@ -101,6 +109,7 @@ impl GpuTrainOptions {
             decay_scope: t.decay_scope,
             clip_grad_norm: t.clip_grad_norm,
             math: Math::F32,
+            compute: F32,
         })
     }
 }
@@ -159,6 +168,8 @@ pub struct GpuEfficientNetTrainer<G: Gpu> {
     trainable: Vec<usize>,
     params: G::Buf,
     params_len: usize,
+    /// The bf16 working copy of `params` (same layout), refreshed at each step (BF16 compute).
+    wcast: Option<G::Buf>,
     grads: G::Buf,
     stats: G::Buf,
     stats_len: usize,
@@ -191,10 +202,12 @@ struct BlockSave<B> {
     dw: BnSave<B>,
     /// The depthwise BN-SiLU output (the squeeze-excite input).
     d: B,
+    /// The squeeze-excite MLP (f32): pooled input, fc1 output, its SiLU, fc2 output.
     pooled: B,
     a: B,
     a2: B,
     s: B,
+    /// The excitation sigmoid(s) in the activations' dtype (the channel scale).
     s2: B,
     excited: B,
     project: BnSave<B>,
@@ -239,6 +252,13 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             ));
         }
         check_lr(opts.lr)?;
+        if !matches!(opts.compute, DType::F32 | DType::BF16) {
+            return Err(Error::InvalidArgument(format!(
+                "GPU training step: compute dtype {:?} is not supported (f32, or bf16 mixed \
+                 precision)",
+                opts.compute
+            )));
+        }
         if !(0.0..=1.0).contains(&opts.label_smoothing) {
             return Err(Error::InvalidArgument(format!(
                 "label_smoothing must be in [0, 1], got {}",
@@ -344,6 +364,11 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             trainable,
             params: g.upload_slice(&host_params)?,
             params_len,
+            wcast: if opts.compute == DType::BF16 {
+                Some(g.alloc(params_len.max(1) * 2)?)
+            } else {
+                None
+            },
             grads: zeroed(params_len)?,
             stats: g.upload_slice(&host_stats)?,
             stats_len,
@@ -427,6 +452,47 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
 
     fn st(&self, g: &G, s: Span) -> u64 {
         g.ptr(&self.stats) + 4 * s.off as u64
+    }
+
+    /// The dtype of activations and of the weights the convolutions read.
+    fn act(&self) -> DType {
+        self.opts.compute
+    }
+
+    /// Bytes of `n` activations.
+    fn ab(&self, n: usize) -> usize {
+        n * self.act().size_in_bytes()
+    }
+
+    /// A convolution weight as the convolutions read it: the bf16 working copy, or the master.
+    fn w(&self, g: &G, s: Span) -> u64 {
+        match &self.wcast {
+            Some(b) => g.ptr(b) + 2 * s.off as u64,
+            None => self.p(g, s),
+        }
+    }
+
+    /// Host f32 values uploaded as activations.
+    fn upload_act(&self, g: &G, v: &[f32]) -> Result<G::Buf> {
+        if self.act() == DType::BF16 {
+            let h: Vec<u16> = v
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect();
+            g.upload_slice(&h)
+        } else {
+            g.upload_slice(v)
+        }
+    }
+
+    /// `n` values at `x` converted from `from` to `to` into a new buffer (a copy when equal).
+    ///
+    /// # Safety
+    /// `x` addresses `n` elements of `from`.
+    unsafe fn cast_new(&self, g: &G, from: DType, to: DType, x: u64, n: usize) -> Result<G::Buf> {
+        let y = g.alloc(n.max(1) * to.size_in_bytes())?;
+        cast(g, from, to, x, g.ptr(&y), n)?;
+        Ok(y)
     }
 
     /// One training step on crops (N, C, H, W) f32 with BN in training mode: forward, softmax
@@ -609,10 +675,12 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         }
     }
 
-    /// y [rows, out] = x [rows, inn] · wᵀ (w [out, inn]).
+    /// y [rows, out] = x [rows, inn] · wᵀ (w [out, inn]), all of `dt`.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn mm_xwt(
         &self,
         g: &G,
+        dt: DType,
         x: u64,
         w: u64,
         y: u64,
@@ -632,15 +700,18 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             ldc: out,
             alpha: 1.0,
             beta: 0.0,
-            dtype: F32,
+            dtype: dt,
+            c_dtype: dt,
             math: self.opts.math,
         })
     }
 
-    /// dx [rows, inn] = dy [rows, out] · w [out, inn].
+    /// dx [rows, inn] = dy [rows, out] · w [out, inn], all of `dt`.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn mm_dyw(
         &self,
         g: &G,
+        dt: DType,
         dy: u64,
         w: u64,
         dx: u64,
@@ -660,15 +731,18 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             ldc: inn,
             alpha: 1.0,
             beta: 0.0,
-            dtype: F32,
+            dtype: dt,
+            c_dtype: dt,
             math: self.opts.math,
         })
     }
 
-    /// dw [out, inn] = dy [rows, out]ᵀ · x [rows, inn].
+    /// dw [out, inn] (f32) = dy [rows, out]ᵀ · x [rows, inn] (dy and x of `dt`).
+    #[allow(clippy::too_many_arguments)]
     unsafe fn mm_dytx(
         &self,
         g: &G,
+        dt: DType,
         dy: u64,
         x: u64,
         dw: u64,
@@ -688,12 +762,13 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             ldc: inn,
             alpha: 1.0,
             beta: 0.0,
-            dtype: F32,
+            dtype: dt,
+            c_dtype: F32,
             math: self.opts.math,
         })
     }
 
-    /// A linear layer with bias on [rows, inn]: y = x · wᵀ + b.
+    /// A linear layer with bias on [rows, inn] (f32 throughout): y = x · wᵀ + b.
     unsafe fn linear(
         &self,
         g: &G,
@@ -703,7 +778,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         [rows, inn, out]: [usize; 3],
     ) -> Result<G::Buf> {
         let y = g.alloc(rows * out * 4)?;
-        self.mm_xwt(g, x, self.p(g, w), g.ptr(&y), [rows, inn, out])?;
+        self.mm_xwt(g, F32, x, self.p(g, w), g.ptr(&y), [rows, inn, out])?;
         SampleChannels::new(F32, [1, rows, out])?.add_per_sample(
             g,
             g.ptr(&y),
@@ -713,7 +788,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         Ok(y)
     }
 
-    /// A linear layer's backward: dw, db written; returns dx [rows, inn].
+    /// A linear layer's backward (f32): dw, db written; returns dx [rows, inn].
     #[allow(clippy::too_many_arguments)]
     unsafe fn linear_backward(
         &self,
@@ -725,7 +800,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         dims: [usize; 3],
     ) -> Result<G::Buf> {
         let [rows, inn, out] = dims;
-        self.mm_dytx(g, dy, x, self.gr(g, w), dims)?;
+        self.mm_dytx(g, F32, dy, x, self.gr(g, w), dims)?;
         SampleChannels::new(F32, [1, rows, out])?.add_per_sample_backward_e(
             g,
             dy,
@@ -733,7 +808,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             false,
         )?;
         let dx = g.alloc(rows * inn * 4)?;
-        self.mm_dyw(g, dy, self.p(g, w), g.ptr(&dx), dims)?;
+        self.mm_dyw(g, F32, dy, self.p(g, w), g.ptr(&dx), dims)?;
         Ok(dx)
     }
 
@@ -748,8 +823,8 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         cfg: &BatchNormConfig,
     ) -> Result<(BnSave<G::Buf>, G::Buf)> {
         let c = cb.gamma.len;
-        let bn = BatchNorm::new(F32, rows, c, act, cfg)?;
-        let y = g.alloc(rows * c * 4)?;
+        let bn = BatchNorm::new(self.act(), rows, c, act, cfg)?;
+        let y = g.alloc(self.ab(rows * c))?;
         let mean = g.alloc(c * 4)?;
         let invstd = g.alloc(c * 4)?;
         bn.forward_train(
@@ -788,8 +863,15 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         cfg: &BatchNormConfig,
     ) -> Result<(BnSave<G::Buf>, G::Buf)> {
         let out = cb.gamma.len;
-        let conv = g.alloc(rows * out * 4)?;
-        self.mm_xwt(g, x, self.p(g, cb.w), g.ptr(&conv), [rows, inn, out])?;
+        let conv = g.alloc(self.ab(rows * out))?;
+        self.mm_xwt(
+            g,
+            self.act(),
+            x,
+            self.w(g, cb.w),
+            g.ptr(&conv),
+            [rows, inn, out],
+        )?;
         self.bn_forward(g, conv, rows, cb, act, cfg)
     }
 
@@ -801,7 +883,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         cb: &ConvBn,
         dy: u64,
     ) -> Result<G::Buf> {
-        let dx = g.alloc(save.bn.x_len() * 4)?;
+        let dx = g.alloc(self.ab(save.bn.x_len()))?;
         save.bn.backward(
             g,
             true,
@@ -835,14 +917,29 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         let c = self.config.in_channels;
         let k = self.config.num_classes;
         let pad: Padding = self.config.padding;
+        let at = self.act();
         let ptr = |b: &G::Buf| g.ptr(b);
         // SAFETY (whole body): every buffer is allocated here with the element count its plan or
-        // GEMM reads and writes (f32); parameter, gradient and statistics spans lie in their
-        // arenas with the lengths the plans were built from.
+        // GEMM reads and writes, of the dtype it reads and writes (activations `at`, the
+        // squeeze-excite MLP and the head after the pool f32); parameter, working-copy, gradient
+        // and statistics spans lie in their arenas with the lengths the plans were built from.
         unsafe {
+            // The bf16 working copy of the weights (the whole arena; padding included).
+            if let Some(wc) = &self.wcast {
+                cast(
+                    g,
+                    F32,
+                    DType::BF16,
+                    ptr(&self.params),
+                    ptr(wc),
+                    self.params_len,
+                )?;
+            }
             // Stem: im2col + GEMM + BN-SiLU.
-            let x = g.upload_slice(crops)?;
-            let (cols, oh, ow) = stem_im2col(g, ptr(&x), [n, c, h, w], pad)?;
+            let x32 = g.upload_slice(crops)?;
+            let x = self.cast_new(g, F32, at, ptr(&x32), crops.len())?;
+            drop(x32);
+            let (cols, oh, ow) = stem_im2col(g, at, ptr(&x), [n, c, h, w], pad)?;
             let rows = n * oh * ow;
             let kdim = c * 9;
             drop(x);
@@ -872,22 +969,26 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                     None => None,
                 };
                 let hin = expand.as_ref().map_or(xin, |(_, y)| ptr(y));
-                let (dw_plan, oh, ow) = depthwise_plan(pad, [n, hh, ww, hid], spec)?;
+                let (dw_plan, oh, ow) = depthwise_plan(at, pad, [n, hh, ww, hid], spec)?;
                 let rows_out = n * oh * ow;
-                let dwc = g.alloc(dw_plan.output_len() * 4)?;
-                dw_plan.forward(g, hin, self.p(g, blk.dw.w), ptr(&dwc))?;
+                let dwc = g.alloc(self.ab(dw_plan.output_len()))?;
+                dw_plan.forward(g, hin, self.w(g, blk.dw.w), ptr(&dwc))?;
                 let (dw_save, d) = self.bn_forward(g, dwc, rows_out, &blk.dw, Act::Silu, bn_cfg)?;
-                // Squeeze-excite.
-                let sc = SampleChannels::new(F32, [n, oh * ow, hid])?;
-                let pooled = g.alloc(n * hid * 4)?;
-                sc.global_avg_pool(g, ptr(&d), ptr(&pooled))?;
+                // Squeeze-excite: pooled in the activations' dtype, the MLP in f32.
+                let sc = SampleChannels::new(at, [n, oh * ow, hid])?;
+                let pooled_a = g.alloc(self.ab(n * hid))?;
+                sc.global_avg_pool(g, ptr(&d), ptr(&pooled_a))?;
+                let pooled = self.cast_new(g, at, F32, ptr(&pooled_a), n * hid)?;
+                drop(pooled_a);
                 let a = self.linear(g, ptr(&pooled), blk.se1_w, blk.se1_b, [n, hid, se])?;
                 let a2 = g.alloc(n * se * 4)?;
                 unary(g, Unary::Silu, F32, ptr(&a), ptr(&a2), n * se)?;
                 let s = self.linear(g, ptr(&a2), blk.se2_w, blk.se2_b, [n, se, hid])?;
-                let s2 = g.alloc(n * hid * 4)?;
-                unary(g, Unary::Sigmoid, F32, ptr(&s), ptr(&s2), n * hid)?;
-                let excited = g.alloc(rows_out * hid * 4)?;
+                let s2_32 = g.alloc(n * hid * 4)?;
+                unary(g, Unary::Sigmoid, F32, ptr(&s), ptr(&s2_32), n * hid)?;
+                let s2 = self.cast_new(g, F32, at, ptr(&s2_32), n * hid)?;
+                drop(s2_32);
+                let excited = g.alloc(self.ab(rows_out * hid))?;
                 sc.scale_channels(g, ptr(&d), ptr(&s2), ptr(&excited))?;
                 let (project, p) = self.conv_bn_forward(
                     g,
@@ -905,8 +1006,8 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                             .iter()
                             .flat_map(|&v| std::iter::repeat_n(v, cout))
                             .collect();
-                        let mb = g.upload_slice(&wide)?;
-                        SampleChannels::new(F32, [n, oh * ow, cout])?.scale_channels(
+                        let mb = self.upload_act(g, &wide)?;
+                        SampleChannels::new(at, [n, oh * ow, cout])?.scale_channels(
                             g,
                             ptr(&p),
                             ptr(&mb),
@@ -914,7 +1015,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                         )?;
                         mask_buf = Some(mb);
                     }
-                    add(g, F32, ptr(&p), xin, ptr(&p), rows_out * cout)?;
+                    add(g, at, ptr(&p), xin, ptr(&p), rows_out * cout)?;
                 }
                 acts.push(p);
                 saves.push(BlockSave {
@@ -938,7 +1039,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 ww = ow;
             }
 
-            // Head: top conv + BN-SiLU, pool, dropout, classifier, loss.
+            // Head: top conv + BN-SiLU, pool, then f32: dropout, classifier, loss.
             let rows_top = n * hh * ww;
             let last_ch = BLOCKS[BLOCKS.len() - 1].out_ch;
             let last = acts.pop().expect("trunk output");
@@ -951,10 +1052,12 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 Act::Silu,
                 bn_cfg,
             )?;
-            let top_sc = SampleChannels::new(F32, [n, hh * ww, TOP_CH])?;
-            let pooled = g.alloc(n * TOP_CH * 4)?;
-            top_sc.global_avg_pool(g, ptr(&t), ptr(&pooled))?;
+            let top_sc = SampleChannels::new(at, [n, hh * ww, TOP_CH])?;
+            let pooled_a = g.alloc(self.ab(n * TOP_CH))?;
+            top_sc.global_avg_pool(g, ptr(&t), ptr(&pooled_a))?;
             drop(t);
+            let pooled = self.cast_new(g, at, F32, ptr(&pooled_a), n * TOP_CH)?;
+            drop(pooled_a);
             let feat_sc = SampleChannels::new(F32, [n, 1, TOP_CH])?;
             let dmask = match dropout_mask {
                 Some(m) => Some(g.upload_slice(m)?),
@@ -1000,15 +1103,17 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             if let Some(m) = &dmask {
                 feat_sc.scale_channels(g, ptr(&dfeat), ptr(m), ptr(&dfeat))?;
             }
-            let dt = g.alloc(rows_top * TOP_CH * 4)?;
-            top_sc.global_avg_pool_backward(g, ptr(&dfeat), ptr(&dt), false)?;
+            let dfeat_a = self.cast_new(g, F32, at, ptr(&dfeat), n * TOP_CH)?;
             drop(dfeat);
+            let dt = g.alloc(self.ab(rows_top * TOP_CH))?;
+            top_sc.global_avg_pool_backward(g, ptr(&dfeat_a), ptr(&dt), false)?;
+            drop(dfeat_a);
             let dtc = self.bn_backward(g, &top_save, &self.top, ptr(&dt))?;
             drop((dt, top_save));
             let dims = [rows_top, last_ch, TOP_CH];
-            self.mm_dytx(g, ptr(&dtc), ptr(&last), self.gr(g, self.top.w), dims)?;
-            let mut dcur = g.alloc(rows_top * last_ch * 4)?;
-            self.mm_dyw(g, ptr(&dtc), self.p(g, self.top.w), ptr(&dcur), dims)?;
+            self.mm_dytx(g, at, ptr(&dtc), ptr(&last), self.gr(g, self.top.w), dims)?;
+            let mut dcur = g.alloc(self.ab(rows_top * last_ch))?;
+            self.mm_dyw(g, at, ptr(&dtc), self.w(g, self.top.w), ptr(&dcur), dims)?;
             drop((dtc, last));
 
             for (blk, sv) in self.blocks.iter().zip(saves).rev() {
@@ -1019,8 +1124,8 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 // Through drop-connect: the branch's gradient is dout · mask; the skip's dout.
                 let dp = match &sv.mask {
                     Some(m) => {
-                        let b = g.alloc(sv.rows_out * cout * 4)?;
-                        SampleChannels::new(F32, [n, sv.positions_out, cout])?.scale_channels(
+                        let b = g.alloc(self.ab(sv.rows_out * cout))?;
+                        SampleChannels::new(at, [n, sv.positions_out, cout])?.scale_channels(
                             g,
                             ptr(&dcur),
                             ptr(m),
@@ -1040,18 +1145,21 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 let dims = [sv.rows_out, hid, cout];
                 self.mm_dytx(
                     g,
+                    at,
                     ptr(&dpc),
                     ptr(&sv.excited),
                     self.gr(g, blk.project.w),
                     dims,
                 )?;
-                let dexc = g.alloc(sv.rows_out * hid * 4)?;
-                self.mm_dyw(g, ptr(&dpc), self.p(g, blk.project.w), ptr(&dexc), dims)?;
+                let dexc = g.alloc(self.ab(sv.rows_out * hid))?;
+                self.mm_dyw(g, at, ptr(&dpc), self.w(g, blk.project.w), ptr(&dexc), dims)?;
                 drop(dpc);
-                // Squeeze-excite.
-                let sc = SampleChannels::new(F32, [n, sv.positions_out, hid])?;
-                let ds = g.alloc(n * hid * 4)?;
-                sc.scale_channels_backward_s(g, ptr(&dexc), ptr(&sv.d), ptr(&ds), false)?;
+                // Squeeze-excite: the scale's gradient in the activations' dtype, the MLP in f32.
+                let sc = SampleChannels::new(at, [n, sv.positions_out, hid])?;
+                let ds_a = g.alloc(self.ab(n * hid))?;
+                sc.scale_channels_backward_s(g, ptr(&dexc), ptr(&sv.d), ptr(&ds_a), false)?;
+                let ds = self.cast_new(g, at, F32, ptr(&ds_a), n * hid)?;
+                drop(ds_a);
                 activation_backward(
                     g,
                     ActivationGrad::Sigmoid,
@@ -1086,32 +1194,33 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                     blk.se1_b,
                     [n, hid, se],
                 )?;
+                let dpooled_a = self.cast_new(g, F32, at, ptr(&dpooled), n * hid)?;
                 // The depthwise output's whole gradient: through the multiply and the pool.
                 sc.scale_channels_backward_x_pooled(
                     g,
                     ptr(&dexc),
                     ptr(&sv.s2),
-                    ptr(&dpooled),
+                    ptr(&dpooled_a),
                     ptr(&dexc),
                 )?;
-                drop((ds, da, dpooled));
+                drop((ds, da, dpooled, dpooled_a));
                 let ddc = self.bn_backward(g, &sv.dw, &blk.dw, ptr(&dexc))?;
                 drop(dexc);
                 let hin = sv.expand.as_ref().map_or(xin, |(_, y)| ptr(y));
                 sv.dw_plan
                     .backward_w(g, hin, ptr(&ddc), self.gr(g, blk.dw.w), false)?;
-                let dh = g.alloc(sv.dw_plan.input_len() * 4)?;
+                let dh = g.alloc(self.ab(sv.dw_plan.input_len()))?;
                 sv.dw_plan
-                    .backward_x(g, ptr(&ddc), self.p(g, blk.dw.w), ptr(&dh))?;
+                    .backward_x(g, ptr(&ddc), self.w(g, blk.dw.w), ptr(&dh))?;
                 drop(ddc);
                 let din = match (&blk.expand, &sv.expand) {
                     (Some(e), Some((esave, _))) => {
                         let dec = self.bn_backward(g, esave, e, ptr(&dh))?;
                         drop(dh);
                         let dims = [sv.rows_in, spec.in_ch, hid];
-                        self.mm_dytx(g, ptr(&dec), xin, self.gr(g, e.w), dims)?;
-                        let din = g.alloc(sv.rows_in * spec.in_ch * 4)?;
-                        self.mm_dyw(g, ptr(&dec), self.p(g, e.w), ptr(&din), dims)?;
+                        self.mm_dytx(g, at, ptr(&dec), xin, self.gr(g, e.w), dims)?;
+                        let din = g.alloc(self.ab(sv.rows_in * spec.in_ch))?;
+                        self.mm_dyw(g, at, ptr(&dec), self.w(g, e.w), ptr(&din), dims)?;
                         din
                     }
                     _ => dh,
@@ -1119,7 +1228,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 if spec.residual() {
                     add(
                         g,
-                        F32,
+                        at,
                         ptr(&din),
                         ptr(&dcur),
                         ptr(&din),
@@ -1134,6 +1243,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             let dsc = self.bn_backward(g, &stem_save, &self.stem, ptr(&dcur))?;
             self.mm_dytx(
                 g,
+                at,
                 ptr(&dsc),
                 ptr(&cols),
                 self.gr(g, self.stem.w),

@@ -65,3 +65,66 @@ pub fn affine_f32<G: Gpu>(g: &G) {
     let want: Vec<f64> = x.iter().map(|&v| v as f64 * 2.5 - 0.75).collect();
     assert_close("affine f32", &f64s(&y), &want, F32_TOL);
 }
+
+/// f32 → bf16 rounds to nearest even exactly as `half::bf16::from_f32` (ties, NaN, ±∞, values
+/// that overflow to ∞, subnormals), and bf16 → f32 is exact; the same dtype twice is a copy.
+pub fn cast_f32_bf16<G: Gpu>(g: &G) {
+    use phenocore::backend::gpu::elementwise::cast;
+    let special = [
+        0.0f32,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MAX,
+        f32::MIN_POSITIVE / 4.0,
+        // Ties: halfway between two bf16 values, one with an even mantissa, one with an odd.
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::from_bits(0x3f80_8001),
+    ];
+    for (i, n) in LENS.into_iter().enumerate() {
+        let mut x: Vec<f32> = uniform(n, 40 + i as u64)
+            .iter()
+            .map(|v| v * 300.0)
+            .collect();
+        for (d, s) in x.iter_mut().zip(special) {
+            *d = s;
+        }
+        let xb = g.upload_slice(&x).unwrap();
+        let yb = g.alloc(n * 2).unwrap();
+        unsafe { cast(g, DType::F32, DType::BF16, g.ptr(&xb), g.ptr(&yb), n) }.unwrap();
+        let got: Vec<u16> = g.download_vec(&yb, n).unwrap();
+        for (j, (&v, &b)) in x.iter().zip(&got).enumerate() {
+            let want = half::bf16::from_f32(v);
+            let ok = if v.is_nan() {
+                half::bf16::from_bits(b).is_nan()
+            } else {
+                b == want.to_bits()
+            };
+            assert!(
+                ok,
+                "cast f32 -> bf16 n={n} [{j}] {v:e}: got {b:#06x}, want {:#06x}",
+                want.to_bits()
+            );
+        }
+        let back = g.alloc(n * 4).unwrap();
+        unsafe { cast(g, DType::BF16, DType::F32, g.ptr(&yb), g.ptr(&back), n) }.unwrap();
+        let wide: Vec<f32> = g.download_vec(&back, n).unwrap();
+        for (j, (&b, &w)) in got.iter().zip(&wide).enumerate() {
+            let want = half::bf16::from_bits(b).to_f32();
+            assert!(
+                w.to_bits() == want.to_bits() || (w.is_nan() && want.is_nan()),
+                "cast bf16 -> f32 n={n} [{j}]: got {w:e}, want {want:e}"
+            );
+        }
+        let same = g.alloc(n * 4).unwrap();
+        unsafe { cast(g, DType::F32, DType::F32, g.ptr(&xb), g.ptr(&same), n) }.unwrap();
+        let c: Vec<f32> = g.download_vec(&same, n).unwrap();
+        assert!(c.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    let e = unsafe { cast(g, DType::F32, DType::F16, 0, 0, 4) }
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not supported"), "{e}");
+}

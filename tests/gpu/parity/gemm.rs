@@ -30,14 +30,17 @@ fn reference(
     c
 }
 
-/// Every transpose combination, padded leading dimensions, alpha / beta, f32 / TF32 / bf16: checks
-/// the row-major → cuBLAS column-major mapping (on the emulation: the harness's own GEMM).
+/// Every transpose combination, padded leading dimensions, alpha / beta, f32 / TF32 / bf16 / bf16
+/// inputs with an f32 output: checks the row-major → cuBLAS column-major mapping (on the
+/// emulation: the harness's own GEMM).
 pub fn gemm_f32_bf16_tf32_transposes<G: Gpu>(g: &G) {
     let (m, n, k) = (37, 29, 70);
-    for (dtype, math, tol) in [
-        (DType::F32, Math::F32, F32_TOL),
-        (DType::F32, Math::Tf32, 2e-3),
-        (DType::BF16, Math::F32, BF16_TOL),
+    for (dtype, c_dtype, math, tol) in [
+        (DType::F32, DType::F32, Math::F32, F32_TOL),
+        (DType::F32, DType::F32, Math::Tf32, 2e-3),
+        (DType::BF16, DType::BF16, Math::F32, BF16_TOL),
+        // bf16 operands are exact in f32: only the f32 sums round.
+        (DType::BF16, DType::F32, Math::F32, F32_TOL),
     ] {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             let (ar, ac) = if ta { (k, m) } else { (m, k) };
@@ -50,15 +53,20 @@ pub fn gemm_f32_bf16_tf32_transposes<G: Gpu>(g: &G) {
                 uniform(m * ldc, seed + 20),
             );
             let (alpha, beta) = (1.5f32, -0.5f32);
-            let name = format!("gemm {dtype:?} {math:?} ta={ta} tb={tb}");
+            let name = format!("gemm {dtype:?} -> {c_dtype:?} {math:?} ta={ta} tb={tb}");
             let (ab, bb, cb, av, bv, cv) = if dtype == DType::BF16 {
                 let (a16, af) = to_bf16(&a);
                 let (b16, bf) = to_bf16(&b);
                 let (c16, cf) = to_bf16(&c0);
+                let (cb, cf) = if c_dtype == DType::BF16 {
+                    (g.upload_slice(&c16).unwrap(), cf)
+                } else {
+                    (g.upload_slice(&c0).unwrap(), c0.clone())
+                };
                 (
                     g.upload_slice(&a16).unwrap(),
                     g.upload_slice(&b16).unwrap(),
-                    g.upload_slice(&c16).unwrap(),
+                    cb,
                     af,
                     bf,
                     cf,
@@ -88,11 +96,12 @@ pub fn gemm_f32_bf16_tf32_transposes<G: Gpu>(g: &G) {
                 alpha,
                 beta,
                 dtype,
+                c_dtype,
                 math,
             };
             unsafe { g.gemm(&gemm) }.unwrap();
             let prod = reference(m, n, k, &f64s(&av), lda, ta, &f64s(&bv), ldb, tb);
-            let got = if dtype == DType::BF16 {
+            let got = if c_dtype == DType::BF16 {
                 from_bf16(&g.download_vec::<u16>(&cb, m * ldc).unwrap())
             } else {
                 f64s(&g.download_vec::<f32>(&cb, m * ldc).unwrap())
@@ -128,7 +137,16 @@ pub fn gemm_f32_bf16_tf32_transposes<G: Gpu>(g: &G) {
         alpha: 1.0,
         beta: 0.0,
         dtype: DType::F32,
+        c_dtype: DType::F32,
         math: Math::F32,
     };
     assert!(unsafe { g.gemm(&bad) }.is_err());
+    // f32 inputs with a bf16 output is not a cuBLAS combination the backend offers: an error.
+    let bad_out = Gemm {
+        lda: 4,
+        c_dtype: DType::BF16,
+        ..bad
+    };
+    let e = unsafe { g.gemm(&bad_out) }.unwrap_err().to_string();
+    assert!(e.contains("output dtype"), "{e}");
 }

@@ -38,6 +38,7 @@ macro_rules! for_each_parity_test {
             elementwise::unary_f32,
             elementwise::unary_bf16,
             elementwise::affine_f32,
+            elementwise::cast_f32_bf16,
             depthwise::forward_and_backward_f32,
             depthwise::forward_and_backward_bf16,
             depthwise::accumulates_weight_gradient,
@@ -99,6 +100,7 @@ macro_rules! for_each_parity_test {
             vae::vae_encode5_decode5_and_rejects,
             effnet_train::effnet_train_sgd_matches_cpu,
             effnet_train::effnet_train_adamw_matches_cpu,
+            effnet_train::effnet_train_bf16_matches_cpu,
             effnet_train::effnet_train_rejects_and_restores,
         );
     };
