@@ -1,10 +1,10 @@
 """One EfficientNet-B0 training step on a CUDA GPU, side by side in one run: torchvision
 `efficientnet_b0` (5-channel stem) under PyTorch eager fp32 and bf16 autocast against phenocore's
-`GpuEfficientNetTrainer` (`benches/cuda_train.rs`, f32 and TF32 GEMMs): batch B of random
+`GpuEfficientNetTrainer` (`benches/cuda_train.rs`: f32, TF32 GEMMs, and bf16 mixed precision
+with f32 master weights): batch B of random
 5 x 128 x 128 crops, random labels, training-mode forward (dropout 0.2, stochastic depth 0.2),
 cross-entropy, backward, SGD (lr 0.005, momentum 0.9, Nesterov, weight decay 1e-5). Issue 6's
-target: >= 1.3x PyTorch eager at batch 256 (bf16 against autocast bf16; phenocore has no bf16
-training path yet, so its rows are f32 / TF32). Prints seconds per step, crops/s and the ratios.
+target: >= 1.3x PyTorch eager at batch 256 (phenocore bf16 against autocast bf16). Prints seconds per step, crops/s and the ratios.
 
     python benches/cuda_train.py [--batch 256] [--classes 490] [--steps 10]
 
@@ -61,9 +61,9 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True
     print(f"GPU: {torch.cuda.get_device_name(0)}; batch {a.batch}; torch {torch.__version__}")
     rows = {f"torch eager {d}": torch_side(a, d) for d in ["fp32", "bf16"]}
-    for mode in ["f32", "tf32"]:
+    for mode in ["f32", "tf32", "bf16"]:
         cmd = ["cargo", "bench", "--features", "cuda", "--bench", "cuda_train", "--",
-               str(a.batch), str(a.classes), str(a.steps)] + (["tf32"] if mode == "tf32" else [])
+               str(a.batch), str(a.classes), str(a.steps), mode]
         res = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
         if res.returncode != 0:
             print(res.stdout, res.stderr, file=sys.stderr)

@@ -4,7 +4,8 @@
 //! (lr 0.005, momentum 0.9, Nesterov, weight decay 1e-5), as `benches/train_step.py` does on the
 //! CPU. Prints one JSON line; `benches/cuda_train.py` runs PyTorch beside it.
 //!
-//! `cargo bench --features cuda --bench cuda_train -- BATCH CLASSES STEPS [tf32]`
+//! `cargo bench --features cuda --bench cuda_train -- BATCH CLASSES STEPS [f32|tf32|bf16]`
+//! (bf16: mixed precision with f32 master weights, `GpuTrainOptions::compute`).
 use phenocore::backend::cuda::device;
 use phenocore::backend::gpu::Math;
 use phenocore::models::efficientnet::{
@@ -13,6 +14,7 @@ use phenocore::models::efficientnet::{
 };
 use phenocore::optim::SgdOptions;
 use phenocore::train::DecayScope;
+use phenocore::DType;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
@@ -22,13 +24,22 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     if args.len() < 3 {
-        eprintln!("usage: cuda_train BATCH CLASSES STEPS [tf32]");
+        eprintln!("usage: cuda_train BATCH CLASSES STEPS [f32|tf32|bf16]");
         std::process::exit(2);
     }
     let n: usize = args[0].parse().expect("BATCH");
     let classes: usize = args[1].parse().expect("CLASSES");
     let steps: usize = args[2].parse().expect("STEPS");
-    let tf32 = args.get(3).is_some_and(|a| a == "tf32");
+    let mode = args.get(3).map_or("f32", |a| a.as_str()).to_string();
+    let (math, compute) = match mode.as_str() {
+        "f32" => (Math::F32, DType::F32),
+        "tf32" => (Math::Tf32, DType::F32),
+        "bf16" => (Math::F32, DType::BF16),
+        m => {
+            eprintln!("unknown mode {m:?} (f32, tf32 or bf16)");
+            std::process::exit(2);
+        }
+    };
     let cfg = EfficientNetConfig {
         in_channels: 5,
         num_classes: classes,
@@ -49,7 +60,8 @@ fn main() {
         label_smoothing: 0.0,
         decay_scope: DecayScope::All,
         clip_grad_norm: None,
-        math: if tf32 { Math::Tf32 } else { Math::F32 },
+        math,
+        compute,
     };
     let mut trainer = GpuEfficientNetTrainer::new(&dev, &model, opts).expect("upload");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20241121);
@@ -76,7 +88,7 @@ fn main() {
     println!(
         "{{\"side\": \"phenocore\", \"gpu\": \"{}\", \"math\": \"{}\", \"batch\": {n}, \"step_s\": {med}, \"crops_per_s\": {}, \"loss\": {loss}}}",
         dev.name(),
-        if tf32 { "tf32" } else { "f32" },
+        mode,
         n as f64 / med
     );
 }
