@@ -7,7 +7,9 @@
 //! loss and every running statistic (≤ 1e-5), every parameter gradient (≤ 3e-5, or twice the
 //! error of the CPU's own f32 step on that tensor where the random model amplifies f32 rounding
 //! beyond 1e-5 — it does, up to ~1e-4 for the CPU), and every parameter's update (new − old)
-//! against the CPU optimizer applied to the GPU's gradients (equal within one f32 spacing).
+//! against the CPU optimizer applied to the GPU's gradients (equal within one f32 spacing). The
+//! bf16 mixed-precision step is held to bounds set by the step's measured sensitivity to bf16
+//! rounding (see `effnet_train_bf16_matches_cpu`).
 
 use super::*;
 use phenocore::autograd::{ParamKind, Tape};
@@ -271,8 +273,9 @@ const TOL_F32: Tol = Tol {
     allowed_over: 0.0,
 };
 
-/// Compares one GPU step with the CPU reference: loss, gradients (against the f64 step, bounded
-/// by the f32 step's error where that exceeds 3e-5), running statistics, and the update against
+/// Compares one GPU step with the CPU reference: loss, gradients (against the f64 step `cpu`,
+/// bounded as `tol` says by the error of the conditioning reference `cpu32`: the CPU f32 step,
+/// or for bf16 the f64 step from bf16-rounded inputs), running statistics, and the update against
 /// `opt` applied (from `before`, the GPU's parameters before the step) to the GPU's gradients
 /// (clipped as `clip` says).
 #[allow(clippy::too_many_arguments)]
@@ -568,8 +571,8 @@ pub fn effnet_train_sgd_matches_cpu<G: Gpu>(g: &G) {
     );
 }
 
-/// AdamW (decoupled decay on every parameter, bias corrections of steps 1 and 2); TF-SAME padding.
-pub fn effnet_train_adamw_matches_cpu<G: Gpu>(g: &G) {
+/// AdamW (decoupled decay on every parameter, bias corrections of steps 1 and 2), two steps.
+fn adamw_two_steps<G: Gpu>(g: &G, padding: Padding, compute: DType, tol: &Tol) {
     let adamw = AdamWOptions {
         weight_decay: 0.05,
         ..Default::default()
@@ -581,33 +584,26 @@ pub fn effnet_train_adamw_matches_cpu<G: Gpu>(g: &G) {
         decay_scope: DecayScope::All,
         clip_grad_norm: None,
         math: phenocore::backend::gpu::Math::F32,
-        compute: DType::F32,
+        compute,
     };
-    two_steps(
-        g,
-        Padding::TfSame,
-        opts,
-        Box::new(AdamW::new(adamw).unwrap()),
-        &TOL_F32,
-    );
+    two_steps(g, padding, opts, Box::new(AdamW::new(adamw).unwrap()), tol);
 }
 
-/// bf16 mixed precision (f32 master weights, bf16 activations and working copy of the weights)
-/// against the same f64 reference, with the bf16 bound.
+/// AdamW in f32; TF-SAME padding.
+pub fn effnet_train_adamw_matches_cpu<G: Gpu>(g: &G) {
+    adamw_two_steps(g, Padding::TfSame, DType::F32, &TOL_F32);
+}
+
+/// bf16 mixed precision (f32 master weights; bf16 activations and working copy of the weights)
+/// against the f64 step. A bf16 step cannot meet 1e-2 per tensor on this model: the f64 step
+/// from the same weights and crops merely rounded to bf16 (the conv weights and the crops, as the
+/// GPU's casts round them) is itself a median ~16% (step 1) away from the f64 step, up to ~2
+/// tensor-wise (training-mode BN on few rows amplifies). That rounded-input reference is the
+/// conditioning estimate: loss and running statistics within max(1e-2, 4 × its error), gradients
+/// within max(1e-2, 4 × its error on the tensor) for at least 90% of the tensors and 4 × its
+/// median error at the median, nothing non-finite. A wrong pointer, dtype or a stale working
+/// copy fails by orders of magnitude (checked by mutation when written).
 pub fn effnet_train_bf16_matches_cpu<G: Gpu>(g: &G) {
-    let adamw = AdamWOptions {
-        weight_decay: 0.05,
-        ..Default::default()
-    };
-    let opts = GpuTrainOptions {
-        optimizer: GpuOptimizer::AdamW(adamw),
-        lr: 1e-2,
-        label_smoothing: SMOOTHING,
-        decay_scope: DecayScope::All,
-        clip_grad_norm: None,
-        math: phenocore::backend::gpu::Math::F32,
-        compute: DType::BF16,
-    };
     let tol = Tol {
         loss: BF16_TOL,
         stats: BF16_TOL,
@@ -616,13 +612,7 @@ pub fn effnet_train_bf16_matches_cpu<G: Gpu>(g: &G) {
         median_factor: Some(4.0),
         allowed_over: 0.1,
     };
-    two_steps(
-        g,
-        Padding::Symmetric,
-        opts,
-        Box::new(AdamW::new(adamw).unwrap()),
-        &tol,
-    );
+    adamw_two_steps(g, Padding::Symmetric, DType::BF16, &tol);
 }
 
 /// Bad inputs are errors, not panics, and a step that fails part-way (a batch norm with one row,
