@@ -485,13 +485,17 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         }
     }
 
-    /// `n` values at `x` converted from `from` to `to` into a new buffer (a copy when equal).
+    /// The `n` values of `x` as `to`: `x` itself when it already holds `to` (f32 compute: no copy),
+    /// else a new buffer cast from `from`.
     ///
     /// # Safety
-    /// `x` addresses `n` elements of `from`.
-    unsafe fn cast_new(&self, g: &G, from: DType, to: DType, x: u64, n: usize) -> Result<G::Buf> {
+    /// `x` holds `n` elements of `from`.
+    unsafe fn convert(&self, g: &G, from: DType, to: DType, x: G::Buf, n: usize) -> Result<G::Buf> {
+        if from == to {
+            return Ok(x);
+        }
         let y = g.alloc(n.max(1) * to.size_in_bytes())?;
-        cast(g, from, to, x, g.ptr(&y), n)?;
+        cast(g, from, to, g.ptr(&x), g.ptr(&y), n)?;
         Ok(y)
     }
 
@@ -937,8 +941,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             }
             // Stem: im2col + GEMM + BN-SiLU.
             let x32 = g.upload_slice(crops)?;
-            let x = self.cast_new(g, F32, at, ptr(&x32), crops.len())?;
-            drop(x32);
+            let x = self.convert(g, F32, at, x32, crops.len())?;
             let (cols, oh, ow) = stem_im2col(g, at, ptr(&x), [n, c, h, w], pad)?;
             let rows = n * oh * ow;
             let kdim = c * 9;
@@ -978,16 +981,14 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 let sc = SampleChannels::new(at, [n, oh * ow, hid])?;
                 let pooled_a = g.alloc(self.ab(n * hid))?;
                 sc.global_avg_pool(g, ptr(&d), ptr(&pooled_a))?;
-                let pooled = self.cast_new(g, at, F32, ptr(&pooled_a), n * hid)?;
-                drop(pooled_a);
+                let pooled = self.convert(g, at, F32, pooled_a, n * hid)?;
                 let a = self.linear(g, ptr(&pooled), blk.se1_w, blk.se1_b, [n, hid, se])?;
                 let a2 = g.alloc(n * se * 4)?;
                 unary(g, Unary::Silu, F32, ptr(&a), ptr(&a2), n * se)?;
                 let s = self.linear(g, ptr(&a2), blk.se2_w, blk.se2_b, [n, se, hid])?;
                 let s2_32 = g.alloc(n * hid * 4)?;
                 unary(g, Unary::Sigmoid, F32, ptr(&s), ptr(&s2_32), n * hid)?;
-                let s2 = self.cast_new(g, F32, at, ptr(&s2_32), n * hid)?;
-                drop(s2_32);
+                let s2 = self.convert(g, F32, at, s2_32, n * hid)?;
                 let excited = g.alloc(self.ab(rows_out * hid))?;
                 sc.scale_channels(g, ptr(&d), ptr(&s2), ptr(&excited))?;
                 let (project, p) = self.conv_bn_forward(
@@ -1056,8 +1057,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             let pooled_a = g.alloc(self.ab(n * TOP_CH))?;
             top_sc.global_avg_pool(g, ptr(&t), ptr(&pooled_a))?;
             drop(t);
-            let pooled = self.cast_new(g, at, F32, ptr(&pooled_a), n * TOP_CH)?;
-            drop(pooled_a);
+            let pooled = self.convert(g, at, F32, pooled_a, n * TOP_CH)?;
             let feat_sc = SampleChannels::new(F32, [n, 1, TOP_CH])?;
             let dmask = match dropout_mask {
                 Some(m) => Some(g.upload_slice(m)?),
@@ -1103,8 +1103,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             if let Some(m) = &dmask {
                 feat_sc.scale_channels(g, ptr(&dfeat), ptr(m), ptr(&dfeat))?;
             }
-            let dfeat_a = self.cast_new(g, F32, at, ptr(&dfeat), n * TOP_CH)?;
-            drop(dfeat);
+            let dfeat_a = self.convert(g, F32, at, dfeat, n * TOP_CH)?;
             let dt = g.alloc(self.ab(rows_top * TOP_CH))?;
             top_sc.global_avg_pool_backward(g, ptr(&dfeat_a), ptr(&dt), false)?;
             drop(dfeat_a);
@@ -1158,8 +1157,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 let sc = SampleChannels::new(at, [n, sv.positions_out, hid])?;
                 let ds_a = g.alloc(self.ab(n * hid))?;
                 sc.scale_channels_backward_s(g, ptr(&dexc), ptr(&sv.d), ptr(&ds_a), false)?;
-                let ds = self.cast_new(g, at, F32, ptr(&ds_a), n * hid)?;
-                drop(ds_a);
+                let ds = self.convert(g, at, F32, ds_a, n * hid)?;
                 activation_backward(
                     g,
                     ActivationGrad::Sigmoid,
@@ -1194,7 +1192,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                     blk.se1_b,
                     [n, hid, se],
                 )?;
-                let dpooled_a = self.cast_new(g, F32, at, ptr(&dpooled), n * hid)?;
+                let dpooled_a = self.convert(g, F32, at, dpooled, n * hid)?;
                 // The depthwise output's whole gradient: through the multiply and the pool.
                 sc.scale_channels_backward_x_pooled(
                     g,
@@ -1203,7 +1201,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                     ptr(&dpooled_a),
                     ptr(&dexc),
                 )?;
-                drop((ds, da, dpooled, dpooled_a));
+                drop((ds, da, dpooled_a));
                 let ddc = self.bn_backward(g, &sv.dw, &blk.dw, ptr(&dexc))?;
                 drop(dexc);
                 let hin = sv.expand.as_ref().map_or(xin, |(_, y)| ptr(y));
