@@ -49,8 +49,11 @@ fi
 echo "== NVRTC from $libdir"
 export LD_LIBRARY_PATH="$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
-echo "== cargo build --release --features cuda"
-cargo build --release --features cuda
+# `cargo test --no-run` builds the library and the CLI binary with --features cuda, the same code as
+# `cargo build --release --features cuda`, but with the dependency features `cargo test` resolves
+# (dev-dependencies included), so the test runs below reuse it instead of rebuilding everything.
+echo "== build with --features cuda (library, CLI, NVRTC check)"
+cargo test --release --features cuda --no-run --test nvrtc_check
 
 echo "== NVRTC check (sm_80, sm_90)"
 cargo test --release --features cuda --test nvrtc_check -- --include-ignored
