@@ -74,9 +74,10 @@ __device__ __forceinline__ void im2col_nhwc(const T* __restrict__ x, T* __restri
 // col2im as a gather (deterministic, no atomics): one thread per dx element of the input rows
 // [q0, q0 + nq), channel fastest, summing in the fixed order (ky, kx) ascending the dcols entries
 // of its taps whose output row lies in the chunk; adds to dx when `accumulate` (chunks that share
-// input rows), else overwrites.
-template <typename T>
-__device__ __forceinline__ void col2im_nhwc(const T* __restrict__ dcols, T* __restrict__ dx, ConvGeom g) {
+// input rows), else overwrites. dcols is TC (T, or f32 for a bf16 dx: the taps' products are
+// summed unrounded and dx is rounded once).
+template <typename TC, typename T>
+__device__ __forceinline__ void col2im_nhwc(const TC* __restrict__ dcols, T* __restrict__ dx, ConvGeom g) {
     const u64 total = (u64)g.nq * g.w * g.cin;
     const int kk = g.k * g.k;
     GRID_STRIDE_LOOP(i, total) {
@@ -109,23 +110,12 @@ __device__ __forceinline__ void col2im_nhwc(const T* __restrict__ dcols, T* __re
         im2col_nhwc(x, cols, g);                                                                                \
     }                                                                                                           \
     KERNEL(col2im_nhwc_##SUFFIX, const T* __restrict__ dcols, T* __restrict__ dx, ConvGeom g) {                \
-        col2im_nhwc(dcols, dx, g);                                                                              \
+        col2im_nhwc<T, T>(dcols, dx, g);                                                                        \
     }
 
 CONV_KERNELS(float, f32)
 CONV_KERNELS(bf16, bf16)
 
-// bf16 weight gradient over several chunks: each chunk's GEMM result `part` (bf16) is added to an
-// f32 running sum (acc = part on the first chunk); the last chunk writes the rounded sum to dw.
-// Chunks in order, one thread per element: deterministic.
-KERNEL(conv_grad_accumulate_bf16, const bf16* __restrict__ part, float* __restrict__ acc, bf16* __restrict__ dw,
-       u64 len, int first, int last) {
-    GRID_STRIDE_LOOP(i, len) {
-        const float s = to_acc(part[i]) + (first ? 0.f : acc[i]);
-        if (last) {
-            dw[i] = from_acc<bf16>(s);
-        } else {
-            acc[i] = s;
-        }
-    }
+KERNEL(col2im_nhwc_f32_bf16, const float* __restrict__ dcols, bf16* __restrict__ dx, ConvGeom g) {
+    col2im_nhwc<float, bf16>(dcols, dx, g);
 }

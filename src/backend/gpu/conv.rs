@@ -16,12 +16,15 @@
 //! The cols workspace is bounded ([`DEFAULT_MAX_WORKSPACE`], [`Conv2d::with_max_workspace`]): the
 //! rows are processed in chunks of whole samples, or, when one sample's cols exceed the bound, of
 //! whole output rows of one sample (at least one output row per chunk, whatever the bound). The
-//! weight gradient accumulates over chunks with GEMM beta = 1 (f32), or, with bf16 storage, in an
-//! f32 sum of the chunks' bf16 products (`conv_grad_accumulate_bf16`); the input gradient of
-//! sub-sample chunks (which share input rows) is zeroed once and accumulated chunk by chunk in
-//! chunk order (with bf16 storage the few overlapping rows round to bf16 between chunks).
+//! weight gradient accumulates over chunks with GEMM beta = 1 into an f32 result (with bf16
+//! storage: f32 GEMM output from bf16 operands, rounded to bf16 once at the end, or kept f32 by
+//! [`Conv2d::backward_w_f32`] for f32 master gradients); the input gradient of sub-sample chunks
+//! (which share input rows) is zeroed once and accumulated chunk by chunk in chunk order (with bf16
+//! storage the few overlapping rows round to bf16 between chunks). With bf16 storage the input
+//! gradient's dcols are f32 (twice [`Conv2d::workspace_bytes`]): the k² taps of each dx element are
+//! summed unrounded and rounded once, as a direct convolution would.
 
-use super::elementwise::suffix;
+use super::elementwise::{cast, suffix};
 use super::kernels::CONV;
 use super::shape::SampleChannels;
 use super::{dim, grid_extent, grid_stride_blocks, Arg, Gemm, Gpu, Launch, Math, BLOCK};
@@ -350,12 +353,16 @@ impl Conv2d {
         })
     }
 
-    /// dx rows [c.q0, c.q0 + c.nq) (+)= the gather of dcols [c.rows, kdim].
+    /// dx rows [c.q0, c.q0 + c.nq) (+)= the gather of dcols [c.rows, kdim] (f32 for either storage).
     unsafe fn col2im(&self, g: &impl Gpu, dcols: u64, dx: u64, c: &Chunk) -> Result<()> {
         let items = c.nq * self.w * self.cin;
         g.launch(&Launch {
             module: &CONV,
-            entry: format!("col2im_nhwc_{}", suffix(self.dtype)),
+            // dcols are f32 for either storage (`backward_x`).
+            entry: match self.dtype {
+                DType::BF16 => "col2im_nhwc_f32_bf16".into(),
+                d => format!("col2im_nhwc_{}", suffix(d)),
+            },
             grid: [grid_stride_blocks(g, items), 1, 1],
             block: [BLOCK, 1, 1],
             shared_bytes: 0,
@@ -368,10 +375,25 @@ impl Conv2d {
     unsafe fn gemm(
         &self,
         g: &impl Gpu,
+        mnk: [usize; 3],
+        a: (u64, usize, bool),
+        b: (u64, usize, bool),
+        c: (u64, usize, f32),
+        math: Math,
+    ) -> Result<()> {
+        self.gemm_to(g, mnk, a, b, c, self.dtype, math)
+    }
+
+    /// A GEMM with operands of this plan's dtype and C of `c_dtype` (the dtype, or f32).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_to(
+        &self,
+        g: &impl Gpu,
         [m, n, k]: [usize; 3],
         (a, lda, trans_a): (u64, usize, bool),
         (b, ldb, trans_b): (u64, usize, bool),
         (c, ldc, beta): (u64, usize, f32),
+        c_dtype: DType,
         math: Math,
     ) -> Result<()> {
         g.gemm(&Gemm {
@@ -389,7 +411,7 @@ impl Conv2d {
             alpha: 1.0,
             beta,
             dtype: self.dtype,
-            c_dtype: self.dtype,
+            c_dtype,
             math,
         })
     }
@@ -474,18 +496,21 @@ impl Conv2d {
             // Sub-sample chunks accumulate into shared input rows; rows no tap reaches stay 0.
             g.memset_zero(dx, self.input_len() * self.esize())?;
         }
-        let ws = g.alloc(self.workspace_bytes())?;
+        // dcols in f32 for bf16 storage (the GEMM's f32 output from bf16 operands).
+        let dcols_dtype = DType::F32;
+        let ws = g.alloc(self.workspace_bytes() / self.esize() * dcols_dtype.size_in_bytes())?;
         let dcols = g.ptr(&ws);
         for c in &chunks {
             if c.nq == 0 {
                 continue;
             }
-            self.gemm(
+            self.gemm_to(
                 g,
                 [c.rows, kdim, cout],
                 (self.row_ptr(dy, c.row0, cout), cout, false),
                 (w, kdim, false),
                 (dcols, kdim, 0.0),
+                dcols_dtype,
                 math,
             )?;
             self.col2im(g, dcols, dx, c)?;
@@ -493,7 +518,7 @@ impl Conv2d {
         Ok(())
     }
 
-    /// dw = ∂L/∂w (OIHW); dw is overwritten.
+    /// dw = ∂L/∂w (OIHW) of the plan's dtype; dw is overwritten.
     ///
     /// # Safety
     /// x, dy, dw address `input_len`, `output_len`, `weight_len` elements of `dtype`; dw overlaps
@@ -506,59 +531,78 @@ impl Conv2d {
         dw: u64,
         math: Math,
     ) -> Result<()> {
+        self.backward_w_as(g, x, dy, dw, self.dtype, math)
+    }
+
+    /// dw = ∂L/∂w (OIHW) in f32 whatever the storage (bf16 storage: f32 master-weight gradients,
+    /// never rounded to bf16); dw is overwritten.
+    ///
+    /// # Safety
+    /// x and dy address `input_len`, `output_len` elements of `dtype`, dw `weight_len` f32; dw
+    /// overlaps neither input.
+    pub unsafe fn backward_w_f32(
+        &self,
+        g: &impl Gpu,
+        x: u64,
+        dy: u64,
+        dw: u64,
+        math: Math,
+    ) -> Result<()> {
+        self.backward_w_as(g, x, dy, dw, DType::F32, math)
+    }
+
+    /// dw of `dw_dtype` (the plan's dtype, or f32).
+    unsafe fn backward_w_as(
+        &self,
+        g: &impl Gpu,
+        x: u64,
+        dy: u64,
+        dw: u64,
+        dw_dtype: DType,
+        math: Math,
+    ) -> Result<()> {
         let (cout, kdim) = (self.cout, self.kdim());
         if self.is_pointwise() {
-            return self.gemm(
+            return self.gemm_to(
                 g,
                 [cout, kdim, self.rows()],
                 (dy, cout, true),
                 (x, kdim, false),
                 (dw, kdim, 0.0),
+                dw_dtype,
                 math,
             );
         }
         let chunks = self.chunks();
         let ws = g.alloc(self.workspace_bytes())?;
         let cols = g.ptr(&ws);
-        // bf16 over several chunks: each chunk's product goes to `part`, summed in f32 in `acc`
-        // (a bf16 running sum would round once per chunk).
+        // The chunks' products accumulate (beta = 1) in f32: straight into dw when it is f32 or
+        // there is one chunk, else in an f32 sum rounded to bf16 once at the end.
         let len = self.weight_len();
-        let split = if self.dtype == DType::BF16 && chunks.len() > 1 {
-            Some((g.alloc(len * 2)?, g.alloc(len * 4)?))
-        } else {
+        let direct = dw_dtype == DType::F32 || chunks.len() == 1;
+        let sum = if direct {
             None
+        } else {
+            Some(g.alloc(len * 4)?)
+        };
+        let (target, c_dtype) = match &sum {
+            Some(b) => (g.ptr(b), DType::F32),
+            None => (dw, dw_dtype),
         };
         for (i, c) in chunks.iter().enumerate() {
             self.im2col(g, x, cols, c)?;
-            let (out, beta) = match &split {
-                Some((part, _)) => (g.ptr(part), 0.0),
-                None => (dw, if i == 0 { 0.0 } else { 1.0 }),
-            };
-            self.gemm(
+            self.gemm_to(
                 g,
                 [cout, kdim, c.rows],
                 (self.row_ptr(dy, c.row0, cout), cout, true),
                 (cols, kdim, false),
-                (out, kdim, beta),
+                (target, kdim, if i == 0 { 0.0 } else { 1.0 }),
+                c_dtype,
                 math,
             )?;
-            if let Some((part, acc)) = &split {
-                g.launch(&Launch {
-                    module: &CONV,
-                    entry: "conv_grad_accumulate_bf16".into(),
-                    grid: [grid_stride_blocks(g, len), 1, 1],
-                    block: [BLOCK, 1, 1],
-                    shared_bytes: 0,
-                    args: vec![
-                        Arg::Ptr(g.ptr(part)),
-                        Arg::Ptr(g.ptr(acc)),
-                        Arg::Ptr(dw),
-                        Arg::U64(len as u64),
-                        Arg::I32((i == 0) as i32),
-                        Arg::I32((i + 1 == chunks.len()) as i32),
-                    ],
-                })?;
-            }
+        }
+        if sum.is_some() {
+            cast(g, DType::F32, dw_dtype, target, dw, len)?;
         }
         Ok(())
     }

@@ -242,7 +242,7 @@ module!(
         "im2col_nhwc_bf16",
         "col2im_nhwc_f32",
         "col2im_nhwc_bf16",
-        "conv_grad_accumulate_bf16",
+        "col2im_nhwc_f32_bf16",
     ]
 );
 
