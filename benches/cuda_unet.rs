@@ -5,7 +5,9 @@
 //! the MSE loss's, which costs the same), and `STEPS`-step DDIM sampling (`gpu_sample::sample`,
 //! no guidance). Prints one JSON line; `benches/cuda_unet.py` runs MONAI / PyTorch beside it.
 //!
-//! `cargo bench --features cuda --bench cuda_unet -- BATCH SIZE REPS STEPS [tf32]`
+//! `cargo bench --features cuda --bench cuda_unet -- BATCH SIZE REPS STEPS [f32|tf32|bf16]`
+//! (bf16: mixed precision, `GpuUNet::set_compute(BF16)`: bf16 activations and GEMM / convolution
+//! operands, f32 parameters and gradients, as torch autocast bf16).
 use phenocore::backend::cuda::device;
 use phenocore::backend::gpu::{Gpu, Math};
 use phenocore::diffusion::gpu::GpuUNet;
@@ -13,6 +15,7 @@ use phenocore::diffusion::gpu_sample;
 use phenocore::diffusion::scheduler::{SamplerKind, SchedulerConfig};
 use phenocore::diffusion::train::SampleOptions;
 use phenocore::diffusion::unet::{nchw_to_nhwc, Conditioning, DiffusionUNet, UNetConfig};
+use phenocore::tensor::DType;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use std::time::Instant;
@@ -28,7 +31,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     if args.len() < 4 {
-        eprintln!("usage: cuda_unet BATCH SIZE REPS STEPS [tf32]");
+        eprintln!("usage: cuda_unet BATCH SIZE REPS STEPS [f32|tf32|bf16]");
         std::process::exit(2);
     }
     let n: usize = args[0].parse().expect("BATCH");
@@ -41,8 +44,17 @@ fn main() {
     let model = DiffusionUNet::<f32>::new(cfg, 1).expect("model");
     let dev = device(0).expect("CUDA device 0");
     let mut net = GpuUNet::new(&dev, &model).expect("upload");
-    if args.get(4).is_some_and(|a| a == "tf32") {
-        net.math = Math::Tf32;
+    let mode = args.get(4).map(String::as_str).unwrap_or("f32");
+    match mode {
+        "f32" => {}
+        "tf32" => net.math = Math::Tf32,
+        "bf16" => net
+            .set_compute(&dev, DType::BF16)
+            .expect("bf16 working copy"),
+        other => {
+            eprintln!("unknown mode {other:?} (f32, tf32 or bf16)");
+            std::process::exit(2);
+        }
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut randn =
@@ -91,9 +103,8 @@ fn main() {
         }
     }
     println!(
-        "{{\"side\": \"phenocore\", \"gpu\": \"{}\", \"math\": \"{:?}\", \"batch\": {n}, \"size\": {s}, \"train_s\": {}, \"sample_s\": {}, \"steps\": {steps}}}",
+        "{{\"side\": \"phenocore\", \"gpu\": \"{}\", \"mode\": \"{mode}\", \"batch\": {n}, \"size\": {s}, \"train_s\": {}, \"sample_s\": {}, \"steps\": {steps}}}",
         dev.name(),
-        net.math,
         median(train),
         median(sample)
     );

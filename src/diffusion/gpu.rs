@@ -25,6 +25,16 @@
 //! context, the skips) summed; it returns the input and every parameter gradient, as the CPU
 //! tape's `backward_with`. Each parameter enters the pass once.
 //!
+//! Mixed precision ([`GpuUNet::set_compute`] with `DType::BF16`), as torch autocast runs the model:
+//! the parameters stay f32 (the masters); a bf16 working copy of them, made when bf16 is switched
+//! on, is what the GEMMs and convolutions read; activations and their gradients are bf16 from the
+//! input cast to the output cast (GroupNorm / LayerNorm statistics, affine parameters and their
+//! gradients f32, attention's softmax and log-sum-exp f32, every kernel's arithmetic f32). The
+//! time / class / confounder embedding MLP and the null-context selection stay f32 (per-sample
+//! vectors) and are cast once. The input, the output, the input gradient and every parameter
+//! gradient are f32 on either path; linear weight gradients come out of the GEMM in f32 from bf16
+//! operands, convolution and bias gradients in bf16 (as autocast's), widened to f32.
+//!
 //! Runs on a CUDA device (`backend::cuda`) and, in the tests, on the CPU emulation of the kernels
 //! (`tests/gpu/parity/unet.rs`: parity with the CPU forward and backward in f64).
 
@@ -32,7 +42,7 @@ use super::unet::{monai_timestep_embedding, nchw_to_nhwc, nhwc_to_nchw};
 use super::unet::{Conditioning, DiffusionUNet, UNetConfig, NULL};
 use crate::backend::gpu::attention::Attention;
 use crate::backend::gpu::depthwise::Depthwise;
-use crate::backend::gpu::elementwise::{unary, Unary};
+use crate::backend::gpu::elementwise::{cast, unary, Unary};
 use crate::backend::gpu::geglu::Geglu;
 use crate::backend::gpu::norm::{GroupNorm, LayerNorm};
 use crate::backend::gpu::shape::{activation_backward, add, ActivationGrad};
@@ -59,8 +69,8 @@ struct Param<B> {
     shape: Vec<usize>,
 }
 
-/// A device value, NHWC [n, h, w, c] f32 (token sequences: h = length, w = 1; per-sample
-/// vectors: h = w = 1), with its id on the recording (0: a constant, no gradient).
+/// A device value, NHWC [n, h, w, c] of `dt` (f32 or bf16; token sequences: h = length, w = 1;
+/// per-sample vectors: h = w = 1), with its id on the recording (0: a constant, no gradient).
 struct Val<B> {
     buf: Rc<B>,
     id: usize,
@@ -68,6 +78,7 @@ struct Val<B> {
     h: usize,
     w: usize,
     c: usize,
+    dt: DType,
 }
 
 impl<B> Clone for Val<B> {
@@ -85,6 +96,9 @@ impl<B> Val<B> {
     }
     fn len(&self) -> usize {
         self.rows() * self.c
+    }
+    fn bytes(&self) -> usize {
+        self.len() * self.dt.size_in_bytes()
     }
 }
 
@@ -127,12 +141,14 @@ enum Node<B> {
         a: usize,
         b: usize,
         len: usize,
+        dt: DType,
         y: usize,
     },
     AddPerSample {
         x: usize,
         e: usize,
         shape: [usize; 3],
+        dt: DType,
         y: usize,
     },
     Attention {
@@ -149,11 +165,13 @@ enum Node<B> {
     Upsample {
         x: usize,
         shape: [usize; 4],
+        dt: DType,
         y: usize,
     },
     AvgPool {
         x: usize,
         shape: [usize; 4],
+        dt: DType,
         taps: B,
         y: usize,
     },
@@ -162,6 +180,15 @@ enum Node<B> {
         b: usize,
         rows: usize,
         widths: [usize; 2],
+        dt: DType,
+        y: usize,
+    },
+    /// x (`len` values) converted from `from` to `to`.
+    Cast {
+        x: usize,
+        len: usize,
+        from: DType,
+        to: DType,
         y: usize,
     },
     Embedding {
@@ -222,6 +249,10 @@ pub struct UNetGrads {
 pub struct GpuUNet<G: Gpu> {
     config: UNetConfig,
     params: HashMap<String, Param<G::Buf>>,
+    /// The activation dtype: f32 (default) or bf16 mixed precision ([`GpuUNet::set_compute`]).
+    compute: DType,
+    /// With bf16 compute: a bf16 copy of every parameter (what the GEMMs and convolutions read).
+    working: HashMap<String, G::Buf>,
     /// The learned null context (host copy: null-flagged samples' context rows are built on the
     /// host, as on the CPU).
     null_context: Option<Vec<f32>>,
@@ -249,9 +280,44 @@ impl<G: Gpu> GpuUNet<G> {
         Ok(GpuUNet {
             config: unet.config().clone(),
             params,
+            compute: F32,
+            working: HashMap::new(),
             null_context,
             math: Math::F32,
         })
+    }
+
+    /// Sets the activation dtype: `DType::F32` (the default) or `DType::BF16` (mixed precision,
+    /// f32 parameters and gradients: see the module doc). Switching to bf16 casts every parameter
+    /// into a bf16 working copy (one launch each); switching back frees it. Other dtypes are an
+    /// `InvalidArgument`, and leave the model as it was.
+    pub fn set_compute(&mut self, g: &G, dtype: DType) -> Result<()> {
+        match dtype {
+            DType::F32 => self.working.clear(),
+            DType::BF16 => {
+                let mut working = HashMap::with_capacity(self.params.len());
+                for (key, p) in &self.params {
+                    let len = p.shape.iter().product::<usize>();
+                    let b = g.alloc(len * 2)?;
+                    // SAFETY: p holds len f32, b len bf16 (fresh).
+                    unsafe { cast(g, F32, DType::BF16, g.ptr(&p.buf), g.ptr(&b), len)? };
+                    working.insert(key.clone(), b);
+                }
+                self.working = working;
+            }
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "GPU U-Net: compute dtype {other:?} is not supported (f32 or bf16)"
+                )))
+            }
+        }
+        self.compute = dtype;
+        Ok(())
+    }
+
+    /// The activation dtype (f32 or bf16).
+    pub fn compute(&self) -> DType {
+        self.compute
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -266,6 +332,18 @@ impl<G: Gpu> GpuUNet<G> {
 
     fn ptr(&self, g: &G, key: &str) -> Result<u64> {
         Ok(g.ptr(&self.param(key)?.buf))
+    }
+
+    /// Parameter `key` as a GEMM / convolution operand of dtype `dt`: the f32 master, or its bf16
+    /// working copy.
+    fn wptr(&self, g: &G, key: &str, dt: DType) -> Result<u64> {
+        if dt == F32 {
+            return self.ptr(g, key);
+        }
+        self.working
+            .get(key)
+            .map(|b| g.ptr(b))
+            .ok_or_else(|| Error::Internal(format!("GPU U-Net: no {dt:?} working copy of {key:?}")))
     }
 
     /// Inference on NCHW input → NCHW output, as [`DiffusionUNet::predict`] (same checks).
@@ -360,6 +438,7 @@ impl<G: Gpu> GpuUNet<G> {
             h,
             w,
             c: cfg.in_channels,
+            dt: F32,
         };
         let y = self.run(g, &mut rec, x, timesteps, cond)?;
         Rc::try_unwrap(y.buf).map_err(|_| Error::Internal("GPU U-Net: output still shared".into()))
@@ -434,6 +513,7 @@ impl<G: Gpu> GpuUNet<G> {
             h,
             w,
             c: cfg.in_channels,
+            dt: F32,
         };
         let x_id = x.id;
         let y = self.run(g, &mut rec, x, timesteps, cond)?;
@@ -454,7 +534,7 @@ impl<G: Gpu> GpuUNet<G> {
         Ok((y, grads.act.remove(&x_id), grads.params))
     }
 
-    /// The whole pass from the input value.
+    /// The whole pass from the input value (f32) to the output (f32), in the compute dtype between.
     fn run(
         &self,
         g: &G,
@@ -466,9 +546,15 @@ impl<G: Gpu> GpuUNet<G> {
         let cfg = &self.config;
         let levels = cfg.channels.len();
         let n = x.n;
+        let cd = self.compute;
         let emb = self.embedding(g, t, n, timesteps, cond)?;
-        let ctx = self.context(g, t, n, cond)?;
+        let emb = self.cast(g, t, &emb, cd)?;
+        let ctx = match self.context(g, t, n, cond)? {
+            Some(c) => Some(self.cast(g, t, &c, cd)?),
+            None => None,
+        };
         let ctx = ctx.as_ref();
+        let x = self.cast(g, t, &x, cd)?;
 
         // Down. The skip stack holds every map the up path concatenates; the last is the current.
         let mut skips = vec![self.conv(g, t, &x, "conv_in", 1, Pad2d::same(1))?];
@@ -543,7 +629,33 @@ impl<G: Gpu> GpuUNet<G> {
         // Out.
         let hn = self.group_norm(g, t, &hcur, "out.0", Act::Silu)?;
         drop(hcur);
-        self.conv(g, t, &hn, "out.2", 1, Pad2d::same(1))
+        let y = self.conv(g, t, &hn, "out.2", 1, Pad2d::same(1))?;
+        drop(hn);
+        self.cast(g, t, &y, F32)
+    }
+
+    /// x converted to `to` (x itself when it already is).
+    fn cast(&self, g: &G, t: &mut Rec<G::Buf>, x: &Val<G::Buf>, to: DType) -> Result<Val<G::Buf>> {
+        if x.dt == to {
+            return Ok(x.clone());
+        }
+        let y = g.alloc(x.len() * to.size_in_bytes())?;
+        // SAFETY: x holds len values of its dtype, y len of `to` (fresh).
+        unsafe { cast(g, x.dt, to, g.ptr(&x.buf), g.ptr(&y), x.len())? };
+        let y = Val {
+            buf: Rc::new(y),
+            id: t.id(),
+            dt: to,
+            ..*x
+        };
+        t.push(Node::Cast {
+            x: x.id,
+            len: x.len(),
+            from: x.dt,
+            to,
+            y: y.id,
+        });
+        Ok(y)
     }
 
     /// A new value of `like`'s sample / position shape with `c` channels.
@@ -575,6 +687,7 @@ impl<G: Gpu> GpuUNet<G> {
             h: 1,
             w: 1,
             c: cfg.channels[0],
+            dt: F32,
         };
         let e = self.linear(g, t, &t0, "time_embed.0", true)?;
         let e = self.silu(g, t, &e)?;
@@ -657,6 +770,7 @@ impl<G: Gpu> GpuUNet<G> {
             h: len,
             w: 1,
             c: d,
+            dt: F32,
         };
         if any_null {
             t.push(Node::NullContext { sel, d, y: v.id });
@@ -682,9 +796,9 @@ impl<G: Gpu> GpuUNet<G> {
                 x.c
             )));
         }
-        let rows = x.rows();
-        let y = g.alloc(rows * out * 4)?;
-        // SAFETY: x holds rows × inp f32, w out × inp, y rows × out (fresh); b out.
+        let (rows, dt) = (x.rows(), x.dt);
+        let y = g.alloc(rows * out * dt.size_in_bytes())?;
+        // SAFETY: x holds rows × inp of dt, w out × inp, y rows × out (fresh); b out.
         unsafe {
             g.gemm(&Gemm {
                 m: rows,
@@ -693,20 +807,20 @@ impl<G: Gpu> GpuUNet<G> {
                 a: g.ptr(&x.buf),
                 lda: inp,
                 trans_a: false,
-                b: g.ptr(&wp.buf),
+                b: self.wptr(g, &format!("{key}.weight"), dt)?,
                 ldb: inp,
                 trans_b: true,
                 c: g.ptr(&y),
                 ldc: out,
                 alpha: 1.0,
                 beta: 0.0,
-                dtype: F32,
-                c_dtype: F32,
+                dtype: dt,
+                c_dtype: dt,
                 math: self.math,
             })?;
             if bias {
-                let b = self.ptr(g, &format!("{key}.bias"))?;
-                SampleChannels::new(F32, [1, rows, out])?.add_per_sample(
+                let b = self.wptr(g, &format!("{key}.bias"), dt)?;
+                SampleChannels::new(dt, [1, rows, out])?.add_per_sample(
                     g,
                     g.ptr(&y),
                     b,
@@ -746,14 +860,15 @@ impl<G: Gpu> GpuUNet<G> {
         if k == 1 && stride == 1 && pad == Pad2d::same(0) {
             return self.linear(g, t, x, &format!("{key}.conv"), true);
         }
-        let plan = Conv2d::new(F32, [x.n, x.h, x.w, x.c], out, k, stride, pad)?;
+        let plan = Conv2d::new(x.dt, [x.n, x.h, x.w, x.c], out, k, stride, pad)?;
         let [oh, ow] = plan.out_hw();
-        let y = g.alloc(plan.output_len() * 4)?;
+        let y = g.alloc(plan.output_len() * x.dt.size_in_bytes())?;
         let (wp, bp) = (
-            self.ptr(g, &wkey)?,
-            self.ptr(g, &format!("{key}.conv.bias"))?,
+            self.wptr(g, &wkey, x.dt)?,
+            self.wptr(g, &format!("{key}.conv.bias"), x.dt)?,
         );
-        // SAFETY: x holds the plan's input, w its OIHW weights, b out f32, y its output (fresh).
+        // SAFETY: x holds the plan's input, w its OIHW weights, b out values, y its output
+        // (fresh), all of x's dtype.
         unsafe { plan.forward(g, g.ptr(&x.buf), wp, Some(bp), g.ptr(&y), self.math)? };
         let y = Val {
             buf: Rc::new(y),
@@ -762,6 +877,7 @@ impl<G: Gpu> GpuUNet<G> {
             h: oh,
             w: ow,
             c: out,
+            dt: x.dt,
         };
         t.push(Node::Conv {
             x: x.clone(),
@@ -799,7 +915,7 @@ impl<G: Gpu> GpuUNet<G> {
             Some(_) => x.n * cfg.norm_num_groups,
             None => x.rows(),
         };
-        let y = g.alloc(x.len() * 4)?;
+        let y = g.alloc(x.bytes())?;
         let mean = g.alloc(stats * 4)?;
         let invstd = g.alloc(stats * 4)?;
         let (gamma, beta) = (
@@ -807,18 +923,19 @@ impl<G: Gpu> GpuUNet<G> {
             self.ptr(g, &format!("{key}.bias"))?,
         );
         let (xp, yp, mp, ip) = (g.ptr(&x.buf), g.ptr(&y), g.ptr(&mean), g.ptr(&invstd));
-        // SAFETY: x and y hold len f32 (distinct), γ / β c f32, mean / invstd `stats` f32.
+        // SAFETY: x and y hold len values of x's dtype (distinct), γ / β c f32, mean / invstd
+        // `stats` f32.
         unsafe {
             match group {
                 Some(act) => GroupNorm::new(
-                    F32,
+                    x.dt,
                     [x.n, x.h * x.w, x.c],
                     cfg.norm_num_groups,
                     cfg.norm_eps,
                     act,
                 )?
                 .forward(g, xp, gamma, beta, yp, mp, ip)?,
-                None => LayerNorm::new(F32, x.rows(), x.c, LAYER_NORM_EPS)?
+                None => LayerNorm::new(x.dt, x.rows(), x.c, LAYER_NORM_EPS)?
                     .forward(g, xp, gamma, beta, yp, mp, ip)?,
             }
         }
@@ -837,9 +954,9 @@ impl<G: Gpu> GpuUNet<G> {
     }
 
     fn silu(&self, g: &G, t: &mut Rec<G::Buf>, x: &Val<G::Buf>) -> Result<Val<G::Buf>> {
-        let y = g.alloc(x.len() * 4)?;
-        // SAFETY: x and y hold len f32, distinct.
-        unsafe { unary(g, Unary::Silu, F32, g.ptr(&x.buf), g.ptr(&y), x.len())? };
+        let y = g.alloc(x.bytes())?;
+        // SAFETY: x and y hold len values of x's dtype, distinct.
+        unsafe { unary(g, Unary::Silu, x.dt, g.ptr(&x.buf), g.ptr(&y), x.len())? };
         let y = self.val(t, y, x, x.c);
         t.push(Node::Silu {
             x: x.clone(),
@@ -856,21 +973,24 @@ impl<G: Gpu> GpuUNet<G> {
         a: &Val<G::Buf>,
         b: &Val<G::Buf>,
     ) -> Result<Val<G::Buf>> {
-        if a.len() != b.len() {
+        if a.len() != b.len() || a.dt != b.dt {
             return Err(Error::Internal(format!(
-                "GPU U-Net: adding {} values to {}",
+                "GPU U-Net: adding {} values of {:?} to {} of {:?}",
                 b.len(),
-                a.len()
+                b.dt,
+                a.len(),
+                a.dt
             )));
         }
-        let y = g.alloc(a.len() * 4)?;
-        // SAFETY: a, b, y hold len f32; y is fresh.
-        unsafe { add(g, F32, g.ptr(&a.buf), g.ptr(&b.buf), g.ptr(&y), a.len())? };
+        let y = g.alloc(a.bytes())?;
+        // SAFETY: a, b, y hold len values of a's dtype; y is fresh.
+        unsafe { add(g, a.dt, g.ptr(&a.buf), g.ptr(&b.buf), g.ptr(&y), a.len())? };
         let y = self.val(t, y, a, a.c);
         t.push(Node::Add {
             a: a.id,
             b: b.id,
             len: a.len(),
+            dt: a.dt,
             y: y.id,
         });
         Ok(y)
@@ -878,9 +998,9 @@ impl<G: Gpu> GpuUNet<G> {
 
     fn upsample(&self, g: &G, t: &mut Rec<G::Buf>, x: &Val<G::Buf>) -> Result<Val<G::Buf>> {
         let shape = [x.n, x.h, x.w, x.c];
-        let plan = Upsample2x::new(F32, shape)?;
-        let y = g.alloc(plan.output_len() * 4)?;
-        // SAFETY: x holds input_len f32, y output_len (fresh).
+        let plan = Upsample2x::new(x.dt, shape)?;
+        let y = g.alloc(plan.output_len() * x.dt.size_in_bytes())?;
+        // SAFETY: x holds input_len values of its dtype, y output_len (fresh).
         unsafe { plan.forward(g, g.ptr(&x.buf), g.ptr(&y))? };
         let y = Val {
             buf: Rc::new(y),
@@ -892,6 +1012,7 @@ impl<G: Gpu> GpuUNet<G> {
         t.push(Node::Upsample {
             x: x.id,
             shape,
+            dt: x.dt,
             y: y.id,
         });
         Ok(y)
@@ -900,20 +1021,29 @@ impl<G: Gpu> GpuUNet<G> {
     /// 2 × 2 average pooling, stride 2: a stride-2 depthwise 3 × 3 convolution whose taps are ¼ on
     /// the top-left 2 × 2 window and 0 elsewhere (the third row / column of the last window lies
     /// past the input and reads as padding).
-    fn avg_pool_plan(shape: [usize; 4]) -> Result<Depthwise> {
+    fn avg_pool_plan(dt: DType, shape: [usize; 4]) -> Result<Depthwise> {
         let [n, h, w, c] = shape;
-        Depthwise::new(F32, [n, h, w, c], 3, 2, 0, 0, [h / 2, w / 2])
+        Depthwise::new(dt, [n, h, w, c], 3, 2, 0, 0, [h / 2, w / 2])
     }
 
     fn avg_pool(&self, g: &G, t: &mut Rec<G::Buf>, x: &Val<G::Buf>) -> Result<Val<G::Buf>> {
         let shape = [x.n, x.h, x.w, x.c];
-        let plan = Self::avg_pool_plan(shape)?;
+        let plan = Self::avg_pool_plan(x.dt, shape)?;
         let taps: Vec<f32> = (0..x.c)
             .flat_map(|_| [0.25, 0.25, 0.0, 0.25, 0.25, 0.0, 0.0, 0.0, 0.0])
             .collect();
-        let taps = g.upload_slice(&taps)?;
-        let y = g.alloc(plan.output_len() * 4)?;
-        // SAFETY: x holds input_len f32, the taps c·9, y output_len (fresh).
+        // ¼ and 0 are exact in bf16.
+        let taps = match x.dt {
+            DType::BF16 => g.upload_slice(
+                &taps
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v))
+                    .collect::<Vec<_>>(),
+            )?,
+            _ => g.upload_slice(&taps)?,
+        };
+        let y = g.alloc(plan.output_len() * x.dt.size_in_bytes())?;
+        // SAFETY: x holds input_len values of its dtype, the taps c·9, y output_len (fresh).
         unsafe { plan.forward(g, g.ptr(&x.buf), g.ptr(&taps), g.ptr(&y))? };
         let y = Val {
             buf: Rc::new(y),
@@ -925,6 +1055,7 @@ impl<G: Gpu> GpuUNet<G> {
         t.push(Node::AvgPool {
             x: x.id,
             shape,
+            dt: x.dt,
             taps,
             y: y.id,
         });
@@ -938,15 +1069,15 @@ impl<G: Gpu> GpuUNet<G> {
         a: &Val<G::Buf>,
         b: &Val<G::Buf>,
     ) -> Result<Val<G::Buf>> {
-        if (a.n, a.h, a.w) != (b.n, b.h, b.w) {
+        if (a.n, a.h, a.w, a.dt) != (b.n, b.h, b.w, b.dt) {
             return Err(Error::Internal(format!(
-                "GPU U-Net: skip {}×{}×{} for a map {}×{}×{}",
-                b.n, b.h, b.w, a.n, a.h, a.w
+                "GPU U-Net: skip {}×{}×{} {:?} for a map {}×{}×{} {:?}",
+                b.n, b.h, b.w, b.dt, a.n, a.h, a.w, a.dt
             )));
         }
-        let plan = ConcatLast::new(F32, a.rows(), &[a.c, b.c])?;
-        let y = g.alloc(plan.output_len() * 4)?;
-        // SAFETY: a and b hold rows × their widths f32, y rows × (sum) (fresh).
+        let plan = ConcatLast::new(a.dt, a.rows(), &[a.c, b.c])?;
+        let y = g.alloc(plan.output_len() * a.dt.size_in_bytes())?;
+        // SAFETY: a and b hold rows × their widths of a's dtype, y rows × (sum) (fresh).
         unsafe { plan.forward(g, &[g.ptr(&a.buf), g.ptr(&b.buf)], g.ptr(&y))? };
         let y = self.val(t, y, a, a.c + b.c);
         t.push(Node::Concat {
@@ -954,6 +1085,7 @@ impl<G: Gpu> GpuUNet<G> {
             b: b.id,
             rows: a.rows(),
             widths: [a.c, b.c],
+            dt: a.dt,
             y: y.id,
         });
         Ok(y)
@@ -986,15 +1118,22 @@ impl<G: Gpu> GpuUNet<G> {
         drop(hn);
         let e = self.linear(g, t, emb, &format!("{key}.time_emb_proj"), true)?;
         let shape = [h1.n, h1.h * h1.w, h1.c];
-        let per = SampleChannels::new(F32, shape)?;
-        let hb = g.alloc(h1.len() * 4)?;
-        // SAFETY: h1 and hb hold n·hw·c f32 (hb fresh), e n·c.
+        if e.dt != h1.dt {
+            return Err(Error::Internal(format!(
+                "GPU U-Net: {key}: embedding {:?} for a map {:?}",
+                e.dt, h1.dt
+            )));
+        }
+        let per = SampleChannels::new(h1.dt, shape)?;
+        let hb = g.alloc(h1.bytes())?;
+        // SAFETY: h1 and hb hold n·hw·c values of h1's dtype (hb fresh), e n·c.
         unsafe { per.add_per_sample(g, g.ptr(&h1.buf), g.ptr(&e.buf), g.ptr(&hb))? };
         let hb = self.val(t, hb, &h1, h1.c);
         t.push(Node::AddPerSample {
             x: h1.id,
             e: e.id,
             shape,
+            dt: h1.dt,
             y: hb.id,
         });
         drop(h1);
@@ -1038,9 +1177,9 @@ impl<G: Gpu> GpuUNet<G> {
                 s = self.add(g, t, &s, &o)?;
                 let a = self.norm(g, t, &s, &format!("{b}.norm3"), None)?;
                 let f1 = self.linear(g, t, &a, &format!("{b}.ff.linear1"), true)?;
-                let geglu = Geglu::new(F32, f1.rows(), f1.c)?;
-                let gl = g.alloc(geglu.output_len() * 4)?;
-                // SAFETY: f1 holds rows × 2d f32, gl rows × d (fresh).
+                let geglu = Geglu::new(f1.dt, f1.rows(), f1.c)?;
+                let gl = g.alloc(geglu.output_len() * f1.dt.size_in_bytes())?;
+                // SAFETY: f1 holds rows × 2d of its dtype, gl rows × d (fresh).
                 unsafe { geglu.forward(g, g.ptr(&f1.buf), g.ptr(&gl))? };
                 let gl = self.val(t, gl, &f1, f1.c / 2);
                 t.push(Node::Geglu {
@@ -1077,11 +1216,11 @@ impl<G: Gpu> GpuUNet<G> {
         let v = self.linear(g, t, kv, &format!("{key}.to_v"), qkv_bias)?;
         let (lq, lk) = (x.h * x.w, kv.h * kv.w);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let plan = Attention::new(F32, x.n, lq, lk, heads, head_dim, head_dim, Some(scale))?;
-        let o = g.alloc(plan.out_len() * 4)?;
+        let plan = Attention::new(q.dt, x.n, lq, lk, heads, head_dim, head_dim, Some(scale))?;
+        let o = g.alloc(plan.out_len() * q.dt.size_in_bytes())?;
         let lse = g.alloc(plan.lse_len() * 4)?;
-        // SAFETY: q, k, v hold the plan's q_len, k_len, v_len f32 (the projections' outputs), o and
-        // lse are fresh.
+        // SAFETY: q, k, v hold the plan's q_len, k_len, v_len values of q's dtype (the
+        // projections' outputs), o and lse (f32) are fresh.
         unsafe {
             plan.forward(
                 g,
@@ -1124,7 +1263,8 @@ struct Grads<B> {
 }
 
 impl<G: Gpu> GpuUNet<G> {
-    /// Adds `d` (len f32) into the gradient of value `id` (ignored for constants).
+    /// Adds `d` (len values of `dt`, the value's dtype) into the gradient of value `id` (ignored
+    /// for constants).
     fn acc_act(
         &self,
         g: &G,
@@ -1132,13 +1272,15 @@ impl<G: Gpu> GpuUNet<G> {
         id: usize,
         d: G::Buf,
         len: usize,
+        dt: DType,
     ) -> Result<()> {
         if id == 0 {
             return Ok(());
         }
         match gr.act.get(&id) {
-            // SAFETY: both hold len f32 (the value's gradient); the sum goes into the old one.
-            Some(old) => unsafe { add(g, F32, g.ptr(old), g.ptr(&d), g.ptr(old), len) },
+            // SAFETY: both hold len values of dt (the value's gradient); the sum goes into the
+            // old one.
+            Some(old) => unsafe { add(g, dt, g.ptr(old), g.ptr(&d), g.ptr(old), len) },
             None => {
                 gr.act.insert(id, d);
                 Ok(())
@@ -1146,9 +1288,24 @@ impl<G: Gpu> GpuUNet<G> {
         }
     }
 
-    /// Adds `d` into parameter `key`'s gradient.
-    fn acc_param(&self, g: &G, gr: &mut Grads<G::Buf>, key: &str, d: G::Buf) -> Result<()> {
+    /// Adds `d` (of `dt`: widened to f32 first when bf16) into parameter `key`'s gradient (f32).
+    fn acc_param(
+        &self,
+        g: &G,
+        gr: &mut Grads<G::Buf>,
+        key: &str,
+        d: G::Buf,
+        dt: DType,
+    ) -> Result<()> {
         let len = self.param(key)?.shape.iter().product::<usize>();
+        let d = if dt == F32 {
+            d
+        } else {
+            let w = g.alloc(len * 4)?;
+            // SAFETY: d holds len values of dt, w len f32 (fresh).
+            unsafe { cast(g, dt, F32, g.ptr(&d), g.ptr(&w), len)? };
+            w
+        };
         match gr.params.get(key) {
             // SAFETY: both hold len f32; the sum goes into the old one.
             Some(old) => unsafe { add(g, F32, g.ptr(old), g.ptr(&d), g.ptr(old), len) },
@@ -1174,7 +1331,8 @@ impl<G: Gpu> GpuUNet<G> {
             | Node::AvgPool { y, .. }
             | Node::Concat { y, .. }
             | Node::Embedding { y, .. }
-            | Node::NullContext { y, .. } => *y,
+            | Node::NullContext { y, .. }
+            | Node::Cast { y, .. } => *y,
         };
         let dy = match gr.act.remove(&y) {
             Some(d) => d,
@@ -1188,9 +1346,10 @@ impl<G: Gpu> GpuUNet<G> {
         unsafe {
             match node {
                 Node::Linear { x, key, bias, .. } => {
-                    let wp = self.param(&format!("{key}.weight"))?;
-                    let (out, inp, rows) = (wp.shape[0], x.c, x.rows());
-                    let gemm = |m, n, k, a, lda, ta, b, ldb, tb, c, ldc| Gemm {
+                    let wk = format!("{key}.weight");
+                    let wp = self.param(&wk)?;
+                    let (out, inp, rows, dt) = (wp.shape[0], x.c, x.rows(), x.dt);
+                    let gemm = |m, n, k, a, lda, ta, b, ldb, tb, c, ldc, c_dtype| Gemm {
                         m,
                         n,
                         k,
@@ -1204,10 +1363,11 @@ impl<G: Gpu> GpuUNet<G> {
                         ldc,
                         alpha: 1.0,
                         beta: 0.0,
-                        dtype: F32,
-                        c_dtype: F32,
+                        dtype: dt,
+                        c_dtype,
                         math,
                     };
+                    // dw in f32 straight from the GEMM (bf16 operands: f32 output).
                     let dw = g.alloc(out * inp * 4)?;
                     let xp = g.ptr(&x.buf);
                     g.gemm(&gemm(
@@ -1222,21 +1382,22 @@ impl<G: Gpu> GpuUNet<G> {
                         false,
                         g.ptr(&dw),
                         inp,
+                        F32,
                     ))?;
-                    self.acc_param(g, gr, &format!("{key}.weight"), dw)?;
+                    self.acc_param(g, gr, &wk, dw, F32)?;
                     if bias {
-                        let db = g.alloc(out * 4)?;
-                        SampleChannels::new(F32, [1, rows, out])?.add_per_sample_backward_e(
+                        let db = g.alloc(out * dt.size_in_bytes())?;
+                        SampleChannels::new(dt, [1, rows, out])?.add_per_sample_backward_e(
                             g,
                             dyp,
                             g.ptr(&db),
                             false,
                         )?;
-                        self.acc_param(g, gr, &format!("{key}.bias"), db)?;
+                        self.acc_param(g, gr, &format!("{key}.bias"), db, dt)?;
                     }
                     if x.id != 0 {
-                        let dx = g.alloc(rows * inp * 4)?;
-                        let wb = g.ptr(&wp.buf);
+                        let dx = g.alloc(rows * inp * dt.size_in_bytes())?;
+                        let wb = self.wptr(g, &wk, dt)?;
                         g.gemm(&gemm(
                             rows,
                             inp,
@@ -1249,8 +1410,9 @@ impl<G: Gpu> GpuUNet<G> {
                             false,
                             g.ptr(&dx),
                             inp,
+                            dt,
                         ))?;
-                        self.acc_act(g, gr, x.id, dx, rows * inp)?;
+                        self.acc_act(g, gr, x.id, dx, rows * inp, dt)?;
                     }
                 }
                 Node::Conv {
@@ -1263,18 +1425,21 @@ impl<G: Gpu> GpuUNet<G> {
                     let (wk, bk) = (format!("{key}.conv.weight"), format!("{key}.conv.bias"));
                     let wp = self.param(&wk)?;
                     let (out, k) = (wp.shape[0], wp.shape[2]);
-                    let plan = Conv2d::new(F32, [x.n, x.h, x.w, x.c], out, k, stride, pad)?;
+                    let dt = x.dt;
+                    let es = dt.size_in_bytes();
+                    let plan = Conv2d::new(dt, [x.n, x.h, x.w, x.c], out, k, stride, pad)?;
+                    // dw in f32 (never rounded to bf16).
                     let dw = g.alloc(plan.weight_len() * 4)?;
-                    plan.backward_w(g, g.ptr(&x.buf), dyp, g.ptr(&dw), math)?;
-                    let db = g.alloc(out * 4)?;
+                    plan.backward_w_f32(g, g.ptr(&x.buf), dyp, g.ptr(&dw), math)?;
+                    let db = g.alloc(out * es)?;
                     plan.backward_b(g, dyp, g.ptr(&db))?;
                     if x.id != 0 {
-                        let dx = g.alloc(plan.input_len() * 4)?;
-                        plan.backward_x(g, dyp, g.ptr(&wp.buf), g.ptr(&dx), math)?;
-                        self.acc_act(g, gr, x.id, dx, plan.input_len())?;
+                        let dx = g.alloc(plan.input_len() * es)?;
+                        plan.backward_x(g, dyp, self.wptr(g, &wk, dt)?, g.ptr(&dx), math)?;
+                        self.acc_act(g, gr, x.id, dx, plan.input_len(), dt)?;
                     }
-                    self.acc_param(g, gr, &wk, dw)?;
-                    self.acc_param(g, gr, &bk, db)?;
+                    self.acc_param(g, gr, &wk, dw, F32)?;
+                    self.acc_param(g, gr, &bk, db, dt)?;
                 }
                 Node::Norm {
                     x,
@@ -1287,7 +1452,7 @@ impl<G: Gpu> GpuUNet<G> {
                     let cfg = &self.config;
                     let (wk, bk) = (format!("{key}.weight"), format!("{key}.bias"));
                     let (gamma, beta) = (self.ptr(g, &wk)?, self.ptr(g, &bk)?);
-                    let dx = g.alloc(x.len() * 4)?;
+                    let dx = g.alloc(x.bytes())?;
                     let dgamma = g.alloc(x.c * 4)?;
                     let dbeta = g.alloc(x.c * 4)?;
                     let (xp, dxp, dgp, dbp) =
@@ -1295,58 +1460,67 @@ impl<G: Gpu> GpuUNet<G> {
                     let (mp, ip) = (g.ptr(&mean), g.ptr(&invstd));
                     match group {
                         Some(act) => GroupNorm::new(
-                            F32,
+                            x.dt,
                             [x.n, x.h * x.w, x.c],
                             cfg.norm_num_groups,
                             cfg.norm_eps,
                             act,
                         )?
                         .backward(g, xp, dyp, gamma, beta, mp, ip, dxp, dgp, dbp, false)?,
-                        None => LayerNorm::new(F32, x.rows(), x.c, LAYER_NORM_EPS)?
+                        None => LayerNorm::new(x.dt, x.rows(), x.c, LAYER_NORM_EPS)?
                             .backward(g, xp, dyp, gamma, mp, ip, dxp, dgp, dbp, false)?,
                     }
-                    self.acc_param(g, gr, &wk, dgamma)?;
-                    self.acc_param(g, gr, &bk, dbeta)?;
-                    self.acc_act(g, gr, x.id, dx, x.len())?;
+                    self.acc_param(g, gr, &wk, dgamma, F32)?;
+                    self.acc_param(g, gr, &bk, dbeta, F32)?;
+                    self.acc_act(g, gr, x.id, dx, x.len(), x.dt)?;
                 }
                 Node::Silu { x, .. } => {
-                    let dx = g.alloc(x.len() * 4)?;
+                    let dx = g.alloc(x.bytes())?;
                     activation_backward(
                         g,
                         ActivationGrad::Silu,
-                        F32,
+                        x.dt,
                         g.ptr(&x.buf),
                         dyp,
                         g.ptr(&dx),
                         x.len(),
                     )?;
-                    self.acc_act(g, gr, x.id, dx, x.len())?;
+                    self.acc_act(g, gr, x.id, dx, x.len(), x.dt)?;
                 }
-                Node::Add { a, b, len, .. } => {
+                Node::Add { a, b, len, dt, .. } => {
                     if a != 0 {
-                        let da = g.alloc(len * 4)?;
-                        g.copy(dyp, g.ptr(&da), len * 4)?;
-                        self.acc_act(g, gr, a, da, len)?;
+                        let bytes = len * dt.size_in_bytes();
+                        let da = g.alloc(bytes)?;
+                        g.copy(dyp, g.ptr(&da), bytes)?;
+                        self.acc_act(g, gr, a, da, len, dt)?;
                     }
-                    self.acc_act(g, gr, b, dy, len)?;
+                    self.acc_act(g, gr, b, dy, len, dt)?;
                 }
-                Node::AddPerSample { x, e, shape, .. } => {
+                Node::AddPerSample {
+                    x, e, shape, dt, ..
+                } => {
                     let [n, _, c] = shape;
-                    let de = g.alloc(n * c * 4)?;
-                    SampleChannels::new(F32, shape)?.add_per_sample_backward_e(
+                    let de = g.alloc(n * c * dt.size_in_bytes())?;
+                    SampleChannels::new(dt, shape)?.add_per_sample_backward_e(
                         g,
                         dyp,
                         g.ptr(&de),
                         false,
                     )?;
-                    self.acc_act(g, gr, e, de, n * c)?;
-                    self.acc_act(g, gr, x, dy, shape.iter().product())?;
+                    self.acc_act(g, gr, e, de, n * c, dt)?;
+                    self.acc_act(g, gr, x, dy, shape.iter().product(), dt)?;
                 }
                 Node::Attention {
                     qkv, o, lse, plan, ..
                 } => {
                     let d = [plan.q_len(), plan.k_len(), plan.v_len()];
-                    let bufs = [g.alloc(d[0] * 4)?, g.alloc(d[1] * 4)?, g.alloc(d[2] * 4)?];
+                    let dt = qkv[0].dt;
+                    let es = dt.size_in_bytes();
+                    let bufs = [
+                        g.alloc(d[0] * es)?,
+                        g.alloc(d[1] * es)?,
+                        g.alloc(d[2] * es)?,
+                    ];
                     plan.backward(
                         g,
                         [g.ptr(&qkv[0].buf), g.ptr(&qkv[1].buf), g.ptr(&qkv[2].buf)],
@@ -1356,41 +1530,58 @@ impl<G: Gpu> GpuUNet<G> {
                         [g.ptr(&bufs[0]), g.ptr(&bufs[1]), g.ptr(&bufs[2])],
                     )?;
                     for ((v, b), len) in qkv.iter().zip(bufs).zip(d) {
-                        self.acc_act(g, gr, v.id, b, len)?;
+                        self.acc_act(g, gr, v.id, b, len, dt)?;
                     }
                 }
                 Node::Geglu { x, .. } => {
-                    let plan = Geglu::new(F32, x.rows(), x.c)?;
-                    let dx = g.alloc(plan.input_len() * 4)?;
+                    let plan = Geglu::new(x.dt, x.rows(), x.c)?;
+                    let dx = g.alloc(x.bytes())?;
                     plan.backward(g, g.ptr(&x.buf), dyp, g.ptr(&dx))?;
-                    self.acc_act(g, gr, x.id, dx, x.len())?;
+                    self.acc_act(g, gr, x.id, dx, x.len(), x.dt)?;
                 }
-                Node::Upsample { x, shape, .. } => {
-                    let plan = Upsample2x::new(F32, shape)?;
-                    let dx = g.alloc(plan.input_len() * 4)?;
+                Node::Upsample { x, shape, dt, .. } => {
+                    let plan = Upsample2x::new(dt, shape)?;
+                    let dx = g.alloc(plan.input_len() * dt.size_in_bytes())?;
                     plan.backward(g, dyp, g.ptr(&dx))?;
-                    self.acc_act(g, gr, x, dx, plan.input_len())?;
+                    self.acc_act(g, gr, x, dx, plan.input_len(), dt)?;
                 }
-                Node::AvgPool { x, shape, taps, .. } => {
-                    let plan = Self::avg_pool_plan(shape)?;
-                    let dx = g.alloc(plan.input_len() * 4)?;
+                Node::AvgPool {
+                    x, shape, dt, taps, ..
+                } => {
+                    let plan = Self::avg_pool_plan(dt, shape)?;
+                    let dx = g.alloc(plan.input_len() * dt.size_in_bytes())?;
                     plan.backward_x(g, dyp, g.ptr(&taps), g.ptr(&dx))?;
-                    self.acc_act(g, gr, x, dx, plan.input_len())?;
+                    self.acc_act(g, gr, x, dx, plan.input_len(), dt)?;
                 }
                 Node::Concat {
-                    a, b, rows, widths, ..
+                    a,
+                    b,
+                    rows,
+                    widths,
+                    dt,
+                    ..
                 } => {
-                    let plan = ConcatLast::new(F32, rows, &widths)?;
-                    let da = g.alloc(rows * widths[0] * 4)?;
-                    let db = g.alloc(rows * widths[1] * 4)?;
+                    let plan = ConcatLast::new(dt, rows, &widths)?;
+                    let es = dt.size_in_bytes();
+                    let da = g.alloc(rows * widths[0] * es)?;
+                    let db = g.alloc(rows * widths[1] * es)?;
                     plan.backward(g, dyp, &[Some(g.ptr(&da)), Some(g.ptr(&db))])?;
-                    self.acc_act(g, gr, a, da, rows * widths[0])?;
-                    self.acc_act(g, gr, b, db, rows * widths[1])?;
+                    self.acc_act(g, gr, a, da, rows * widths[0], dt)?;
+                    self.acc_act(g, gr, b, db, rows * widths[1], dt)?;
                 }
                 Node::Embedding { key, plan, .. } => {
-                    let dt = g.alloc(plan.table_len() * 4)?;
-                    plan.backward(g, dyp, g.ptr(&dt), false)?;
-                    self.acc_param(g, gr, &key, dt)?;
+                    let dtab = g.alloc(plan.table_len() * 4)?;
+                    plan.backward(g, dyp, g.ptr(&dtab), false)?;
+                    self.acc_param(g, gr, &key, dtab, F32)?;
+                }
+                Node::Cast {
+                    x, len, from, to, ..
+                } => {
+                    if x != 0 {
+                        let dx = g.alloc(len * from.size_in_bytes())?;
+                        cast(g, to, from, dyp, g.ptr(&dx), len)?;
+                        self.acc_act(g, gr, x, dx, len, from)?;
+                    }
                 }
                 Node::NullContext { sel, d, .. } => {
                     // d null = Σ over the null tokens of their gradient rows: sel [1, tokens] · dy.
@@ -1414,7 +1605,7 @@ impl<G: Gpu> GpuUNet<G> {
                         c_dtype: F32,
                         math: Math::F32,
                     })?;
-                    self.acc_param(g, gr, "null_context", dn)?;
+                    self.acc_param(g, gr, "null_context", dn, F32)?;
                 }
             }
         }

@@ -96,6 +96,8 @@ macro_rules! for_each_parity_test {
             unet::unet_forward_matches_cpu,
             unet::unet_null_context_only,
             unet::unet_backward_matches_cpu,
+            unet::unet_bf16_matches_cpu,
+            unet::unet_bf16_error_within_torch_autocast,
             vae::vae_encode_decode_match_cpu,
             vae::vae_encode5_decode5_and_rejects,
             effnet_train::effnet_train_sgd_matches_cpu,

@@ -313,3 +313,449 @@ pub fn unet_backward_matches_cpu<G: Gpu>(g: &G) {
         }
     }
 }
+
+/// max |got − want| / max |want| (no bound); NaN when any value of `got` is not finite (f64::max
+/// would skip a NaN).
+fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::NAN;
+    }
+    let scale = want.iter().fold(0f64, |m, w| m.max(w.abs())).max(1e-30);
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (g, w)| m.max((g - w).abs()))
+        / scale
+}
+
+/// Parameters the bf16 path reads through its bf16 working copy: those of every GEMM and
+/// convolution except the time-embedding MLP (f32 on both paths); norms' γ / β, the embedding
+/// tables and the null context stay f32.
+fn read_as_bf16(name: &str) -> bool {
+    !(name.contains("norm")
+        || name.starts_with("out.0.")
+        || name.starts_with("time_embed.")
+        || name.contains("embedding")
+        || name == "null_context")
+}
+
+fn round_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
+}
+
+/// One forward + backward in f64 on the CPU tape: (y, dx, parameter gradients by name).
+#[allow(clippy::type_complexity)]
+fn cpu_pass(
+    m64: &mut DiffusionUNet<f64>,
+    x: &[f64],
+    [n, h, w]: [usize; 3],
+    ts: &[f64],
+    cond: &Conditioning<'_, f64>,
+    dy: &[f64],
+) -> (
+    Vec<f64>,
+    Vec<f64>,
+    std::collections::HashMap<String, Vec<f64>>,
+) {
+    use phenocore::autograd::Tape;
+    let cin = m64.config().in_channels;
+    let mut tape = Tape::<f64>::new(true);
+    let xv = tape.input(&[n, h, w, cin], x.to_vec(), true).unwrap();
+    let yv = m64.forward(&mut tape, &xv, ts, cond).unwrap();
+    let y = tape.data(&yv).to_vec();
+    m64.params_mut().zero_grad();
+    let g = tape
+        .backward_with(&yv, dy.to_vec(), m64.params_mut())
+        .unwrap();
+    let dx = g.get(&xv).unwrap().to_vec();
+    let p = m64.params();
+    let grads = (0..p.len())
+        .map(|i| (p.name(i).to_string(), p.grad(i).to_vec()))
+        .collect();
+    (y, dx, grads)
+}
+
+/// bf16 mixed precision (`GpuUNet::set_compute(BF16)`) on the models of the f32 tests (larger
+/// than MONAI's fixtures; confounders, null context and null confounders): output, input gradient
+/// and every parameter gradient against the exact f64 pass.
+///
+/// The bounds scale with a conditioning estimate, as the bf16 EfficientNet training test's: the
+/// same f64 pass with the inputs, the context and every weight the bf16 path reads rounded to bf16
+/// (a lower bound on any bf16 pass's error, which also rounds every activation). The output is
+/// within 1e-2; the input gradient within max(RATIO × its reference error, 1e-2); at least 90% of
+/// the parameter gradients within the same, the median gradient error within RATIO × the median
+/// reference error, and none over 0.1 or non-finite. Measured (N = 2, 8 × 8): output 6.0e-3 /
+/// 6.2e-3, input gradient 8.1e-3 / 1.1e-2, median gradient error 1.4e-2 / 2.0e-2, about 2.3 × the
+/// reference's. Switching back to f32 reproduces the f32 pass bit for bit. PyTorch's own bf16 is
+/// the yardstick of `unet_bf16_error_within_torch_autocast`.
+pub fn unet_bf16_matches_cpu<G: Gpu>(g: &G) {
+    use phenocore::tensor::DType;
+    const RATIO: f64 = 4.0;
+    let cases = [
+        (
+            conditioned(),
+            Some(vec![true, false]),
+            Some(vec![0usize, 2]),
+            vec![NULL, 1, 2, NULL],
+            80u64,
+        ),
+        (unconditioned(), None, None, vec![2, NULL], 81u64),
+    ];
+    for (cfg, null, labels, conf, seed) in cases {
+        let (m32, mut m64) = models(cfg.clone(), seed);
+        let mut gm = GpuUNet::new(g, &m32).unwrap();
+        let (n, h, w) = (2, 8, 8);
+        let (cin, cout) = (cfg.in_channels, cfg.out_channels);
+        let x = uniform(n * h * w * cin, seed + 1);
+        let dy = uniform(n * h * w * cout, seed + 2);
+        let ctx32: Option<Vec<f32>> = cfg
+            .cross_attention_dim
+            .map(|d| uniform(n * 2 * d, seed + 3));
+        let ts = [123.0, 7.0];
+        let cond32 = Conditioning {
+            context: ctx32.as_deref(),
+            context_len: 2,
+            context_null: null.as_deref(),
+            class_labels: labels.as_deref(),
+            confounders: Some(&conf),
+        };
+        let what = if cfg.with_conditioning {
+            "conditioned"
+        } else {
+            "unconditioned"
+        };
+        let (y32, g32) = gm
+            .forward_backward(g, &x, n, h, w, &ts, &cond32, &dy)
+            .unwrap();
+        assert!(gm.set_compute(g, DType::F16).is_err(), "f16 compute");
+        assert_eq!(gm.compute(), DType::F32);
+        gm.set_compute(g, DType::BF16).unwrap();
+        let (y, grads) = gm
+            .forward_backward(g, &x, n, h, w, &ts, &cond32, &dy)
+            .unwrap();
+
+        // The exact pass, and the conditioning estimate: the same f64 pass from bf16-rounded
+        // weights (those the bf16 path reads rounded), input and context.
+        let ctx64: Option<Vec<f64>> = ctx32.as_deref().map(f64s);
+        let cond64 = Conditioning {
+            context: ctx64.as_deref(),
+            ..Conditioning {
+                context: None,
+                context_len: 2,
+                context_null: null.as_deref(),
+                class_labels: labels.as_deref(),
+                confounders: Some(&conf),
+            }
+        };
+        let exact = cpu_pass(&mut m64, &f64s(&x), [n, h, w], &ts, &cond64, &f64s(&dy));
+        let mut mr =
+            DiffusionUNet::<f32>::from_state_dict(&m32.state_dict().unwrap(), cfg.clone()).unwrap();
+        {
+            let p = mr.params_mut();
+            for i in 0..p.len() {
+                if read_as_bf16(p.name(i)) {
+                    let r = round_bf16(p.value_mut(i));
+                    p.value_mut(i).copy_from_slice(&r);
+                }
+            }
+        }
+        let mut mr64 =
+            DiffusionUNet::<f64>::from_state_dict(&mr.state_dict().unwrap(), cfg.clone()).unwrap();
+        let ctxr: Option<Vec<f64>> = ctx32.as_deref().map(|c| f64s(&round_bf16(c)));
+        let condr = Conditioning {
+            context: ctxr.as_deref(),
+            ..cond64
+        };
+        let refp = cpu_pass(
+            &mut mr64,
+            &f64s(&round_bf16(&x)),
+            [n, h, w],
+            &ts,
+            &condr,
+            &f64s(&dy),
+        );
+
+        let ey = rel_err(&f64s(&y), &exact.0);
+        let ry = rel_err(&refp.0, &exact.0);
+        let edx = rel_err(&f64s(&grads.input), &exact.1);
+        let rdx = rel_err(&refp.1, &exact.1);
+        // (error, reference error, name) per parameter gradient; key biases skipped (their exact
+        // gradient is zero: softmax is shift-invariant).
+        let mut errs: Vec<(f64, f64, String)> = exact
+            .2
+            .iter()
+            .filter(|(name, _)| !name.ends_with(".to_k.bias"))
+            .map(|(name, want)| {
+                let e = rel_err(&f64s(&grads.params[name]), want);
+                (e, rel_err(&refp.2[name], want), name.clone())
+            })
+            .collect();
+        errs.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let bound = |r: f64| (RATIO * r).max(BF16_TOL);
+        let over: Vec<_> = errs.iter().filter(|(e, r, _)| !(*e <= bound(*r))).collect();
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (me, mr) = (
+            median(errs.iter().map(|e| e.0).collect()),
+            median(errs.iter().map(|e| e.1).collect()),
+        );
+        eprintln!(
+            "U-Net {what} bf16: output {ey:.2e} (reference {ry:.2e}), input gradient {edx:.2e} \
+             (reference {rdx:.2e}); {} parameter gradients, median {me:.2e} (reference {mr:.2e}), \
+             worst {:.2e} ({}), {} over max({RATIO} × reference, 1e-2)",
+            errs.len(),
+            errs[0].0,
+            errs[0].2,
+            over.len()
+        );
+        for (e, r, name) in &over {
+            eprintln!("  d{name}: {e:.2e} (reference {r:.2e})");
+        }
+        assert!(ey <= BF16_TOL, "U-Net {what} bf16 output: {ey:.3e}");
+        assert!(
+            edx <= bound(rdx),
+            "U-Net {what} bf16 input gradient: {edx:.3e} (reference {rdx:.3e})"
+        );
+        assert!(
+            errs.iter().all(|e| e.0.is_finite()),
+            "U-Net {what} bf16: a non-finite gradient"
+        );
+        assert!(
+            over.len() * 10 <= errs.len(),
+            "U-Net {what} bf16: {} of {} parameter gradients over max({RATIO} × reference, 1e-2)",
+            over.len(),
+            errs.len()
+        );
+        assert!(
+            me <= RATIO * mr,
+            "U-Net {what} bf16: median gradient error {me:.3e} > {RATIO} × the reference's {mr:.3e}"
+        );
+        assert!(
+            errs[0].0 <= 10.0 * BF16_TOL,
+            "U-Net {what} bf16: d{} {:.3e}",
+            errs[0].2,
+            errs[0].0
+        );
+
+        // Back to f32: the working copy is dropped and the f32 pass is what it was, bit for bit.
+        gm.set_compute(g, DType::F32).unwrap();
+        let (y2, g2) = gm
+            .forward_backward(g, &x, n, h, w, &ts, &cond32, &dy)
+            .unwrap();
+        assert_eq!(y2, y32, "U-Net {what}: f32 output after a bf16 pass");
+        assert_eq!(g2.input, g32.input);
+        assert_eq!(g2.params, g32.params);
+    }
+}
+
+/// One MONAI fixture of tests/fixtures/unet (make_unet_fixture.py): tensors (as f64, shape) by
+/// name, and the config.
+struct MonaiFixture {
+    t: std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+    cfg: UNetConfig,
+}
+
+fn read_monai_fixture(name: &str) -> MonaiFixture {
+    use safetensors::{Dtype, SafeTensors};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/unet/");
+    let bytes = std::fs::read(format!("{dir}{name}.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut t = std::collections::BTreeMap::new();
+    for (k, v) in st.tensors() {
+        let (raw, w) = (v.data(), v.dtype().size());
+        let data: Vec<f64> = raw
+            .chunks_exact(w)
+            .map(|c| match v.dtype() {
+                Dtype::F32 => f32::from_le_bytes(c.try_into().unwrap()) as f64,
+                Dtype::F64 => f64::from_le_bytes(c.try_into().unwrap()),
+                Dtype::I64 => i64::from_le_bytes(c.try_into().unwrap()) as f64,
+                d => panic!("{k}: {d:?}"),
+            })
+            .collect();
+        t.insert(k.to_string(), (v.shape().to_vec(), data));
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
+            .unwrap();
+    let levels = json["channels"].as_array().unwrap().len();
+    let per_level = |key: &str| -> Vec<usize> {
+        match &json[key] {
+            serde_json::Value::Array(a) => a.iter().map(|v| v.as_u64().unwrap() as usize).collect(),
+            v => vec![v.as_u64().unwrap() as usize; levels],
+        }
+    };
+    let cfg = UNetConfig {
+        in_channels: json["in_channels"].as_u64().unwrap() as usize,
+        out_channels: json["out_channels"].as_u64().unwrap() as usize,
+        num_res_blocks: per_level("num_res_blocks"),
+        channels: per_level("channels"),
+        attention_levels: json["attention_levels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_bool().unwrap())
+            .collect(),
+        norm_num_groups: json["norm_num_groups"].as_u64().unwrap() as usize,
+        norm_eps: json["norm_eps"].as_f64().unwrap(),
+        resblock_updown: json["resblock_updown"].as_bool().unwrap_or(false),
+        num_head_channels: per_level("num_head_channels"),
+        with_conditioning: json["with_conditioning"].as_bool().unwrap_or(false),
+        transformer_num_layers: json["transformer_num_layers"].as_u64().unwrap_or(1) as usize,
+        cross_attention_dim: json["cross_attention_dim"].as_u64().map(|v| v as usize),
+        num_class_embeds: json["num_class_embeds"].as_u64().map(|v| v as usize),
+        confounders: vec![],
+        null_embeddings: false,
+    };
+    MonaiFixture { t, cfg }
+}
+
+/// bf16 against PyTorch's own bf16, on the MONAI fixture models ("cond": cross-attention and class
+/// embeddings; "plain": self-attention and resblock_updown). Each tensor's normwise error against
+/// MONAI's float64 result (output, input gradient, every parameter gradient) is set beside that of
+/// `torch.autocast(bfloat16)` on the same model and inputs (`tests/fixtures/unet/<name>_bf16_torch.json`,
+/// from make_unet_bf16_fixture.py; CPU autocast). Bounds: the output and the input gradient within
+/// 2.5 × torch's error; the median over the parameter gradients of (ours / torch's) at most 2; at
+/// least 90% of them within max(4 × torch's, 1e-2); none over max(10 × torch's, 0.1) or
+/// non-finite. Key-bias
+/// gradients (exactly zero: softmax is shift-invariant) are skipped.
+///
+/// Measured on the emulation: output 2.2e-2 / 1.6e-2 (torch 2.1e-2 / 1.3e-2), input gradient
+/// 1.3e-2 / 2.8e-2 (torch 1.7e-2 / 1.8e-2), median ratio 0.85 / 1.36, 90th percentile 1.4 / 2.9,
+/// 0 / 6 tensors over max(4 × torch's, 1e-2).
+/// Single small tensors (4-channel norm and bias gradients, sums of the upstream gradient with
+/// cancellation) vary by several × between any two bf16 roundings, hence bounds on the median and
+/// the 90th percentile rather than per tensor.
+pub fn unet_bf16_error_within_torch_autocast<G: Gpu>(g: &G) {
+    use phenocore::diffusion::unet::{nchw_to_nhwc, nhwc_to_nchw};
+    use phenocore::io::safetensors::TensorMap;
+    use phenocore::tensor::{DType, Tensor};
+    for name in ["cond", "plain"] {
+        let fx = read_monai_fixture(name);
+        let get = |k: &str| {
+            fx.t.get(k)
+                .unwrap_or_else(|| panic!("{name}: fixture lacks {k}"))
+        };
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/unet/");
+        let torch: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{dir}{name}_bf16_torch.json")).unwrap(),
+        )
+        .unwrap();
+        let torch = &torch["bf16"];
+        let mut weights = TensorMap::new();
+        for (k, (s, v)) in &fx.t {
+            if let Some(key) = k.strip_prefix("w.") {
+                let v32 = v.iter().map(|&x| x as f32).collect();
+                weights.insert(key.to_string(), Tensor::from_f32(s, v32).unwrap());
+            }
+        }
+        let m32 = DiffusionUNet::<f32>::from_state_dict(&weights, fx.cfg.clone()).unwrap();
+        let mut gm = GpuUNet::new(g, &m32).unwrap();
+        gm.set_compute(g, DType::BF16).unwrap();
+        let (xs, x) = get("x");
+        let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
+        let oc = fx.cfg.out_channels;
+        let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let ctx = fx.t.get("context").map(|(_, v)| f32s(v));
+        let ctx_len = fx.t.get("context").map(|(s, _)| s[1]).unwrap_or(0);
+        let labels: Option<Vec<usize>> =
+            fx.t.get("class_labels")
+                .map(|(_, v)| v.iter().map(|&a| a as usize).collect());
+        let cond = Conditioning {
+            context: ctx.as_deref(),
+            context_len: ctx_len,
+            context_null: None,
+            class_labels: labels.as_deref(),
+            confounders: None,
+        };
+        let ts = get("timesteps").1.clone();
+        let r = nchw_to_nhwc(&f32s(&get("r").1), n, oc, h, w);
+        let (y, grads) = gm
+            .forward_backward(
+                g,
+                &nchw_to_nhwc(&f32s(x), n, c, h, w),
+                n,
+                h,
+                w,
+                &ts,
+                &cond,
+                &r,
+            )
+            .unwrap();
+        let mut checks = vec![
+            (
+                "out".to_string(),
+                rel_err(&f64s(&nhwc_to_nchw(&y, n, oc, h, w)), &get("out").1),
+                torch["out"].as_f64().unwrap(),
+            ),
+            (
+                "grad_x".to_string(),
+                rel_err(
+                    &f64s(&nhwc_to_nchw(&grads.input, n, c, h, w)),
+                    &get("grad_x").1,
+                ),
+                torch["grad_x"].as_f64().unwrap(),
+            ),
+        ];
+        for (key, got) in &grads.params {
+            if key.ends_with(".to_k.bias") {
+                continue;
+            }
+            let want = &get(&format!("grad.{key}")).1;
+            let t = torch["grad"][key.as_str()]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{name}: no torch error for {key}"));
+            checks.push((format!("d{key}"), rel_err(&f64s(got), want), t));
+        }
+        let (out, dx) = (&checks[0], &checks[1]);
+        let params = &checks[2..];
+        let mut ratios: Vec<f64> = params.iter().map(|(_, e, t)| e / t).collect();
+        ratios.sort_by(|a, b| a.total_cmp(b));
+        let median = ratios[ratios.len() / 2];
+        let over: Vec<_> = params
+            .iter()
+            .filter(|(_, e, t)| !(*e <= (4.0 * t).max(BF16_TOL)))
+            .collect();
+        let worst = params.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+        eprintln!(
+            "U-Net {name} bf16 vs torch autocast bf16: output {:.2e} (torch {:.2e}), input gradient \
+             {:.2e} (torch {:.2e}); {} parameter gradients: ratio to torch's median {median:.2}, \
+             90th percentile {:.2}; worst {:.2e} ({}); {} over max(4 × torch's, 1e-2)",
+            out.1,
+            out.2,
+            dx.1,
+            dx.2,
+            params.len(),
+            ratios[ratios.len() * 9 / 10],
+            worst.1,
+            worst.0,
+            over.len()
+        );
+        for (what, e, t) in [out, dx] {
+            assert!(
+                *e <= 2.5 * t,
+                "U-Net {name} bf16 {what}: relative error {e:.3e} > 2.5 × torch autocast's {t:.3e}"
+            );
+        }
+        for (what, e, t) in params {
+            assert!(
+                *e <= (10.0 * t).max(10.0 * BF16_TOL),
+                "U-Net {name} bf16 {what}: relative error {e:.3e} (non-finite, or over both \
+                 10 × torch autocast's {t:.3e} and 0.1)"
+            );
+        }
+        assert!(
+            median <= 2.0,
+            "U-Net {name} bf16: median error ratio to torch autocast {median:.2} > 2"
+        );
+        assert!(
+            over.len() * 10 <= params.len(),
+            "U-Net {name} bf16: {} of {} parameter gradients over max(4 × torch's, 1e-2)",
+            over.len(),
+            params.len()
+        );
+    }
+}
