@@ -9,102 +9,37 @@ use phenocore::diffusion::unet::{
 };
 use phenocore::io::safetensors::TensorMap;
 use phenocore::tensor::Tensor;
-use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 
+#[path = "common/unet_fixture.rs"]
+mod unet_fixture;
+use unet_fixture::UNetFixture;
+
+/// A MONAI fixture and its weights' older (GenerativeModels) key names.
 struct Fixture {
-    t: BTreeMap<String, (Vec<usize>, Vec<f64>)>,
-    config: UNetConfig,
+    fx: UNetFixture,
     old_keys: BTreeMap<String, String>,
 }
 
 fn read(name: &str) -> Fixture {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/unet/");
-    let bytes = std::fs::read(format!("{dir}{name}.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut t = BTreeMap::new();
-    for (k, v) in st.tensors() {
-        let raw = v.data();
-        let data: Vec<f64> = match v.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                .collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-            Dtype::I64 => raw
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                .collect(),
-            d => panic!("{k}: {d:?}"),
-        };
-        t.insert(k.to_string(), (v.shape().to_vec(), data));
-    }
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
-            .unwrap();
-    let levels = json["channels"].as_array().unwrap().len();
-    let per_level = |key: &str| -> Vec<usize> {
-        match &json[key] {
-            serde_json::Value::Array(a) => a.iter().map(|v| v.as_u64().unwrap() as usize).collect(),
-            v => vec![v.as_u64().unwrap() as usize; levels],
-        }
-    };
-    let config = UNetConfig {
-        in_channels: json["in_channels"].as_u64().unwrap() as usize,
-        out_channels: json["out_channels"].as_u64().unwrap() as usize,
-        num_res_blocks: per_level("num_res_blocks"),
-        channels: per_level("channels"),
-        attention_levels: json["attention_levels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_bool().unwrap())
-            .collect(),
-        norm_num_groups: json["norm_num_groups"].as_u64().unwrap() as usize,
-        norm_eps: json["norm_eps"].as_f64().unwrap(),
-        resblock_updown: json["resblock_updown"].as_bool().unwrap_or(false),
-        num_head_channels: per_level("num_head_channels"),
-        with_conditioning: json["with_conditioning"].as_bool().unwrap_or(false),
-        transformer_num_layers: json["transformer_num_layers"].as_u64().unwrap_or(1) as usize,
-        cross_attention_dim: json["cross_attention_dim"].as_u64().map(|v| v as usize),
-        num_class_embeds: json["num_class_embeds"].as_u64().map(|v| v as usize),
-        confounders: vec![],
-        null_embeddings: false,
-    };
+    let fx = UNetFixture::read(name);
     let old_keys: BTreeMap<String, String> = serde_json::from_str(
-        &std::fs::read_to_string(format!("{dir}{name}_old_keys.json")).unwrap(),
+        &std::fs::read_to_string(format!("{}{name}_old_keys.json", unet_fixture::DIR)).unwrap(),
     )
     .unwrap();
-    Fixture {
-        t,
-        config,
-        old_keys,
+    Fixture { fx, old_keys }
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = UNetFixture;
+    fn deref(&self) -> &UNetFixture {
+        &self.fx
     }
 }
 
 impl Fixture {
-    fn get(&self, k: &str) -> &(Vec<usize>, Vec<f64>) {
-        self.t.get(k).unwrap_or_else(|| panic!("fixture lacks {k}"))
-    }
     fn weights(&self, rename: bool) -> TensorMap {
-        let mut m = TensorMap::new();
-        for (k, (s, v)) in &self.t {
-            if let Some(key) = k.strip_prefix("w.") {
-                let key = if rename {
-                    self.old_keys.get(key).cloned().unwrap_or(key.to_string())
-                } else {
-                    key.to_string()
-                };
-                m.insert(
-                    key,
-                    Tensor::from_f32(s, v.iter().map(|&x| x as f32).collect()).unwrap(),
-                );
-            }
-        }
-        m
+        self.fx.weights(rename.then_some(&self.old_keys))
     }
 }
 

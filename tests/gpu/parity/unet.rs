@@ -552,66 +552,9 @@ pub fn unet_bf16_matches_cpu<G: Gpu>(g: &G) {
     }
 }
 
-/// One MONAI fixture of tests/fixtures/unet (make_unet_fixture.py): tensors (as f64, shape) by
-/// name, and the config.
-struct MonaiFixture {
-    t: std::collections::BTreeMap<String, (Vec<usize>, Vec<f64>)>,
-    cfg: UNetConfig,
-}
-
-fn read_monai_fixture(name: &str) -> MonaiFixture {
-    use safetensors::{Dtype, SafeTensors};
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/unet/");
-    let bytes = std::fs::read(format!("{dir}{name}.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut t = std::collections::BTreeMap::new();
-    for (k, v) in st.tensors() {
-        let (raw, w) = (v.data(), v.dtype().size());
-        let data: Vec<f64> = raw
-            .chunks_exact(w)
-            .map(|c| match v.dtype() {
-                Dtype::F32 => f32::from_le_bytes(c.try_into().unwrap()) as f64,
-                Dtype::F64 => f64::from_le_bytes(c.try_into().unwrap()),
-                Dtype::I64 => i64::from_le_bytes(c.try_into().unwrap()) as f64,
-                d => panic!("{k}: {d:?}"),
-            })
-            .collect();
-        t.insert(k.to_string(), (v.shape().to_vec(), data));
-    }
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}{name}.json")).unwrap())
-            .unwrap();
-    let levels = json["channels"].as_array().unwrap().len();
-    let per_level = |key: &str| -> Vec<usize> {
-        match &json[key] {
-            serde_json::Value::Array(a) => a.iter().map(|v| v.as_u64().unwrap() as usize).collect(),
-            v => vec![v.as_u64().unwrap() as usize; levels],
-        }
-    };
-    let cfg = UNetConfig {
-        in_channels: json["in_channels"].as_u64().unwrap() as usize,
-        out_channels: json["out_channels"].as_u64().unwrap() as usize,
-        num_res_blocks: per_level("num_res_blocks"),
-        channels: per_level("channels"),
-        attention_levels: json["attention_levels"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_bool().unwrap())
-            .collect(),
-        norm_num_groups: json["norm_num_groups"].as_u64().unwrap() as usize,
-        norm_eps: json["norm_eps"].as_f64().unwrap(),
-        resblock_updown: json["resblock_updown"].as_bool().unwrap_or(false),
-        num_head_channels: per_level("num_head_channels"),
-        with_conditioning: json["with_conditioning"].as_bool().unwrap_or(false),
-        transformer_num_layers: json["transformer_num_layers"].as_u64().unwrap_or(1) as usize,
-        cross_attention_dim: json["cross_attention_dim"].as_u64().map(|v| v as usize),
-        num_class_embeds: json["num_class_embeds"].as_u64().map(|v| v as usize),
-        confounders: vec![],
-        null_embeddings: false,
-    };
-    MonaiFixture { t, cfg }
-}
+#[path = "../../common/unet_fixture.rs"]
+mod unet_fixture;
+use unet_fixture::UNetFixture;
 
 /// bf16 against PyTorch's own bf16, on the MONAI fixture models ("cond": cross-attention and class
 /// embeddings; "plain": self-attention and resblock_updown). Each tensor's normwise error against
@@ -631,33 +574,23 @@ fn read_monai_fixture(name: &str) -> MonaiFixture {
 /// the 90th percentile rather than per tensor.
 pub fn unet_bf16_error_within_torch_autocast<G: Gpu>(g: &G) {
     use phenocore::diffusion::unet::{nchw_to_nhwc, nhwc_to_nchw};
-    use phenocore::io::safetensors::TensorMap;
-    use phenocore::tensor::{DType, Tensor};
+    use phenocore::tensor::DType;
     for name in ["cond", "plain"] {
-        let fx = read_monai_fixture(name);
-        let get = |k: &str| {
-            fx.t.get(k)
-                .unwrap_or_else(|| panic!("{name}: fixture lacks {k}"))
-        };
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/unet/");
+        let fx = UNetFixture::read(name);
+        let get = |k: &str| fx.get(k);
         let torch: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(format!("{dir}{name}_bf16_torch.json")).unwrap(),
+            &std::fs::read_to_string(format!("{}{name}_bf16_torch.json", unet_fixture::DIR))
+                .unwrap(),
         )
         .unwrap();
         let torch = &torch["bf16"];
-        let mut weights = TensorMap::new();
-        for (k, (s, v)) in &fx.t {
-            if let Some(key) = k.strip_prefix("w.") {
-                let v32 = v.iter().map(|&x| x as f32).collect();
-                weights.insert(key.to_string(), Tensor::from_f32(s, v32).unwrap());
-            }
-        }
-        let m32 = DiffusionUNet::<f32>::from_state_dict(&weights, fx.cfg.clone()).unwrap();
+        let m32 =
+            DiffusionUNet::<f32>::from_state_dict(&fx.weights(None), fx.config.clone()).unwrap();
         let mut gm = GpuUNet::new(g, &m32).unwrap();
         gm.set_compute(g, DType::BF16).unwrap();
         let (xs, x) = get("x");
         let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
-        let oc = fx.cfg.out_channels;
+        let oc = fx.config.out_channels;
         let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
         let ctx = fx.t.get("context").map(|(_, v)| f32s(v));
         let ctx_len = fx.t.get("context").map(|(s, _)| s[1]).unwrap_or(0);
