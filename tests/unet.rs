@@ -58,18 +58,8 @@ fn run<T: Float>(
     let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
     let to_t = |v: &[f64]| v.iter().map(|&a| T::from_f64(a)).collect::<Vec<T>>();
     let ts: Vec<f64> = fx.get("timesteps").1.clone();
-    let ctx = fx.t.get("context").map(|(_, v)| to_t(v));
-    let ctx_len = fx.t.get("context").map(|(s, _)| s[1]).unwrap_or(0);
-    let labels: Option<Vec<usize>> =
-        fx.t.get("class_labels")
-            .map(|(_, v)| v.iter().map(|&a| a as usize).collect());
-    let cond = Conditioning {
-        context: ctx.as_deref(),
-        context_len: ctx_len,
-        context_null: None,
-        class_labels: labels.as_deref(),
-        confounders: None,
-    };
+    let conditions = fx.conditions(T::from_f64);
+    let cond = conditions.cond();
     let mut tape = Tape::<T>::new(true);
     let xv = tape
         .input(&[n, h, w, c], nchw_to_nhwc(&to_t(x), n, c, h, w), true)

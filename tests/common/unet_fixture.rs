@@ -4,7 +4,7 @@
 //! tests/unet.rs and the GPU parity suite (tests/gpu/parity/unet.rs).
 #![allow(dead_code)]
 
-use phenocore::diffusion::unet::UNetConfig;
+use phenocore::diffusion::unet::{Conditioning, UNetConfig};
 use phenocore::io::safetensors::TensorMap;
 use phenocore::tensor::Tensor;
 use safetensors::{Dtype, SafeTensors};
@@ -77,6 +77,19 @@ impl UNetFixture {
         self.t.get(k).unwrap_or_else(|| panic!("fixture lacks {k}"))
     }
 
+    /// The fixture's conditions ("context" [n, len, d], "class_labels"), context values through `to`.
+    pub fn conditions<T>(&self, to: impl Fn(f64) -> T) -> FixtureConditions<T> {
+        let ctx = self.t.get("context");
+        FixtureConditions {
+            context: ctx.map(|(_, v)| v.iter().map(|&a| to(a)).collect()),
+            context_len: ctx.map(|(s, _)| s[1]).unwrap_or(0),
+            labels: self
+                .t
+                .get("class_labels")
+                .map(|(_, v)| v.iter().map(|&a| a as usize).collect()),
+        }
+    }
+
     /// The weights ("w.<key>") as f32 tensors under their keys, renamed through `rename` when given.
     pub fn weights(&self, rename: Option<&BTreeMap<String, String>>) -> TensorMap {
         let mut m = TensorMap::new();
@@ -90,5 +103,24 @@ impl UNetFixture {
             }
         }
         m
+    }
+}
+
+/// Owned conditions of a fixture; [`FixtureConditions::cond`] borrows them as a [`Conditioning`].
+pub struct FixtureConditions<T> {
+    pub context: Option<Vec<T>>,
+    pub context_len: usize,
+    pub labels: Option<Vec<usize>>,
+}
+
+impl<T> FixtureConditions<T> {
+    pub fn cond(&self) -> Conditioning<'_, T> {
+        Conditioning {
+            context: self.context.as_deref(),
+            context_len: self.context_len,
+            context_null: None,
+            class_labels: self.labels.as_deref(),
+            confounders: None,
+        }
     }
 }

@@ -206,46 +206,95 @@ pub fn unet_null_context_only<G: Gpu>(g: &G) {
     );
 }
 
+/// A forward + backward case of the gradient tests: the models, an NHWC input, an upstream
+/// gradient, a two-token context (conditioned models) and the conditions, at N = 2, 8 × 8.
+struct GradCase {
+    cfg: UNetConfig,
+    what: &'static str,
+    null: Option<Vec<bool>>,
+    labels: Option<Vec<usize>>,
+    conf: Vec<usize>,
+    m32: DiffusionUNet<f32>,
+    x: Vec<f32>,
+    dy: Vec<f32>,
+    ctx: Option<Vec<f32>>,
+    ctx64: Option<Vec<f64>>,
+}
+
+const GRAD_NHW: (usize, usize, usize) = (2, 8, 8);
+const GRAD_TS: [f64; 2] = [123.0, 7.0];
+
+/// The conditioned model (a null context for one sample, class labels, null confounders) from
+/// `seed` and the unconditioned one from `seed + 1`, each with its f64 copy.
+fn grad_cases(seed: u64) -> Vec<(GradCase, DiffusionUNet<f64>)> {
+    let (n, h, w) = GRAD_NHW;
+    [
+        (
+            conditioned(),
+            "conditioned",
+            Some(vec![true, false]),
+            Some(vec![0usize, 2]),
+            vec![NULL, 1, 2, NULL],
+            seed,
+        ),
+        (
+            unconditioned(),
+            "unconditioned",
+            None,
+            None,
+            vec![2, NULL],
+            seed + 1,
+        ),
+    ]
+    .into_iter()
+    .map(|(cfg, what, null, labels, conf, seed)| {
+        let (m32, m64) = models(cfg.clone(), seed);
+        let x = uniform(n * h * w * cfg.in_channels, seed + 1);
+        let dy = uniform(n * h * w * cfg.out_channels, seed + 2);
+        let ctx: Option<Vec<f32>> = cfg
+            .cross_attention_dim
+            .map(|d| uniform(n * 2 * d, seed + 3));
+        let ctx64 = ctx.as_deref().map(f64s);
+        let case = GradCase {
+            cfg,
+            what,
+            null,
+            labels,
+            conf,
+            m32,
+            x,
+            dy,
+            ctx,
+            ctx64,
+        };
+        (case, m64)
+    })
+    .collect()
+}
+
+impl GradCase {
+    fn cond<'a, T>(&'a self, context: Option<&'a [T]>) -> Conditioning<'a, T> {
+        Conditioning {
+            context,
+            context_len: 2,
+            context_null: self.null.as_deref(),
+            class_labels: self.labels.as_deref(),
+            confounders: Some(&self.conf),
+        }
+    }
+}
+
 /// Forward and backward on the GPU against the CPU tape (f64): the input gradient and every
 /// parameter's gradient for a random upstream gradient, normwise per tensor ≤ 1e-5.
 pub fn unet_backward_matches_cpu<G: Gpu>(g: &G) {
     use phenocore::autograd::Tape;
-    let cases = [
-        (
-            conditioned(),
-            Some(vec![true, false]),
-            Some(vec![0usize, 2]),
-            vec![NULL, 1, 2, NULL],
-            70u64,
-        ),
-        (unconditioned(), None, None, vec![2, NULL], 71u64),
-    ];
-    for (cfg, null, labels, conf, seed) in cases {
-        let (m32, mut m64) = models(cfg.clone(), seed);
-        let gm = GpuUNet::new(g, &m32).unwrap();
-        let (n, h, w) = (2, 8, 8);
-        let (cin, cout) = (cfg.in_channels, cfg.out_channels);
-        let x = uniform(n * h * w * cin, seed + 1);
-        let dy = uniform(n * h * w * cout, seed + 2);
-        let ctx32: Option<Vec<f32>> = cfg
-            .cross_attention_dim
-            .map(|d| uniform(n * 2 * d, seed + 3));
-        let ctx64: Option<Vec<f64>> = ctx32.as_deref().map(f64s);
-        let ts = [123.0, 7.0];
-        let cond32 = Conditioning {
-            context: ctx32.as_deref(),
-            context_len: 2,
-            context_null: null.as_deref(),
-            class_labels: labels.as_deref(),
-            confounders: Some(&conf),
-        };
-        let cond64 = Conditioning {
-            context: ctx64.as_deref(),
-            context_len: 2,
-            context_null: null.as_deref(),
-            class_labels: labels.as_deref(),
-            confounders: Some(&conf),
-        };
+    for (c, mut m64) in grad_cases(70) {
+        let gm = GpuUNet::new(g, &c.m32).unwrap();
+        let (n, h, w) = GRAD_NHW;
+        let (ts, cin, what) = (GRAD_TS, c.cfg.in_channels, c.what);
+        let (x, dy) = (&c.x, &c.dy);
+        let cond32 = c.cond(c.ctx.as_deref());
+        let cond64 = c.cond(c.ctx64.as_deref());
         assert!(
             gm.forward_backward(g, &x, n, h, w, &ts, &cond32, &dy[1..])
                 .is_err(),
@@ -262,11 +311,6 @@ pub fn unet_backward_matches_cpu<G: Gpu>(g: &G) {
         let cpu = tape
             .backward_with(&yv, f64s(&dy), m64.params_mut())
             .unwrap();
-        let what = if cfg.with_conditioning {
-            "conditioned"
-        } else {
-            "unconditioned"
-        };
         assert_close(&format!("U-Net {what} output"), &f64s(&y), &want_y, F32_TOL);
         let rel = assert_close(
             &format!("U-Net {what} input gradient"),
@@ -309,7 +353,7 @@ pub fn unet_backward_matches_cpu<G: Gpu>(g: &G) {
         // The null context is used (and gets a gradient) only where a sample is null.
         if let Some(i) = (0..p.len()).find(|&i| p.name(i) == "null_context") {
             let nonzero = p.grad(i).iter().any(|v| *v != 0.0);
-            assert_eq!(nonzero, null.is_some(), "null_context gradient");
+            assert_eq!(nonzero, c.null.is_some(), "null_context gradient");
         }
     }
 }
@@ -393,39 +437,12 @@ fn cpu_pass(
 pub fn unet_bf16_matches_cpu<G: Gpu>(g: &G) {
     use phenocore::tensor::DType;
     const RATIO: f64 = 4.0;
-    let cases = [
-        (
-            conditioned(),
-            Some(vec![true, false]),
-            Some(vec![0usize, 2]),
-            vec![NULL, 1, 2, NULL],
-            80u64,
-        ),
-        (unconditioned(), None, None, vec![2, NULL], 81u64),
-    ];
-    for (cfg, null, labels, conf, seed) in cases {
-        let (m32, mut m64) = models(cfg.clone(), seed);
-        let mut gm = GpuUNet::new(g, &m32).unwrap();
-        let (n, h, w) = (2, 8, 8);
-        let (cin, cout) = (cfg.in_channels, cfg.out_channels);
-        let x = uniform(n * h * w * cin, seed + 1);
-        let dy = uniform(n * h * w * cout, seed + 2);
-        let ctx32: Option<Vec<f32>> = cfg
-            .cross_attention_dim
-            .map(|d| uniform(n * 2 * d, seed + 3));
-        let ts = [123.0, 7.0];
-        let cond32 = Conditioning {
-            context: ctx32.as_deref(),
-            context_len: 2,
-            context_null: null.as_deref(),
-            class_labels: labels.as_deref(),
-            confounders: Some(&conf),
-        };
-        let what = if cfg.with_conditioning {
-            "conditioned"
-        } else {
-            "unconditioned"
-        };
+    for (c, mut m64) in grad_cases(80) {
+        let mut gm = GpuUNet::new(g, &c.m32).unwrap();
+        let (n, h, w) = GRAD_NHW;
+        let (ts, cfg, what) = (GRAD_TS, &c.cfg, c.what);
+        let (x, dy, ctx32) = (&c.x, &c.dy, &c.ctx);
+        let cond32 = c.cond(ctx32.as_deref());
         let (y32, g32) = gm
             .forward_backward(g, &x, n, h, w, &ts, &cond32, &dy)
             .unwrap();
@@ -438,20 +455,11 @@ pub fn unet_bf16_matches_cpu<G: Gpu>(g: &G) {
 
         // The exact pass, and the conditioning estimate: the same f64 pass from bf16-rounded
         // weights (those the bf16 path reads rounded), input and context.
-        let ctx64: Option<Vec<f64>> = ctx32.as_deref().map(f64s);
-        let cond64 = Conditioning {
-            context: ctx64.as_deref(),
-            ..Conditioning {
-                context: None,
-                context_len: 2,
-                context_null: null.as_deref(),
-                class_labels: labels.as_deref(),
-                confounders: Some(&conf),
-            }
-        };
+        let cond64 = c.cond(c.ctx64.as_deref());
         let exact = cpu_pass(&mut m64, &f64s(&x), [n, h, w], &ts, &cond64, &f64s(&dy));
         let mut mr =
-            DiffusionUNet::<f32>::from_state_dict(&m32.state_dict().unwrap(), cfg.clone()).unwrap();
+            DiffusionUNet::<f32>::from_state_dict(&c.m32.state_dict().unwrap(), cfg.clone())
+                .unwrap();
         {
             let p = mr.params_mut();
             for i in 0..p.len() {
@@ -592,18 +600,8 @@ pub fn unet_bf16_error_within_torch_autocast<G: Gpu>(g: &G) {
         let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
         let oc = fx.config.out_channels;
         let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-        let ctx = fx.t.get("context").map(|(_, v)| f32s(v));
-        let ctx_len = fx.t.get("context").map(|(s, _)| s[1]).unwrap_or(0);
-        let labels: Option<Vec<usize>> =
-            fx.t.get("class_labels")
-                .map(|(_, v)| v.iter().map(|&a| a as usize).collect());
-        let cond = Conditioning {
-            context: ctx.as_deref(),
-            context_len: ctx_len,
-            context_null: None,
-            class_labels: labels.as_deref(),
-            confounders: None,
-        };
+        let conditions = fx.conditions(|a| a as f32);
+        let cond = conditions.cond();
         let ts = get("timesteps").1.clone();
         let r = nchw_to_nhwc(&f32s(&get("r").1), n, oc, h, w);
         let (y, grads) = gm
