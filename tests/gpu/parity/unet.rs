@@ -296,21 +296,19 @@ pub fn unet_backward_matches_cpu<G: Gpu>(g: &G) {
         let cond32 = c.cond(c.ctx.as_deref());
         let cond64 = c.cond(c.ctx64.as_deref());
         assert!(
-            gm.forward_backward(g, &x, n, h, w, &ts, &cond32, &dy[1..])
+            gm.forward_backward(g, x, n, h, w, &ts, &cond32, &dy[1..])
                 .is_err(),
             "an upstream gradient of the wrong length"
         );
         let (y, grads) = gm
-            .forward_backward(g, &x, n, h, w, &ts, &cond32, &dy)
+            .forward_backward(g, x, n, h, w, &ts, &cond32, dy)
             .unwrap();
         let mut tape = Tape::<f64>::new(true);
-        let xv = tape.input(&[n, h, w, cin], f64s(&x), true).unwrap();
+        let xv = tape.input(&[n, h, w, cin], f64s(x), true).unwrap();
         let yv = m64.forward(&mut tape, &xv, &ts, &cond64).unwrap();
         let want_y = tape.data(&yv).to_vec();
         m64.params_mut().zero_grad();
-        let cpu = tape
-            .backward_with(&yv, f64s(&dy), m64.params_mut())
-            .unwrap();
+        let cpu = tape.backward_with(&yv, f64s(dy), m64.params_mut()).unwrap();
         assert_close(&format!("U-Net {what} output"), &f64s(&y), &want_y, F32_TOL);
         let rel = assert_close(
             &format!("U-Net {what} input gradient"),
@@ -444,19 +442,19 @@ pub fn unet_bf16_matches_cpu<G: Gpu>(g: &G) {
         let (x, dy, ctx32) = (&c.x, &c.dy, &c.ctx);
         let cond32 = c.cond(ctx32.as_deref());
         let (y32, g32) = gm
-            .forward_backward(g, &x, n, h, w, &ts, &cond32, &dy)
+            .forward_backward(g, x, n, h, w, &ts, &cond32, dy)
             .unwrap();
         assert!(gm.set_compute(g, DType::F16).is_err(), "f16 compute");
         assert_eq!(gm.compute(), DType::F32);
         gm.set_compute(g, DType::BF16).unwrap();
         let (y, grads) = gm
-            .forward_backward(g, &x, n, h, w, &ts, &cond32, &dy)
+            .forward_backward(g, x, n, h, w, &ts, &cond32, dy)
             .unwrap();
 
         // The exact pass, and the conditioning estimate: the same f64 pass from bf16-rounded
         // weights (those the bf16 path reads rounded), input and context.
         let cond64 = c.cond(c.ctx64.as_deref());
-        let exact = cpu_pass(&mut m64, &f64s(&x), [n, h, w], &ts, &cond64, &f64s(&dy));
+        let exact = cpu_pass(&mut m64, &f64s(x), [n, h, w], &ts, &cond64, &f64s(dy));
         let mut mr =
             DiffusionUNet::<f32>::from_state_dict(&c.m32.state_dict().unwrap(), cfg.clone())
                 .unwrap();
@@ -478,11 +476,11 @@ pub fn unet_bf16_matches_cpu<G: Gpu>(g: &G) {
         };
         let refp = cpu_pass(
             &mut mr64,
-            &f64s(&round_bf16(&x)),
+            &f64s(&round_bf16(x)),
             [n, h, w],
             &ts,
             &condr,
-            &f64s(&dy),
+            &f64s(dy),
         );
 
         let ey = rel_err(&f64s(&y), &exact.0);
@@ -502,6 +500,7 @@ pub fn unet_bf16_matches_cpu<G: Gpu>(g: &G) {
             .collect();
         errs.sort_by(|a, b| b.0.total_cmp(&a.0));
         let bound = |r: f64| (RATIO * r).max(BF16_TOL);
+        // `!(e <= bound)`: a NaN error counts as over.
         let over: Vec<_> = errs.iter().filter(|(e, r, _)| !(*e <= bound(*r))).collect();
         let median = |mut v: Vec<f64>| {
             v.sort_by(|a, b| a.total_cmp(b));
@@ -552,7 +551,7 @@ pub fn unet_bf16_matches_cpu<G: Gpu>(g: &G) {
         // Back to f32: the working copy is dropped and the f32 pass is what it was, bit for bit.
         gm.set_compute(g, DType::F32).unwrap();
         let (y2, g2) = gm
-            .forward_backward(g, &x, n, h, w, &ts, &cond32, &dy)
+            .forward_backward(g, x, n, h, w, &ts, &cond32, dy)
             .unwrap();
         assert_eq!(y2, y32, "U-Net {what}: f32 output after a bf16 pass");
         assert_eq!(g2.input, g32.input);
@@ -646,6 +645,7 @@ pub fn unet_bf16_error_within_torch_autocast<G: Gpu>(g: &G) {
         let mut ratios: Vec<f64> = params.iter().map(|(_, e, t)| e / t).collect();
         ratios.sort_by(|a, b| a.total_cmp(b));
         let median = ratios[ratios.len() / 2];
+        // `!(e <= bound)`: a NaN error counts as over.
         let over: Vec<_> = params
             .iter()
             .filter(|(_, e, t)| !(*e <= (4.0 * t).max(BF16_TOL)))
