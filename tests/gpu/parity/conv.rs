@@ -172,6 +172,18 @@ fn check<G: Gpu>(g: &G, c: &Conv2d, case: Case, seed: u64, name: &str, math: Mat
         tol,
     );
     assert_close(&format!("{name}: db"), &back(&dbb, cout), &want.db, tol);
+    // The f32 weight gradient (f32 master gradients) from the same storage: f32 products summed in
+    // f32 and never rounded to the storage dtype, so within the f32 bound even for bf16 storage.
+    if math == Math::F32 {
+        let dwf = g.upload_slice(&vec![f32::NAN; c.weight_len()]).unwrap();
+        // SAFETY: x, dy hold the plan's input and output of its dtype, dwf weight_len f32.
+        unsafe {
+            c.backward_w_f32(g, g.ptr(&xb), g.ptr(&dyb), g.ptr(&dwf), math)
+                .unwrap()
+        };
+        let got = f64s(&g.download_vec::<f32>(&dwf, c.weight_len()).unwrap());
+        assert_close(&format!("{name}: dw (f32)"), &got, &want.dw, F32_TOL);
+    }
 }
 
 fn run<G: Gpu>(g: &G, dtype: DType) {
