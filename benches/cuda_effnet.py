@@ -19,6 +19,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import effnet_cpu as base  # noqa: E402  (shared weights / truncated-torch helpers)
+import rust_bench  # noqa: E402
 
 
 def time_torch(fn, x, reps):
@@ -68,8 +69,8 @@ def main() -> int:
             rows["torch.compile fp32"] = time_torch(lambda t: compiled(torch.from_numpy(crops).cuda()), x, a.reps)
         for mode in ["f32", "tf32"]:
             out = tmp / f"phenocore-{mode}.f32"
-            cmd = ["cargo", "bench", "--features", "cuda", "--bench", "cuda_effnet", "--",
-                   str(weights), str(crops_file), str(a.batch), str(a.reps), str(out)] + (["tf32"] if mode == "tf32" else [])
+            args = [weights, crops_file, a.batch, a.reps, out] + (["tf32"] if mode == "tf32" else [])
+            cmd = rust_bench.command("cuda_effnet", args)
             res = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
             if res.returncode != 0:
                 print(res.stdout, res.stderr, file=sys.stderr)

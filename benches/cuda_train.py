@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import rust_bench  # noqa: E402
 
 
 def torch_side(a, dtype):
@@ -62,8 +64,7 @@ def main() -> int:
     print(f"GPU: {torch.cuda.get_device_name(0)}; batch {a.batch}; torch {torch.__version__}")
     rows = {f"torch eager {d}": torch_side(a, d) for d in ["fp32", "bf16"]}
     for mode in ["f32", "tf32", "bf16"]:
-        cmd = ["cargo", "bench", "--features", "cuda", "--bench", "cuda_train", "--",
-               str(a.batch), str(a.classes), str(a.steps), mode]
+        cmd = rust_bench.command("cuda_train", [str(a.batch), str(a.classes), str(a.steps), mode])
         res = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
         if res.returncode != 0:
             print(res.stdout, res.stderr, file=sys.stderr)

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import rust_bench  # noqa: E402
 
 
 def torch_side(a, dtype):
@@ -104,8 +106,7 @@ def main() -> int:
     for dtype in ["fp32", "bf16"]:
         rows[f"torch eager {dtype}"] = torch_side(a, dtype)
     for mode in ["f32", "tf32", "bf16"]:
-        cmd = ["cargo", "bench", "--features", "cuda", "--bench", "cuda_unet", "--",
-               str(a.batch), str(a.size), str(a.reps), str(a.steps), mode]
+        cmd = rust_bench.command("cuda_unet", [str(a.batch), str(a.size), str(a.reps), str(a.steps), mode])
         res = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
         if res.returncode != 0:
             print(res.stdout, res.stderr, file=sys.stderr)
