@@ -8,7 +8,6 @@ PyTorch eager. Issue 6's targets: >= 1.5x eager fp32, >= 1.0x torch.compile (bat
 Needs a CUDA GPU, torch + torchvision + safetensors in the running Python, and cargo.
 """
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,8 +69,7 @@ def main() -> int:
         for mode in ["f32", "tf32"]:
             out = tmp / f"phenocore-{mode}.f32"
             args = [weights, crops_file, a.batch, a.reps, out] + (["tf32"] if mode == "tf32" else [])
-            cmd = rust_bench.command("cuda_effnet", args)
-            res = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
+            res = rust_bench.run("cuda_effnet", args)
             if res.returncode != 0:
                 print(res.stdout, res.stderr, file=sys.stderr)
                 return 1

@@ -4,7 +4,7 @@
 //! `OUT`. `benches/cuda_effnet.py` runs it beside PyTorch eager and torch.compile and prints ratios.
 //!
 //! `cargo bench --features cuda --bench cuda_effnet -- WEIGHTS CROPS BATCH REPS OUT [tf32]`
-use phenocore::backend::cuda::device;
+use phenocore::backend::cuda::{device, profile};
 use phenocore::backend::gpu::Math;
 use phenocore::models::efficientnet::{EfficientNet, GpuEfficientNet, Padding};
 use std::time::Instant;
@@ -73,5 +73,8 @@ fn main() {
         "phenocore-cuda graph replay: median {gmed:.4} s, {:.1} crops/s (max |graph − eager pass| {gdiff:.2e})",
         batch as f64 / gmed
     );
+    if profile::enabled() {
+        eprint!("feature passes (graph replays not timed per kernel): {}", profile::report());
+    }
     println!("RESULT median_s={med} graph_median_s={gmed}");
 }

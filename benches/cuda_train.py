@@ -12,7 +12,6 @@ Needs a CUDA GPU, torch + torchvision in the running Python, and cargo.
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,8 +63,7 @@ def main() -> int:
     print(f"GPU: {torch.cuda.get_device_name(0)}; batch {a.batch}; torch {torch.__version__}")
     rows = {f"torch eager {d}": torch_side(a, d) for d in ["fp32", "bf16"]}
     for mode in ["f32", "tf32", "bf16"]:
-        cmd = rust_bench.command("cuda_train", [str(a.batch), str(a.classes), str(a.steps), mode])
-        res = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
+        res = rust_bench.run("cuda_train", [str(a.batch), str(a.classes), str(a.steps), mode])
         if res.returncode != 0:
             print(res.stdout, res.stderr, file=sys.stderr)
             return 1

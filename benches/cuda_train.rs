@@ -6,7 +6,7 @@
 //!
 //! `cargo bench --features cuda --bench cuda_train -- BATCH CLASSES STEPS [f32|tf32|bf16]`
 //! (bf16: mixed precision with f32 master weights, `GpuTrainOptions::compute`).
-use phenocore::backend::cuda::device;
+use phenocore::backend::cuda::{device, profile};
 use phenocore::backend::gpu::Math;
 use phenocore::models::efficientnet::{
     EfficientNetConfig, GpuEfficientNetTrainer, GpuOptimizer, GpuTrainOptions, Padding,
@@ -85,6 +85,9 @@ fn main() {
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let med = times[times.len() / 2];
+    if profile::enabled() {
+        eprint!("training steps: {}", profile::report());
+    }
     println!(
         "{{\"side\": \"phenocore\", \"gpu\": \"{}\", \"math\": \"{}\", \"batch\": {n}, \"step_s\": {med}, \"crops_per_s\": {}, \"loss\": {loss}}}",
         dev.name(),

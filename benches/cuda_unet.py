@@ -13,7 +13,6 @@ phenocore bf16 (bf16 activations, f32 master weights and gradients) against torc
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,8 +105,7 @@ def main() -> int:
     for dtype in ["fp32", "bf16"]:
         rows[f"torch eager {dtype}"] = torch_side(a, dtype)
     for mode in ["f32", "tf32", "bf16"]:
-        cmd = rust_bench.command("cuda_unet", [str(a.batch), str(a.size), str(a.reps), str(a.steps), mode])
-        res = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
+        res = rust_bench.run("cuda_unet", [str(a.batch), str(a.size), str(a.reps), str(a.steps), mode])
         if res.returncode != 0:
             print(res.stdout, res.stderr, file=sys.stderr)
             return 1

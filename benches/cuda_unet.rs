@@ -8,7 +8,7 @@
 //! `cargo bench --features cuda --bench cuda_unet -- BATCH SIZE REPS STEPS [f32|tf32|bf16]`
 //! (bf16: mixed precision, `GpuUNet::set_compute(BF16)`: bf16 activations and GEMM / convolution
 //! operands, f32 parameters and gradients, as torch autocast bf16).
-use phenocore::backend::cuda::device;
+use phenocore::backend::cuda::{device, profile};
 use phenocore::backend::gpu::{Gpu, Math};
 use phenocore::diffusion::gpu::GpuUNet;
 use phenocore::diffusion::gpu_sample;
@@ -82,6 +82,9 @@ fn main() {
             train.push(dt);
         }
     }
+    if profile::enabled() {
+        eprint!("forward+backward, {} passes: {}", reps + 1, profile::report());
+    }
     let opts = SampleOptions {
         scheduler: SchedulerConfig {
             kind: SamplerKind::Ddim,
@@ -101,6 +104,9 @@ fn main() {
         if i > 0 {
             sample.push(dt);
         }
+    }
+    if profile::enabled() {
+        eprint!("DDIM sampling, 2 runs: {}", profile::report());
     }
     println!(
         "{{\"side\": \"phenocore\", \"gpu\": \"{}\", \"mode\": \"{mode}\", \"batch\": {n}, \"size\": {s}, \"train_s\": {}, \"sample_s\": {}, \"steps\": {steps}}}",

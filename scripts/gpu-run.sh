@@ -9,10 +9,11 @@
 # seconds), each failing step reported at the end with the others still run:
 #   info       the GPU, driver, CUDA libraries found
 #   parity     tests/cuda_ops.rs and tests/cuda_parity.rs with their #[ignore]d GPU tests
-#   memcheck   the same two programs under compute-sanitizer --tool memcheck (leak check too)
+#   memcheck   the same two programs under compute-sanitizer --tool memcheck
 #   racecheck  the same under --tool racecheck (PHENO_RACECHECK_FILTER narrows the parity tests)
 #   kernels    benches/cuda_kernels.rs (achieved bandwidth against the device copy)
 #   effnet, train, unet   benches/cuda_{effnet,train,unet}.py (PyTorch side by side)
+#   profile    the three benches, smaller, with PHENOCORE_CUDA_PROFILE=1: GPU time by kernel
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -52,8 +53,8 @@ fi
 
 sanitize() { # TOOL PROGRAM ARGS...
     local tool="$1"; shift
-    compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 50 \
-        $([ "$tool" = memcheck ] && echo --leak-check full) "$@"
+    # No --leak-check: the caching allocator keeps its blocks for the life of the process by design.
+    compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 50 "$@"
 }
 step() {
     case "$1" in
@@ -76,6 +77,11 @@ step() {
         effnet) python3 benches/cuda_effnet.py --batch 1024 --reps 10 ;;
         train) python3 benches/cuda_train.py --batch 256 --steps 10 ;;
         unet) python3 benches/cuda_unet.py --batch 64 --size 48 --steps 50 ;;
+        profile)
+            export PHENOCORE_CUDA_PROFILE=1
+            python3 benches/cuda_effnet.py --batch 1024 --reps 2 --no-compile \
+                && python3 benches/cuda_train.py --batch 256 --steps 3 \
+                && python3 benches/cuda_unet.py --batch 64 --size 48 --reps 1 --steps 5 ;;
         *) echo "unknown step $1" >&2; return 2 ;;
     esac
 }

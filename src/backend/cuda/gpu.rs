@@ -126,6 +126,7 @@ impl Gpu for Arc<CudaDevice> {
                 })?;
             }
             let mut params: Vec<*mut c_void> = l.args.iter().map(|a| a.as_param()).collect();
+            let timing = super::profile::start(self);
             // SAFETY: the caller guarantees the arguments match the entry point's parameters and
             // address live buffers of the sizes the kernel indexes; `params` points into `l.args`,
             // which outlives this call (cuLaunchKernel copies the values before returning).
@@ -147,7 +148,9 @@ impl Gpu for Arc<CudaDevice> {
                     ),
                     e,
                 )
-            })
+            })?;
+            super::profile::finish(self, timing, || l.entry.to_string());
+            Ok(())
         })
     }
 
@@ -179,6 +182,7 @@ impl Gpu for Arc<CudaDevice> {
                 _ => Compute::CUBLAS_COMPUTE_32F,
             };
             let (alpha, beta) = (g.alpha, g.beta);
+            let timing = super::profile::start(self);
             // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: B's rows are the first
             // operand's columns, so cuBLAS gets (n, m, k) with B first and A second.
             // SAFETY: the caller guarantees the buffers; check() bounded every size by i32::MAX;
@@ -211,7 +215,14 @@ impl Gpu for Arc<CudaDevice> {
                     "cublasGemmEx {}×{}×{} ({:?} -> {:?}): {e:?}",
                     g.m, g.n, g.k, g.dtype, g.c_dtype
                 ))
-            })
+            })?;
+            super::profile::finish(self, timing, || {
+                format!(
+                    "cublasGemmEx {:?}->{:?} {:?} m{} n{} k{}",
+                    g.dtype, g.c_dtype, g.math, g.m, g.n, g.k
+                )
+            });
+            Ok(())
         })
     }
 
@@ -298,6 +309,8 @@ impl Gpu for Arc<CudaDevice> {
     }
 
     fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraphRun> {
+        // Other threads' stream work waits until the capture has ended.
+        let _exclusive = super::capture_gate::capture();
         guard("capturing a CUDA graph", || capture_on(self, f))
     }
 

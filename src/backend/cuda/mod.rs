@@ -10,6 +10,7 @@ mod device;
 mod gpu;
 pub mod nvrtc;
 pub mod ops;
+pub mod profile;
 mod storage;
 
 pub use alloc::{bucket_size, AllocStats};
@@ -33,13 +34,123 @@ fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     })
 }
 
-/// Runs a block of cudarc calls; a panic inside becomes `Error::Cuda` naming `what`.
+/// Runs a block of cudarc calls; a panic inside becomes `Error::Cuda` naming `what`. The block is
+/// one [`capture_gate::Op`]: while another thread captures a CUDA graph, it waits.
 fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let _op = capture_gate::op();
     catch_panic(f).unwrap_or_else(|msg| {
         Err(Error::Cuda(format!(
             "{what}: the CUDA library panicked: {msg}"
         )))
     })
+}
+
+/// Keeps other threads off the device streams while one thread captures a CUDA graph.
+///
+/// A capture records everything queued on the device's stream, from any thread, and a stream being
+/// captured may not be synchronised. So while one thread captures, every other thread's driver work
+/// (each `guard` block) waits, and a capture starts only once the blocks under way have finished.
+/// The capturing thread's own blocks, and blocks nested in a block, pass straight through.
+/// Process-wide: captures are rare (one per input shape), the blocks short.
+pub(crate) mod capture_gate {
+    use std::cell::Cell;
+    use std::sync::{Condvar, Mutex, MutexGuard};
+    use std::thread::{self, ThreadId};
+
+    struct State {
+        /// The thread capturing, if any.
+        owner: Option<ThreadId>,
+        /// Outermost blocks under way on other threads.
+        active: usize,
+    }
+    static STATE: Mutex<State> = Mutex::new(State {
+        owner: None,
+        active: 0,
+    });
+    static CHANGED: Condvar = Condvar::new();
+    thread_local! {
+        /// How deep the calling thread is in blocks.
+        static DEPTH: Cell<usize> = const { Cell::new(0) };
+        /// Whether the calling thread's outermost block counts in `State::active`.
+        static COUNTED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    fn lock() -> MutexGuard<'static, State> {
+        STATE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn wait(s: MutexGuard<'static, State>) -> MutexGuard<'static, State> {
+        CHANGED.wait(s).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One block of driver work; ends when dropped.
+    pub(crate) struct Op {
+        counted: bool,
+    }
+
+    pub(crate) fn op() -> Op {
+        let depth = DEPTH.get();
+        DEPTH.set(depth + 1);
+        if depth > 0 {
+            return Op { counted: false };
+        }
+        let me = thread::current().id();
+        let mut s = lock();
+        if s.owner == Some(me) {
+            return Op { counted: false };
+        }
+        while s.owner.is_some() {
+            s = wait(s);
+        }
+        s.active += 1;
+        COUNTED.set(true);
+        Op { counted: true }
+    }
+
+    impl Drop for Op {
+        fn drop(&mut self) {
+            DEPTH.set(DEPTH.get() - 1);
+            if self.counted {
+                COUNTED.set(false);
+                let mut s = lock();
+                s.active -= 1;
+                if s.active == 0 {
+                    CHANGED.notify_all();
+                }
+            }
+        }
+    }
+
+    /// Whether the calling thread is capturing a graph.
+    pub(crate) fn capturing_here() -> bool {
+        lock().owner == Some(thread::current().id())
+    }
+
+    /// The calling thread's capture; other threads' blocks wait until it is dropped.
+    pub(crate) struct Capture(());
+
+    /// Waits for another thread's capture and for the other threads' blocks under way, then
+    /// holds the device streams for the caller.
+    pub(crate) fn capture() -> Capture {
+        let me = thread::current().id();
+        // Called inside a block of its own, the caller's block is one of those under way.
+        let own = usize::from(DEPTH.get() > 0 && COUNTED.get());
+        let mut s = lock();
+        while s.owner.is_some() {
+            s = wait(s);
+        }
+        s.owner = Some(me);
+        while s.active > own {
+            s = wait(s);
+        }
+        Capture(())
+    }
+
+    impl Drop for Capture {
+        fn drop(&mut self) {
+            lock().owner = None;
+            CHANGED.notify_all();
+        }
+    }
 }
 
 /// Maps a driver error onto the library's error kinds.
@@ -75,6 +186,62 @@ mod tests {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<CudaStorage>();
         send_sync::<CudaDevice>();
+    }
+
+    #[test]
+    fn capture_gate_keeps_other_threads_off_during_a_capture() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use std::sync::{mpsc, Arc};
+        use std::time::Duration;
+        let pause = Duration::from_millis(100);
+
+        // A capture holds off another thread's block until it ends; its own blocks pass.
+        let cap = capture_gate::capture();
+        let entered = Arc::new(AtomicBool::new(false));
+        let other = {
+            let entered = entered.clone();
+            std::thread::spawn(move || {
+                let _op = capture_gate::op();
+                entered.store(true, SeqCst);
+            })
+        };
+        {
+            let _own = capture_gate::op();
+            let _nested = capture_gate::op();
+        }
+        std::thread::sleep(pause);
+        assert!(!entered.load(SeqCst), "a block ran during another thread's capture");
+        drop(cap);
+        other.join().unwrap();
+        assert!(entered.load(SeqCst));
+
+        // A capture waits for the blocks already under way on other threads.
+        let (hold_tx, hold_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let busy = std::thread::spawn(move || {
+            let _op = capture_gate::op();
+            started_tx.send(()).unwrap();
+            hold_rx.recv().unwrap();
+        });
+        started_rx.recv().unwrap();
+        let captured = Arc::new(AtomicBool::new(false));
+        let capturer = {
+            let captured = captured.clone();
+            std::thread::spawn(move || {
+                let _cap = capture_gate::capture();
+                captured.store(true, SeqCst);
+            })
+        };
+        std::thread::sleep(pause);
+        assert!(!captured.load(SeqCst), "a capture began while a block was under way");
+        hold_tx.send(()).unwrap();
+        busy.join().unwrap();
+        capturer.join().unwrap();
+        assert!(captured.load(SeqCst));
+
+        // Inside a block of its own, a thread can still capture (its block is not waited for).
+        let _op = capture_gate::op();
+        drop(capture_gate::capture());
     }
 
     #[test]
