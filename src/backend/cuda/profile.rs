@@ -7,6 +7,7 @@
 //! took, not what a run without profiling takes in all.
 
 use super::device::CudaDevice;
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaEvent;
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -32,13 +33,20 @@ pub(crate) fn start(dev: &CudaDevice) -> Option<CudaEvent> {
     if !enabled() || super::capture_gate::capturing_here() {
         return None;
     }
-    dev.stream().record_event(None).ok()
+    timed_event(dev)
+}
+
+/// An event with timing on (cudarc's default disables it) recorded on the device stream.
+fn timed_event(dev: &CudaDevice) -> Option<CudaEvent> {
+    dev.stream()
+        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .ok()
 }
 
 /// Records the launch begun by `start` under `name`.
 pub(crate) fn finish(dev: &CudaDevice, start: Option<CudaEvent>, name: impl FnOnce() -> String) {
     let Some(start) = start else { return };
-    if let Ok(end) = dev.stream().record_event(None) {
+    if let Some(end) = timed_event(dev) {
         RECORDS
             .lock()
             .unwrap_or_else(|e| e.into_inner())
