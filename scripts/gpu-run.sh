@@ -10,7 +10,8 @@
 #   info       the GPU, driver, CUDA libraries found
 #   parity     tests/cuda_ops.rs and tests/cuda_parity.rs with their #[ignore]d GPU tests
 #   memcheck   the same two programs under compute-sanitizer --tool memcheck
-#   racecheck  the same under --tool racecheck (PHENO_RACECHECK_FILTER narrows the parity tests)
+#   racecheck  the same under --tool racecheck (PHENO_RACECHECK_FILTER: libtest arguments for the
+#              parity program, e.g. test-name filters and --test-threads; the whole suite is slow)
 #   kernels    benches/cuda_kernels.rs (achieved bandwidth against the device copy)
 #   effnet, train, unet   benches/cuda_{effnet,train,unet}.py (PyTorch side by side)
 #   profile    the three benches, smaller, with PHENOCORE_CUDA_PROFILE=1: GPU time by kernel
