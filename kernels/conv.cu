@@ -5,23 +5,20 @@
 
 struct ColGeom {
     int n, c, h, w, k, stride, pad_top, pad_left, oh, ow;
-    int kpad;  // the cols row length: kdim = c·k² rounded up, the columns past kdim zero
 };
 
 template <typename T>
 __device__ __forceinline__ void im2col_nchw(const T* __restrict__ x, T* __restrict__ cols, ColGeom g) {
     const int kdim = g.c * g.k * g.k;
-    const u64 total = (u64)g.n * g.oh * g.ow * g.kpad;
+    const u64 total = (u64)g.n * g.oh * g.ow * kdim;
     GRID_STRIDE_LOOP(i, total) {
-        const int col = (int)(i % g.kpad);
-        const u64 row = i / g.kpad;
+        const int col = (int)(i % kdim);
+        const u64 row = i / kdim;
+        const int kx = col % g.k, ky = (col / g.k) % g.k, ci = col / (g.k * g.k);
+        const int ox = (int)(row % g.ow), oy = (int)((row / g.ow) % g.oh), s = (int)(row / ((u64)g.ow * g.oh));
+        const int iy = oy * g.stride - g.pad_top + ky, ix = ox * g.stride - g.pad_left + kx;
         T v = from_acc<T>(0.f);
-        if (col < kdim) {
-            const int kx = col % g.k, ky = (col / g.k) % g.k, ci = col / (g.k * g.k);
-            const int ox = (int)(row % g.ow), oy = (int)((row / g.ow) % g.oh), s = (int)(row / ((u64)g.ow * g.oh));
-            const int iy = oy * g.stride - g.pad_top + ky, ix = ox * g.stride - g.pad_left + kx;
-            if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = x[(((u64)s * g.c + ci) * g.h + iy) * g.w + ix];
-        }
+        if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = x[(((u64)s * g.c + ci) * g.h + iy) * g.w + ix];
         cols[i] = v;
     }
 }

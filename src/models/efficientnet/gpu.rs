@@ -78,17 +78,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
             let f = fold(s, w, bn, eps)?;
             upload(g, &f.w, &f.b)
         };
-        // The stem's weight rows padded with zeros to the cols' row length (`stem_kpad`).
-        let stem = {
-            let f = fold(s, "features.0.0.weight", "features.0.1", eps)?;
-            let kdim = cfg.in_channels * 9;
-            let kpad = stem_kpad(cfg.in_channels);
-            let mut w = vec![0f32; f.b.len() * kpad];
-            for (dst, src) in w.chunks_exact_mut(kpad).zip(f.w.chunks_exact(kdim)) {
-                dst[..kdim].copy_from_slice(src);
-            }
-            upload(g, &w, &f.b)?
-        };
+        let stem = conv("features.0.0.weight", "features.0.1")?;
         let mut blocks = Vec::with_capacity(BLOCKS.len());
         for spec in BLOCKS {
             let k = block_keys(&spec);
@@ -356,7 +346,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
             &Act {
                 buf: cols,
                 rows,
-                ch: stem_kpad(c),
+                ch: c * 9,
             },
             &self.stem,
             Some(Unary::Silu),
@@ -443,17 +433,8 @@ impl<G: Gpu> GpuEfficientNet<G> {
     }
 }
 
-/// The stem's cols row length: c·9 rounded up to a multiple of 8, the extra columns zero, so every
-/// row of the cols (and of the padded stem weights) starts 16-byte aligned and cuBLAS can take its
-/// vectorised kernels. With rows of 45 an H200 ran the batch-1024 stem GEMM in 30 ms, half of the
-/// whole features pass (BENCHMARKS.md).
-pub(super) fn stem_kpad(c: usize) -> usize {
-    (c * 9).next_multiple_of(8)
-}
-
 /// The stem's im2col (3 × 3, stride 2) of crops `x` ([n, c, h, w] of `dtype`, f32 or bf16, on the
-/// device) into a fresh [n·oh·ow, stem_kpad(c)] buffer of `dtype` (columns past c·9 zero):
-/// (cols, oh, ow).
+/// device) into a fresh [n·oh·ow, c·9] buffer of `dtype`: (cols, oh, ow).
 ///
 /// # Safety
 /// `x` addresses n·c·h·w elements of `dtype`.
@@ -466,14 +447,14 @@ pub(super) unsafe fn stem_im2col<G: Gpu>(
 ) -> Result<(G::Buf, usize, usize)> {
     let (oh, pt) = padding.out_and_pad(h, 3, 2);
     let (ow, pl) = padding.out_and_pad(w, 3, 2);
-    let items = n * oh * ow * stem_kpad(c);
+    let items = n * oh * ow * c * 9;
     let cols = g.alloc(items * dtype.size_in_bytes())?;
-    let geom = [n, c, h, w, 3, 2, pt, pl, oh, ow, stem_kpad(c)]
+    let geom = [n, c, h, w, 3, 2, pt, pl, oh, ow]
         .iter()
         .map(|&v| dim(v, "stem geometry"))
         .collect::<Result<Vec<i32>>>()?;
     // SAFETY: x holds n·c·h·w elements (the caller), cols the output (im2col's ColGeom is these
-    // eleven ints).
+    // ten ints).
     unsafe {
         g.launch(&Launch {
             module: &CONV,
@@ -516,10 +497,10 @@ pub(super) fn depthwise_plan(
     Ok((d, oh, ow))
 }
 
-/// kernels/conv.cu's `ColGeom`: n, c, h, w, k, stride, pad_top, pad_left, oh, ow, kpad.
+/// kernels/conv.cu's `ColGeom`: n, c, h, w, k, stride, pad_top, pad_left, oh, ow.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct ColGeom([i32; 11]);
+struct ColGeom([i32; 10]);
 
 /// Copies one batch's features (device buffer, its event, first crop, crops, width) into `out`.
 fn read_back<G: Gpu>(

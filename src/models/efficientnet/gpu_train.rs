@@ -22,7 +22,7 @@
 //! layout; tensors start at 256-byte boundaries (the optimizer's 4-wide path).
 
 use super::config::{BlockSpec, EfficientNetConfig, Padding, BLOCKS, STEM_CH, TOP_CH};
-use super::gpu::{depthwise_plan, stem_im2col, stem_kpad};
+use super::gpu::{depthwise_plan, stem_im2col};
 use super::train::{Regularisation, TrainableEfficientNet};
 use super::weights::{block_keys, StateDict};
 use crate::autograd::ParamKind;
@@ -866,46 +866,17 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         act: Act,
         cfg: &BatchNormConfig,
     ) -> Result<(BnSave<G::Buf>, G::Buf)> {
-        self.conv_bn_forward_w(g, x, self.w(g, cb.w), rows, inn, cb, act, cfg)
-    }
-
-    /// As `conv_bn_forward`, with the weights [out, inn] (of the activations' dtype) at `w`.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn conv_bn_forward_w(
-        &self,
-        g: &G,
-        x: u64,
-        w: u64,
-        rows: usize,
-        inn: usize,
-        cb: &ConvBn,
-        act: Act,
-        cfg: &BatchNormConfig,
-    ) -> Result<(BnSave<G::Buf>, G::Buf)> {
         let out = cb.gamma.len;
         let conv = g.alloc(self.ab(rows * out))?;
-        self.mm_xwt(g, self.act(), x, w, g.ptr(&conv), [rows, inn, out])?;
+        self.mm_xwt(
+            g,
+            self.act(),
+            x,
+            self.w(g, cb.w),
+            g.ptr(&conv),
+            [rows, inn, out],
+        )?;
         self.bn_forward(g, conv, rows, cb, act, cfg)
-    }
-
-    /// Copies the first `cols` columns of each of `rows` rows of `elem`-byte values from the
-    /// row-major matrix at `src` (row length `src_ld`) to the one at `dst` (row length `dst_ld`);
-    /// the other columns of `dst` are left as they are.
-    unsafe fn copy_rows(
-        g: &G,
-        (src, src_ld): (u64, usize),
-        (dst, dst_ld): (u64, usize),
-        [rows, cols]: [usize; 2],
-        elem: usize,
-    ) -> Result<()> {
-        for r in 0..rows {
-            g.copy(
-                src + (r * src_ld * elem) as u64,
-                dst + (r * dst_ld * elem) as u64,
-                cols * elem,
-            )?;
-        }
-        Ok(())
     }
 
     /// BN backward (dγ, dβ written): returns the gradient of the BN input.
@@ -971,32 +942,12 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             // Stem: im2col + GEMM + BN-SiLU.
             let x32 = g.upload_slice(crops)?;
             let x = self.convert(g, F32, at, x32, crops.len())?;
-            // The cols rows are padded to kpad columns (see `stem_kpad`), so are the weights: a
-            // zeroed [STEM_CH, kpad] copy of the [STEM_CH, kdim] weights the convolution reads.
             let (cols, oh, ow) = stem_im2col(g, at, ptr(&x), [n, c, h, w], pad)?;
             let rows = n * oh * ow;
-            let (kdim, kpad) = (c * 9, stem_kpad(c));
+            let kdim = c * 9;
             drop(x);
-            let stem_w = g.alloc(self.ab(STEM_CH * kpad))?;
-            g.memset_zero(ptr(&stem_w), self.ab(STEM_CH * kpad))?;
-            Self::copy_rows(
-                g,
-                (self.w(g, self.stem.w), kdim),
-                (ptr(&stem_w), kpad),
-                [STEM_CH, kdim],
-                at.size_in_bytes(),
-            )?;
-            let (stem_save, stem_y) = self.conv_bn_forward_w(
-                g,
-                ptr(&cols),
-                ptr(&stem_w),
-                rows,
-                kpad,
-                &self.stem,
-                Act::Silu,
-                bn_cfg,
-            )?;
-            drop(stem_w);
+            let (stem_save, stem_y) =
+                self.conv_bn_forward(g, ptr(&cols), rows, kdim, &self.stem, Act::Silu, bn_cfg)?;
             debug_assert_eq!(self.stem.gamma.len, STEM_CH);
 
             // MBConv blocks. acts[i] is block i's input (acts[0] the stem's output).
@@ -1286,24 +1237,15 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 drop(block_in);
             }
 
-            // Stem: weight gradient only, [STEM_CH, kpad] (f32), of which the first kdim columns
-            // of each row are the gradient.
+            // Stem: weight gradient only.
             let dsc = self.bn_backward(g, &stem_save, &self.stem, ptr(&dcur))?;
-            let dw = g.alloc(4 * STEM_CH * kpad)?;
             self.mm_dytx(
                 g,
                 at,
                 ptr(&dsc),
                 ptr(&cols),
-                ptr(&dw),
-                [rows, kpad, STEM_CH],
-            )?;
-            Self::copy_rows(
-                g,
-                (ptr(&dw), kpad),
-                (self.gr(g, self.stem.w), kdim),
-                [STEM_CH, kdim],
-                4,
+                self.gr(g, self.stem.w),
+                [rows, kdim, STEM_CH],
             )?;
             Ok(loss)
         }
