@@ -81,6 +81,9 @@ fn main() {
         eprintln!("step {i}: {dt:.4} s, loss {loss:.4}");
         if i > 0 {
             times.push(dt);
+        } else {
+            // The per-kernel profile leaves the warm-up out (module loads, first-call costs).
+            let _ = profile::report();
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));

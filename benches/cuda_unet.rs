@@ -80,10 +80,16 @@ fn main() {
         eprintln!("forward+backward {i}: {dt:.4} s");
         if i > 0 {
             train.push(dt);
+        } else {
+            // The per-kernel profile leaves the warm-up out (module loads, first-call costs).
+            let _ = profile::report();
         }
     }
     if profile::enabled() {
-        eprint!("forward+backward, {} passes: {}", reps + 1, profile::report());
+        eprint!(
+            "forward+backward, {reps} passes after the warm-up: {}",
+            profile::report()
+        );
     }
     let opts = SampleOptions {
         scheduler: SchedulerConfig {
@@ -103,10 +109,15 @@ fn main() {
         eprintln!("DDIM {steps} steps {i}: {dt:.3} s");
         if i > 0 {
             sample.push(dt);
+        } else {
+            let _ = profile::report();
         }
     }
     if profile::enabled() {
-        eprint!("DDIM sampling, 2 runs: {}", profile::report());
+        eprint!(
+            "DDIM sampling, one run after the warm-up: {}",
+            profile::report()
+        );
     }
     println!(
         "{{\"side\": \"phenocore\", \"gpu\": \"{}\", \"mode\": \"{mode}\", \"batch\": {n}, \"size\": {s}, \"train_s\": {}, \"sample_s\": {}, \"steps\": {steps}}}",

@@ -210,7 +210,10 @@ mod tests {
             let _nested = capture_gate::op();
         }
         std::thread::sleep(pause);
-        assert!(!entered.load(SeqCst), "a block ran during another thread's capture");
+        assert!(
+            !entered.load(SeqCst),
+            "a block ran during another thread's capture"
+        );
         drop(cap);
         other.join().unwrap();
         assert!(entered.load(SeqCst));
@@ -233,7 +236,10 @@ mod tests {
             })
         };
         std::thread::sleep(pause);
-        assert!(!captured.load(SeqCst), "a capture began while a block was under way");
+        assert!(
+            !captured.load(SeqCst),
+            "a capture began while a block was under way"
+        );
         hold_tx.send(()).unwrap();
         busy.join().unwrap();
         capturer.join().unwrap();
