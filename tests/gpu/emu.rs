@@ -365,8 +365,16 @@ impl Gpu for Emu {
     }
 
     fn multiprocessors(&self) -> u32 {
-        // Few, so grid-stride loops and split reductions take more than one step in the tests.
-        2
+        // Few, so grid-stride loops and split reductions take more than one step in the tests;
+        // PHENO_EMU_SMS sets another count (an H200 has 132), for the grids a GPU gets.
+        static SMS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        *SMS.get_or_init(|| {
+            std::env::var("PHENO_EMU_SMS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or(2)
+        })
     }
 
     fn record(&self) -> Result<EmuEvent> {

@@ -548,14 +548,36 @@ pub fn unet_bf16_matches_cpu<G: Gpu>(g: &G) {
             errs[0].0
         );
 
-        // Back to f32: the working copy is dropped and the f32 pass is what it was, bit for bit.
+        // Back to f32: the working copy is dropped and the f32 pass is what it was, within 1e-4
+        // (the f32 passes are within 5e-6 of f64; a bf16 leftover is 1e-3 to 1e-2 off). Not bit
+        // for bit: on an H200 the output of two f32 passes of this test differed by ~1e-7 in
+        // three of five runs (the emulation, with our kernels alone, repeats exactly, also with
+        // PHENO_EMU_SMS=132; cuBLAS is the part it does not run).
         gm.set_compute(g, DType::F32).unwrap();
         let (y2, g2) = gm
             .forward_backward(g, x, n, h, w, &ts, &cond32, dy)
             .unwrap();
-        assert_eq!(y2, y32, "U-Net {what}: f32 output after a bf16 pass");
-        assert_eq!(g2.input, g32.input);
-        assert_eq!(g2.params, g32.params);
+        let again = |what: &str, a: &[f32], b: &[f32]| {
+            assert_close(what, &f64s(a), &f64s(b), 1e-4);
+        };
+        again(
+            &format!("U-Net {what}: f32 output after a bf16 pass"),
+            &y2,
+            &y32,
+        );
+        again(
+            &format!("U-Net {what}: f32 input gradient after a bf16 pass"),
+            &g2.input,
+            &g32.input,
+        );
+        assert_eq!(g2.params.len(), g32.params.len());
+        for (k, v) in &g32.params {
+            again(
+                &format!("U-Net {what}: f32 gradient of {k} after a bf16 pass"),
+                &g2.params[k],
+                v,
+            );
+        }
     }
 }
 
