@@ -9,6 +9,28 @@ use phenocore::backend::gpu::Math;
 use phenocore::models::efficientnet::{EfficientNet, GpuEfficientNet, Padding};
 use std::time::Instant;
 
+/// The median of `reps` timed calls of `f`.
+fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+/// The largest |a − b| over two feature tensors.
+fn max_diff(a: &phenocore::Tensor, b: &phenocore::Tensor) -> f32 {
+    let (a, b) = (a.as_f32().expect("f32"), b.as_f32().expect("f32"));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -34,60 +56,33 @@ fn main() {
     let feats = net.features(&dev, &x, layer).expect("warm-up");
     // The per-kernel profile leaves the warm-up out (module loads, first-call costs).
     let _ = profile::report();
-    let mut times = Vec::new();
-    for _ in 0..reps {
-        let t = Instant::now();
-        // features() ends with a download, which waits for the device.
+    // features() ends with a download, which waits for the device.
+    let med = median_seconds(reps, || {
         std::hint::black_box(net.features(&dev, &x, layer).expect("features"));
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let med = times[times.len() / 2];
+    });
     // The same pass captured once as a CUDA graph and replayed (input staged through pinned
     // memory, output read back, as above).
     let graph = net
         .capture_features(&dev, batch, 128, 128, layer)
         .expect("graph capture");
     let replayed = graph.run(&dev, &x).expect("graph warm-up");
-    let mut gtimes = Vec::new();
-    for _ in 0..reps {
-        let t = Instant::now();
+    let gmed = median_seconds(reps, || {
         std::hint::black_box(graph.run(&dev, &x).expect("graph replay"));
-        gtimes.push(t.elapsed().as_secs_f64());
-    }
-    gtimes.sort_by(|a, b| a.total_cmp(b));
-    let gmed = gtimes[gtimes.len() / 2];
-    let gdiff = replayed
-        .as_f32()
-        .expect("f32")
-        .iter()
-        .zip(feats.as_f32().expect("f32"))
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    });
+    let gdiff = max_diff(&replayed, &feats);
     // The streaming path: the same crops in four sub-batches, each staged through pinned memory on
     // the copy stream while the device computes the one before (`features_batched`).
     let sub = batch.div_ceil(4);
     let piped = net
         .features_batched(&dev, &x, layer, sub)
         .expect("pipelined warm-up");
-    let mut ptimes = Vec::new();
-    for _ in 0..reps {
-        let t = Instant::now();
+    let pmed = median_seconds(reps, || {
         std::hint::black_box(
             net.features_batched(&dev, &x, layer, sub)
                 .expect("pipelined"),
         );
-        ptimes.push(t.elapsed().as_secs_f64());
-    }
-    ptimes.sort_by(|a, b| a.total_cmp(b));
-    let pmed = ptimes[ptimes.len() / 2];
-    let pdiff = piped
-        .as_f32()
-        .expect("f32")
-        .iter()
-        .zip(feats.as_f32().expect("f32"))
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    });
+    let pdiff = max_diff(&piped, &feats);
     std::fs::write(&args[4], bytemuck::cast_slice(feats.as_f32().expect("f32")))
         .expect("write features");
     println!(
