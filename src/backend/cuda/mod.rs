@@ -113,7 +113,9 @@ pub(crate) mod capture_gate {
                 COUNTED.set(false);
                 let mut s = lock();
                 s.active -= 1;
-                if s.active == 0 {
+                // A capture may be waiting for the blocks to end: for all of them, or (begun
+                // inside a block of its own) for all but one, so wake it at every end.
+                if s.owner.is_some() {
                     CHANGED.notify_all();
                 }
             }
@@ -245,9 +247,34 @@ mod tests {
         capturer.join().unwrap();
         assert!(captured.load(SeqCst));
 
-        // Inside a block of its own, a thread can still capture (its block is not waited for).
-        let _op = capture_gate::op();
-        drop(capture_gate::capture());
+        // A capture begun inside a block of its own waits for another thread's block, and is
+        // woken when that block ends (one block is then still under way: its own).
+        let (hold_tx, hold_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let busy = std::thread::spawn(move || {
+            let _op = capture_gate::op();
+            started_tx.send(()).unwrap();
+            hold_rx.recv().unwrap();
+        });
+        started_rx.recv().unwrap();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let capturer = std::thread::spawn(move || {
+            let _op = capture_gate::op();
+            let _cap = capture_gate::capture();
+            done_tx.send(()).unwrap();
+        });
+        std::thread::sleep(pause);
+        assert!(
+            done_rx.try_recv().is_err(),
+            "a capture began while another thread's block was under way"
+        );
+        hold_tx.send(()).unwrap();
+        busy.join().unwrap();
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "a capture begun inside its own block was not woken when the other block ended"
+        );
+        capturer.join().unwrap();
     }
 
     #[test]
