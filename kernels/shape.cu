@@ -70,6 +70,19 @@ struct SigmoidBackward {  // (x, dy) → dy · σ(x) (1 − σ(x))
         return dy * (s * (1.f - s));
     }
 };
+// For bf16 storage: the same with the fast σ (common.cuh: sigmoid_fast).
+struct SiluBackwardFast {
+    __device__ __forceinline__ float operator()(float x, float dy) const {
+        const float s = sigmoid_fast(x);
+        return dy * (s * (1.f + x * (1.f - s)));
+    }
+};
+struct SigmoidBackwardFast {
+    __device__ __forceinline__ float operator()(float x, float dy) const {
+        const float s = sigmoid_fast(x);
+        return dy * (s * (1.f - s));
+    }
+};
 struct Add {
     __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
 };
@@ -99,9 +112,9 @@ __device__ __forceinline__ void map_binary(const T* a, const T* b, T* y, u64 n, 
     }
 
 BINARY_KERNELS(float, f32, silu_backward, SiluBackward)
-BINARY_KERNELS(bf16, bf16, silu_backward, SiluBackward)
+BINARY_KERNELS(bf16, bf16, silu_backward, SiluBackwardFast)
 BINARY_KERNELS(float, f32, sigmoid_backward, SigmoidBackward)
-BINARY_KERNELS(bf16, bf16, sigmoid_backward, SigmoidBackward)
+BINARY_KERNELS(bf16, bf16, sigmoid_backward, SigmoidBackwardFast)
 BINARY_KERNELS(float, f32, add, Add)
 BINARY_KERNELS(bf16, bf16, add, Add)
 

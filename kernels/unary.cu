@@ -9,13 +9,28 @@ struct Sigmoid {
     template <typename A> __device__ __forceinline__ A operator()(A x) const { return A(1) / (A(1) + exp_acc(-x)); }
 };
 
+// The 16-bit storage types use the fast σ (common.cuh: sigmoid_fast).
+struct SiluFast {
+    __device__ __forceinline__ float operator()(float x) const { return x * sigmoid_fast(x); }
+};
+
+struct SigmoidFast {
+    __device__ __forceinline__ float operator()(float x) const { return sigmoid_fast(x); }
+};
+
 #define UNARY_KERNEL(T, SUFFIX, NAME, OP) \
     KERNEL(NAME##_##SUFFIX, const T* __restrict__ x, T* __restrict__ y, u64 n) { \
         map_unary(x, y, n, OP()); \
     }
 
-FOR_EACH_DTYPE(UNARY_KERNEL, silu, Silu)
-FOR_EACH_DTYPE(UNARY_KERNEL, sigmoid, Sigmoid)
+UNARY_KERNEL(float, f32, silu, Silu)
+UNARY_KERNEL(double, f64, silu, Silu)
+UNARY_KERNEL(f16, f16, silu, SiluFast)
+UNARY_KERNEL(bf16, bf16, silu, SiluFast)
+UNARY_KERNEL(float, f32, sigmoid, Sigmoid)
+UNARY_KERNEL(double, f64, sigmoid, Sigmoid)
+UNARY_KERNEL(f16, f16, sigmoid, SigmoidFast)
+UNARY_KERNEL(bf16, bf16, sigmoid, SigmoidFast)
 
 // Casts between f32 and bf16 (round to nearest even; widening is exact): the bf16 working copies
 // of f32 master weights and the f32 gradients of bf16 activations in mixed-precision training.
