@@ -220,15 +220,21 @@ mod tests {
         other.join().unwrap();
         assert!(entered.load(SeqCst));
 
+        // A thread inside a block until told to leave (returns once it is inside).
+        let hold_block = || {
+            let (hold_tx, hold_rx) = mpsc::channel::<()>();
+            let (started_tx, started_rx) = mpsc::channel::<()>();
+            let busy = std::thread::spawn(move || {
+                let _op = capture_gate::op();
+                started_tx.send(()).unwrap();
+                hold_rx.recv().unwrap();
+            });
+            started_rx.recv().unwrap();
+            (hold_tx, busy)
+        };
+
         // A capture waits for the blocks already under way on other threads.
-        let (hold_tx, hold_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        let busy = std::thread::spawn(move || {
-            let _op = capture_gate::op();
-            started_tx.send(()).unwrap();
-            hold_rx.recv().unwrap();
-        });
-        started_rx.recv().unwrap();
+        let (hold_tx, busy) = hold_block();
         let captured = Arc::new(AtomicBool::new(false));
         let capturer = {
             let captured = captured.clone();
@@ -249,14 +255,7 @@ mod tests {
 
         // A capture begun inside a block of its own waits for another thread's block, and is
         // woken when that block ends (one block is then still under way: its own).
-        let (hold_tx, hold_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
-        let busy = std::thread::spawn(move || {
-            let _op = capture_gate::op();
-            started_tx.send(()).unwrap();
-            hold_rx.recv().unwrap();
-        });
-        started_rx.recv().unwrap();
+        let (hold_tx, busy) = hold_block();
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let capturer = std::thread::spawn(move || {
             let _op = capture_gate::op();
