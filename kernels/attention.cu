@@ -15,8 +15,8 @@
 // Every output element is owned by one thread and summed in a fixed order (key tiles ascending for
 // o and dq, query tiles ascending for dk and dv): deterministic, no atomics.
 // Storage T is f32 or bf16; tiles are widened to f32 in shared memory, arithmetic is f32.
-// Heads wider than 128 (D or Dv up to 1024, any value): the _wide kernels at the end of the file
-// walk the channels in 64-wide chunks and keep their accumulators in shared memory.
+// Heads wider than 128 (D or Dv up to 1024, any value) run as GEMMs over chunks of query rows,
+// with the row-wise kernels at the end of the file between them.
 //
 // Backward: Δ = rowsum(dO ∘ O) (attention_backward_delta), dS = P ∘ (dO vᵀ − Δ),
 // dq = scale · dS k, dk = scale · dSᵀ q, dv = Pᵀ dO.
@@ -384,272 +384,75 @@ KERNEL(attention_backward_delta_bf16, const bf16* __restrict__ o, const bf16* __
 }
 
 // ---------------------------------------------------------------------------------------------
-// Wide heads: D or Dv above 128 (up to 1024, any value). Same tiling of the work (a block owns a
-// tile of query rows, or of key rows in dk / dv, and walks the other side 32 rows at a time, lane
-// j ↔ row j of that tile), but the channels are walked in chunks of ATW_DC = 64:
-//   scores: s = Σ over D chunks of (the block's rows) · (the 32 lane rows)ᵀ, each chunk of both
-//           staged in shared memory; warp w owns rows w·R .. w·R + R − 1, its lanes the 32 others.
-//   sums:   the block's accumulator rows (o, dq, or dk and dv: [rows][D or Dv] f32) live in dynamic
-//           shared memory; per tile of 32 they are rescaled (forward: the online softmax's α) and
-//           get Σ_j p[row][j] · (row j of v, k, dO or q), again one 64-channel chunk at a time.
-//           Thread t owns channel t % 64 of each chunk for rows t / 64 + 2·i: the same thread
-//           updates the same element on every tile, in tile order (deterministic, no atomics).
-// Shared memory: static ≈ 11 KiB (a chunk of the block's rows, a 32 × 65 chunk of the lane rows,
-// the probabilities) plus dynamic 4 · rows · width bytes ≤ 32 KiB (forward and dq: 8 rows × D or
-// Dv ≤ 1024; dk / dv: 4 keys × (D + Dv) ≤ 2048): ≤ 44 KiB per block, under the 48 KiB default.
-constexpr int ATW_DC = 64;                          // channels per chunk
-constexpr int ATW_R = 2;                            // query rows per warp (forward, dq)
-constexpr int ATW_BQ = ATT_WARPS * ATW_R;           // query rows per block (forward, dq)
-constexpr int ATW_KR = 1;                           // key rows per warp (dk / dv)
-constexpr int ATW_BK = ATT_WARPS * ATW_KR;          // key rows per block (dk / dv)
-constexpr int ATW_STEP = ATT_THREADS / ATW_DC;      // rows between one thread's accumulator rows
-#define ATW_BOUNDS ATT_THREADS, 4
+// Wide heads (D or Dv above 128): the products run as cuBLAS GEMMs on tensor cores over chunks of
+// query rows (src/backend/gpu/attention.rs); these kernels are the row-wise steps between them.
+// A chunk holds `rows` = N · rq score rows (sample-major, rq query rows [q0, q0 + rq) per sample)
+// of `lk` f32 scores each, row stride `ld`. One warp per row, grid-stride over rows; every value
+// is computed by one lane in a fixed order (deterministic, no atomics).
+struct AttnRows {
+    int rows, rq, q0;    // the chunk's rows, query rows per sample, first query row
+    int lk, ld;          // keys (valid columns), row stride
+    int h, heads, lq;    // head, heads, query length: the lse / Δ index [N, H, Lq]
+};
 
-// dst[r·stride + c] = src[sample n, row row0 + r, head h, channel c0 + c] as f32 for r < rows,
-// c < dc (src is [N, len, heads·width]); rows at or past len are zeros.
+// lse / Δ index of chunk row r: sample r / rq, query q0 + r % rq.
+__device__ __forceinline__ u64 att_row_index(const AttnRows& c, int r) {
+    const int n = r / c.rq;
+    return ((u64)n * c.heads + c.h) * c.lq + c.q0 + (r - n * c.rq);
+}
+
+// s holds scale · q kᵀ. p = softmax(s) row-wise (as T), lse = max + log Σ exp(s − max) (f32).
 template <typename T>
-__device__ __forceinline__ void atw_load(float* dst, int stride, const T* __restrict__ src, int n, int len,
-                                         int heads, int width, int h, int row0, int rows, int c0, int dc) {
-    const int total = rows * dc;
-    for (int e = threadIdx.x; e < total; e += blockDim.x) {
-        const int r = e / dc, c = e - r * dc;
-        const int row = row0 + r;
-        dst[r * stride + c] =
-            row < len ? to_acc(src[((u64)n * len + row) * heads * width + (u64)h * width + c0 + c]) : 0.f;
-    }
-}
-
-// s[r] += Σ_{c < width} A[a0 + w·R + r][c] · B[b0 + lane][c] (rows of the [N, len, heads·width]
-// tensors A and B, head h): warp w's R block rows against the lane's row, chunk by chunk.
-// a_s holds ATT_WARPS·R × ATW_DC floats, b_s ATT_TILE × (ATW_DC + 1).
-template <int R, typename T>
-__device__ __forceinline__ void atw_scores(float (&s)[R], float* a_s, float* b_s, const T* __restrict__ a, int a_len,
-                                           int a0, const T* __restrict__ b, int b_len, int b0, int n, int heads,
-                                           int h, int width) {
-    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    for (int c0 = 0; c0 < width; c0 += ATW_DC) {
-        const int dc = min(ATW_DC, width - c0);
-        __syncthreads();  // the previous readers of a_s / b_s are done
-        atw_load(a_s, ATW_DC, a, n, a_len, heads, width, h, a0, ATT_WARPS * R, c0, dc);
-        atw_load(b_s, ATW_DC + 1, b, n, b_len, heads, width, h, b0, ATT_TILE, c0, dc);
-        __syncthreads();
-        const float* brow = b_s + lane * (ATW_DC + 1);
-        const float* arow = a_s + w * R * ATW_DC;
-#pragma unroll 8
-        for (int c = 0; c < dc; ++c) {
-            const float bc = brow[c];
-#pragma unroll
-            for (int r = 0; r < R; ++r) s[r] += arow[r * ATW_DC + c] * bc;
+__device__ __forceinline__ void att_softmax_rows(const float* __restrict__ s, T* __restrict__ p, float* __restrict__ lse,
+                                                 AttnRows c) {
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < c.rows; r += gridDim.x * warps) {
+        const float* row = s + (u64)r * c.ld;
+        // Each lane's running max and sum over its columns (online rescaling), then the warp's.
+        float m = att_neg_inf(), l = 0.f;
+        for (int j = lane; j < c.lk; j += 32) {
+            const float x = row[j];
+            const float mn = fmaxf(m, x);
+            l = l * expf(m - mn) + expf(x - mn);
+            m = mn;
         }
+        const float mw = att_warp_max(m);
+        l = att_warp_sum(m == att_neg_inf() ? 0.f : l * expf(m - mw));
+        const float inv = 1.f / l;
+        T* out = p + (u64)r * c.ld;
+        for (int j = lane; j < c.lk; j += 32) out[j] = from_acc<T>(expf(row[j] - mw) * inv);
+        if (lane == 0) lse[att_row_index(c, r)] = mw + logf(l);
     }
 }
 
-// acc[r][c] = acc[r][c] · alpha[r] (alpha null: 1) + Σ_{j < cnt} p[r][j] · B[b0 + j][c] for the
-// block's BR accumulator rows (acc: [BR][width] f32, p: [BR][ATT_TILE], both shared), chunk by
-// chunk through b_s (ATT_TILE × (ATW_DC + 1)). Begins with a barrier: p and alpha may come from
-// other warps.
-template <int BR, typename T>
-__device__ __forceinline__ void atw_accumulate(float* acc, const float* p, const float* alpha, float* b_s,
-                                               const T* __restrict__ b, int b_len, int b0, int cnt, int n,
-                                               int heads, int h, int width) {
-    constexpr int PER = BR / ATW_STEP;
-    const int col = threadIdx.x % ATW_DC, r0 = threadIdx.x / ATW_DC;
-    for (int c0 = 0; c0 < width; c0 += ATW_DC) {
-        const int dc = min(ATW_DC, width - c0);
-        __syncthreads();
-        atw_load(b_s, ATW_DC + 1, b, n, b_len, heads, width, h, b0, ATT_TILE, c0, dc);
-        __syncthreads();
-        if (col < dc) {
-            float a[PER];
-#pragma unroll
-            for (int i = 0; i < PER; ++i) {
-                const int r = r0 + ATW_STEP * i;
-                a[i] = acc[r * width + c0 + col];
-                if (alpha) a[i] *= alpha[r];
-            }
-#pragma unroll 4
-            for (int j = 0; j < cnt; ++j) {
-                const float bj = b_s[j * (ATW_DC + 1) + col];
-#pragma unroll
-                for (int i = 0; i < PER; ++i) a[i] += p[(r0 + ATW_STEP * i) * ATT_TILE + j] * bj;
-            }
-#pragma unroll
-            for (int i = 0; i < PER; ++i) acc[(r0 + ATW_STEP * i) * width + c0 + col] = a[i];
-        }
-    }
-}
-
-__device__ __forceinline__ void atw_zero(float* acc, int count) {
-    for (int e = threadIdx.x; e < count; e += blockDim.x) acc[e] = 0.f;
-}
-
-// out[sample n, row row0 + r, head h, c] = acc[r][c] · mul[r] (mul null: scale) for rows < len.
+// s holds scale · q kᵀ, dp = dO vᵀ: p = exp(s − lse) and ds = p ∘ (dp − Δ), both as T.
 template <typename T>
-__device__ __forceinline__ void atw_store(T* __restrict__ out, const float* acc, const float* mul, float scale, int n,
-                                          int len, int heads, int width, int h, int row0, int rows) {
-    const int total = rows * width;
-    for (int e = threadIdx.x; e < total; e += blockDim.x) {
-        const int r = e / width, c = e - r * width;
-        const int row = row0 + r;
-        if (row < len)
-            out[((u64)n * len + row) * heads * width + (u64)h * width + c] =
-                from_acc<T>(acc[e] * (mul ? mul[r] : scale));
+__device__ __forceinline__ void att_ds_rows(const float* __restrict__ s, const float* __restrict__ dp,
+                                            const float* __restrict__ lse, const float* __restrict__ delta,
+                                            T* __restrict__ p, T* __restrict__ ds, AttnRows c) {
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < c.rows; r += gridDim.x * warps) {
+        const u64 at = att_row_index(c, r);
+        const float lr = lse[at], dr = delta[at];
+        const u64 base = (u64)r * c.ld;
+        for (int j = lane; j < c.lk; j += 32) {
+            const float pv = expf(s[base + j] - lr);
+            p[base + j] = from_acc<T>(pv);
+            ds[base + j] = from_acc<T>(pv * (dp[base + j] - dr));
+        }
     }
 }
 
-template <typename T>
-__device__ __forceinline__ void atw_forward(const T* __restrict__ q, const T* __restrict__ k,
-                                            const T* __restrict__ v, T* __restrict__ o, float* __restrict__ lse,
-                                            AttnGeom g) {
-    constexpr int R = ATW_R, BQ = ATW_BQ;
-    __shared__ float a_s[BQ * ATW_DC];
-    __shared__ float b_s[ATT_TILE * (ATW_DC + 1)];
-    __shared__ float p_s[BQ * ATT_TILE];
-    __shared__ float alpha_s[BQ];
-    DYNAMIC_SHARED(float, acc);  // [BQ][Dv]
-    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    const int h = blockIdx.y, n = blockIdx.z, q0 = blockIdx.x * BQ;
-    atw_zero(acc, BQ * g.dv);
-    float m[R], l[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        m[r] = att_neg_inf();
-        l[r] = 0.f;
-    }
-    for (int k0 = 0; k0 < g.lk; k0 += ATT_TILE) {
-        float s[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) s[r] = 0.f;
-        atw_scores<R>(s, a_s, b_s, q, g.lq, q0, k, g.lk, k0, n, g.h, h, g.d);
-        const int cnt = min(ATT_TILE, g.lk - k0);
-        const bool valid = lane < cnt;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            // cnt ≥ 1: the tile maximum, hence mn, is finite.
-            const float sr = valid ? s[r] * g.scale : att_neg_inf();
-            const float mn = fmaxf(m[r], att_warp_max(sr));
-            const float al = expf(m[r] - mn);
-            const float p = valid ? expf(sr - mn) : 0.f;
-            l[r] = l[r] * al + att_warp_sum(p);
-            m[r] = mn;
-            p_s[(w * R + r) * ATT_TILE + lane] = p;
-            if (lane == 0) alpha_s[w * R + r] = al;
-        }
-        atw_accumulate<BQ>(acc, p_s, alpha_s, b_s, v, g.lk, k0, cnt, n, g.h, h, g.dv);
-    }
-    // alpha_s becomes 1 / l per row once the last tile's readers are past this barrier.
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int row = q0 + w * R + r;
-        if (lane == 0) {
-            alpha_s[w * R + r] = 1.f / l[r];
-            if (row < g.lq) lse[((u64)n * g.h + h) * g.lq + row] = m[r] + logf(l[r]);
-        }
-    }
-    __syncthreads();
-    atw_store(o, acc, alpha_s, 1.f, n, g.lq, g.h, g.dv, h, q0, BQ);
-}
-
-template <typename T>
-__device__ __forceinline__ void atw_backward_dq(const T* __restrict__ q, const T* __restrict__ k,
-                                                const T* __restrict__ v, const T* __restrict__ dout,
-                                                const float* __restrict__ lse, const float* __restrict__ delta,
-                                                T* __restrict__ dq, AttnGeom g) {
-    constexpr int R = ATW_R, BQ = ATW_BQ;
-    __shared__ float a_s[BQ * ATW_DC];
-    __shared__ float b_s[ATT_TILE * (ATW_DC + 1)];
-    __shared__ float ds_s[BQ * ATT_TILE];
-    DYNAMIC_SHARED(float, acc);  // [BQ][D]
-    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    const int h = blockIdx.y, n = blockIdx.z, q0 = blockIdx.x * BQ;
-    atw_zero(acc, BQ * g.d);
-    // Rows past Lq get lse = +∞: their probabilities are 0.
-    float lse_r[R], del_r[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int row = q0 + w * R + r;
-        const u64 at = ((u64)n * g.h + h) * g.lq + row;
-        lse_r[r] = row < g.lq ? lse[at] : -att_neg_inf();
-        del_r[r] = row < g.lq ? delta[at] : 0.f;
-    }
-    for (int k0 = 0; k0 < g.lk; k0 += ATT_TILE) {
-        float s[R], dp[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) s[r] = dp[r] = 0.f;
-        atw_scores<R>(s, a_s, b_s, q, g.lq, q0, k, g.lk, k0, n, g.h, h, g.d);
-        atw_scores<R>(dp, a_s, b_s, dout, g.lq, q0, v, g.lk, k0, n, g.h, h, g.dv);
-        const int cnt = min(ATT_TILE, g.lk - k0);
-        const bool valid = lane < cnt;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const float p = valid ? expf(s[r] * g.scale - lse_r[r]) : 0.f;
-            ds_s[(w * R + r) * ATT_TILE + lane] = p * (dp[r] - del_r[r]);
-        }
-        atw_accumulate<BQ>(acc, ds_s, nullptr, b_s, k, g.lk, k0, cnt, n, g.h, h, g.d);
-    }
-    __syncthreads();
-    atw_store(dq, acc, nullptr, g.scale, n, g.lq, g.h, g.d, h, q0, BQ);
-}
-
-template <typename T>
-__device__ __forceinline__ void atw_backward_dkv(const T* __restrict__ q, const T* __restrict__ k,
-                                                 const T* __restrict__ v, const T* __restrict__ dout,
-                                                 const float* __restrict__ lse, const float* __restrict__ delta,
-                                                 T* __restrict__ dk, T* __restrict__ dv, AttnGeom g) {
-    constexpr int R = ATW_KR, BK = ATW_BK;
-    __shared__ float a_s[BK * ATW_DC];
-    __shared__ float b_s[ATT_TILE * (ATW_DC + 1)];
-    __shared__ float p_s[BK * ATT_TILE];
-    __shared__ float ds_s[BK * ATT_TILE];
-    DYNAMIC_SHARED(float, dk_acc);  // [BK][D], then dv_acc [BK][Dv]
-    float* dv_acc = dk_acc + BK * g.d;
-    const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    const int h = blockIdx.y, n = blockIdx.z, k0 = blockIdx.x * BK;
-    atw_zero(dk_acc, BK * (g.d + g.dv));
-    const u64 stats = ((u64)n * g.h + h) * g.lq;
-    for (int q0 = 0; q0 < g.lq; q0 += ATT_TILE) {
-        float s[R], dp[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) s[r] = dp[r] = 0.f;
-        atw_scores<R>(s, a_s, b_s, k, g.lk, k0, q, g.lq, q0, n, g.h, h, g.d);
-        atw_scores<R>(dp, a_s, b_s, v, g.lk, k0, dout, g.lq, q0, n, g.h, h, g.dv);
-        const int cnt = min(ATT_TILE, g.lq - q0);
-        const bool valid = lane < cnt;
-        const float lse_i = valid ? lse[stats + q0 + lane] : 0.f;
-        const float del_i = valid ? delta[stats + q0 + lane] : 0.f;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const float p = valid && k0 + w * R + r < g.lk ? expf(s[r] * g.scale - lse_i) : 0.f;
-            p_s[(w * R + r) * ATT_TILE + lane] = p;
-            ds_s[(w * R + r) * ATT_TILE + lane] = p * (dp[r] - del_i);
-        }
-        atw_accumulate<BK>(dv_acc, p_s, nullptr, b_s, dout, g.lq, q0, cnt, n, g.h, h, g.dv);
-        atw_accumulate<BK>(dk_acc, ds_s, nullptr, b_s, q, g.lq, q0, cnt, n, g.h, h, g.d);
-    }
-    __syncthreads();
-    atw_store(dk, dk_acc, nullptr, g.scale, n, g.lk, g.h, g.d, h, k0, BK);
-    atw_store(dv, dv_acc, nullptr, 1.f, n, g.lk, g.h, g.dv, h, k0, BK);
-}
-
-#define ATW_KERNELS(T, SUFFIX)                                                                                \
-    KERNEL_BOUNDED(ATW_BOUNDS, attention_forward_wide_##SUFFIX, const T* __restrict__ q,                     \
-                   const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o, float* __restrict__ lse, \
-                   AttnGeom g) {                                                                                \
-        atw_forward(q, k, v, o, lse, g);                                                                        \
+#define ATT_ROW_KERNELS(T, SUFFIX)                                                                              \
+    KERNEL(attention_softmax_rows_##SUFFIX, const float* __restrict__ s, T* __restrict__ p,                     \
+           float* __restrict__ lse, AttnRows c) {                                                               \
+        att_softmax_rows(s, p, lse, c);                                                                         \
     }                                                                                                           \
-    KERNEL_BOUNDED(ATW_BOUNDS, attention_backward_dq_wide_##SUFFIX, const T* __restrict__ q,                 \
-                   const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,               \
-                   const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,         \
-                   AttnGeom g) {                                                                                \
-        atw_backward_dq(q, k, v, dout, lse, delta, dq, g);                                                      \
-    }                                                                                                           \
-    KERNEL_BOUNDED(ATW_BOUNDS, attention_backward_dkv_wide_##SUFFIX, const T* __restrict__ q,                \
-                   const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,               \
-                   const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk,         \
-                   T* __restrict__ dv, AttnGeom g) {                                                            \
-        atw_backward_dkv(q, k, v, dout, lse, delta, dk, dv, g);                                                 \
+    KERNEL(attention_ds_rows_##SUFFIX, const float* __restrict__ s, const float* __restrict__ dp,               \
+           const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ p, T* __restrict__ ds, \
+           AttnRows c) {                                                                                        \
+        att_ds_rows(s, dp, lse, delta, p, ds, c);                                                               \
     }
 
-ATW_KERNELS(float, f32)
-ATW_KERNELS(bf16, bf16)
+ATT_ROW_KERNELS(float, f32)
+ATT_ROW_KERNELS(bf16, bf16)

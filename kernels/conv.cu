@@ -28,66 +28,66 @@ KERNEL(im2col_nchw_bf16, const bf16* __restrict__ x, bf16* __restrict__ cols, Co
 
 // ------------------------------------------------------------------------------------------------
 // Dense convolution of NHWC activations (src/backend/gpu/conv.rs): x [N, H, W, Cin], torch OIHW
-// weights w [Cout, Cin, K, K] used as [Cout, kdim = Cin·K²]. The launch layer processes the output
-// rows r = (s·OH + oy)·OW + ox in chunks [row0, row0 + rows) (bounded workspace):
-//   cols[r − row0][(ci·K + ky)·K + kx] = x[s, oy·stride − pad_top + ky, ox·stride − pad_left + kx, ci]
-// (zero outside the image), then y = cols · wᵀ, dcols = dy · w and dw (+)= dyᵀ · cols are GEMMs.
+// weights w [Cout, Cin, K, K]. The GEMMs use the weights tap-major, wt [Cout, K·K, Cin] ("OHWI",
+// conv_weight_to_taps), so that a row of cols is K·K contiguous runs of Cin channels copied
+// straight from x. The launch layer processes the output rows r = (s·OH + oy)·OW + ox in chunks
+// [row0, row0 + rows) (bounded workspace):
+//   cols[r − row0][(ky·K + kx)·Cin + ci] = x[s, oy·stride − pad_top + ky, ox·stride − pad_left + kx, ci]
+// (zero outside the image), then y = cols · wtᵀ, dcols = dy · wt and dwt (+)= dyᵀ · cols are GEMMs,
+// and conv_weight_from_taps turns dwt back into OIHW.
 struct ConvGeom {
     int n, h, w, cin, oh, ow, k, stride, pad_top, pad_left, kdim;
     int row0, rows;          // the chunk: output rows [row0, row0 + rows)
-    int ct, rb;              // im2col tile: ct channels × rb rows per block
+    int units;               // im2col: copy units (of U) per pixel, Cin · sizeof(T) / sizeof(U)
     int q0, nq, accumulate;  // col2im: input rows q = s·H + iy in [q0, q0 + nq); dx += instead of =
 };
 
-// im2col, tiled through shared memory so both sides are coalesced: block (bx, by) copies rows
-// [bx·rb, bx·rb + rb) of the chunk, channels [by·ct, by·ct + ct). It reads x with the channel
-// fastest (contiguous in NHWC), stores tile[row][ci][tap], then writes each row's contiguous run
-// cols[row][ci0·K² .. (ci0 + cte)·K²). Dynamic shared memory: rb·ct·K² elements of T.
-template <typename T>
-__device__ __forceinline__ void im2col_nhwc(const T* __restrict__ x, T* __restrict__ cols, ConvGeom g) {
-    DYNAMIC_SHARED(T, tile);
-    const int kk = g.k * g.k;
-    const int ci0 = blockIdx.y * g.ct;
-    const int cte = min(g.ct, g.cin - ci0);
-    const int per_row = cte * kk;
-    const int lr0 = blockIdx.x * g.rb;
-    const int total = min(g.rb, g.rows - lr0) * per_row;
-    for (int e = threadIdx.x; e < total; e += blockDim.x) {
-        const int ci = e % cte;
-        const int rest = e / cte;
-        const int t = rest % kk, rr = rest / kk;
-        const int r = g.row0 + lr0 + rr;
+// im2col as a copy of U-sized units (16, 8, 4 or 2 bytes: the widest that divides a pixel's bytes
+// and the alignment of x; the launch layer picks it), so any storage dtype uses one kernel. Item i
+// of the chunk is unit c of tap t of row lr, i = (lr·K² + t)·units + c: cols is written in order
+// (coalesced), and consecutive items read consecutive units of one pixel of x.
+template <typename U>
+__device__ __forceinline__ void im2col_taps(const U* __restrict__ x, U* __restrict__ cols, ConvGeom g) {
+    const unsigned kk = (unsigned)(g.k * g.k), units = (unsigned)g.units;
+    const u64 total = (u64)g.rows * kk * units;
+    GRID_STRIDE_LOOP(i, total) {
+        // total < 2³¹ (the launch layer bounds a chunk's cols): 32-bit division.
+        const unsigned e = (unsigned)i;
+        const unsigned c = e % units, rest = e / units;
+        const unsigned t = rest % kk, lr = rest / kk;
+        const int r = g.row0 + (int)lr;
         const int ox = r % g.ow, q = r / g.ow;
         const int oy = q % g.oh, s = q / g.oh;
-        const int iy = oy * g.stride - g.pad_top + t / g.k, ix = ox * g.stride - g.pad_left + t % g.k;
-        T v = from_acc<T>(0.f);
-        if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = x[(((u64)s * g.h + iy) * g.w + ix) * g.cin + ci0 + ci];
-        tile[rr * per_row + ci * kk + t] = v;
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < total; e += blockDim.x) {
-        const int rr = e / per_row, j = e % per_row;
-        cols[(u64)(lr0 + rr) * g.kdim + (u64)ci0 * kk + j] = tile[e];
+        const int ky = (int)t / g.k, kx = (int)t - ky * g.k;
+        const int iy = oy * g.stride - g.pad_top + ky, ix = ox * g.stride - g.pad_left + kx;
+        U v = {};
+        if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = x[(((u64)s * g.h + iy) * g.w + ix) * units + c];
+        cols[i] = v;
     }
 }
 
-// col2im as a gather (deterministic, no atomics): one thread per dx element of the input rows
-// [q0, q0 + nq), channel fastest, summing in the fixed order (ky, kx) ascending the dcols entries
-// of its taps whose output row lies in the chunk; adds to dx when `accumulate` (chunks that share
-// input rows), else overwrites. dcols is TC (T, or f32 for a bf16 dx: the taps' products are
-// summed unrounded and dx is rounded once).
-template <typename TC, typename T>
-__device__ __forceinline__ void col2im_nhwc(const TC* __restrict__ dcols, T* __restrict__ dx, ConvGeom g) {
-    const u64 total = (u64)g.nq * g.w * g.cin;
-    const int kk = g.k * g.k;
+// V values of T stored together (one 4·sizeof(T)-byte store for V = 4).
+template <typename T, int V> struct __align__(sizeof(T) * V) ConvPack { T v[V]; };
+
+// col2im as a gather (deterministic, no atomics): one thread per V channels of a dx pixel of the
+// input rows [q0, q0 + nq), channels fastest, summing in the fixed order (ky, kx) ascending the
+// f32 dcols entries of its taps whose output row lies in the chunk (V = 4: float4 loads; Cin is a
+// multiple of 4 and dx aligned to 4 elements). Adds to dx when `accumulate` (chunks that share
+// input rows), else overwrites; the taps' products are summed unrounded and dx is rounded once.
+template <typename T, int V>
+__device__ __forceinline__ void col2im_taps(const float* __restrict__ dcols, T* __restrict__ dx, ConvGeom g) {
+    const int cv = g.cin / V;
+    const u64 total = (u64)g.nq * g.w * cv;
     GRID_STRIDE_LOOP(i, total) {
-        const int ci = (int)(i % g.cin);
-        const u64 rest = i / g.cin;
+        const int ci = (int)(i % cv) * V;
+        const u64 rest = i / cv;
         const int ix = (int)(rest % g.w);
         const int q = g.q0 + (int)(rest / g.w);
         const int iy = q % g.h, s = q / g.h;
         const int ty0 = iy + g.pad_top, tx0 = ix + g.pad_left;
-        float acc = 0.f;
+        float acc[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] = 0.f;
         // Only taps ky ≡ iy + pad_top (mod stride) land on a whole output row.
         for (int ky = ty0 % g.stride; ky < g.k && ky <= ty0; ky += g.stride) {
             const int oy = (ty0 - ky) / g.stride;
@@ -97,25 +97,88 @@ __device__ __forceinline__ void col2im_nhwc(const TC* __restrict__ dcols, T* __r
                 if (ox >= g.ow) continue;
                 const int lr = (s * g.oh + oy) * g.ow + ox - g.row0;
                 if (lr < 0 || lr >= g.rows) continue;
-                acc += to_acc(dcols[(u64)lr * g.kdim + ci * kk + ky * g.k + kx]);
+                const float* src = dcols + (u64)lr * g.kdim + (ky * g.k + kx) * g.cin + ci;
+                if constexpr (V == 4) {
+                    const float4 v = *reinterpret_cast<const float4*>(src);
+                    acc[0] += v.x;
+                    acc[1] += v.y;
+                    acc[2] += v.z;
+                    acc[3] += v.w;
+                } else {
+#pragma unroll
+                    for (int j = 0; j < V; ++j) acc[j] += src[j];
+                }
             }
         }
         const u64 at = ((u64)q * g.w + ix) * g.cin + ci;
-        dx[at] = from_acc<T>(g.accumulate ? to_acc(dx[at]) + acc : acc);
+        ConvPack<T, V>* out = reinterpret_cast<ConvPack<T, V>*>(dx + at);
+        ConvPack<T, V> p;
+        if (g.accumulate) {
+            p = *out;
+#pragma unroll
+            for (int j = 0; j < V; ++j) p.v[j] = from_acc<T>(to_acc(p.v[j]) + acc[j]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < V; ++j) p.v[j] = from_acc<T>(acc[j]);
+        }
+        *out = p;
     }
 }
 
-#define CONV_KERNELS(T, SUFFIX)                                                                                 \
-    KERNEL_BOUNDED(256, im2col_nhwc_##SUFFIX, const T* __restrict__ x, T* __restrict__ cols, ConvGeom g) {     \
-        im2col_nhwc(x, cols, g);                                                                                \
-    }                                                                                                           \
-    KERNEL(col2im_nhwc_##SUFFIX, const T* __restrict__ dcols, T* __restrict__ dx, ConvGeom g) {                \
-        col2im_nhwc<T, T>(dcols, dx, g);                                                                        \
+struct __align__(2) ConvU2 { unsigned short v; };
+
+#define IM2COL_KERNEL(U, SUFFIX)                                                                                \
+    KERNEL(im2col_taps_##SUFFIX, const U* __restrict__ x, U* __restrict__ cols, ConvGeom g) { im2col_taps(x, cols, g); }
+IM2COL_KERNEL(uint4, b16)
+IM2COL_KERNEL(uint2, b8)
+IM2COL_KERNEL(unsigned int, b4)
+IM2COL_KERNEL(ConvU2, b2)
+
+KERNEL(col2im_taps_f32, const float* __restrict__ dcols, float* __restrict__ dx, ConvGeom g) {
+    col2im_taps<float, 1>(dcols, dx, g);
+}
+KERNEL(col2im_taps_f32_v4, const float* __restrict__ dcols, float* __restrict__ dx, ConvGeom g) {
+    col2im_taps<float, 4>(dcols, dx, g);
+}
+KERNEL(col2im_taps_f32_bf16, const float* __restrict__ dcols, bf16* __restrict__ dx, ConvGeom g) {
+    col2im_taps<bf16, 1>(dcols, dx, g);
+}
+KERNEL(col2im_taps_f32_bf16_v4, const float* __restrict__ dcols, bf16* __restrict__ dx, ConvGeom g) {
+    col2im_taps<bf16, 4>(dcols, dx, g);
+}
+
+// wt[co][t][ci] = w[co][ci][t] (OIHW → tap-major), t = ky·K + kx; n = Cout·Cin·K² < 2³¹.
+template <typename T>
+__device__ __forceinline__ void weight_to_taps(const T* __restrict__ w, T* __restrict__ wt, int cin, int kk, int n) {
+    GRID_STRIDE_LOOP(i, (u64)n) {
+        const int e = (int)i;
+        const int ci = e % cin, rest = e / cin;
+        const int t = rest % kk, co = rest / kk;
+        wt[e] = w[((u64)co * cin + ci) * kk + t];
     }
+}
 
-CONV_KERNELS(float, f32)
-CONV_KERNELS(bf16, bf16)
+// w[co][ci][t] = wt[co][t][ci] (tap-major f32 → OIHW of TO, rounded once).
+template <typename TO>
+__device__ __forceinline__ void weight_from_taps(const float* __restrict__ wt, TO* __restrict__ w, int cin, int kk,
+                                                 int n) {
+    GRID_STRIDE_LOOP(i, (u64)n) {
+        const int e = (int)i;
+        const int t = e % kk, rest = e / kk;
+        const int ci = rest % cin, co = rest / cin;
+        w[e] = from_acc<TO>(wt[((u64)co * kk + t) * cin + ci]);
+    }
+}
 
-KERNEL(col2im_nhwc_f32_bf16, const float* __restrict__ dcols, bf16* __restrict__ dx, ConvGeom g) {
-    col2im_nhwc<float, bf16>(dcols, dx, g);
+KERNEL(conv_weight_to_taps_f32, const float* __restrict__ w, float* __restrict__ wt, int cin, int kk, int n) {
+    weight_to_taps(w, wt, cin, kk, n);
+}
+KERNEL(conv_weight_to_taps_bf16, const bf16* __restrict__ w, bf16* __restrict__ wt, int cin, int kk, int n) {
+    weight_to_taps(w, wt, cin, kk, n);
+}
+KERNEL(conv_weight_from_taps_f32, const float* __restrict__ wt, float* __restrict__ w, int cin, int kk, int n) {
+    weight_from_taps(wt, w, cin, kk, n);
+}
+KERNEL(conv_weight_from_taps_f32_bf16, const float* __restrict__ wt, bf16* __restrict__ w, int cin, int kk, int n) {
+    weight_from_taps(wt, w, cin, kk, n);
 }

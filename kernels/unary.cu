@@ -64,3 +64,41 @@ __device__ __forceinline__ void cast_map(const S* __restrict__ x, D* __restrict_
 
 KERNEL(cast_f32_to_bf16, const float* __restrict__ x, bf16* __restrict__ y, u64 n) { cast_map(x, y, n); }
 KERNEL(cast_bf16_to_f32, const bf16* __restrict__ x, float* __restrict__ y, u64 n) { cast_map(x, y, n); }
+
+// y[r, c] = op(y[r, c] + b[c]) in place over rows × ch (op 0: none, 1: SiLU, 2: sigmoid), V
+// channels per thread (16-byte accesses for V = 16 / sizeof(T); ch a multiple of V, y and b
+// aligned to V elements): a GEMM's bias and activation epilogue in one pass.
+template <typename T, int V> struct __align__(sizeof(T) * V) BiasPack { T v[V]; };
+
+template <typename T, int V>
+__device__ __forceinline__ void bias_act(T* __restrict__ y, const T* __restrict__ b, u64 rows, int ch, int op) {
+    typedef BiasPack<T, V> P;
+    const unsigned groups = (unsigned)(ch / V);
+    const u64 total = rows * groups;
+    const bool small = total < (1ull << 32);
+    GRID_STRIDE_LOOP(i, total) {
+        const unsigned grp = small ? (unsigned)i % groups : (unsigned)(i % groups);
+        P* at = reinterpret_cast<P*>(y + i * V);
+        P yv = *at;
+        const P bv = *reinterpret_cast<const P*>(b + grp * V);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            const float z = to_acc(yv.v[j]) + to_acc(bv.v[j]);
+            yv.v[j] = from_acc<T>(op == 1 ? Silu()(z) : op == 2 ? Sigmoid()(z) : z);
+        }
+        *at = yv;
+    }
+}
+
+KERNEL(bias_act_f32, float* __restrict__ y, const float* __restrict__ b, u64 rows, int ch, int op) {
+    bias_act<float, 1>(y, b, rows, ch, op);
+}
+KERNEL(bias_act_f32_v, float* __restrict__ y, const float* __restrict__ b, u64 rows, int ch, int op) {
+    bias_act<float, 4>(y, b, rows, ch, op);
+}
+KERNEL(bias_act_bf16, bf16* __restrict__ y, const bf16* __restrict__ b, u64 rows, int ch, int op) {
+    bias_act<bf16, 1>(y, b, rows, ch, op);
+}
+KERNEL(bias_act_bf16_v, bf16* __restrict__ y, const bf16* __restrict__ b, u64 rows, int ch, int op) {
+    bias_act<bf16, 8>(y, b, rows, ch, op);
+}

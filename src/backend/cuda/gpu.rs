@@ -3,7 +3,7 @@
 
 use super::device::{CudaDevice, StagingSlot, STAGING_SLOTS};
 use super::{driver_error, guard, CudaStorage};
-use crate::backend::gpu::{Gemm, Gpu, Launch, Math};
+use crate::backend::gpu::{check_batch, Gemm, Gpu, Launch, Math};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use cudarc::cublas as blas;
@@ -155,75 +155,12 @@ impl Gpu for Arc<CudaDevice> {
     }
 
     unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
-        g.check()?;
-        if g.m == 0 || g.n == 0 {
-            return Ok(());
-        }
-        let handle = cublas_handle(self)?;
-        guard("cublasGemmEx", || {
-            self.bind()?;
-            use blas::sys::{
-                cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasOperation_t as Op,
-                cudaDataType as Ty,
-            };
-            let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
-            let cuda_ty = |d: DType| {
-                if d == DType::BF16 {
-                    Ty::CUDA_R_16BF
-                } else {
-                    Ty::CUDA_R_32F
-                }
-            };
-            // bf16 A and B with an f32 C is one of cublasGemmEx's supported type combinations.
-            let (ty, c_ty) = (cuda_ty(g.dtype), cuda_ty(g.c_dtype));
-            let compute = match (g.dtype, g.math) {
-                (DType::F32, Math::F32) => Compute::CUBLAS_COMPUTE_32F,
-                (DType::F32, Math::Tf32) => Compute::CUBLAS_COMPUTE_32F_FAST_TF32,
-                _ => Compute::CUBLAS_COMPUTE_32F,
-            };
-            let (alpha, beta) = (g.alpha, g.beta);
-            let timing = super::profile::start(self);
-            // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: B's rows are the first
-            // operand's columns, so cuBLAS gets (n, m, k) with B first and A second.
-            // SAFETY: the caller guarantees the buffers; check() bounded every size by i32::MAX;
-            // alpha and beta are host f32 (the handle's default pointer mode), matching the f32 compute type.
-            unsafe {
-                blas::result::gemm_ex(
-                    handle.0,
-                    op(g.trans_b),
-                    op(g.trans_a),
-                    g.n as i32,
-                    g.m as i32,
-                    g.k as i32,
-                    &alpha as *const f32 as *const c_void,
-                    g.b as *const c_void,
-                    ty,
-                    g.ldb as i32,
-                    g.a as *const c_void,
-                    ty,
-                    g.lda as i32,
-                    &beta as *const f32 as *const c_void,
-                    g.c as *mut c_void,
-                    c_ty,
-                    g.ldc as i32,
-                    compute,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| {
-                Error::Cuda(format!(
-                    "cublasGemmEx {}×{}×{} ({:?} -> {:?}): {e:?}",
-                    g.m, g.n, g.k, g.dtype, g.c_dtype
-                ))
-            })?;
-            super::profile::finish(self, timing, || {
-                format!(
-                    "cublasGemmEx {:?}->{:?} {:?} m{} n{} k{}",
-                    g.dtype, g.c_dtype, g.math, g.m, g.n, g.k
-                )
-            });
-            Ok(())
-        })
+        gemm_strided(self, g, 1, [0; 3])
+    }
+
+    unsafe fn gemm_batched(&self, g: &Gemm, batch: usize, strides: [usize; 3]) -> Result<()> {
+        check_batch(g, batch, strides)?;
+        gemm_strided(self, g, batch, strides)
     }
 
     fn multiprocessors(&self) -> u32 {
@@ -331,6 +268,132 @@ impl Gpu for Arc<CudaDevice> {
                 .map_err(|e| driver_error("launching a CUDA graph", e))
         })
     }
+}
+
+/// `batch` GEMMs (one when `batch` is 1: cublasGemmEx; else cublasGemmStridedBatchedEx), the i-th
+/// on A + i·strides[0], B + i·strides[1], C + i·strides[2] (elements of their dtypes).
+///
+/// # Safety
+/// As [`Gpu::gemm_batched`].
+unsafe fn gemm_strided(
+    dev: &Arc<CudaDevice>,
+    g: &Gemm,
+    batch: usize,
+    strides: [usize; 3],
+) -> Result<()> {
+    g.check()?;
+    if g.m == 0 || g.n == 0 || batch == 0 {
+        return Ok(());
+    }
+    let handle = cublas_handle(dev)?;
+    let name = if batch == 1 {
+        "cublasGemmEx"
+    } else {
+        "cublasGemmStridedBatchedEx"
+    };
+    guard(name, || {
+        dev.bind()?;
+        use blas::sys::{
+            cublasComputeType_t as Compute, cublasGemmAlgo_t, cublasOperation_t as Op,
+            cudaDataType as Ty,
+        };
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        let cuda_ty = |d: DType| {
+            if d == DType::BF16 {
+                Ty::CUDA_R_16BF
+            } else {
+                Ty::CUDA_R_32F
+            }
+        };
+        // bf16 A and B with an f32 C is one of cublasGemmEx's supported type combinations.
+        let (ty, c_ty) = (cuda_ty(g.dtype), cuda_ty(g.c_dtype));
+        let compute = match (g.dtype, g.math) {
+            (DType::F32, Math::F32) => Compute::CUBLAS_COMPUTE_32F,
+            (DType::F32, Math::Tf32) => Compute::CUBLAS_COMPUTE_32F_FAST_TF32,
+            _ => Compute::CUBLAS_COMPUTE_32F,
+        };
+        let (alpha, beta) = (g.alpha, g.beta);
+        let timing = super::profile::start(dev);
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: B's rows are the first
+        // operand's columns, so cuBLAS gets (n, m, k) with B first and A second.
+        // SAFETY: the caller guarantees the buffers; check() and check_batch() bounded every size
+        // by i32::MAX (strides by i64); alpha and beta are host f32 (the handle's default pointer
+        // mode), matching the f32 compute type.
+        let r = unsafe {
+            let alpha = &alpha as *const f32 as *const c_void;
+            let beta = &beta as *const f32 as *const c_void;
+            let (a, b, c) = (
+                g.a as *const c_void,
+                g.b as *const c_void,
+                g.c as *mut c_void,
+            );
+            let (m, n, k) = (g.n as i32, g.m as i32, g.k as i32);
+            let (lda, ldb, ldc) = (g.ldb as i32, g.lda as i32, g.ldc as i32);
+            let algo = cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+            if batch == 1 {
+                blas::result::gemm_ex(
+                    handle.0,
+                    op(g.trans_b),
+                    op(g.trans_a),
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    b,
+                    ty,
+                    lda,
+                    a,
+                    ty,
+                    ldb,
+                    beta,
+                    c,
+                    c_ty,
+                    ldc,
+                    compute,
+                    algo,
+                )
+            } else {
+                blas::result::gemm_strided_batched_ex(
+                    handle.0,
+                    op(g.trans_b),
+                    op(g.trans_a),
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    b,
+                    ty,
+                    lda,
+                    strides[1] as i64,
+                    a,
+                    ty,
+                    ldb,
+                    strides[0] as i64,
+                    beta,
+                    c,
+                    c_ty,
+                    ldc,
+                    strides[2] as i64,
+                    batch as i32,
+                    compute,
+                    algo,
+                )
+            }
+        };
+        r.map_err(|e| {
+            Error::Cuda(format!(
+                "{name} {}×{}×{} ×{batch} ({:?} -> {:?}): {e:?}",
+                g.m, g.n, g.k, g.dtype, g.c_dtype
+            ))
+        })?;
+        super::profile::finish(dev, timing, || {
+            format!(
+                "{name} {:?}->{:?} {:?} m{} n{} k{} batch{batch}",
+                g.dtype, g.c_dtype, g.math, g.m, g.n, g.k
+            )
+        });
+        Ok(())
+    })
 }
 
 /// A captured CUDA graph and the device blocks its kernels use (back to the cache on drop).

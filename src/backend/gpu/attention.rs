@@ -1,16 +1,27 @@
-//! Multi-head scaled-dot-product attention (`kernels/attention.cu`), flash style: forward with an
-//! online softmax (output and per-row log-sum-exp), backward recomputing the probabilities from the
-//! log-sum-exp (Δ, then dq over query tiles, then dk / dv over key tiles). No `Lq × Lk` buffer;
-//! deterministic. Head dimensions up to 128 run the tiled kernels (bound 32, 64 or 128, per-lane
-//! register accumulators); wider heads, up to [`MAX_HEAD_DIM`] = 1024 and any value, run the
-//! `_wide` kernels, which walk the channels in chunks of 64 and keep the block's accumulator rows
-//! in dynamic shared memory (≤ 32 KiB, ≤ 44 KiB per block in all: no opt-in needed).
+//! Multi-head scaled-dot-product attention (`kernels/attention.cu`). Forward: output and per-row
+//! log-sum-exp; backward: Δ = rowsum(dO ∘ O), then the probabilities recomputed from the
+//! log-sum-exp. Deterministic, and never an `Lq × Lk` buffer per sample and head.
+//!
+//! - Head dimensions up to 128: fused flash-style kernels (bound 32, 64 or 128, per-lane register
+//!   accumulators) with an online softmax over key tiles, dq over query tiles, dk / dv over key
+//!   tiles.
+//! - Wider heads, up to [`MAX_HEAD_DIM`] = 1024 and any value (the U-Net's single heads of 512
+//!   and 768 channels): per head, chunks of query rows of every sample run as batched cuBLAS
+//!   GEMMs on tensor cores with row-wise kernels between them: S = scale · q kᵀ (f32), P =
+//!   softmax(S) and the log-sum-exp, o = P v; backward S again, dP = dO vᵀ, P and dS = P ∘ (dP − Δ),
+//!   dq = scale · dS k, dk (+)= scale · dSᵀ q, dv (+)= Pᵀ dO, chunks summed in order (in f32 for
+//!   bf16 storage when there are several). A fused kernel cannot keep a wide head's accumulator
+//!   rows in registers (FlashAttention stops at 256 channels) and ran on CUDA cores; this keeps
+//!   the products on tensor cores. The scratch is N · rows · Lk scores (f32, two buffers in the
+//!   backward, plus P and dS of the storage dtype), with the rows per chunk chosen so that it
+//!   stays under [`DEFAULT_MAX_SCRATCH`] ([`Attention::with_max_scratch`]; at least one row).
+//!
 //! Layouts as `ops::attention`: q [N, Lq, H·D], k [N, Lk, H·D], v [N, Lk, H·Dv],
 //! o [N, Lq, H·Dv]; the log-sum-exp is f32 [N, H, Lq].
 
-use super::elementwise::suffix;
+use super::elementwise::{cast, suffix};
 use super::kernels::ATTENTION;
-use super::{dim, grid_extent, grid_stride_blocks, Arg, Gpu, Launch};
+use super::{dim, grid_extent, grid_stride_blocks, Arg, Gemm, Gpu, Launch, Math};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -29,19 +40,33 @@ pub struct AttnGeom {
 
 /// The largest head dimension (D and Dv) the kernels support.
 pub const MAX_HEAD_DIM: usize = 1024;
-/// The largest head dimension of the tiled (register-accumulator) kernels; wider heads run the
-/// `_wide` kernels.
+/// The largest head dimension of the tiled (register-accumulator) kernels; wider heads run as
+/// GEMMs.
 pub const MAX_TILED_HEAD_DIM: usize = 128;
-/// [`Attention::bound`] of a plan that runs the `_wide` kernels.
+/// [`Attention::bound`] of a plan that runs as GEMMs.
 pub const WIDE: usize = MAX_HEAD_DIM;
+/// The default bound on a wide plan's score scratch (bytes): 128 MiB.
+pub const DEFAULT_MAX_SCRATCH: usize = 128 << 20;
 /// `ATT_WARPS` of kernels/attention.cu: warps per block.
 const WARPS: usize = 4;
 /// `ATT_FWD_ROWS`: queries per warp in the forward.
 const FWD_ROWS: usize = 4;
-/// `ATW_BQ`: query rows per block of the wide forward and dq kernels.
-const WIDE_QUERY_ROWS: usize = 8;
-/// `ATW_BK`: key rows per block of the wide dk / dv kernel.
-const WIDE_KEY_ROWS: usize = 4;
+/// Warps per block of the row-wise kernels of wide plans.
+const ROW_WARPS: usize = 8;
+
+/// `AttnRows` of kernels/attention.cu: one chunk of score rows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+struct AttnRows {
+    rows: i32,
+    rq: i32,
+    q0: i32,
+    lk: i32,
+    ld: i32,
+    h: i32,
+    heads: i32,
+    lq: i32,
+}
 
 /// An attention launch plan: `softmax(scale · q kᵀ) v` per sample and head.
 #[derive(Clone, Copy, Debug)]
@@ -49,8 +74,10 @@ pub struct Attention {
     pub dtype: DType,
     pub geom: AttnGeom,
     /// The kernels' head-dimension bound: 32, 64 or 128, the smallest ≥ max(D, Dv), for the
-    /// tiled kernels; [`WIDE`] (= [`MAX_HEAD_DIM`]) when max(D, Dv) > 128 (the `_wide` kernels).
+    /// tiled kernels; [`WIDE`] (= [`MAX_HEAD_DIM`]) when max(D, Dv) > 128 (GEMMs).
     pub bound: usize,
+    /// Wide plans: the bound on the score scratch in bytes.
+    max_scratch: usize,
 }
 
 impl Attention {
@@ -102,14 +129,71 @@ impl Attention {
             dv: dim(dv, "value head dimension")?,
             scale: scale as f32,
         };
-        let plan = Attention { dtype, geom, bound };
+        let plan = Attention {
+            dtype,
+            geom,
+            bound,
+            max_scratch: DEFAULT_MAX_SCRATCH,
+        };
         // Every index the kernels form is a u64, but the channel widths and row counts must fit the
         // kernels' int parameters too.
         dim(heads * widest, "channels")?;
-        plan.grid(lq.div_ceil(plan.fwd_rows_per_block()))?;
-        plan.grid(lq.div_ceil(plan.dq_rows_per_block()))?;
-        plan.grid(lk.div_ceil(plan.dkv_rows_per_block()))?;
+        if plan.is_wide() {
+            // One query row of every sample: the smallest chunk, whose scores the row kernels
+            // index with an int; the GEMMs' strides and sizes fit too.
+            dim(
+                n * plan.score_ld(),
+                "scores of one query row of every sample",
+            )?;
+        } else {
+            plan.grid(lq.div_ceil(WARPS * FWD_ROWS))?;
+            plan.grid(lq.div_ceil(WARPS * plan.bwd_rows()))?;
+            plan.grid(lk.div_ceil(WARPS * plan.bwd_rows()))?;
+        }
         Ok(plan)
+    }
+
+    /// The same plan with a wide plan's score scratch bounded by `bytes` (at least one query row
+    /// of every sample is used): more, smaller chunks of query rows for a smaller bound. No
+    /// effect on plans of heads up to 128 channels.
+    pub fn with_max_scratch(mut self, bytes: usize) -> Self {
+        self.max_scratch = bytes;
+        self
+    }
+
+    /// Wide plans: the row stride of the score buffers (Lk rounded up to 8: 16-byte aligned bf16
+    /// rows for the tensor cores).
+    fn score_ld(&self) -> usize {
+        (self.geom.lk as usize).next_multiple_of(8)
+    }
+
+    /// Wide plans: query rows per chunk, so that `n · rows` score rows of `bytes_per_score` bytes
+    /// per score stay under the scratch bound (at least 1, at most Lq, and n · rows · ld an int).
+    fn query_chunk(&self, bytes_per_score: usize) -> usize {
+        let (n, lq) = (self.geom.n as usize, self.geom.lq as usize);
+        let per_row = n * self.score_ld();
+        (self.max_scratch / (per_row * bytes_per_score))
+            .min(i32::MAX as usize / per_row)
+            .clamp(1, lq)
+    }
+
+    /// Wide plans: how many chunks of query rows the forward and the backward run.
+    pub fn chunk_counts(&self) -> [usize; 2] {
+        if !self.is_wide() {
+            return [1, 1];
+        }
+        let lq = self.geom.lq as usize;
+        [self.fwd_score_bytes(), self.bwd_score_bytes()].map(|b| lq.div_ceil(self.query_chunk(b)))
+    }
+
+    /// Bytes per score of the forward's scratch: S (f32) and P.
+    fn fwd_score_bytes(&self) -> usize {
+        4 + self.dtype.size_in_bytes()
+    }
+
+    /// Bytes per score of the backward's scratch: S and dP (f32), P and dS.
+    fn bwd_score_bytes(&self) -> usize {
+        8 + 2 * self.dtype.size_in_bytes()
     }
 
     fn sizes(&self) -> [usize; 6] {
@@ -147,7 +231,7 @@ impl Attention {
         n * h * lq
     }
 
-    /// Whether the plan runs the `_wide` kernels (max(D, Dv) > 128).
+    /// Whether the plan runs as GEMMs (max(D, Dv) > 128).
     pub fn is_wide(&self) -> bool {
         self.bound == WIDE
     }
@@ -161,43 +245,6 @@ impl Attention {
         }
     }
 
-    /// Query rows per block of the forward.
-    fn fwd_rows_per_block(&self) -> usize {
-        if self.is_wide() {
-            WIDE_QUERY_ROWS
-        } else {
-            WARPS * FWD_ROWS
-        }
-    }
-
-    /// Query rows per block of the dq kernel.
-    fn dq_rows_per_block(&self) -> usize {
-        if self.is_wide() {
-            WIDE_QUERY_ROWS
-        } else {
-            WARPS * self.bwd_rows()
-        }
-    }
-
-    /// Key rows per block of the dk / dv kernel.
-    fn dkv_rows_per_block(&self) -> usize {
-        if self.is_wide() {
-            WIDE_KEY_ROWS
-        } else {
-            WARPS * self.bwd_rows()
-        }
-    }
-
-    /// Dynamic shared memory of a launch: the wide kernels' f32 accumulator rows (`rows` × `width`
-    /// channels; at most 8 × 1024 or 4 × 2048 f32 = 32 KiB), none for the tiled kernels.
-    fn wide_shared(&self, rows: usize, width: usize) -> u32 {
-        if self.is_wide() {
-            (rows * width * 4) as u32
-        } else {
-            0
-        }
-    }
-
     fn grid(&self, tiles: usize) -> Result<[u32; 3]> {
         let what = "attention";
         Ok([
@@ -207,25 +254,13 @@ impl Attention {
         ])
     }
 
-    fn tiled(
-        &self,
-        what: &str,
-        rows: usize,
-        per_block: usize,
-        shared_bytes: u32,
-        args: Vec<Arg>,
-    ) -> Result<Launch> {
-        let variant = if self.is_wide() {
-            "wide".to_string()
-        } else {
-            format!("d{}", self.bound)
-        };
+    fn tiled(&self, what: &str, rows: usize, per_block: usize, args: Vec<Arg>) -> Result<Launch> {
         Ok(Launch {
             module: &ATTENTION,
-            entry: format!("attention_{what}_{variant}_{}", suffix(self.dtype)),
+            entry: format!("attention_{what}_d{}_{}", self.bound, suffix(self.dtype)),
             grid: self.grid(rows.div_ceil(per_block))?,
             block: [(32 * WARPS) as u32, 1, 1],
-            shared_bytes,
+            shared_bytes: 0,
             args,
         })
     }
@@ -244,6 +279,9 @@ impl Attention {
         o: u64,
         lse: u64,
     ) -> Result<()> {
+        if self.is_wide() {
+            return self.forward_gemm(g, [q, k, v], o, lse);
+        }
         let args = vec![
             Arg::Ptr(q),
             Arg::Ptr(k),
@@ -252,9 +290,7 @@ impl Attention {
             Arg::Ptr(lse),
             Arg::pod(&self.geom),
         ];
-        let rows = self.fwd_rows_per_block();
-        let shared = self.wide_shared(rows, self.geom.dv as usize);
-        g.launch(&self.tiled("forward", self.geom.lq as usize, rows, shared, args)?)
+        g.launch(&self.tiled("forward", self.geom.lq as usize, WARPS * FWD_ROWS, args)?)
     }
 
     /// dq, dk, dv (overwritten) from the upstream gradient d_out, the forward's o and lse.
@@ -299,16 +335,251 @@ impl Attention {
             Arg::Ptr(lse),
             Arg::Ptr(dp),
         ];
+        if self.is_wide() {
+            return self.backward_gemm(g, [q, k, v], [lse, dp], d_out, [dq, dk, dv]);
+        }
+        let rows = WARPS * self.bwd_rows();
         let mut args = common.to_vec();
         args.extend([Arg::Ptr(dq), Arg::pod(&self.geom)]);
-        let (d, dv_width) = (self.geom.d as usize, self.geom.dv as usize);
-        let rows = self.dq_rows_per_block();
-        let shared = self.wide_shared(rows, d);
-        g.launch(&self.tiled("backward_dq", self.geom.lq as usize, rows, shared, args)?)?;
+        g.launch(&self.tiled("backward_dq", self.geom.lq as usize, rows, args)?)?;
         let mut args = common.to_vec();
         args.extend([Arg::Ptr(dk), Arg::Ptr(dv), Arg::pod(&self.geom)]);
-        let rows = self.dkv_rows_per_block();
-        let shared = self.wide_shared(rows, d + dv_width);
-        g.launch(&self.tiled("backward_dkv", self.geom.lk as usize, rows, shared, args)?)
+        g.launch(&self.tiled("backward_dkv", self.geom.lk as usize, rows, args)?)
+    }
+    /// Wide plans: the GEMM `alpha · op(A) op(B) (+ beta C)` of this plan's operands, batched over
+    /// the samples with per-sample strides (elements).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn batched(
+        &self,
+        g: &impl Gpu,
+        [m, n, k]: [usize; 3],
+        (a, lda, trans_a, stride_a): (u64, usize, bool, usize),
+        (b, ldb, trans_b, stride_b): (u64, usize, bool, usize),
+        (c, ldc, stride_c, c_dtype): (u64, usize, usize, DType),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        g.gemm_batched(
+            &Gemm {
+                m,
+                n,
+                k,
+                a,
+                lda,
+                trans_a,
+                b,
+                ldb,
+                trans_b,
+                c,
+                ldc,
+                alpha,
+                beta,
+                dtype: self.dtype,
+                c_dtype,
+                math: Math::F32,
+            },
+            self.geom.n as usize,
+            [stride_a, stride_b, stride_c],
+        )
+    }
+
+    /// Wide plans: a row-wise kernel over the `n · rq` score rows of the chunk at query row `q0`.
+    unsafe fn rows_launch(
+        &self,
+        g: &impl Gpu,
+        what: &str,
+        h: usize,
+        q0: usize,
+        rq: usize,
+        mut args: Vec<Arg>,
+    ) -> Result<()> {
+        let geo = &self.geom;
+        let c = AttnRows {
+            rows: geo.n * rq as i32,
+            rq: rq as i32,
+            q0: q0 as i32,
+            lk: geo.lk,
+            ld: self.score_ld() as i32,
+            h: h as i32,
+            heads: geo.h,
+            lq: geo.lq,
+        };
+        args.push(Arg::pod(&c));
+        let rows = c.rows as usize;
+        let cap = (g.multiprocessors().max(1) as usize) * 8;
+        g.launch(&Launch {
+            module: &ATTENTION,
+            entry: format!("attention_{what}_rows_{}", suffix(self.dtype)),
+            grid: [rows.div_ceil(ROW_WARPS).clamp(1, cap) as u32, 1, 1],
+            block: [(32 * ROW_WARPS) as u32, 1, 1],
+            shared_bytes: 0,
+            args,
+        })
+    }
+
+    /// Wide plans: S = scale · q kᵀ for query rows [q0, q0 + rq) of head h of every sample, into
+    /// `s` (f32, rows of [`Self::score_ld`], sample-major).
+    unsafe fn scores(
+        &self,
+        g: &impl Gpu,
+        [q, k]: [u64; 2],
+        s: u64,
+        h: usize,
+        q0: usize,
+        rq: usize,
+    ) -> Result<()> {
+        let [_, lq, lk, heads, d, _] = self.sizes();
+        let (es, ld) = (self.dtype.size_in_bytes() as u64, self.score_ld());
+        let hd = heads * d;
+        self.batched(
+            g,
+            [rq, lk, d],
+            (q + ((q0 * hd + h * d) as u64) * es, hd, false, lq * hd),
+            (k + ((h * d) as u64) * es, hd, true, lk * hd),
+            (s, ld, rq * ld, DType::F32),
+            self.geom.scale,
+            0.0,
+        )
+    }
+
+    /// The forward of a wide plan (see the module docs).
+    unsafe fn forward_gemm(
+        &self,
+        g: &impl Gpu,
+        [q, k, v]: [u64; 3],
+        o: u64,
+        lse: u64,
+    ) -> Result<()> {
+        let [n, lq, lk, heads, _, dv] = self.sizes();
+        let (es, ld) = (self.dtype.size_in_bytes(), self.score_ld());
+        let chunk = self.query_chunk(self.fwd_score_bytes());
+        let s_buf = g.alloc(n * chunk * ld * 4)?;
+        let p_buf = g.alloc(n * chunk * ld * es)?;
+        let (s, p) = (g.ptr(&s_buf), g.ptr(&p_buf));
+        let hdv = heads * dv;
+        for h in 0..heads {
+            for q0 in (0..lq).step_by(chunk) {
+                let rq = chunk.min(lq - q0);
+                self.scores(g, [q, k], s, h, q0, rq)?;
+                let args = vec![Arg::Ptr(s), Arg::Ptr(p), Arg::Ptr(lse)];
+                self.rows_launch(g, "softmax", h, q0, rq, args)?;
+                self.batched(
+                    g,
+                    [rq, dv, lk],
+                    (p, ld, false, rq * ld),
+                    (v + (h * dv * es) as u64, hdv, false, lk * hdv),
+                    (
+                        o + ((q0 * hdv + h * dv) * es) as u64,
+                        hdv,
+                        lq * hdv,
+                        self.dtype,
+                    ),
+                    1.0,
+                    0.0,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward of a wide plan (see the module docs); Δ is at `delta`.
+    unsafe fn backward_gemm(
+        &self,
+        g: &impl Gpu,
+        [q, k, v]: [u64; 3],
+        [lse, delta]: [u64; 2],
+        d_out: u64,
+        [dq, dk, dv]: [u64; 3],
+    ) -> Result<()> {
+        let [n, lq, lk, heads, d, dvw] = self.sizes();
+        let (es, ld) = (self.dtype.size_in_bytes(), self.score_ld());
+        let chunk = self.query_chunk(self.bwd_score_bytes());
+        let chunks = lq.div_ceil(chunk);
+        let scores = n * chunk * ld;
+        let (s_buf, dp_buf) = (g.alloc(scores * 4)?, g.alloc(scores * 4)?);
+        let (p_buf, ds_buf) = (g.alloc(scores * es)?, g.alloc(scores * es)?);
+        let (s, dp, p, ds) = (g.ptr(&s_buf), g.ptr(&dp_buf), g.ptr(&p_buf), g.ptr(&ds_buf));
+        // dk and dv sum over the chunks: in place for f32 storage or one chunk, else in f32
+        // buffers rounded to bf16 once at the end.
+        let sums = if chunks > 1 && self.dtype != DType::F32 {
+            Some((g.alloc(self.k_len() * 4)?, g.alloc(self.v_len() * 4)?))
+        } else {
+            None
+        };
+        let (dk_t, dv_t, acc_dtype) = match &sums {
+            Some((a, b)) => (g.ptr(a), g.ptr(b), DType::F32),
+            None => (dk, dv, self.dtype),
+        };
+        let aes = acc_dtype.size_in_bytes();
+        let (hd, hdv) = (heads * d, heads * dvw);
+        let scale = self.geom.scale;
+        for h in 0..heads {
+            for (i, q0) in (0..lq).step_by(chunk).enumerate() {
+                let rq = chunk.min(lq - q0);
+                let beta = if i == 0 { 0.0 } else { 1.0 };
+                let q_c = q + ((q0 * hd + h * d) * es) as u64;
+                let do_c = d_out + ((q0 * hdv + h * dvw) * es) as u64;
+                self.scores(g, [q, k], s, h, q0, rq)?;
+                // dP = dO vᵀ.
+                self.batched(
+                    g,
+                    [rq, lk, dvw],
+                    (do_c, hdv, false, lq * hdv),
+                    (v + (h * dvw * es) as u64, hdv, true, lk * hdv),
+                    (dp, ld, rq * ld, DType::F32),
+                    1.0,
+                    0.0,
+                )?;
+                let args = vec![
+                    Arg::Ptr(s),
+                    Arg::Ptr(dp),
+                    Arg::Ptr(lse),
+                    Arg::Ptr(delta),
+                    Arg::Ptr(p),
+                    Arg::Ptr(ds),
+                ];
+                self.rows_launch(g, "ds", h, q0, rq, args)?;
+                // dq = scale · dS k.
+                self.batched(
+                    g,
+                    [rq, d, lk],
+                    (ds, ld, false, rq * ld),
+                    (k + (h * d * es) as u64, hd, false, lk * hd),
+                    (
+                        dq + ((q0 * hd + h * d) * es) as u64,
+                        hd,
+                        lq * hd,
+                        self.dtype,
+                    ),
+                    scale,
+                    0.0,
+                )?;
+                // dk (+)= scale · dSᵀ q.
+                self.batched(
+                    g,
+                    [lk, d, rq],
+                    (ds, ld, true, rq * ld),
+                    (q_c, hd, false, lq * hd),
+                    (dk_t + (h * d * aes) as u64, hd, lk * hd, acc_dtype),
+                    scale,
+                    beta,
+                )?;
+                // dv (+)= Pᵀ dO.
+                self.batched(
+                    g,
+                    [lk, dvw, rq],
+                    (p, ld, true, rq * ld),
+                    (do_c, hdv, false, lq * hdv),
+                    (dv_t + (h * dvw * aes) as u64, hdv, lk * hdv, acc_dtype),
+                    1.0,
+                    beta,
+                )?;
+            }
+        }
+        if sums.is_some() {
+            cast(g, DType::F32, self.dtype, dk_t, dk, self.k_len())?;
+            cast(g, DType::F32, self.dtype, dv_t, dv, self.v_len())?;
+        }
+        Ok(())
     }
 }

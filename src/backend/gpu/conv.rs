@@ -1,17 +1,23 @@
 //! Dense k × k convolutions (`kernels/conv.cu` + GEMMs), forward and backward, matching
 //! `ops::conv::conv2d_pad`: activations NHWC x [n, h, w, cin], torch OIHW weights
-//! w [cout, cin, k, k] (used as the row-major matrix [cout, kdim = cin·k²]), bias [cout],
-//! output y [n, oh, ow, cout] with oh = (h + top + bottom − k) / stride + 1 (likewise ow).
+//! w [cout, cin, k, k], bias [cout], output y [n, oh, ow, cout] with
+//! oh = (h + top + bottom − k) / stride + 1 (likewise ow).
 //!
-//! The output rows r = (s·oh + oy)·ow + ox form the GEMM's m axis:
-//! - forward: `im2col_nhwc` writes cols [rows, kdim] (OIHW column order, so w is used as is),
-//!   y = cols · wᵀ, then y += b per channel (`shape::SampleChannels::add_per_sample`);
-//! - input gradient: dcols = dy · w, then `col2im_nhwc` gathers each dx element's taps in a fixed
+//! The GEMMs use the weights tap-major, wt [cout, k·k, cin] (`conv_weight_to_taps`, once per
+//! pass; a row-major [cout, kdim = k²·cin] matrix), so that each row of cols is k² contiguous runs
+//! of cin channels of x: im2col is a straight copy in 16-byte units where the channel count
+//! allows, and col2im reads dcols in order. The output rows r = (s·oh + oy)·ow + ox form the
+//! GEMM's m axis:
+//! - forward: `im2col_taps` writes cols [rows, kdim], y = cols · wtᵀ, then y += b per channel
+//!   (`shape::SampleChannels::add_per_sample`);
+//! - input gradient: dcols = dy · wt, then `col2im_taps` gathers each dx element's taps in a fixed
 //!   order (deterministic, no atomics);
-//! - weight gradient: dw = dyᵀ · cols (cols rebuilt from x);
+//! - weight gradient: dwt = dyᵀ · cols (cols rebuilt from x) in f32, then `conv_weight_from_taps`
+//!   writes dw in OIHW order (rounded once for bf16);
 //! - bias gradient: a fixed-order column sum of dy (`SampleChannels::add_per_sample_backward_e`).
 //!
-//! 1 × 1 stride-1 unpadded convolutions skip im2col: x already is [rows, cin].
+//! 1 × 1 convolutions need no weight reordering (one tap), and 1 × 1 stride-1 unpadded ones skip
+//! im2col too: x already is [rows, cin].
 //!
 //! The cols workspace is bounded ([`DEFAULT_MAX_WORKSPACE`], [`Conv2d::with_max_workspace`]): the
 //! rows are processed in chunks of whole samples, or, when one sample's cols exceed the bound, of
@@ -27,22 +33,13 @@
 use super::elementwise::{cast, suffix};
 use super::kernels::CONV;
 use super::shape::SampleChannels;
-use super::{dim, grid_extent, grid_stride_blocks, Arg, Gemm, Gpu, Launch, Math, BLOCK};
+use super::{dim, grid_stride_blocks, Arg, Gemm, Gpu, Launch, Math, BLOCK};
 use crate::error::{Error, Result};
 use crate::ops::conv::Pad2d;
 use crate::tensor::DType;
 
 /// The default bound on the cols workspace (bytes): 64 MiB.
 pub const DEFAULT_MAX_WORKSPACE: usize = 64 << 20;
-
-/// Threads per `im2col_nhwc` block (its `KERNEL_BOUNDED`).
-const IM2COL_THREADS: u32 = 256;
-/// Elements an `im2col_nhwc` block aims to copy (several rows when a row's tile is short).
-const IM2COL_ELEMS: usize = 1024;
-/// Channels per `im2col_nhwc` tile (fewer for large kernels).
-const IM2COL_MAX_CT: usize = 32;
-/// The most shared memory an `im2col_nhwc` block uses for one row's tile (bytes, counted as f32).
-const IM2COL_ROW_SMEM: usize = 16 << 10;
 
 /// `ConvGeom` of kernels/conv.cu.
 #[repr(C)]
@@ -61,8 +58,7 @@ struct ConvGeom {
     kdim: i32,
     row0: i32,
     rows: i32,
-    ct: i32,
-    rb: i32,
+    units: i32,
     q0: i32,
     nq: i32,
     accumulate: i32,
@@ -107,8 +103,8 @@ fn product(v: &[usize], what: &str) -> Result<usize> {
 }
 
 impl Conv2d {
-    /// Checks the support (dtype f32 or bf16, k ≥ 1 and k ≤ 64, stride ≥ 1), that the output is
-    /// not empty, and that every size fits the kernels' `int`s.
+    /// Checks the support (dtype f32 or bf16, k ≥ 1, stride ≥ 1), that the output is not empty,
+    /// and that every size fits the kernels' `int`s (one output row's cols included).
     pub fn new(
         dtype: DType,
         [n, h, w, cin]: [usize; 4],
@@ -125,11 +121,6 @@ impl Conv2d {
         if k == 0 || stride == 0 {
             return Err(Error::InvalidArgument(format!(
                 "conv on CUDA: kernel size {k} and stride {stride} must be positive"
-            )));
-        }
-        if k * k * 4 > IM2COL_ROW_SMEM {
-            return Err(Error::InvalidArgument(format!(
-                "conv on CUDA: kernel size {k} is not supported (at most 64)"
             )));
         }
         if [n, h, w, cin, cout].contains(&0) {
@@ -164,6 +155,8 @@ impl Conv2d {
         dim(stride, "stride")?;
         dim(cout, "output channels")?;
         let kdim = product(&[cin, k, k], "cin·k²")?;
+        // A chunk holds at least one output row of cols, indexed with 32 bits.
+        product(&[ow, kdim], "one output row's im2col elements ow·cin·k²")?;
         let rows = product(&[n, oh, ow], "output rows n·oh·ow")?;
         product(&[n, h], "input rows n·h")?;
         product(&[n, h, w, cin], "input elements")?;
@@ -171,7 +164,7 @@ impl Conv2d {
         product(&[cout, kdim], "weight elements")?;
         // The bias add and bias gradient run as one sample of `rows` positions.
         SampleChannels::new(dtype, [1, rows, cout])?;
-        let c = Conv2d {
+        Ok(Conv2d {
             dtype,
             n,
             h,
@@ -184,9 +177,7 @@ impl Conv2d {
             oh,
             ow,
             max_workspace: DEFAULT_MAX_WORKSPACE,
-        };
-        grid_extent(cin.div_ceil(c.tile_channels()), 1, "im2col channel tiles")?;
-        Ok(c)
+        })
     }
 
     /// The same plan with the cols workspace bounded by `bytes` (at least one output row's cols
@@ -263,17 +254,12 @@ impl Conv2d {
         self.dtype.size_in_bytes()
     }
 
-    /// Channels per im2col tile.
-    fn tile_channels(&self) -> usize {
-        let kk = self.k * self.k;
-        self.cin
-            .min(IM2COL_MAX_CT)
-            .min((IM2COL_ROW_SMEM / (4 * kk)).max(1))
-    }
-
     fn chunks(&self) -> Vec<Chunk> {
         let per_sample = self.oh * self.ow;
-        let max_rows = (self.max_workspace / (self.kdim() * self.esize())).max(1);
+        // Bounded by the workspace and by the kernels' 32-bit index over a chunk's cols.
+        let max_rows = (self.max_workspace / (self.kdim() * self.esize()))
+            .min(i32::MAX as usize / self.kdim())
+            .max(1);
         let mut out = Vec::new();
         if max_rows >= per_sample {
             let spc = (max_rows / per_sample).min(self.n);
@@ -310,8 +296,7 @@ impl Conv2d {
         out
     }
 
-    fn geom(&self, c: &Chunk) -> ConvGeom {
-        let ct = self.tile_channels();
+    fn geom(&self, c: &Chunk, units: usize) -> ConvGeom {
         ConvGeom {
             n: self.n as i32,
             h: self.h as i32,
@@ -326,48 +311,92 @@ impl Conv2d {
             kdim: self.kdim() as i32,
             row0: c.row0 as i32,
             rows: c.rows as i32,
-            ct: ct as i32,
-            rb: (IM2COL_ELEMS / (ct * self.k * self.k)).max(1) as i32,
+            units: units as i32,
             q0: c.q0 as i32,
             nq: c.nq as i32,
             accumulate: c.partial as i32,
         }
     }
 
-    /// cols [c.rows, kdim] = im2col of chunk `c` of x.
+    /// cols [c.rows, kdim] = im2col of chunk `c` of x (tap-major columns), copied in the widest
+    /// units (16, 8, 4 or 2 bytes) that divide a pixel's bytes and the alignment of x (cols is a
+    /// fresh 256-byte aligned workspace).
     unsafe fn im2col(&self, g: &impl Gpu, x: u64, cols: u64, c: &Chunk) -> Result<()> {
-        let geo = self.geom(c);
-        let (ct, rb) = (geo.ct as usize, geo.rb as usize);
-        let what = "conv im2col";
+        let pixel = self.cin * self.esize();
+        let unit = [16usize, 8, 4, 2]
+            .into_iter()
+            .find(|&u| pixel % u == 0 && x % u as u64 == 0)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "conv on CUDA: x at {x:#x} is not aligned to its {:?} elements",
+                    self.dtype
+                ))
+            })?;
+        let units = pixel / unit;
+        let items = c.rows * self.k * self.k * units;
         g.launch(&Launch {
             module: &CONV,
-            entry: format!("im2col_nhwc_{}", suffix(self.dtype)),
-            grid: [
-                grid_extent(c.rows.div_ceil(rb), 0, what)?,
-                grid_extent(self.cin.div_ceil(ct), 1, what)?,
-                1,
-            ],
-            block: [IM2COL_THREADS, 1, 1],
-            shared_bytes: (rb * ct * self.k * self.k * self.esize()) as u32,
-            args: vec![Arg::Ptr(x), Arg::Ptr(cols), Arg::pod(&geo)],
+            entry: format!("im2col_taps_b{unit}"),
+            grid: [grid_stride_blocks(g, items), 1, 1],
+            block: [BLOCK, 1, 1],
+            shared_bytes: 0,
+            args: vec![Arg::Ptr(x), Arg::Ptr(cols), Arg::pod(&self.geom(c, units))],
         })
     }
 
-    /// dx rows [c.q0, c.q0 + c.nq) (+)= the gather of dcols [c.rows, kdim] (f32 for either storage).
+    /// dx rows [c.q0, c.q0 + c.nq) (+)= the gather of dcols [c.rows, kdim] (f32 for either
+    /// storage): four channels per thread (float4 loads) when cin is a multiple of 4 and dx is
+    /// aligned to four elements.
     unsafe fn col2im(&self, g: &impl Gpu, dcols: u64, dx: u64, c: &Chunk) -> Result<()> {
-        let items = c.nq * self.w * self.cin;
+        let v = if self.cin % 4 == 0 && dx % (4 * self.esize()) as u64 == 0 {
+            4
+        } else {
+            1
+        };
+        let items = c.nq * self.w * (self.cin / v);
+        let base = match self.dtype {
+            DType::BF16 => "col2im_taps_f32_bf16",
+            _ => "col2im_taps_f32",
+        };
         g.launch(&Launch {
             module: &CONV,
-            // dcols are f32 for either storage (`backward_x`).
-            entry: match self.dtype {
-                DType::BF16 => "col2im_nhwc_f32_bf16".into(),
-                d => format!("col2im_nhwc_{}", suffix(d)),
+            entry: if v == 4 {
+                format!("{base}_v4")
+            } else {
+                base.into()
             },
             grid: [grid_stride_blocks(g, items), 1, 1],
             block: [BLOCK, 1, 1],
             shared_bytes: 0,
-            args: vec![Arg::Ptr(dcols), Arg::Ptr(dx), Arg::pod(&self.geom(c))],
+            args: vec![Arg::Ptr(dcols), Arg::Ptr(dx), Arg::pod(&self.geom(c, 0))],
         })
+    }
+
+    /// The weights as the GEMMs use them: w itself for one tap, else a tap-major copy
+    /// wt [cout, k², cin] in a new buffer (returned to keep it alive).
+    unsafe fn weight_taps<G: Gpu>(&self, g: &G, w: u64) -> Result<(u64, Option<G::Buf>)> {
+        let kk = self.k * self.k;
+        if kk == 1 {
+            return Ok((w, None));
+        }
+        let len = self.weight_len();
+        let buf = g.alloc(len * self.esize())?;
+        let wt = g.ptr(&buf);
+        g.launch(&Launch {
+            module: &CONV,
+            entry: format!("conv_weight_to_taps_{}", suffix(self.dtype)),
+            grid: [grid_stride_blocks(g, len), 1, 1],
+            block: [BLOCK, 1, 1],
+            shared_bytes: 0,
+            args: vec![
+                Arg::Ptr(w),
+                Arg::Ptr(wt),
+                Arg::I32(self.cin as i32),
+                Arg::I32(kk as i32),
+                Arg::I32(len as i32),
+            ],
+        })?;
+        Ok((wt, Some(buf)))
     }
 
     /// A GEMM over this plan's dtype.
@@ -447,6 +476,7 @@ impl Conv2d {
             )?;
         } else {
             let chunks = self.chunks();
+            let (wt, _wt_buf) = self.weight_taps(g, w)?;
             let ws = g.alloc(self.workspace_bytes())?;
             let cols = g.ptr(&ws);
             for c in &chunks {
@@ -455,7 +485,7 @@ impl Conv2d {
                     g,
                     [c.rows, cout, kdim],
                     (cols, kdim, false),
-                    (w, kdim, true),
+                    (wt, kdim, true),
                     (self.row_ptr(y, c.row0, cout), cout, 0.0),
                     math,
                 )?;
@@ -496,6 +526,7 @@ impl Conv2d {
             // Sub-sample chunks accumulate into shared input rows; rows no tap reaches stay 0.
             g.memset_zero(dx, self.input_len() * self.esize())?;
         }
+        let (wt, _wt_buf) = self.weight_taps(g, w)?;
         // dcols in f32 for bf16 storage (the GEMM's f32 output from bf16 operands).
         let dcols_dtype = DType::F32;
         let ws = g.alloc(self.workspace_bytes() / self.esize() * dcols_dtype.size_in_bytes())?;
@@ -508,7 +539,7 @@ impl Conv2d {
                 g,
                 [c.rows, kdim, cout],
                 (self.row_ptr(dy, c.row0, cout), cout, false),
-                (w, kdim, false),
+                (wt, kdim, false),
                 (dcols, kdim, 0.0),
                 dcols_dtype,
                 math,
@@ -577,9 +608,11 @@ impl Conv2d {
         let ws = g.alloc(self.workspace_bytes())?;
         let cols = g.ptr(&ws);
         // The chunks' products accumulate (beta = 1) in f32: straight into dw when it is f32 or
-        // there is one chunk, else in an f32 sum rounded to bf16 once at the end.
+        // there is one chunk, else in an f32 sum rounded to bf16 once at the end. With several
+        // taps the sum is tap-major and always f32, reordered (and rounded) into dw at the end.
         let len = self.weight_len();
-        let direct = dw_dtype == DType::F32 || chunks.len() == 1;
+        let taps = self.k * self.k > 1;
+        let direct = !taps && (dw_dtype == DType::F32 || chunks.len() == 1);
         let sum = if direct {
             None
         } else {
@@ -601,7 +634,25 @@ impl Conv2d {
                 math,
             )?;
         }
-        if sum.is_some() {
+        if taps {
+            g.launch(&Launch {
+                module: &CONV,
+                entry: match dw_dtype {
+                    DType::BF16 => "conv_weight_from_taps_f32_bf16".into(),
+                    _ => "conv_weight_from_taps_f32".into(),
+                },
+                grid: [grid_stride_blocks(g, len), 1, 1],
+                block: [BLOCK, 1, 1],
+                shared_bytes: 0,
+                args: vec![
+                    Arg::Ptr(target),
+                    Arg::Ptr(dw),
+                    Arg::I32(self.cin as i32),
+                    Arg::I32((self.k * self.k) as i32),
+                    Arg::I32(len as i32),
+                ],
+            })?;
+        } else if sum.is_some() {
             cast(g, DType::F32, dw_dtype, target, dw, len)?;
         }
         Ok(())

@@ -88,27 +88,59 @@ impl Depthwise {
         format!("depthwise_{what}_k{}_{}", self.k, suffix(self.dtype))
     }
 
-    fn elementwise(
-        &self,
-        g: &impl Gpu,
-        what: &str,
-        items: usize,
-        a: u64,
-        b: u64,
-        out: u64,
-    ) -> Launch {
-        Launch {
+    /// The weights tap-major, wt [k·k, c], in a new buffer (the forward and input-gradient
+    /// kernels load V channels of one tap at once).
+    unsafe fn weight_taps<G: Gpu>(&self, g: &G, w: u64) -> Result<G::Buf> {
+        let (c, kk) = (self.geom.c as usize, self.k * self.k);
+        let buf = g.alloc(self.weight_len() * self.dtype.size_in_bytes())?;
+        g.launch(&Launch {
             module: &DEPTHWISE,
-            entry: self.entry(what),
-            grid: [grid_stride_blocks(g, items), 1, 1],
+            entry: format!("depthwise_weight_taps_{}", suffix(self.dtype)),
+            grid: [grid_stride_blocks(g, c * kk), 1, 1],
             block: [BLOCK, 1, 1],
             shared_bytes: 0,
             args: vec![
-                Arg::Ptr(a),
-                Arg::Ptr(b),
-                Arg::Ptr(out),
-                Arg::pod(&self.geom),
+                Arg::Ptr(w),
+                Arg::Ptr(g.ptr(&buf)),
+                Arg::I32(c as i32),
+                Arg::I32(kk as i32),
             ],
+        })?;
+        Ok(buf)
+    }
+
+    /// Channels per thread: 16 / element size (one 16-byte access per tap) when the channel
+    /// count is a multiple of it and every address in `ptrs` is 16-byte aligned, else 1.
+    fn vector(&self, ptrs: &[u64]) -> usize {
+        let v = 16 / self.dtype.size_in_bytes();
+        if self.geom.c as usize % v == 0 && ptrs.iter().all(|p| p % 16 == 0) {
+            v
+        } else {
+            1
+        }
+    }
+
+    /// A grid-stride launch over `pixels` × channel groups of `v` channels.
+    fn per_pixel(
+        &self,
+        g: &impl Gpu,
+        what: &str,
+        pixels: usize,
+        v: usize,
+        args: Vec<Arg>,
+    ) -> Launch {
+        let entry = self.entry(what);
+        Launch {
+            module: &DEPTHWISE,
+            entry: if v > 1 { format!("{entry}_v") } else { entry },
+            grid: [
+                grid_stride_blocks(g, pixels * (self.geom.c as usize / v)),
+                1,
+                1,
+            ],
+            block: [BLOCK, 1, 1],
+            shared_bytes: 0,
+            args,
         }
     }
 
@@ -117,7 +149,36 @@ impl Depthwise {
     /// # Safety
     /// x, w, y address `input_len`, `weight_len`, `output_len` elements of `dtype`; y is distinct.
     pub unsafe fn forward(&self, g: &impl Gpu, x: u64, w: u64, y: u64) -> Result<()> {
-        g.launch(&self.elementwise(g, "forward", self.output_len(), x, w, y))
+        self.forward_bias_act(g, x, w, None, false, y)
+    }
+
+    /// y = act(x ⊛ w + b) in one pass: b per channel (none: no bias), act SiLU when `silu`.
+    ///
+    /// # Safety
+    /// As [`Self::forward`]; b (if any) addresses `c` elements of `dtype`.
+    pub unsafe fn forward_bias_act(
+        &self,
+        g: &impl Gpu,
+        x: u64,
+        w: u64,
+        b: Option<u64>,
+        silu: bool,
+        y: u64,
+    ) -> Result<()> {
+        let wt = self.weight_taps(g, w)?;
+        let b = b.unwrap_or(0);
+        let v = self.vector(&[x, y, b]);
+        let geo = &self.geom;
+        let pixels = geo.n as usize * geo.oh as usize * geo.ow as usize;
+        let args = vec![
+            Arg::Ptr(x),
+            Arg::Ptr(g.ptr(&wt)),
+            Arg::Ptr(b),
+            Arg::Ptr(y),
+            Arg::pod(&self.geom),
+            Arg::I32(silu as i32),
+        ];
+        g.launch(&self.per_pixel(g, "forward", pixels, v, args))
     }
 
     /// dx = ∂L/∂x from dy (overwrites dx).
@@ -125,7 +186,17 @@ impl Depthwise {
     /// # Safety
     /// dy, w, dx address `output_len`, `weight_len`, `input_len` elements of `dtype`; dx is distinct.
     pub unsafe fn backward_x(&self, g: &impl Gpu, dy: u64, w: u64, dx: u64) -> Result<()> {
-        g.launch(&self.elementwise(g, "backward_x", self.input_len(), dy, w, dx))
+        let wt = self.weight_taps(g, w)?;
+        let v = self.vector(&[dy, dx]);
+        let geo = &self.geom;
+        let pixels = geo.n as usize * geo.h as usize * geo.w as usize;
+        let args = vec![
+            Arg::Ptr(dy),
+            Arg::Ptr(g.ptr(&wt)),
+            Arg::Ptr(dx),
+            Arg::pod(&self.geom),
+        ];
+        g.launch(&self.per_pixel(g, "backward_x", pixels, v, args))
     }
 
     /// dw (f32, [c, k, k]) = ∂L/∂w, added to dw's contents when `accumulate`.

@@ -2,8 +2,8 @@
 //! grid-stride step, f16 / bf16 computed in f32.
 
 use super::kernels::{AFFINE, UNARY};
-use super::{grid_stride_blocks, Arg, Gpu, Launch, BLOCK};
-use crate::error::Result;
+use super::{dim, grid_stride_blocks, Arg, Gpu, Launch, BLOCK};
+use crate::error::{Error, Result};
 use crate::tensor::DType;
 
 /// The suffix of a dtype's entry point (`silu_f32`, `silu_bf16`, …), as `FOR_EACH_DTYPE` names them.
@@ -33,6 +33,57 @@ pub unsafe fn unary(g: &impl Gpu, op: Unary, dtype: DType, x: u64, y: u64, n: us
         Unary::Sigmoid => "sigmoid",
     };
     map(g, &UNARY, name, dtype, x, y, n, &[])
+}
+
+/// y[r, c] = op(y[r, c] + b[c]) in place over `rows` rows of `ch` channels of `dtype` (f32 or
+/// bf16; op none, SiLU or sigmoid): a GEMM's bias and activation in one pass, 16 bytes per access
+/// when `ch` and the addresses allow.
+///
+/// # Safety
+/// `y` addresses `rows · ch` elements of `dtype`, `b` `ch` elements (distinct from y).
+pub unsafe fn bias_act(
+    g: &impl Gpu,
+    dtype: DType,
+    y: u64,
+    b: u64,
+    rows: usize,
+    ch: usize,
+    op: Option<Unary>,
+) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(Error::InvalidArgument(format!(
+            "bias and activation on CUDA: dtype {dtype:?} is not supported (f32 or bf16)"
+        )));
+    }
+    if rows == 0 || ch == 0 {
+        return Ok(());
+    }
+    let v = 16 / dtype.size_in_bytes();
+    let vector = ch % v == 0 && y % 16 == 0 && b % 16 == 0;
+    let per = if vector { v } else { 1 };
+    let code = match op {
+        None => 0,
+        Some(Unary::Silu) => 1,
+        Some(Unary::Sigmoid) => 2,
+    };
+    g.launch(&Launch {
+        module: &UNARY,
+        entry: format!(
+            "bias_act_{}{}",
+            suffix(dtype),
+            if vector { "_v" } else { "" }
+        ),
+        grid: [grid_stride_blocks(g, rows * (ch / per)), 1, 1],
+        block: [BLOCK, 1, 1],
+        shared_bytes: 0,
+        args: vec![
+            Arg::Ptr(y),
+            Arg::Ptr(b),
+            Arg::U64(rows as u64),
+            Arg::I32(dim(ch, "channels")?),
+            Arg::I32(code),
+        ],
+    })
 }
 
 /// y = x · mul + add over `n` elements of `dtype`.

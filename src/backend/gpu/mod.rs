@@ -111,6 +111,29 @@ pub trait Gpu {
     /// # Safety
     /// The pointers address live buffers holding the matrices `g` describes (see [`Gemm`]).
     unsafe fn gemm(&self, g: &Gemm) -> Result<()>;
+    /// Queues `batch` GEMMs of `g`'s shape (cuBLAS's strided batched GEMM on a GPU): the i-th
+    /// multiplies at `g.a + i·strides[0]`, `g.b + i·strides[1]` into `g.c + i·strides[2]`, strides
+    /// in elements of the operands' dtypes (`dtype` for A and B, `c_dtype` for C). The default
+    /// queues them one by one.
+    ///
+    /// # Safety
+    /// As [`Gpu::gemm`] for each of the `batch` GEMMs; the C matrices do not overlap.
+    unsafe fn gemm_batched(&self, g: &Gemm, batch: usize, strides: [usize; 3]) -> Result<()> {
+        check_batch(g, batch, strides)?;
+        let (es, ces) = (
+            g.dtype.size_in_bytes() as u64,
+            g.c_dtype.size_in_bytes() as u64,
+        );
+        for i in 0..batch as u64 {
+            self.gemm(&Gemm {
+                a: g.a + i * strides[0] as u64 * es,
+                b: g.b + i * strides[1] as u64 * es,
+                c: g.c + i * strides[2] as u64 * ces,
+                ..*g
+            })?;
+        }
+        Ok(())
+    }
     /// Streaming multiprocessors: sizes grid-stride launches.
     fn multiprocessors(&self) -> u32;
 
@@ -242,6 +265,29 @@ impl Gemm {
         dim(self.k, "GEMM k")?;
         Ok(())
     }
+}
+
+/// Checks a batched GEMM's count (fits cuBLAS's `int`) and strides (C's at least one C matrix,
+/// so the outputs do not overlap; every offset fits an `i64`), and the GEMM itself.
+pub fn check_batch(g: &Gemm, batch: usize, strides: [usize; 3]) -> Result<()> {
+    g.check()?;
+    dim(batch, "GEMM batch count")?;
+    if batch > 1 && g.m > 0 && g.n > 0 && strides[2] < (g.m - 1) * g.ldc + g.n {
+        return Err(Error::InvalidArgument(format!(
+            "batched GEMM: C stride {} is less than one {}×{} C matrix (ldc {}): the outputs overlap",
+            strides[2], g.m, g.n, g.ldc
+        )));
+    }
+    for s in strides {
+        s.checked_mul(batch)
+            .filter(|&v| v <= i64::MAX as usize / 2)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "batched GEMM: stride {s} × batch {batch} overflows"
+                ))
+            })?;
+    }
+    Ok(())
 }
 
 /// Threads per block of the grid-stride (elementwise-style) kernels.

@@ -9,7 +9,7 @@ use super::forward::fold;
 use super::layers::{resolve, TapPoint};
 use super::weights::block_keys;
 use super::EfficientNet;
-use crate::backend::gpu::elementwise::{suffix, unary, Unary};
+use crate::backend::gpu::elementwise::{bias_act, suffix, Unary};
 use crate::backend::gpu::shape::{add, SampleChannels};
 use crate::backend::gpu::{depthwise::Depthwise, Arg, Gemm, Gpu, Launch, Math, BLOCK};
 use crate::backend::gpu::{dim, grid_stride_blocks, kernels::CONV};
@@ -161,7 +161,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
         self.bias_act(g, y, &c.b, act)
     }
 
-    /// y = act(y + b[channel]).
+    /// y = act(y + b[channel]), in place, one pass.
     fn bias_act(
         &self,
         g: &G,
@@ -169,18 +169,9 @@ impl<G: Gpu> GpuEfficientNet<G> {
         b: &G::Buf,
         act: Option<Unary>,
     ) -> Result<Act<G::Buf>> {
-        let rows = SampleChannels::new(F32, [1, y.rows, y.ch])?;
-        // SAFETY: y holds rows × ch f32 (in place is allowed), b ch f32.
-        unsafe { rows.add_per_sample(g, g.ptr(&y.buf), g.ptr(b), g.ptr(&y.buf))? };
-        match act {
-            None => Ok(y),
-            Some(op) => {
-                let z = g.alloc(y.rows * y.ch * 4)?;
-                // SAFETY: y and z hold rows × ch f32, distinct.
-                unsafe { unary(g, op, F32, g.ptr(&y.buf), g.ptr(&z), y.rows * y.ch)? };
-                Ok(Act { buf: z, ..y })
-            }
-        }
+        // SAFETY: y holds rows × ch f32, b ch f32.
+        unsafe { bias_act(g, F32, g.ptr(&y.buf), g.ptr(b), y.rows, y.ch, act)? };
+        Ok(y)
     }
 
     /// Spatial mean per sample: [n · hw, ch] → device [n, ch].
@@ -372,18 +363,24 @@ impl<G: Gpu> GpuEfficientNet<G> {
             let xin = expanded.as_ref().unwrap_or(&cur);
             let (d, oh, ow) = depthwise_plan(F32, self.padding, [n, hh, ww, hid], spec)?;
             let y = g.alloc(d.output_len() * 4)?;
-            // SAFETY: xin holds n·hh·ww·hid f32, the weights hid·k·k, y the output (fresh).
-            unsafe { d.forward(g, g.ptr(&xin.buf), g.ptr(&blk.dw.w), g.ptr(&y))? };
-            let a = self.bias_act(
-                g,
-                Act {
-                    buf: y,
-                    rows: n * oh * ow,
-                    ch: hid,
-                },
-                &blk.dw.b,
-                Some(Unary::Silu),
-            )?;
+            // Depthwise, bias and SiLU in one kernel.
+            // SAFETY: xin holds n·hh·ww·hid f32, the weights hid·k·k, the bias hid, y the output
+            // (fresh).
+            unsafe {
+                d.forward_bias_act(
+                    g,
+                    g.ptr(&xin.buf),
+                    g.ptr(&blk.dw.w),
+                    Some(g.ptr(&blk.dw.b)),
+                    true,
+                    g.ptr(&y),
+                )?
+            };
+            let a = Act {
+                buf: y,
+                rows: n * oh * ow,
+                ch: hid,
+            };
             drop(expanded);
             // Squeeze-excite.
             let p = self.pooled(g, &a, n)?;

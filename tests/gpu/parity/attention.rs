@@ -22,11 +22,10 @@ const CASES: [Case; 7] = [
     (2, 144, 144, 2, 32, 32, None),
 ];
 
-/// Wide heads (max(D, Dv) > 128: the `_wide` kernels, 64-channel chunks): D = 160 (a partial
-/// chunk), 512, 768 and the limit 1024; the U-Net's cross-attention shapes (Lk = 1 and 3 context
-/// keys) and self-attention across two key tiles (Lk = 37) and two query tiles (Lq = 40, the
-/// dk / dv kernel's 32-query tiles); Lq not a multiple of the 8-row query blocks nor Lk of the
-/// 4-row key blocks; D ≠ Dv both ways (one of them ≤ 128); a custom scale. N · heads = 2.
+/// Wide heads (max(D, Dv) > 128: batched GEMMs and row kernels): D = 160, 512, 768 and the limit
+/// 1024; the U-Net's cross-attention shapes (Lk = 1 and 3 context keys); Lk not a multiple of
+/// the score rows' 8-column padding; D ≠ Dv both ways (one of them ≤ 128); a custom scale;
+/// several heads (strided per-head operands). N · heads = 2.
 const WIDE_CASES: [Case; 7] = [
     (2, 20, 37, 1, 160, 160, None),
     (1, 40, 1, 2, 512, 512, None),
@@ -86,10 +85,25 @@ fn cpu(
 }
 
 fn run<G: Gpu>(g: &G, dtype: DType, tol: f64, cases: &[Case], wide: bool) {
+    run_with(g, dtype, tol, cases, wide, None)
+}
+
+/// `run` with the wide plans' score scratch bounded by `scratch` bytes (several query chunks).
+fn run_with<G: Gpu>(
+    g: &G,
+    dtype: DType,
+    tol: f64,
+    cases: &[Case],
+    wide: bool,
+    scratch: Option<usize>,
+) {
     for (i, &case) in cases.iter().enumerate() {
         let (n, lq, lk, h, d, dv, scale) = case;
-        let a = Attention::new(dtype, n, lq, lk, h, d, dv, scale).unwrap();
+        let mut a = Attention::new(dtype, n, lq, lk, h, d, dv, scale).unwrap();
         assert_eq!(a.is_wide(), wide, "{case:?}: wide kernels");
+        if let Some(bytes) = scratch {
+            a = a.with_max_scratch(bytes);
+        }
         let seed = 1000 + 10 * i as u64 + if wide { 500 } else { 0 };
         // Spread the scores so the softmax is far from uniform.
         let q: Vec<f32> = uniform(a.q_len(), seed).iter().map(|x| 2.0 * x).collect();
@@ -98,7 +112,11 @@ fn run<G: Gpu>(g: &G, dtype: DType, tol: f64, cases: &[Case], wide: bool) {
             .map(|x| 2.0 * x)
             .collect();
         let (v, dy) = (uniform(a.v_len(), seed + 2), uniform(a.out_len(), seed + 3));
-        let name = format!("attention {dtype:?} case {i} {case:?} (bound {})", a.bound);
+        let name = format!(
+            "attention {dtype:?} case {i} {case:?} (bound {}, chunks {:?})",
+            a.bound,
+            a.chunk_counts()
+        );
         let bf = dtype == DType::BF16;
         let round = |x: Vec<f32>| if bf { to_bf16(&x).1 } else { x };
         let (q, k, v, dy) = (round(q), round(k), round(v), round(dy));
@@ -187,6 +205,36 @@ pub fn attention_wide_f32<G: Gpu>(g: &G) {
 pub fn attention_wide_bf16<G: Gpu>(g: &G) {
     run(g, DType::BF16, BF16_TOL, &WIDE_CASES, true);
     run(g, DType::BF16, BF16_TOL, &WIDE_LIMIT_CASE, true);
+}
+
+/// Wide plans over several chunks of query rows: a scratch bound of 3 query rows per chunk in the
+/// backward (dk and dv summed over the chunks: in place in f32, through f32 sums for bf16), and
+/// the minimum, one row per chunk.
+pub fn attention_wide_chunked<G: Gpu>(g: &G) {
+    let cases: [Case; 3] = [
+        (2, 20, 37, 1, 160, 160, None),
+        (1, 9, 6, 2, 160, 96, Some(0.05)),
+        (2, 7, 3, 1, 768, 768, None),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        let tol = if dtype == DType::BF16 {
+            BF16_TOL
+        } else {
+            F32_TOL
+        };
+        for (i, &(n, lq, lk, h, d, dv, scale)) in cases.iter().enumerate() {
+            let a = Attention::new(dtype, n, lq, lk, h, d, dv, scale).unwrap();
+            let ld = lk.next_multiple_of(8);
+            let bwd_row = n * ld * (8 + 2 * dtype.size_in_bytes());
+            let three = a.with_max_scratch(3 * bwd_row);
+            assert_eq!(three.chunk_counts()[1], lq.div_ceil(3), "case {i}");
+            assert_eq!(a.with_max_scratch(1).chunk_counts(), [lq, lq], "case {i}");
+            assert_eq!(a.chunk_counts(), [1, 1], "case {i}: default bound");
+            for bytes in [3 * bwd_row, 1] {
+                run_with(g, dtype, tol, &cases[i..i + 1], true, Some(bytes));
+            }
+        }
+    }
 }
 
 /// The same inputs twice give bit-identical results (no atomics, fixed summation order).

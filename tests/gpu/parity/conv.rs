@@ -33,8 +33,14 @@ fn cases() -> Vec<Case> {
         ([2, 5, 3, 6], 5, 1, 1, Pad2d::same(0)),
         // 1 × 1 stride 2 (im2col path with k = 1).
         ([2, 5, 5, 3], 4, 1, 2, Pad2d::same(0)),
-        // Two im2col channel tiles (32 + 5), a 5 × 5 kernel with asymmetric padding.
+        // 37 channels (odd: 2-byte bf16 / 4-byte f32 copy units, one channel per col2im thread),
+        // a 5 × 5 kernel with asymmetric padding.
         ([1, 4, 5, 37], 3, 3, 1, Pad2d::same(1)),
+        // 16 and 8 channels: 16-byte im2col units and four channels per col2im thread; 6 channels:
+        // 4-byte bf16 units; 4 channels: 8-byte bf16 units.
+        ([2, 6, 5, 16], 8, 3, 1, Pad2d::same(1)),
+        ([1, 7, 6, 8], 5, 3, 2, VAE_DOWN),
+        ([2, 5, 4, 6], 3, 3, 2, Pad2d::same(1)),
         (
             [2, 6, 5, 2],
             3,
@@ -305,8 +311,8 @@ pub fn conv_rejects_unsupported_plans<G: Gpu>(_g: &G) {
             Conv2d::new(DType::F32, [1, 4, 4, 2], 3, 3, 0, Pad2d::same(1)),
         ),
         (
-            "k = 65",
-            Conv2d::new(DType::F32, [1, 70, 70, 2], 3, 65, 1, Pad2d::same(0)),
+            "one output row's cols over 2³¹ elements",
+            Conv2d::new(DType::F32, [1, 4, 1 << 20, 256], 3, 3, 1, Pad2d::same(1)),
         ),
         (
             "no output",
@@ -350,5 +356,71 @@ pub fn conv_rejects_unsupported_plans<G: Gpu>(_g: &G) {
     for (what, r) in bad {
         let err = r.err().unwrap_or_else(|| panic!("{what}: plan accepted"));
         assert!(!err.to_string().is_empty(), "{what}");
+    }
+}
+
+/// x and dx one element past an aligned address: im2col falls back to element-sized copy units
+/// and col2im to one channel per thread, with results equal bit for bit to the aligned run (the
+/// same copies, the same sums in the same order).
+pub fn conv_unaligned<G: Gpu>(g: &G) {
+    let case: Case = ([2, 5, 4, 16], 6, 3, 1, Pad2d::same(1));
+    for dtype in [DType::F32, DType::BF16] {
+        let c = plan(dtype, case);
+        let es = dtype.size_in_bytes();
+        let data = |n: usize, seed: u64| -> Vec<u8> {
+            let v = uniform(n, seed);
+            if dtype == DType::BF16 {
+                bytemuck::cast_slice(&to_bf16(&v).0).to_vec()
+            } else {
+                bytemuck::cast_slice(&v).to_vec()
+            }
+        };
+        let (x, w, dy) = (
+            data(c.input_len(), 71),
+            data(c.weight_len(), 72),
+            data(c.output_len(), 73),
+        );
+        let wb = g.upload(&w).unwrap();
+        let dyb = g.upload(&dy).unwrap();
+        // Returns (y, dx, dw) bytes with x and dx `off` elements into their buffers.
+        let pass = |off: usize| -> [Vec<u8>; 3] {
+            let mut xs = vec![0u8; off * es];
+            xs.extend_from_slice(&x);
+            let xb = g.upload(&xs).unwrap();
+            let yb = g.alloc(c.output_len() * es).unwrap();
+            let dxb = g.alloc((c.input_len() + off) * es).unwrap();
+            let dwb = g.alloc(c.weight_len() * es).unwrap();
+            let (xp, dxp) = (
+                g.ptr(&xb) + (off * es) as u64,
+                g.ptr(&dxb) + (off * es) as u64,
+            );
+            // SAFETY: every buffer holds what the plan reads or writes past the offsets.
+            unsafe {
+                c.forward(g, xp, g.ptr(&wb), None, g.ptr(&yb), Math::F32)
+                    .unwrap();
+                c.backward_x(g, g.ptr(&dyb), g.ptr(&wb), dxp, Math::F32)
+                    .unwrap();
+                c.backward_w(g, xp, g.ptr(&dyb), g.ptr(&dwb), Math::F32)
+                    .unwrap();
+            }
+            let get = |b: &G::Buf, n: usize| {
+                let mut v = vec![0u8; n];
+                g.download(b, &mut v).unwrap();
+                v
+            };
+            let dx = get(&dxb, (c.input_len() + off) * es)[off * es..].to_vec();
+            [
+                get(&yb, c.output_len() * es),
+                dx,
+                get(&dwb, c.weight_len() * es),
+            ]
+        };
+        let (aligned, shifted) = (pass(0), pass(1));
+        for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
+            assert!(
+                aligned[i] == shifted[i],
+                "conv {dtype:?}: {what} with x and dx one element off alignment differs"
+            );
+        }
     }
 }

@@ -91,8 +91,40 @@ fn run<G: Gpu>(g: &G, dtype: DType, tol: f64) {
         let yb = g.alloc(d.output_len() * esize).unwrap();
         let dxb = g.alloc(d.input_len() * esize).unwrap();
         let dwb = g.alloc(d.weight_len() * 4).unwrap();
+        // The fused epilogue: act(x ⊛ w + b) with SiLU, and with bias alone.
+        let bias = {
+            let b = uniform(c, seed + 3);
+            if dtype == DType::BF16 {
+                to_bf16(&b).1
+            } else {
+                b
+            }
+        };
+        let bb = upload(&bias);
+        let (ysb, ybb) = (
+            g.alloc(d.output_len() * esize).unwrap(),
+            g.alloc(d.output_len() * esize).unwrap(),
+        );
         unsafe {
             d.forward(g, g.ptr(&xb), g.ptr(&wb), g.ptr(&yb)).unwrap();
+            d.forward_bias_act(
+                g,
+                g.ptr(&xb),
+                g.ptr(&wb),
+                Some(g.ptr(&bb)),
+                true,
+                g.ptr(&ysb),
+            )
+            .unwrap();
+            d.forward_bias_act(
+                g,
+                g.ptr(&xb),
+                g.ptr(&wb),
+                Some(g.ptr(&bb)),
+                false,
+                g.ptr(&ybb),
+            )
+            .unwrap();
             d.backward_x(g, g.ptr(&dyb), g.ptr(&wb), g.ptr(&dxb))
                 .unwrap();
             d.backward_w(g, g.ptr(&xb), g.ptr(&dyb), g.ptr(&dwb), false)
@@ -102,6 +134,24 @@ fn run<G: Gpu>(g: &G, dtype: DType, tol: f64) {
             &format!("{name}: y"),
             &back(&yb, d.output_len()),
             &want_y,
+            tol,
+        );
+        let biased: Vec<f64> = want_y
+            .iter()
+            .enumerate()
+            .map(|(j, y)| y + bias[j % c] as f64)
+            .collect();
+        let silu: Vec<f64> = biased.iter().map(|z| z / (1.0 + (-z).exp())).collect();
+        assert_close(
+            &format!("{name}: y + b"),
+            &back(&ybb, d.output_len()),
+            &biased,
+            tol,
+        );
+        assert_close(
+            &format!("{name}: silu(y + b)"),
+            &back(&ysb, d.output_len()),
+            &silu,
             tol,
         );
         assert_close(
@@ -146,4 +196,56 @@ pub fn accumulates_weight_gradient<G: Gpu>(g: &G) {
         .map(|(&s, o)| s as f64 + o)
         .collect();
     assert_close("depthwise dw accumulate", &acc, &want, F32_TOL);
+}
+
+/// x, y, dy and dx one element past a 16-byte boundary (and channels a multiple of the vector
+/// width): the kernels fall back to one channel per thread, with results equal bit for bit to the
+/// aligned, vectorised run (the same products summed in the same order).
+pub fn unaligned_matches_vectorised<G: Gpu>(g: &G) {
+    for dtype in [DType::F32, DType::BF16] {
+        let d = plan(dtype, CASES[2]);
+        let es = dtype.size_in_bytes();
+        let bytes = |n: usize, seed: u64| -> Vec<u8> {
+            let v = uniform(n, seed);
+            if dtype == DType::BF16 {
+                bytemuck::cast_slice(&to_bf16(&v).0).to_vec()
+            } else {
+                bytemuck::cast_slice(&v).to_vec()
+            }
+        };
+        let (x, w, dy) = (
+            bytes(d.input_len(), 31),
+            bytes(d.weight_len(), 32),
+            bytes(d.output_len(), 33),
+        );
+        let wb = g.upload(&w).unwrap();
+        let pass = |off: usize| -> [Vec<u8>; 2] {
+            let pad = vec![0u8; off * es];
+            let xb = g.upload(&[pad.as_slice(), &x].concat()).unwrap();
+            let dyb = g.upload(&[pad.as_slice(), &dy].concat()).unwrap();
+            let yb = g.alloc((d.output_len() + off) * es).unwrap();
+            let dxb = g.alloc((d.input_len() + off) * es).unwrap();
+            let at = |b: &G::Buf| g.ptr(b) + (off * es) as u64;
+            // SAFETY: every buffer holds the plan's tensor past the offset.
+            unsafe {
+                d.forward(g, at(&xb), g.ptr(&wb), at(&yb)).unwrap();
+                d.backward_x(g, at(&dyb), g.ptr(&wb), at(&dxb)).unwrap();
+            }
+            let get = |b: &G::Buf, n: usize| {
+                let mut v = vec![0u8; (n + off) * es];
+                g.download(b, &mut v).unwrap();
+                v[off * es..].to_vec()
+            };
+            [get(&yb, d.output_len()), get(&dxb, d.input_len())]
+        };
+        let (aligned, shifted) = (pass(0), pass(1));
+        assert!(
+            aligned[0] == shifted[0],
+            "depthwise {dtype:?}: y differs when unaligned"
+        );
+        assert!(
+            aligned[1] == shifted[1],
+            "depthwise {dtype:?}: dx differs when unaligned"
+        );
+    }
 }

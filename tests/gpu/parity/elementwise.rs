@@ -1,6 +1,6 @@
 use super::*;
 use phenocore::autograd::Tape;
-use phenocore::backend::gpu::elementwise::{affine, unary, Unary};
+use phenocore::backend::gpu::elementwise::{affine, bias_act, unary, Unary};
 use phenocore::backend::gpu::Gpu;
 use phenocore::ops::elementwise as ew;
 use phenocore::DType;
@@ -127,4 +127,60 @@ pub fn cast_f32_bf16<G: Gpu>(g: &G) {
         .unwrap_err()
         .to_string();
     assert!(e.contains("not supported"), "{e}");
+}
+
+/// The fused bias + activation epilogue against bias then the CPU activation: f32 and bf16, no
+/// activation, SiLU and sigmoid, channel counts that take the 16-byte path in both dtypes (16),
+/// in f32 only (12) and in neither (5), over several grid-stride steps.
+pub fn bias_act_matches_cpu<G: Gpu>(g: &G) {
+    for dtype in [DType::F32, DType::BF16] {
+        let bf = dtype == DType::BF16;
+        for (i, (rows, ch)) in [(3, 16), (257, 12), (1100, 5), (700, 16)]
+            .into_iter()
+            .enumerate()
+        {
+            let round = |v: Vec<f32>| if bf { to_bf16(&v).1 } else { v };
+            let y0 = round(
+                uniform(rows * ch, 40 + i as u64)
+                    .iter()
+                    .map(|v| v * 6.0)
+                    .collect(),
+            );
+            let b = round(uniform(ch, 50 + i as u64));
+            let upload = |v: &[f32]| {
+                if bf {
+                    g.upload_slice(&to_bf16(v).0).unwrap()
+                } else {
+                    g.upload_slice(v).unwrap()
+                }
+            };
+            let bb = upload(&b);
+            for op in [None, Some(Unary::Silu), Some(Unary::Sigmoid)] {
+                let yb = upload(&y0);
+                // SAFETY: yb holds rows · ch, bb ch elements of dtype.
+                unsafe { bias_act(g, dtype, g.ptr(&yb), g.ptr(&bb), rows, ch, op) }.unwrap();
+                let got = if bf {
+                    from_bf16(&g.download_vec::<u16>(&yb, rows * ch).unwrap())
+                } else {
+                    f64s(&g.download_vec::<f32>(&yb, rows * ch).unwrap())
+                };
+                let z: Vec<f64> = y0
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &y)| y as f64 + b[j % ch] as f64)
+                    .collect();
+                let want = match op {
+                    None => z,
+                    Some(op) => cpu(op, &z),
+                };
+                let tol = if bf { BF16_TOL } else { F32_TOL };
+                assert_close(
+                    &format!("bias_act {dtype:?} {op:?} {rows}×{ch}"),
+                    &got,
+                    &want,
+                    tol,
+                );
+            }
+        }
+    }
 }
