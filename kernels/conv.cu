@@ -26,6 +26,60 @@ __device__ __forceinline__ void im2col_nchw(const T* __restrict__ x, T* __restri
 KERNEL(im2col_nchw_f32, const float* __restrict__ x, float* __restrict__ cols, ColGeom g) { im2col_nchw(x, cols, g); }
 KERNEL(im2col_nchw_bf16, const bf16* __restrict__ x, bf16* __restrict__ cols, ColGeom g) { im2col_nchw(x, cols, g); }
 
+// The EfficientNet stem as one direct convolution: 3 × 3 taps of NCHW f32 crops x [N, C, H, W]
+// (ColGeom: k = 3, any stride and padding) into NHWC y [N·OH·OW, STEM_CO] with the bias and
+// activation fused (act 0: none, 1: SiLU): y = act(Σ x · w + b), no im2col buffer and no GEMM.
+// w is [STEM_CO, C·9] (torch OIHW flattened, BN folded in). Block: the weights, transposed to
+// [C·9][STEM_CO] in shared memory (every thread reads the same word: broadcast); one thread per
+// output pixel keeps its STEM_CO sums in registers and writes them as 16-byte stores. b may be null.
+constexpr int STEM_CO = 32;
+constexpr int STEM_THREADS = 128;
+KERNEL_BOUNDED(STEM_THREADS, stem_conv3x3_f32, const float* __restrict__ x, const float* __restrict__ w,
+               const float* __restrict__ b, float* __restrict__ y, ColGeom g, int act) {
+    DYNAMIC_SHARED(float, ws);
+    const int taps = g.c * 9;
+    for (int e = threadIdx.x; e < taps * STEM_CO; e += blockDim.x) {
+        const int co = e % STEM_CO, t = e / STEM_CO;
+        ws[e] = w[co * taps + t];
+    }
+    __syncthreads();
+    const unsigned pixels_per_sample = (unsigned)(g.oh * g.ow);
+    const u64 total = (u64)g.n * pixels_per_sample;
+    GRID_STRIDE_LOOP(i, total) {
+        const int s = (int)(i / pixels_per_sample);
+        const unsigned p = (unsigned)(i - (u64)s * pixels_per_sample);
+        const int oy = (int)(p / (unsigned)g.ow), ox = (int)(p % (unsigned)g.ow);
+        const int iy0 = oy * g.stride - g.pad_top, ix0 = ox * g.stride - g.pad_left;
+        float acc[STEM_CO];
+#pragma unroll
+        for (int co = 0; co < STEM_CO; ++co) acc[co] = b ? b[co] : 0.f;
+        for (int ci = 0; ci < g.c; ++ci) {
+            const float* xc = x + ((u64)s * g.c + ci) * g.h * g.w;
+#pragma unroll
+            for (int t = 0; t < 9; ++t) {
+                const int iy = iy0 + t / 3, ix = ix0 + t % 3;
+                if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) continue;
+                const float v = xc[(u64)iy * g.w + ix];
+                const float* wt = ws + (ci * 9 + t) * STEM_CO;
+#pragma unroll
+                for (int co = 0; co < STEM_CO; ++co) acc[co] += v * wt[co];
+            }
+        }
+        float4* out = reinterpret_cast<float4*>(y + i * STEM_CO);
+#pragma unroll
+        for (int q = 0; q < STEM_CO / 4; ++q) {
+            float4 o;
+            float* ov = reinterpret_cast<float*>(&o);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float z = acc[4 * q + j];
+                ov[j] = act == 1 ? z / (1.f + expf(-z)) : z;
+            }
+            out[q] = o;
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Dense convolution of NHWC activations (src/backend/gpu/conv.rs): x [N, H, W, Cin], torch OIHW
 // weights w [Cout, Cin, K, K]. The GEMMs use the weights tap-major, wt [Cout, K·K, Cin] ("OHWI",

@@ -168,18 +168,19 @@ __device__ __forceinline__ void dw_backward_w_partial(const T* __restrict__ x, c
     __shared__ float red[DW_ROWS][K * K][32];
     const int cl = threadIdx.x % 32, r = threadIdx.x / 32;
     const int ch = blockIdx.x * 32 + cl;
-    const long long positions = (long long)g.n * g.oh * g.ow;
-    const long long p0 = (long long)blockIdx.y * positions_per_split;
-    const long long p1 = min(positions, p0 + positions_per_split);
+    // positions < 2³¹ (the launch layer checks): 32-bit index arithmetic.
+    const unsigned positions = (unsigned)g.n * g.oh * g.ow;
+    const unsigned p0 = blockIdx.y * (unsigned)positions_per_split;
+    const unsigned p1 = min(positions, p0 + (unsigned)positions_per_split);
     float acc[K * K];
 #pragma unroll
     for (int t = 0; t < K * K; ++t) acc[t] = 0.f;
     if (ch < g.c) {
-        for (long long p = p0 + r; p < p1; p += DW_ROWS) {
-            const int ox = (int)(p % g.ow);
-            const long long q = p / g.ow;
-            const int oy = (int)(q % g.oh);
-            const int s = (int)(q / g.oh);
+        for (unsigned p = p0 + r; p < p1; p += DW_ROWS) {
+            const unsigned q = p / (unsigned)g.ow;
+            const int ox = (int)(p - q * (unsigned)g.ow);
+            const int oy = (int)(q % (unsigned)g.oh);
+            const int s = (int)(q / (unsigned)g.oh);
             const float d = to_acc(dy[(u64)p * g.c + ch]);
             const int iy0 = oy * g.stride - g.pad_top, ix0 = ox * g.stride - g.pad_left;
             const T* xs = x + (u64)s * g.h * g.w * g.c + ch;

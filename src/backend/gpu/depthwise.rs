@@ -67,6 +67,11 @@ impl Depthwise {
             pad_top: dim(pad_top, "padding")?,
             pad_left: dim(pad_left, "padding")?,
         };
+        // The weight gradient indexes output positions with 32 bits.
+        dim(
+            n.saturating_mul(oh).saturating_mul(ow),
+            "output positions n·oh·ow",
+        )?;
         Ok(Depthwise { dtype, k, geom })
     }
 

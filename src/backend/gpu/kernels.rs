@@ -250,6 +250,7 @@ module!(
     [
         "im2col_nchw_f32",
         "im2col_nchw_bf16",
+        "stem_conv3x3_f32",
         "im2col_taps_b16",
         "im2col_taps_b8",
         "im2col_taps_b4",

@@ -328,20 +328,45 @@ impl<G: Gpu> GpuEfficientNet<G> {
             Ok((self.pooled(g, act, n)?, act.ch))
         };
 
-        // Stem: im2col + GEMM + bias + SiLU.
-        // SAFETY: x holds n·c·h·w f32 (checked by the callers).
-        let (cols, oh, ow) = unsafe { stem_im2col(g, F32, g.ptr(x), [n, c, h, w], self.padding)? };
+        // Stem: one direct convolution with the bias and SiLU fused where its weights fit the
+        // kernel's shared memory (c ≤ 42), else im2col + GEMM + bias + SiLU.
+        let (oh, _) = self.padding.out_and_pad(h, 3, 2);
+        let (ow, _) = self.padding.out_and_pad(w, 3, 2);
         let rows = n * oh * ow;
-        let mut cur = self.linear(
-            g,
-            &Act {
-                buf: cols,
+        let mut cur = if c * 9 * STEM_CH * 4 <= STEM_DIRECT_SHARED {
+            let y = g.alloc(rows * STEM_CH * 4)?;
+            // SAFETY: x holds n·c·h·w f32 (checked by the callers), the stem's weights
+            // STEM_CH·c·9 and bias STEM_CH f32, y the output (fresh).
+            unsafe {
+                stem_direct(
+                    g,
+                    g.ptr(x),
+                    [n, c, h, w],
+                    self.padding,
+                    [g.ptr(&self.stem.w), g.ptr(&self.stem.b)],
+                    g.ptr(&y),
+                )?
+            };
+            Act {
+                buf: y,
                 rows,
-                ch: c * 9,
-            },
-            &self.stem,
-            Some(Unary::Silu),
-        )?;
+                ch: STEM_CH,
+            }
+        } else {
+            // SAFETY: x holds n·c·h·w f32 (checked by the callers).
+            let (cols, _, _) =
+                unsafe { stem_im2col(g, F32, g.ptr(x), [n, c, h, w], self.padding)? };
+            self.linear(
+                g,
+                &Act {
+                    buf: cols,
+                    rows,
+                    ch: c * 9,
+                },
+                &self.stem,
+                Some(Unary::Silu),
+            )?
+        };
         debug_assert_eq!(cur.ch, STEM_CH);
         if point == TapPoint::Stem {
             return done(&cur);
@@ -427,6 +452,59 @@ impl<G: Gpu> GpuEfficientNet<G> {
         let top = self.linear(g, &cur, &self.top, Some(Unary::Silu))?;
         debug_assert_eq!(top.ch, TOP_CH);
         done(&top)
+    }
+}
+
+/// Shared memory of `stem_conv3x3_f32` (the weights, f32) that no launch may exceed.
+const STEM_DIRECT_SHARED: usize = 48 << 10;
+
+/// SiLU(stem convolution + bias) of f32 crops `x` ([n, c, h, w]) into `y` ([n·oh·ow, STEM_CH]
+/// f32) in one kernel (`stem_conv3x3_f32`); `[w, b]` are the folded stem weights [STEM_CH, c·9]
+/// and bias. Needs c·9·STEM_CH·4 ≤ [`STEM_DIRECT_SHARED`].
+///
+/// # Safety
+/// The addresses hold what the shapes say.
+unsafe fn stem_direct<G: Gpu>(
+    g: &G,
+    x: u64,
+    [n, c, h, w]: [usize; 4],
+    padding: super::Padding,
+    [wt, b]: [u64; 2],
+    y: u64,
+) -> Result<()> {
+    let (oh, pt) = padding.out_and_pad(h, 3, 2);
+    let (ow, pl) = padding.out_and_pad(w, 3, 2);
+    let geom = [n, c, h, w, 3, 2, pt, pl, oh, ow]
+        .iter()
+        .map(|&v| dim(v, "stem geometry"))
+        .collect::<Result<Vec<i32>>>()?;
+    dim(oh * ow, "stem output pixels per crop")?;
+    let shared = c * 9 * STEM_CH * 4;
+    if shared > STEM_DIRECT_SHARED {
+        return Err(Error::Internal(format!(
+            "direct stem: {c} channels need {shared} B of shared memory"
+        )));
+    }
+    // SAFETY: the caller's buffers; the kernel reads x as [n, c, h, w] and writes n·oh·ow·32.
+    unsafe {
+        g.launch(&Launch {
+            module: &CONV,
+            entry: "stem_conv3x3_f32".into(),
+            grid: [grid_stride_blocks(g, n * oh * ow), 1, 1],
+            block: [128, 1, 1],
+            shared_bytes: shared as u32,
+            args: vec![
+                Arg::Ptr(x),
+                Arg::Ptr(wt),
+                Arg::Ptr(b),
+                Arg::Ptr(y),
+                Arg::pod(&ColGeom(
+                    geom.try_into()
+                        .map_err(|_| Error::Internal("stem geometry".into()))?,
+                )),
+                Arg::I32(1),
+            ],
+        })
     }
 }
 
