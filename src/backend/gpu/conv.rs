@@ -325,7 +325,7 @@ impl Conv2d {
         let pixel = self.cin * self.esize();
         let unit = [16usize, 8, 4, 2]
             .into_iter()
-            .find(|&u| pixel % u == 0 && x % u as u64 == 0)
+            .find(|&u| pixel.is_multiple_of(u) && x.is_multiple_of(u as u64))
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "conv on CUDA: x at {x:#x} is not aligned to its {:?} elements",
@@ -348,7 +348,7 @@ impl Conv2d {
     /// storage): four channels per thread (float4 loads) when cin is a multiple of 4 and dx is
     /// aligned to four elements.
     unsafe fn col2im(&self, g: &impl Gpu, dcols: u64, dx: u64, c: &Chunk) -> Result<()> {
-        let v = if self.cin % 4 == 0 && dx % (4 * self.esize()) as u64 == 0 {
+        let v = if self.cin.is_multiple_of(4) && dx.is_multiple_of((4 * self.esize()) as u64) {
             4
         } else {
             1

@@ -118,7 +118,7 @@ impl Depthwise {
     /// count is a multiple of it and every address in `ptrs` is 16-byte aligned, else 1.
     fn vector(&self, ptrs: &[u64]) -> usize {
         let v = 16 / self.dtype.size_in_bytes();
-        if self.geom.c as usize % v == 0 && ptrs.iter().all(|p| p % 16 == 0) {
+        if (self.geom.c as usize).is_multiple_of(v) && ptrs.iter().all(|p| p.is_multiple_of(16)) {
             v
         } else {
             1

@@ -59,7 +59,7 @@ pub unsafe fn bias_act(
         return Ok(());
     }
     let v = 16 / dtype.size_in_bytes();
-    let vector = ch % v == 0 && y % 16 == 0 && b % 16 == 0;
+    let vector = ch.is_multiple_of(v) && y.is_multiple_of(16) && b.is_multiple_of(16);
     let per = if vector { v } else { 1 };
     let code = match op {
         None => 0,
