@@ -467,8 +467,10 @@ typedef struct {
     PhenoPadding padding;
     // Batch-norm epsilon: 1e-5 for torchvision weights (default), 1e-3 for Keras weights.
     float bn_eps;
-    // -1 = CPU (default); >= 0 = CUDA device ordinal (not yet supported for EfficientNet:
-    // returns PHENO_ERR_UNSUPPORTED).
+    // -1 = CPU (default); >= 0 = CUDA device ordinal: features (`pheno_effnet_features`,
+    // `pheno_effnet_features_from_image`) run on that GPU, class logits stay on the CPU. Needs a
+    // phenocore built with the `cuda` feature (else PHENO_ERR_UNSUPPORTED) and a usable driver
+    // and device (else PHENO_ERR_NO_DEVICE).
     int32_t device;
 } PhenoEffnetOptions;
 

@@ -30,6 +30,97 @@ fn to_cuda_is_a_round_trip_or_no_device() {
     }
 }
 
+/// The C ABI's EfficientNet on a CUDA device (`PhenoEffnetOptions::device = 0`): without the
+/// `cuda` feature PHENO_ERR_UNSUPPORTED, without a usable GPU PHENO_ERR_NO_DEVICE (both with a
+/// message, never a crash); on a GPU the features of two layers match the CPU model's.
+#[test]
+fn ffi_effnet_on_cuda_matches_cpu_or_says_why_not() {
+    use phenocore::error::PhenoStatus;
+    use phenocore::ffi::*;
+    use std::ffi::{c_char, CStr};
+    let (n, c, hw) = (3usize, 5usize, 40usize);
+    let crops: Vec<f32> = (0..n * c * hw * hw)
+        .map(|i| ((i as u64 * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let make = |device: i32| -> (PhenoStatus, *mut PhenoModel) {
+        let mut o = pheno_effnet_default_options();
+        o.device = device;
+        let mut m: *mut PhenoModel = std::ptr::null_mut();
+        // SAFETY: o is initialised, m a valid out pointer.
+        let st = unsafe { pheno_effnet_new(c, 7, 11, &o, &mut m) };
+        (st, m)
+    };
+    let (st, cpu) = make(-1);
+    assert_eq!(st, PhenoStatus::PHENO_OK);
+    let (st, gpu) = make(0);
+    if st != PhenoStatus::PHENO_OK {
+        // SAFETY: the library's last-error string is NUL-terminated.
+        let msg = unsafe { CStr::from_ptr(pheno_last_error()) }
+            .to_string_lossy()
+            .into_owned();
+        let want = if cfg!(feature = "cuda") {
+            PhenoStatus::PHENO_ERR_NO_DEVICE
+        } else {
+            PhenoStatus::PHENO_ERR_UNSUPPORTED
+        };
+        assert_eq!(st, want, "{msg}");
+        assert!(!msg.is_empty() && gpu.is_null(), "{msg}");
+        // SAFETY: cpu is a live model.
+        unsafe { pheno_effnet_free(cpu) };
+        return;
+    }
+    let layers = [c"block6a_activation", c"top_activation"];
+    let names: Vec<*const c_char> = layers.iter().map(|l| l.as_ptr()).collect();
+    let run = |m: *mut PhenoModel| -> Vec<Vec<f32>> {
+        let mut outs: Vec<Vec<f32>> = names
+            .iter()
+            .map(|&l| {
+                let mut d = 0usize;
+                // SAFETY: m is live, l a NUL-terminated layer name.
+                assert_eq!(
+                    unsafe { pheno_effnet_layer_dim(m, l, &mut d) },
+                    PhenoStatus::PHENO_OK
+                );
+                vec![f32::NAN; n * d]
+            })
+            .collect();
+        let ptrs: Vec<*mut f32> = outs.iter_mut().map(|o| o.as_mut_ptr()).collect();
+        let lens: Vec<usize> = outs.iter().map(|o| o.len()).collect();
+        // SAFETY: every pointer addresses what its length says.
+        let st = unsafe {
+            pheno_effnet_features(
+                m,
+                crops.as_ptr(),
+                n,
+                c,
+                hw,
+                hw,
+                names.as_ptr(),
+                names.len(),
+                std::ptr::null(),
+                ptrs.as_ptr(),
+                lens.as_ptr(),
+            )
+        };
+        assert_eq!(st, PhenoStatus::PHENO_OK);
+        outs
+    };
+    let (want, got) = (run(cpu), run(gpu));
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let worst = w.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= 1e-4 * scale,
+            "layer {i}: GPU features differ from the CPU's by {worst} (scale {scale})"
+        );
+    }
+    // SAFETY: both are live models, freed once.
+    unsafe {
+        pheno_effnet_free(cpu);
+        pheno_effnet_free(gpu);
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;

@@ -135,7 +135,8 @@ pub unsafe extern "C" fn pheno_effnet_features_from_image(
     out_lens: *const usize,
 ) -> PhenoStatus {
     guard("pheno_effnet_features_from_image", || {
-        let net = model.as_ref().ok_or_else(|| null("model"))?.net();
+        let handle = model.as_ref().ok_or_else(|| null("model"))?;
+        let net = handle.net();
         let img = self::image(image)?;
         let centers = centers_slice(centers, n)?;
         let co = super::options::crop_opts(crop_opts, "crop_opts")?;
@@ -156,7 +157,7 @@ pub unsafe extern "C" fn pheno_effnet_features_from_image(
             &opts,
             &outs,
             |r, buf| crop_cells_into(&img, &centers[r], co.box_size, co.norm, buf),
-            |t| net.features(t, &names),
+            |t| handle.features(t, &names),
         )
     })
 }

@@ -2,7 +2,7 @@
 
 use super::boundary::{c_path, c_str, checked_len, guard, null, reference, slice, write_out};
 use super::options::{
-    effnet_opts, feature_opts, FeatureOpts, PhenoEffnetOptions, PhenoFeatureOptions,
+    effnet_opts, feature_opts, EffnetOpts, FeatureOpts, PhenoEffnetOptions, PhenoFeatureOptions,
 };
 use crate::error::{Error, PhenoStatus, Result};
 use crate::models::efficientnet::{EfficientNet, EfficientNetConfig};
@@ -17,6 +17,19 @@ use std::ops::Range;
 /// on the model has returned.
 pub struct PhenoModel {
     net: EfficientNet,
+    /// The inference weights on a CUDA device (`PhenoEffnetOptions::device` ≥ 0): features run
+    /// there.
+    #[cfg(feature = "cuda")]
+    gpu: Option<GpuFeatures>,
+}
+
+/// A CUDA device and the model's inference weights on it.
+#[cfg(feature = "cuda")]
+struct GpuFeatures {
+    dev: std::sync::Arc<crate::backend::cuda::CudaDevice>,
+    model: crate::models::efficientnet::GpuEfficientNet<
+        std::sync::Arc<crate::backend::cuda::CudaDevice>,
+    >,
 }
 
 const _: fn() = || {
@@ -25,8 +38,42 @@ const _: fn() = || {
 };
 
 impl PhenoModel {
+    /// The model, on the device that `opts.device` names (the CPU for None).
+    fn new(net: EfficientNet, opts: &EffnetOpts) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            let gpu = match opts.device {
+                Some(ordinal) => {
+                    let dev = crate::backend::cuda::device(ordinal)?;
+                    let model = crate::models::efficientnet::GpuEfficientNet::new(&dev, &net)?;
+                    Some(GpuFeatures { dev, model })
+                }
+                None => None,
+            };
+            Ok(PhenoModel { net, gpu })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            // effnet_opts rejects a device without the `cuda` feature.
+            debug_assert!(opts.device.is_none());
+            Ok(PhenoModel { net })
+        }
+    }
+
     pub fn net(&self) -> &EfficientNet {
         &self.net
+    }
+
+    /// Mean-pooled features of `layers` for `crops`, on the model's device.
+    pub(crate) fn features(&self, crops: &Tensor, layers: &[&str]) -> Result<Vec<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return layers
+                .iter()
+                .map(|l| g.model.features(&g.dev, crops, l))
+                .collect();
+        }
+        self.net.features(crops, layers)
     }
 }
 
@@ -39,9 +86,12 @@ const MAX_CLASSES: usize = 1 << 20;
 /// `out_model` is NULL or valid for a write.
 unsafe fn publish(
     out_model: *mut *mut PhenoModel,
-    make: impl FnOnce() -> Result<EfficientNet>,
+    make: impl FnOnce() -> Result<(EfficientNet, EffnetOpts)>,
 ) -> Result<()> {
-    super::boundary::publish_handle(out_model, "out_model", || Ok(PhenoModel { net: make()? }))
+    super::boundary::publish_handle(out_model, "out_model", || {
+        let (net, opts) = make()?;
+        PhenoModel::new(net, &opts)
+    })
 }
 
 /// # Safety
@@ -67,7 +117,7 @@ pub unsafe extern "C" fn pheno_effnet_load(
         publish(out_model, || {
             let path = c_path(path, "path")?;
             let o = effnet_opts(opts)?;
-            EfficientNet::load(path, o.padding, o.bn_eps)
+            Ok((EfficientNet::load(path, o.padding, o.bn_eps)?, o))
         })
     })
 }
@@ -90,7 +140,10 @@ pub unsafe extern "C" fn pheno_effnet_load_from_memory(
             }
             let bytes = slice(bytes, len, "bytes")?;
             let o = effnet_opts(opts)?;
-            EfficientNet::from_safetensors_bytes(bytes, o.padding, o.bn_eps)
+            Ok((
+                EfficientNet::from_safetensors_bytes(bytes, o.padding, o.bn_eps)?,
+                o,
+            ))
         })
     })
 }
@@ -126,7 +179,7 @@ pub unsafe extern "C" fn pheno_effnet_new(
                 padding: o.padding,
                 bn_eps: o.bn_eps,
             };
-            EfficientNet::new(config, seed)
+            Ok((EfficientNet::new(config, seed)?, o))
         })
     })
 }
@@ -453,7 +506,8 @@ pub unsafe extern "C" fn pheno_effnet_features(
     out_lens: *const usize,
 ) -> PhenoStatus {
     guard("pheno_effnet_features", || {
-        let net = model_ref(model)?;
+        let handle = reference(model, "model")?;
+        let net = &handle.net;
         let x = crops_slice(crops, [n, channels, height, width])?;
         check_cell(net, channels, height, width, "crops")?;
         let opts = feature_opts(opts)?;
@@ -469,7 +523,7 @@ pub unsafe extern "C" fn pheno_effnet_features(
                 buf.copy_from_slice(&x[r.start * per..r.end * per]);
                 Ok(())
             },
-            |t| net.features(t, &names),
+            |t| handle.features(t, &names),
         )
     })
 }

@@ -31,8 +31,10 @@ pub struct PhenoEffnetOptions {
     pub padding: PhenoPadding,
     /// Batch-norm epsilon: 1e-5 for torchvision weights (default), 1e-3 for Keras weights.
     pub bn_eps: f32,
-    /// -1 = CPU (default); >= 0 = CUDA device ordinal (not yet supported for EfficientNet:
-    /// returns PHENO_ERR_UNSUPPORTED).
+    /// -1 = CPU (default); >= 0 = CUDA device ordinal: features (`pheno_effnet_features`,
+    /// `pheno_effnet_features_from_image`) run on that GPU, class logits stay on the CPU. Needs a
+    /// phenocore built with the `cuda` feature (else PHENO_ERR_UNSUPPORTED) and a usable driver
+    /// and device (else PHENO_ERR_NO_DEVICE).
     pub device: i32,
 }
 
@@ -176,6 +178,8 @@ impl Prefix {
 pub(crate) struct EffnetOpts {
     pub padding: Padding,
     pub bn_eps: f32,
+    /// The CUDA device ordinal for features, if any.
+    pub device: Option<usize>,
 }
 
 /// # Safety
@@ -185,6 +189,7 @@ pub(crate) unsafe fn effnet_opts(p: *const PhenoEffnetOptions) -> Result<EffnetO
     let mut o = EffnetOpts {
         padding: Padding::Symmetric,
         bn_eps: d.bn_eps,
+        device: None,
     };
     let Some(pre) = Prefix::new(p, "opts", "pheno_effnet_default_options")? else {
         return Ok(o);
@@ -211,14 +216,13 @@ pub(crate) unsafe fn effnet_opts(p: *const PhenoEffnetOptions) -> Result<EffnetO
             )));
         }
         if device >= 0 {
-            let why = if cfg!(feature = "cuda") {
-                "EfficientNet inference on CUDA is not implemented yet"
-            } else {
-                "this phenocore was built without the `cuda` feature"
-            };
-            return Err(Error::Unsupported(format!(
-                "opts->device is {device} (CUDA) but {why}; use device = -1 (CPU)"
-            )));
+            if !cfg!(feature = "cuda") {
+                return Err(Error::Unsupported(format!(
+                    "opts->device is {device} (CUDA) but this phenocore was built without the \
+                     `cuda` feature; use device = -1 (CPU)"
+                )));
+            }
+            o.device = Some(device as usize);
         }
     }
     Ok(o)
@@ -361,10 +365,15 @@ mod tests {
         let r = unsafe { effnet_opts(&o) }.unwrap();
         assert_eq!((r.padding, r.bn_eps), (Padding::TfSame, 1e-3));
         o.device = 0;
-        assert!(matches!(
-            unsafe { effnet_opts(&o) },
-            Err(Error::Unsupported(_))
-        ));
+        // A CUDA ordinal: taken with the `cuda` feature (the device is opened with the model),
+        // unsupported without it.
+        match unsafe { effnet_opts(&o) } {
+            Ok(r) if cfg!(feature = "cuda") => assert_eq!(r.device, Some(0)),
+            Err(Error::Unsupported(m)) if !cfg!(feature = "cuda") => {
+                assert!(m.contains("cuda"), "{m}")
+            }
+            other => panic!("device 0: unexpected {other:?}"),
+        }
         o.device = -2;
         assert!(matches!(
             unsafe { effnet_opts(&o) },
