@@ -11,11 +11,25 @@ template <typename T>
 __device__ __forceinline__ void im2col_nchw(const T* __restrict__ x, T* __restrict__ cols, ColGeom g) {
     const int kdim = g.c * g.k * g.k;
     const u64 total = (u64)g.n * g.oh * g.ow * kdim;
+    // 32-bit division when every index fits (uniform per launch): 64-bit division is a long
+    // instruction sequence, and this kernel does five per element.
+    const bool small = total < (1ull << 32);
     GRID_STRIDE_LOOP(i, total) {
-        const int col = (int)(i % kdim);
-        const u64 row = i / kdim;
+        int col, ox, oy, s;
+        if (small) {
+            const unsigned e = (unsigned)i, row = e / (unsigned)kdim, q = row / (unsigned)g.ow;
+            col = (int)(e - row * (unsigned)kdim);
+            ox = (int)(row - q * (unsigned)g.ow);
+            oy = (int)(q % (unsigned)g.oh);
+            s = (int)(q / (unsigned)g.oh);
+        } else {
+            col = (int)(i % kdim);
+            const u64 row = i / kdim;
+            ox = (int)(row % g.ow);
+            oy = (int)((row / g.ow) % g.oh);
+            s = (int)(row / ((u64)g.ow * g.oh));
+        }
         const int kx = col % g.k, ky = (col / g.k) % g.k, ci = col / (g.k * g.k);
-        const int ox = (int)(row % g.ow), oy = (int)((row / g.ow) % g.oh), s = (int)(row / ((u64)g.ow * g.oh));
         const int iy = oy * g.stride - g.pad_top + ky, ix = ox * g.stride - g.pad_left + kx;
         T v = from_acc<T>(0.f);
         if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = x[(((u64)s * g.c + ci) * g.h + iy) * g.w + ix];
