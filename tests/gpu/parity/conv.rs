@@ -367,14 +367,7 @@ pub fn conv_unaligned<G: Gpu>(g: &G) {
     for dtype in [DType::F32, DType::BF16] {
         let c = plan(dtype, case);
         let es = dtype.size_in_bytes();
-        let data = |n: usize, seed: u64| -> Vec<u8> {
-            let v = uniform(n, seed);
-            if dtype == DType::BF16 {
-                bytemuck::cast_slice(&to_bf16(&v).0).to_vec()
-            } else {
-                bytemuck::cast_slice(&v).to_vec()
-            }
-        };
+        let data = |n: usize, seed: u64| uniform_bytes(n, seed, dtype);
         let (x, w, dy) = (
             data(c.input_len(), 71),
             data(c.weight_len(), 72),

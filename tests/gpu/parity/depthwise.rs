@@ -205,14 +205,7 @@ pub fn unaligned_matches_vectorised<G: Gpu>(g: &G) {
     for dtype in [DType::F32, DType::BF16] {
         let d = plan(dtype, CASES[2]);
         let es = dtype.size_in_bytes();
-        let bytes = |n: usize, seed: u64| -> Vec<u8> {
-            let v = uniform(n, seed);
-            if dtype == DType::BF16 {
-                bytemuck::cast_slice(&to_bf16(&v).0).to_vec()
-            } else {
-                bytemuck::cast_slice(&v).to_vec()
-            }
-        };
+        let bytes = |n: usize, seed: u64| uniform_bytes(n, seed, dtype);
         let (x, w, dy) = (
             bytes(d.input_len(), 31),
             bytes(d.weight_len(), 32),

@@ -24,6 +24,7 @@ pub mod unet;
 pub mod vae;
 
 use half::bf16;
+use phenocore::DType;
 use rand::{Rng, SeedableRng};
 
 pub const F32_TOL: f64 = 1e-5;
@@ -116,6 +117,17 @@ macro_rules! for_each_parity_test {
 pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     (0..n).map(|_| r.gen_range(-1.0f32..1.0)).collect()
+}
+
+/// `n` uniform values (seed `seed`) stored as `dtype` (f32, or bf16 rounded to nearest even), as
+/// the bytes a buffer holds.
+pub fn uniform_bytes(n: usize, seed: u64, dtype: DType) -> Vec<u8> {
+    let v = uniform(n, seed);
+    if dtype == DType::BF16 {
+        bytemuck::cast_slice(&to_bf16(&v).0).to_vec()
+    } else {
+        bytemuck::cast_slice(&v).to_vec()
+    }
 }
 
 /// Rounds to bf16 (to nearest even), as the bits and as the f32 value they hold.
