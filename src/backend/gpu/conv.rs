@@ -31,7 +31,7 @@
 //! summed unrounded and rounded once, as a direct convolution would.
 
 use super::elementwise::{cast, suffix};
-use super::kernels::CONV;
+use super::kernels::{CONV, DEPTHWISE};
 use super::shape::SampleChannels;
 use super::{dim, grid_stride_blocks, Arg, Gemm, Gpu, Launch, Math, BLOCK};
 use crate::error::{Error, Result};
@@ -40,6 +40,11 @@ use crate::tensor::DType;
 
 /// The default bound on the cols workspace (bytes): 64 MiB.
 pub const DEFAULT_MAX_WORKSPACE: usize = 64 << 20;
+
+/// Split-K weight gradients: each slice sums at least this many rows.
+const MIN_SPLIT_ROWS: usize = 1024;
+/// Split-K weight gradients: at most this many slices (f32 partial sums of the whole gradient).
+const MAX_SPLITS: usize = 64;
 
 /// `ConvGeom` of kernels/conv.cu.
 #[repr(C)]
@@ -91,6 +96,8 @@ pub struct Conv2d {
     oh: usize,
     ow: usize,
     max_workspace: usize,
+    /// Weight-gradient split-K slices, when fixed by [`Conv2d::with_weight_grad_splits`].
+    wgrad_splits: Option<usize>,
 }
 
 fn product(v: &[usize], what: &str) -> Result<usize> {
@@ -177,7 +184,16 @@ impl Conv2d {
             oh,
             ow,
             max_workspace: DEFAULT_MAX_WORKSPACE,
+            wgrad_splits: None,
         })
+    }
+
+    /// The same plan with the weight-gradient GEMMs split over `slices` slices of their rows
+    /// (at most one per row) instead of the automatic choice: tests reach the split-K path with
+    /// small shapes this way.
+    pub fn with_weight_grad_splits(mut self, slices: usize) -> Self {
+        self.wgrad_splits = Some(slices.max(1));
+        self
     }
 
     /// The same plan with the cols workspace bounded by `bytes` (at least one output row's cols
@@ -594,13 +610,11 @@ impl Conv2d {
     ) -> Result<()> {
         let (cout, kdim) = (self.cout, self.kdim());
         if self.is_pointwise() {
-            return self.gemm_to(
+            return self.weight_grad_gemm(
                 g,
                 [cout, kdim, self.rows()],
-                (dy, cout, true),
-                (x, kdim, false),
-                (dw, kdim, 0.0),
-                dw_dtype,
+                [dy, x],
+                (dw, dw_dtype, false),
                 math,
             );
         }
@@ -624,13 +638,11 @@ impl Conv2d {
         };
         for (i, c) in chunks.iter().enumerate() {
             self.im2col(g, x, cols, c)?;
-            self.gemm_to(
+            self.weight_grad_gemm(
                 g,
                 [cout, kdim, c.rows],
-                (self.row_ptr(dy, c.row0, cout), cout, true),
-                (cols, kdim, false),
-                (target, kdim, if i == 0 { 0.0 } else { 1.0 }),
-                c_dtype,
+                [self.row_ptr(dy, c.row0, cout), cols],
+                (target, c_dtype, i > 0),
                 math,
             )?;
         }
@@ -656,6 +668,110 @@ impl Conv2d {
             cast(g, DType::F32, dw_dtype, target, dw, len)?;
         }
         Ok(())
+    }
+
+    /// Split-K slices of a weight-gradient GEMM with an m × n output summed over k rows: more
+    /// than one when the output has too few 128 × 128 tiles to fill the device (on an H200 an
+    /// 8 × 2304 output over 13,824 rows took 1.8 ms per chunk in one GEMM), each slice at least
+    /// [`MIN_SPLIT_ROWS`] rows.
+    fn weight_grad_splits(&self, g: &impl Gpu, [m, n, k]: [usize; 3]) -> usize {
+        if let Some(s) = self.wgrad_splits {
+            return s.clamp(1, k.max(1));
+        }
+        let tiles = m.div_ceil(128) * n.div_ceil(128);
+        let sms = g.multiprocessors().max(1) as usize;
+        if tiles >= sms {
+            return 1;
+        }
+        (2 * sms)
+            .div_ceil(tiles)
+            .min(k / MIN_SPLIT_ROWS)
+            .clamp(1, MAX_SPLITS)
+    }
+
+    /// c [m, n] (+)= aᵀ b over k rows: a = dy rows [k, m], b = cols (or x) rows [k, n], c of
+    /// `c_dtype` added to when `accumulate`. With f32 c and a small output, split-K: the rows in
+    /// slices (a batched GEMM into f32 partials), then the partials summed in slice order
+    /// (`depthwise_backward_w_reduce`, a generic ordered sum): deterministic.
+    unsafe fn weight_grad_gemm(
+        &self,
+        g: &impl Gpu,
+        [m, n, k]: [usize; 3],
+        [a, b]: [u64; 2],
+        (c, c_dtype, accumulate): (u64, DType, bool),
+        math: Math,
+    ) -> Result<()> {
+        let splits = if c_dtype == DType::F32 {
+            self.weight_grad_splits(g, [m, n, k])
+        } else {
+            1
+        };
+        if splits <= 1 {
+            return self.gemm_to(
+                g,
+                [m, n, k],
+                (a, m, true),
+                (b, n, false),
+                (c, n, if accumulate { 1.0 } else { 0.0 }),
+                c_dtype,
+                math,
+            );
+        }
+        let slice = k.div_ceil(splits);
+        let (full, rem) = (k / slice, k % slice);
+        let parts = full + usize::from(rem > 0);
+        let len = m * n;
+        let buf = g.alloc(parts * len * 4)?;
+        let p = g.ptr(&buf);
+        let es = self.esize();
+        g.gemm_batched(
+            &Gemm {
+                m,
+                n,
+                k: slice,
+                a,
+                lda: m,
+                trans_a: true,
+                b,
+                ldb: n,
+                trans_b: false,
+                c: p,
+                ldc: n,
+                alpha: 1.0,
+                beta: 0.0,
+                dtype: self.dtype,
+                c_dtype: DType::F32,
+                math,
+            },
+            full,
+            [slice * m, slice * n, len],
+        )?;
+        if rem > 0 {
+            let done = full * slice;
+            self.gemm_to(
+                g,
+                [m, n, rem],
+                (a + (done * m * es) as u64, m, true),
+                (b + (done * n * es) as u64, n, false),
+                (p + (full * len * 4) as u64, n, 0.0),
+                DType::F32,
+                math,
+            )?;
+        }
+        g.launch(&Launch {
+            module: &DEPTHWISE,
+            entry: "depthwise_backward_w_reduce".into(),
+            grid: [grid_stride_blocks(g, len), 1, 1],
+            block: [BLOCK, 1, 1],
+            shared_bytes: 0,
+            args: vec![
+                Arg::Ptr(p),
+                Arg::Ptr(c),
+                Arg::U64(len as u64),
+                Arg::I32(dim(parts, "weight-gradient slices")?),
+                Arg::I32(accumulate as i32),
+            ],
+        })
     }
 
     /// db = Σ over n, oy, ox of dy (fixed-order reduction, repeatable bit for bit); db is

@@ -207,6 +207,10 @@ fn run<G: Gpu>(g: &G, dtype: DType) {
         assert_eq!(c.is_pointwise(), k == 1 && s == 1 && p == Pad2d::same(0));
         let name = format!("conv {dtype:?} case {i} {case:?}");
         check(g, &c, case, 1000 + 10 * i as u64, &name, Math::F32);
+        // Split-K weight gradients (the pointwise path included).
+        let name = format!("{name}, weight gradient in 3 slices");
+        let split = c.with_weight_grad_splits(3);
+        check(g, &split, case, 1000 + 10 * i as u64, &name, Math::F32);
     }
 }
 
@@ -276,6 +280,12 @@ fn chunked<G: Gpu>(g: &G, dtype: DType) {
             partial_seen |= j > 0;
             let name = format!("conv {dtype:?} chunked case {i} {case:?}, bound {bytes} B");
             check(g, &c, case, 2000 + 10 * i as u64, &name, Math::F32);
+            // Split-K weight gradients: 3 slices (a shorter last one) and one row per slice.
+            for slices in [3, usize::MAX] {
+                let name = format!("{name}, weight gradient in {slices} slices");
+                let split = c.with_weight_grad_splits(slices);
+                check(g, &split, case, 2000 + 10 * i as u64, &name, Math::F32);
+            }
         }
     }
     assert!(whole_seen && partial_seen);
