@@ -30,8 +30,9 @@
 //! gradient's dcols are f32 (twice [`Conv2d::workspace_bytes`]): the k² taps of each dx element are
 //! summed unrounded and rounded once, as a direct convolution would.
 
+use super::depthwise::sum_partials;
 use super::elementwise::{cast, suffix};
-use super::kernels::{CONV, DEPTHWISE};
+use super::kernels::CONV;
 use super::shape::SampleChannels;
 use super::{dim, grid_stride_blocks, Arg, Gemm, Gpu, Launch, Math, BLOCK};
 use crate::error::{Error, Result};
@@ -692,7 +693,7 @@ impl Conv2d {
     /// c [m, n] (+)= aᵀ b over k rows: a = dy rows [k, m], b = cols (or x) rows [k, n], c of
     /// `c_dtype` added to when `accumulate`. With f32 c and a small output, split-K: the rows in
     /// slices (a batched GEMM into f32 partials), then the partials summed in slice order
-    /// (`depthwise_backward_w_reduce`, a generic ordered sum): deterministic.
+    /// ([`sum_partials`]): deterministic.
     unsafe fn weight_grad_gemm(
         &self,
         g: &impl Gpu,
@@ -758,20 +759,7 @@ impl Conv2d {
                 math,
             )?;
         }
-        g.launch(&Launch {
-            module: &DEPTHWISE,
-            entry: "depthwise_backward_w_reduce".into(),
-            grid: [grid_stride_blocks(g, len), 1, 1],
-            block: [BLOCK, 1, 1],
-            shared_bytes: 0,
-            args: vec![
-                Arg::Ptr(p),
-                Arg::Ptr(c),
-                Arg::U64(len as u64),
-                Arg::I32(dim(parts, "weight-gradient slices")?),
-                Arg::I32(accumulate as i32),
-            ],
-        })
+        sum_partials(g, p, c, len, parts, accumulate)
     }
 
     /// db = Σ over n, oy, ox of dy (fixed-order reduction, repeatable bit for bit); db is

@@ -245,22 +245,39 @@ impl Depthwise {
                 Arg::I32(dim(per_split, "positions per split")?),
             ],
         })?;
-        g.launch(&Launch {
-            module: &DEPTHWISE,
-            entry: "depthwise_backward_w_reduce".into(),
-            grid: [grid_stride_blocks(g, len), 1, 1],
-            block: [BLOCK, 1, 1],
-            shared_bytes: 0,
-            args: vec![
-                Arg::Ptr(pp),
-                Arg::Ptr(dw),
-                Arg::U64(len as u64),
-                Arg::I32(splits as i32),
-                Arg::I32(accumulate as i32),
-            ],
-        })
+        sum_partials(g, pp, dw, len, splits, accumulate)
     }
 }
 
 /// `DW_ROWS` of kernels/depthwise.cu: position groups per weight-gradient block.
 const DW_ROWS: u32 = 8;
+
+/// dst[i] (+)= Σ_s partial[s·len + i] over `parts` f32 partial sums, added in order s = 0, 1, …
+/// (`depthwise_backward_w_reduce`): the deterministic second stage of split reductions (the
+/// depthwise and the split-K convolution weight gradients). Adds to dst when `accumulate`.
+///
+/// # Safety
+/// `partial` addresses `parts · len` f32, `dst` `len` f32 (distinct).
+pub(super) unsafe fn sum_partials(
+    g: &impl Gpu,
+    partial: u64,
+    dst: u64,
+    len: usize,
+    parts: usize,
+    accumulate: bool,
+) -> Result<()> {
+    g.launch(&Launch {
+        module: &DEPTHWISE,
+        entry: "depthwise_backward_w_reduce".into(),
+        grid: [grid_stride_blocks(g, len), 1, 1],
+        block: [BLOCK, 1, 1],
+        shared_bytes: 0,
+        args: vec![
+            Arg::Ptr(partial),
+            Arg::Ptr(dst),
+            Arg::U64(len as u64),
+            Arg::I32(dim(parts, "partial sums")?),
+            Arg::I32(accumulate as i32),
+        ],
+    })
+}
