@@ -211,6 +211,16 @@ typedef enum {
     PHENO_SCHEDULE_EXPONENTIAL = 4,
 } PhenoLrSchedule;
 
+// The arithmetic of training steps on a GPU.
+typedef enum {
+    // f32 storage and IEEE f32 GEMMs.
+    PHENO_COMPUTE_F32 = 0,
+    // f32 storage, GEMMs on TF32 tensor cores.
+    PHENO_COMPUTE_TF32 = 1,
+    // bf16 mixed precision (f32 master weights and optimizer state), as torch autocast.
+    PHENO_COMPUTE_BF16 = 2,
+} PhenoCompute;
+
 // How a multi-label metric is averaged (scikit-learn's `average`). Passed as an `int32_t`.
 typedef enum {
     // Unweighted mean over labels (sklearn's default).
@@ -718,6 +728,13 @@ typedef struct {
     size_t n_mil_control_classes;
     // Width of the attention's hidden layer (default 128).
     size_t mil_attention_dim;
+    // -1 = CPU (default); >= 0 = the CUDA device of that ordinal trains: parameters, gradients,
+    // BN statistics and the optimizer state stay there, validation runs there. Needs the `cuda`
+    // feature (else PHENO_ERR_UNSUPPORTED) and a GPU (else PHENO_ERR_NO_DEVICE). Not with
+    // `domain_count`, `mil` (PHENO_ERR_UNSUPPORTED).
+    int32_t device;
+    // The arithmetic of a device's steps (default F32); the CPU trains in f32 only.
+    PhenoCompute compute;
 } PhenoTrainerOptions;
 
 // What `pheno_trainer_fit` reports after every step and at the end of every epoch.

@@ -715,3 +715,50 @@ fn demo_trains_to_90_percent_and_beats_random_initialisation() {
     let (random, trained) = (nums[0], nums[1]);
     assert!(trained > random, "{line}");
 }
+
+/// `--device` and `--compute` of `train` / `bench-train`: a build without the `cuda` feature says
+/// so; tf32 / bf16 without a device and an unknown arithmetic are errors naming the option.
+#[test]
+fn train_device_options_are_checked() {
+    let small = [
+        "bench-train",
+        "--batch",
+        "2",
+        "--classes",
+        "3",
+        "--size",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+    ];
+    let run = |extra: &[&str]| {
+        let mut a: Vec<&str> = small.to_vec();
+        a.extend_from_slice(extra);
+        let o = phenocore(&a);
+        let (_, err) = text(&o);
+        (o.status.code(), err)
+    };
+    let (code, err) = run(&["--device", "0"]);
+    if cfg!(feature = "cuda") {
+        // With the feature: a GPU trains, a machine without one says so.
+        assert!(
+            code == Some(0) || err.to_lowercase().contains("cuda"),
+            "{err}"
+        );
+    } else {
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("`cuda` feature"), "{err}");
+    }
+    let (code, err) = run(&["--compute", "bf16"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("device"), "{err}");
+    let (code, err) = run(&["--compute", "fp8"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("fp8"), "{err}");
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -121,6 +121,66 @@ fn ffi_effnet_on_cuda_matches_cpu_or_says_why_not() {
     }
 }
 
+#[path = "gpu/trainer_device.rs"]
+mod trainer_device;
+
+/// `Trainer` with `TrainerOptions::device = Some(0)`, and the C ABI's `PhenoTrainerOptions::device
+/// = 0`: without the `cuda` feature `Error::Unsupported` / PHENO_ERR_UNSUPPORTED, without a usable
+/// GPU `Error::NoDevice` / PHENO_ERR_NO_DEVICE, with messages; on a GPU, two epochs of `fit` match
+/// the CPU trainer's and checkpoints resume (the suite the emulation runs in `tests/gpu_emu.rs`).
+#[test]
+fn trainer_on_cuda_matches_cpu_or_says_why_not() {
+    use phenocore::error::PhenoStatus;
+    use phenocore::ffi::*;
+    use phenocore::train::{Trainer, TrainerOptions};
+    use std::ffi::CStr;
+    let on_gpu = |o: TrainerOptions| {
+        Trainer::new(
+            trainer_device::model(),
+            TrainerOptions {
+                device: Some(0),
+                ..o
+            },
+        )
+    };
+    let mut o = pheno_trainer_default_options();
+    o.device = 0;
+    let mut t: *mut PhenoTrainer = std::ptr::null_mut();
+    // SAFETY: o is initialised, t a valid out pointer.
+    let st = unsafe { pheno_trainer_new(&o, 3, 4, 1, std::ptr::null(), &mut t) };
+    match on_gpu(trainer_device::sgd_options()) {
+        Err(e) => {
+            let (want, status) = if cfg!(feature = "cuda") {
+                (
+                    matches!(e, Error::NoDevice(_)),
+                    PhenoStatus::PHENO_ERR_NO_DEVICE,
+                )
+            } else {
+                (
+                    matches!(&e, Error::Unsupported(m) if m.contains("cuda")),
+                    PhenoStatus::PHENO_ERR_UNSUPPORTED,
+                )
+            };
+            assert!(want, "{e:?}");
+            // SAFETY: the library's last-error string is NUL-terminated.
+            let msg = unsafe { CStr::from_ptr(pheno_last_error()) }.to_string_lossy();
+            assert_eq!(st, status, "{msg}");
+            assert!(t.is_null() && !msg.is_empty());
+        }
+        Ok(mut dev) => {
+            assert_eq!(st, PhenoStatus::PHENO_OK);
+            // SAFETY: t is a live trainer, freed once.
+            unsafe { pheno_trainer_free(t) };
+            let mut cpu =
+                Trainer::new(trainer_device::model(), trainer_device::sgd_options()).unwrap();
+            trainer_device::fit_matches_cpu(&mut dev, &mut cpu);
+            trainer_device::checkpoint_resumes(&|o| on_gpu(o).unwrap(), &|o| {
+                Trainer::new(trainer_device::model(), o).unwrap()
+            });
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;

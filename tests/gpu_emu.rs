@@ -6,6 +6,8 @@
 mod emu;
 #[path = "gpu/parity/mod.rs"]
 mod parity;
+#[path = "gpu/trainer_device.rs"]
+mod trainer_device;
 
 use parity::*;
 
@@ -122,4 +124,52 @@ KERNEL(divergent, float* out) {
         err.is_err(),
         "threads waiting at different barriers must be reported"
     );
+}
+
+/// `Trainer::fit` with its steps on the emulated device against the CPU trainer.
+#[test]
+fn trainer_fit_on_device_matches_cpu() {
+    use phenocore::train::Trainer;
+    let opts = trainer_device::sgd_options();
+    let mut dev = Trainer::with_device(trainer_device::model(), opts.clone(), emu::emu()).unwrap();
+    let mut cpu = Trainer::new(trainer_device::model(), opts).unwrap();
+    trainer_device::fit_matches_cpu(&mut dev, &mut cpu);
+}
+
+/// Checkpoints of a device trainer: resumed on the device exactly, on the CPU closely.
+#[test]
+fn trainer_checkpoint_on_device_resumes() {
+    use phenocore::train::Trainer;
+    trainer_device::checkpoint_resumes(
+        &|o| Trainer::with_device(trainer_device::model(), o, emu::emu()).unwrap(),
+        &|o| Trainer::new(trainer_device::model(), o).unwrap(),
+    );
+}
+
+/// What the device path refuses, with messages: CPU-only options, tf32 / bf16 on the CPU.
+#[test]
+fn trainer_device_refusals() {
+    use phenocore::train::{Compute, OnlineLabelSmoothing, Trainer, TrainerOptions};
+    use phenocore::Error;
+    let with_ols = TrainerOptions {
+        online_label_smoothing: Some(OnlineLabelSmoothing {
+            alpha: 0.5,
+            smoothing: 0.1,
+        }),
+        ..trainer_device::sgd_options()
+    };
+    match Trainer::with_device(trainer_device::model(), with_ols, emu::emu()) {
+        Err(Error::Unsupported(m)) => assert!(m.contains("online label smoothing"), "{m}"),
+        Err(e) => panic!("expected Unsupported, got {e:?}"),
+        Ok(_) => panic!("expected Unsupported, got a trainer"),
+    }
+    let bf16_on_cpu = TrainerOptions {
+        compute: Compute::Bf16,
+        ..trainer_device::sgd_options()
+    };
+    match Trainer::new(trainer_device::model(), bf16_on_cpu) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("device"), "{m}"),
+        Err(e) => panic!("expected InvalidArgument, got {e:?}"),
+        Ok(_) => panic!("expected InvalidArgument, got a trainer"),
+    }
 }

@@ -25,8 +25,9 @@ fn batch(n: usize, side: usize, seed: u64, classes: u32) -> (Vec<f32>, Vec<u32>)
     (x, y)
 }
 
-fn weights(t: &Trainer) -> Vec<Vec<f32>> {
+fn weights(t: &mut Trainer) -> Vec<Vec<f32>> {
     t.model()
+        .unwrap()
         .params()
         .iter()
         .map(|(_, _, _, v)| v.to_vec())
@@ -62,7 +63,7 @@ fn resume_reproduces_the_next_step_exactly() {
     assert_eq!(b.steps(), 2);
     let lb = b.step(&x, 4, 32, 32, &y).unwrap();
     assert_eq!(la, lb);
-    assert_eq!(weights(&a), weights(&b));
+    assert_eq!(weights(&mut a), weights(&mut b));
     // A checkpoint from a model with another class count is refused, naming the tensor.
     let mut c = Trainer::new(TrainableEfficientNet::new(cfg(4), 1).unwrap(), opts()).unwrap();
     let e = c.load_checkpoint(&ck).unwrap_err().to_string();
@@ -84,13 +85,13 @@ fn non_finite_loss_names_the_step_and_keeps_weights_and_checkpoint() {
     let saved = std::fs::read(&ck).unwrap();
     let mut failed = None;
     for i in 1..=6 {
-        let before = weights(&t);
+        let before = weights(&mut t);
         match t.step(&x, 4, 32, 32, &y) {
             Ok(_) => {}
             Err(e) => {
                 assert!(matches!(e, Error::NonFinite(_)), "{e}");
                 assert!(e.to_string().contains(&format!("step {i}")), "{e}");
-                assert_eq!(weights(&t), before, "a failed step changed the weights");
+                assert_eq!(weights(&mut t), before, "a failed step changed the weights");
                 failed = Some(i);
                 break;
             }
@@ -246,7 +247,7 @@ fn fit_is_deterministic_given_the_seed_whatever_the_worker_count() {
         assert!(r
             .iter()
             .all(|e| e.validation.is_some() && e.train_loss.is_finite()));
-        weights(&t)
+        weights(&mut t)
     };
     let a = run(1, 3);
     assert_eq!(a, run(3, 3), "worker count changed the result");
@@ -263,7 +264,7 @@ fn steps_are_bitwise_reproducible_at_realistic_sizes() {
         let l: Vec<f64> = (0..2)
             .map(|_| t.step(&x, 8, 128, 128, &y).unwrap())
             .collect();
-        (l, weights(&t))
+        (l, weights(&mut t))
     };
     let (a, b) = (run(), run());
     assert_eq!(a.0, b.0);
@@ -313,7 +314,7 @@ fn online_label_smoothing() {
     let mut r = Trainer::new(TrainableEfficientNet::new(cfg(3), 1).unwrap(), o).unwrap();
     r.load_checkpoint(&ck).unwrap();
     assert_eq!(r.step(&x, 4, 32, 32, &y).unwrap(), next);
-    assert_eq!(weights(&r), weights(&t));
+    assert_eq!(weights(&mut r), weights(&mut t));
     // A trainer with online label smoothing refuses a checkpoint without its statistics.
     let ck2 = dir.path().join("plain.safetensors");
     plain.save_checkpoint(&ck2).unwrap();
@@ -369,7 +370,7 @@ fn domain_branch_trains_resumes_exactly_and_stays_out_of_the_exported_model() {
     let o = domain_opts(1.0, 1.0);
     let mut t = Trainer::new(TrainableEfficientNet::new(cfg(3), 7).unwrap(), o.clone()).unwrap();
     // The paper's head: 1280 → 1024 → 512 → 128 → 2 domains, in the trainer's parameters.
-    let full = t.model().full_state_dict().unwrap();
+    let full = t.model().unwrap().full_state_dict().unwrap();
     for (name, shape) in [
         ("domain_head.0.weight", vec![1024, 1280]),
         ("domain_head.1.weight", vec![512, 1024]),
@@ -383,13 +384,13 @@ fn domain_branch_trains_resumes_exactly_and_stays_out_of_the_exported_model() {
     let e = t.step(&x, 4, 32, 32, &y).unwrap_err().to_string();
     assert!(e.contains("step_with_domains"), "{e}");
     // Bad domain labels: an error naming the crop, nothing changed.
-    let before = weights(&t);
+    let before = weights(&mut t);
     let e = t
         .step_with_domains(&x, 4, 32, 32, &y, &[0, 1, 2, 0])
         .unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)));
     assert!(e.to_string().contains("domain label 2 of crop 2"), "{e}");
-    assert_eq!(weights(&t), before);
+    assert_eq!(weights(&mut t), before);
     assert_eq!(t.steps(), 0);
     let mut losses = Vec::new();
     for _ in 0..2 {
@@ -403,8 +404,13 @@ fn domain_branch_trains_resumes_exactly_and_stays_out_of_the_exported_model() {
         );
         assert!(dom > 0.3 && dom < 1.5, "{dom}");
     }
-    let head = t.model().params().index("domain_head.0.weight").unwrap();
-    assert_ne!(weights(&t)[head], before[head], "the head is optimised");
+    let head = t
+        .model()
+        .unwrap()
+        .params()
+        .index("domain_head.0.weight")
+        .unwrap();
+    assert_ne!(weights(&mut t)[head], before[head], "the head is optimised");
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("ck.safetensors");
     t.save_checkpoint(&ck).unwrap();
@@ -412,9 +418,9 @@ fn domain_branch_trains_resumes_exactly_and_stays_out_of_the_exported_model() {
     let mut r = Trainer::new(TrainableEfficientNet::new(cfg(3), 99).unwrap(), o.clone()).unwrap();
     r.load_checkpoint(&ck).unwrap();
     assert_eq!(r.step_with_domains(&x, 4, 32, 32, &y, &d).unwrap(), next);
-    assert_eq!(weights(&r), weights(&t));
+    assert_eq!(weights(&mut r), weights(&mut t));
     // The exported model is EfficientNet-B0 only.
-    let sd = t.model().state_dict().unwrap();
+    let sd = t.model().unwrap().state_dict().unwrap();
     assert!(sd.keys().all(|k| !k.starts_with("domain_head")));
     let plain = TrainableEfficientNet::<f32>::new(cfg(3), 7).unwrap();
     assert_eq!(sd.len(), plain.state_dict().unwrap().len());
@@ -437,7 +443,7 @@ fn reversed_domain_gradient_reaches_the_trunk_only_when_lambda_and_weight_are_no
     let base = {
         let mut p = Trainer::new(TrainableEfficientNet::new(cfg(3), 5).unwrap(), opts()).unwrap();
         let l = p.step(&x, 4, 32, 32, &y).unwrap();
-        (l, weights(&p))
+        (l, weights(&mut p))
     };
     let trunk = TrainableEfficientNet::<f32>::new(cfg(3), 5)
         .unwrap()
@@ -450,7 +456,7 @@ fn reversed_domain_gradient_reaches_the_trunk_only_when_lambda_and_weight_are_no
         .unwrap();
         t.step_with_domains(&x, 4, 32, 32, &y, &d).unwrap();
         assert_eq!(t.last_losses().0, base.0, "same treatment loss");
-        let w = weights(&t);
+        let w = weights(&mut t);
         // λ = 0 blocks the domain gradient at the GRL; weight 0 removes it: the trunk and the
         // classifier take exactly the plain step. Otherwise the reversed gradient changes them.
         assert_eq!(
@@ -576,7 +582,7 @@ fn mil_bags_lower_the_bag_loss_and_fit_runs_on_bags_with_domains() {
     assert!(f.last_losses().1.is_some());
     let mut g = Trainer::new(TrainableEfficientNet::new(cfg(3), 9).unwrap(), o2.clone()).unwrap();
     g.load_checkpoint(&ck).unwrap();
-    assert_eq!(weights(&g), weights(&f));
+    assert_eq!(weights(&mut g), weights(&mut f));
     // Without domain labels, or without control crops in the training set: errors naming them.
     let e = Trainer::new(TrainableEfficientNet::new(cfg(3), 2).unwrap(), o2.clone())
         .unwrap()

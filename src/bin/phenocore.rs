@@ -473,7 +473,7 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
             },
             output: root.join("training"),
         };
-        let o = train_cli::run_training(&tcfg, false, false)?;
+        let mut o = train_cli::run_training(&tcfg, false, false)?;
         if let Some(v) = o.reports.last().and_then(|r| r.validation.as_ref()) {
             println!(
                 "trained:      {} epochs, validation (leave-cells-out, 40 % of every well): accuracy {:.4}, macro-F1 {:.4} over {} classes",

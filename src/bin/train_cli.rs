@@ -4,7 +4,7 @@ use crate::bar;
 use clap::Args;
 use phenocore::models::efficientnet::{EfficientNetConfig, Padding, TrainableEfficientNet};
 use phenocore::train::config::{load_data, split_indices, TrainConfig};
-use phenocore::train::{Event, Trainer, TrainerOptions};
+use phenocore::train::{Compute, Event, Trainer, TrainerOptions};
 use phenocore::{Error, Result};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -26,6 +26,36 @@ pub struct BenchTrainArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Where the training steps run.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct DeviceArgs {
+    /// Train on this CUDA device (a build with the `cuda` feature); default: the CPU.
+    #[arg(long)]
+    pub device: Option<usize>,
+    /// Arithmetic of the device's steps: f32, tf32 (tensor-core GEMMs) or bf16 (mixed precision,
+    /// f32 master weights). The CPU trains in f32.
+    #[arg(long, default_value = "f32", value_parser = parse_compute)]
+    pub compute: Compute,
+}
+
+fn parse_compute(s: &str) -> std::result::Result<Compute, String> {
+    match s {
+        "f32" => Ok(Compute::F32),
+        "tf32" => Ok(Compute::Tf32),
+        "bf16" => Ok(Compute::Bf16),
+        _ => Err(format!("{s:?}: expected f32, tf32 or bf16")),
+    }
+}
+
+impl DeviceArgs {
+    fn apply(&self, o: &mut TrainerOptions) {
+        o.device = self.device;
+        o.compute = self.compute;
+    }
 }
 
 /// Peak resident memory of this process (VmHWM), MiB.
@@ -53,10 +83,11 @@ pub fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
         bn_eps: 1e-5,
     };
     let model = TrainableEfficientNet::<f32>::new(cfg, 1)?;
-    let opts = TrainerOptions {
+    let mut opts = TrainerOptions {
         batch_size: a.batch,
         ..Default::default()
     };
+    a.device.apply(&mut opts);
     let mut trainer = Trainer::new(model, opts)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
     let per = a.channels * a.size * a.size;
@@ -82,7 +113,9 @@ pub fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
     let total: f64 = times.iter().sum();
     let cps = (a.batch * times.len()) as f64 / total.max(1e-12);
     println!(
-        "{{\"side\": \"phenocore\", \"crops_per_s\": {cps:.3}, \"step_s\": {times:?}, \"losses\": {losses:?}, \"peak_rss_mib\": {:.1}, \"threads\": {}}}",
+        "{{\"side\": \"phenocore\", \"device\": {}, \"compute\": \"{:?}\", \"crops_per_s\": {cps:.3}, \"step_s\": {times:?}, \"losses\": {losses:?}, \"peak_rss_mib\": {:.1}, \"threads\": {}}}",
+        a.device.device.map_or("null".to_string(), |d| d.to_string()),
+        a.device.compute,
         vm_hwm_mib(),
         phenocore::threads::num_threads()
     );
@@ -100,6 +133,8 @@ pub struct TrainArgs {
     /// Worker threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// Everything a finished run reports.
@@ -262,7 +297,8 @@ pub fn run_training(cfg: &TrainConfig, resume: bool, quiet: bool) -> Result<Trai
 
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
     phenocore::threads::set_num_threads(a.threads)?;
-    let cfg = TrainConfig::from_file(&a.config)?;
+    let mut cfg = TrainConfig::from_file(&a.config)?;
+    a.device.apply(&mut cfg.options);
     let o = run_training(&cfg, a.resume, false)?;
     if let Some(v) = o.reports.last().and_then(|r| r.validation.as_ref()) {
         println!(

@@ -73,7 +73,7 @@ pub use train::{
     pheno_trainer_fit, pheno_trainer_free, pheno_trainer_load_checkpoint, pheno_trainer_new,
     pheno_trainer_new_from_weights, pheno_trainer_num_crops, pheno_trainer_predict,
     pheno_trainer_save_checkpoint, pheno_trainer_save_weights, pheno_trainer_step,
-    pheno_trainer_steps, pheno_trainer_to_model, PhenoLrSchedule, PhenoOptimizer,
+    pheno_trainer_steps, pheno_trainer_to_model, PhenoCompute, PhenoLrSchedule, PhenoOptimizer,
     PhenoTrainProgress, PhenoTrainProgressFn, PhenoTrainSplit, PhenoTrainer, PhenoTrainerOptions,
 };
 pub use unet::*;

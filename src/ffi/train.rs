@@ -15,7 +15,7 @@ use crate::optim::Schedule;
 use crate::train::augment::Augmentation;
 use crate::train::split::{leave_cells_out, leave_plates_out};
 use crate::train::{
-    Dataset, DecayScope, DomainAdversarial, EpochReport, Event, GrlLambda, MilOptions,
+    Compute, Dataset, DecayScope, DomainAdversarial, EpochReport, Event, GrlLambda, MilOptions,
     OptimizerKind, Trainer, TrainerOptions,
 };
 use rand::SeedableRng;
@@ -165,6 +165,26 @@ pub struct PhenoTrainerOptions {
     pub n_mil_control_classes: usize,
     /// Width of the attention's hidden layer (default 128).
     pub mil_attention_dim: usize,
+    /// -1 = CPU (default); >= 0 = the CUDA device of that ordinal trains: parameters, gradients,
+    /// BN statistics and the optimizer state stay there, validation runs there. Needs the `cuda`
+    /// feature (else PHENO_ERR_UNSUPPORTED) and a GPU (else PHENO_ERR_NO_DEVICE). Not with
+    /// `domain_count`, `mil` (PHENO_ERR_UNSUPPORTED).
+    pub device: i32,
+    /// The arithmetic of a device's steps (default F32); the CPU trains in f32 only.
+    pub compute: PhenoCompute,
+}
+
+/// The arithmetic of training steps on a GPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum PhenoCompute {
+    /// f32 storage and IEEE f32 GEMMs.
+    PHENO_COMPUTE_F32 = 0,
+    /// f32 storage, GEMMs on TF32 tensor cores.
+    PHENO_COMPUTE_TF32 = 1,
+    /// bf16 mixed precision (f32 master weights and optimizer state), as torch autocast.
+    PHENO_COMPUTE_BF16 = 2,
 }
 
 /// What `pheno_trainer_fit` reports after every step and at the end of every epoch.
@@ -289,6 +309,8 @@ pub extern "C" fn pheno_trainer_default_options() -> PhenoTrainerOptions {
         mil_control_classes: std::ptr::null(),
         n_mil_control_classes: 0,
         mil_attention_dim: m.attention_dim,
+        device: -1,
+        compute: PhenoCompute::PHENO_COMPUTE_F32,
     }
 }
 
@@ -302,6 +324,7 @@ unsafe fn trainer_opts(p: *const PhenoTrainerOptions) -> Result<TrainerOptions> 
     // Each known field from the caller's prefix; the rest keep their defaults.
     let mut raw_optimizer = 0i32;
     let mut raw_schedule = 0i32;
+    let mut raw_compute = 0i32;
     if let Some(pre) = Prefix::new(p, "opts", "pheno_trainer_default_options")? {
         macro_rules! read {
             ($field:ident, $t:ty) => {
@@ -364,6 +387,35 @@ unsafe fn trainer_opts(p: *const PhenoTrainerOptions) -> Result<TrainerOptions> 
         read!(mil_control_classes, *const u32);
         read!(n_mil_control_classes, usize);
         read!(mil_attention_dim, usize);
+        read!(device, i32);
+        if let Some(v) = pre.field::<i32>(offset_of!(PhenoTrainerOptions, compute)) {
+            raw_compute = v;
+        }
+    }
+    let device = match c.device {
+        -1 => None,
+        d if d >= 0 => Some(d as usize),
+        d => {
+            return Err(Error::InvalidArgument(format!(
+                "opts->device is {d}; expected -1 (CPU) or a CUDA ordinal >= 0"
+            )))
+        }
+    };
+    let compute = match raw_compute {
+        0 => Compute::F32,
+        1 => Compute::Tf32,
+        2 => Compute::Bf16,
+        v => {
+            return Err(Error::InvalidArgument(format!(
+                "opts->compute is {v}; expected PHENO_COMPUTE_F32 (0), _TF32 (1) or _BF16 (2)"
+            )))
+        }
+    };
+    if device.is_none() && compute != Compute::F32 {
+        return Err(Error::InvalidArgument(format!(
+            "opts->compute is {raw_compute} but opts->device is -1: the CPU trains in f32; set \
+             a CUDA device for TF32 or bf16"
+        )));
     }
     let domain_adversarial = if c.domain_count == 0 {
         None
@@ -534,6 +586,8 @@ unsafe fn trainer_opts(p: *const PhenoTrainerOptions) -> Result<TrainerOptions> 
         prefetch: c.prefetch,
         domain_adversarial,
         mil,
+        device,
+        compute,
     };
     o.validate()
         .map_err(|e| Error::InvalidArgument(format!("opts: {e}")))?;
@@ -569,6 +623,16 @@ unsafe fn trainer_mut<'a>(t: *mut PhenoTrainer) -> Result<&'a mut PhenoTrainer> 
     t.as_mut().ok_or_else(|| null("trainer"))
 }
 
+/// A trainer for a call that reads its weights (`*const` in the header). On a device the call
+/// refreshes the host's copy of the weights, a cache: what the trainer holds does not change. Like
+/// every trainer call it needs the trainer to itself (trainers are not thread-safe).
+///
+/// # Safety
+/// As [`trainer_mut`]; `t` came from this library as a `*mut` (every trainer handle does).
+unsafe fn trainer_reading<'a>(t: *const PhenoTrainer) -> Result<&'a mut PhenoTrainer> {
+    trainer_mut(t as *mut PhenoTrainer)
+}
+
 impl PhenoTrainer {
     fn new(model: TrainableEfficientNet<f32>, opts: TrainerOptions) -> Result<Self> {
         Ok(PhenoTrainer {
@@ -579,7 +643,7 @@ impl PhenoTrainer {
     }
 
     fn config(&self) -> &EfficientNetConfig {
-        self.trainer.model().config()
+        self.trainer.config()
     }
 
     /// The crops of a call as a slice, checked against the model: (C, H, W) non-zero, C the
@@ -660,7 +724,7 @@ impl PhenoTrainer {
         let tmp = TempFile::new()?;
         self.trainer.save_checkpoint(&tmp.0)?;
         let model = TrainableEfficientNet::<f32>::from_state_dict(
-            &self.trainer.model().state_dict()?,
+            &self.trainer.model()?.state_dict()?,
             self.config().clone(),
         )?;
         let mut fresh = Trainer::new(model, opts.clone())?;
@@ -1270,7 +1334,7 @@ pub unsafe extern "C" fn pheno_trainer_save_weights(
     path: *const c_char,
 ) -> PhenoStatus {
     guard("pheno_trainer_save_weights", || {
-        let t = reference(trainer, "trainer")?;
+        let t = trainer_reading(trainer)?;
         let path = c_path(path, "path")?;
         t.trainer.inference_model()?.save(path)
     })
@@ -1287,7 +1351,7 @@ pub unsafe extern "C" fn pheno_trainer_save_checkpoint(
     path: *const c_char,
 ) -> PhenoStatus {
     guard("pheno_trainer_save_checkpoint", || {
-        let t = reference(trainer, "trainer")?;
+        let t = trainer_reading(trainer)?;
         let path = c_path(path, "path")?;
         t.trainer.save_checkpoint(path)
     })
@@ -1329,14 +1393,14 @@ pub unsafe extern "C" fn pheno_trainer_to_model(
             return Err(null("out_model"));
         }
         out_model.write_unaligned(std::ptr::null_mut());
-        let t = reference(trainer, "trainer")?;
+        let t = trainer_reading(trainer)?;
         let cfg = t.config();
         mo.padding = match cfg.padding {
             Padding::Symmetric => PhenoPadding::PHENO_PADDING_SYMMETRIC,
             Padding::TfSame => PhenoPadding::PHENO_PADDING_TF_SAME,
         };
         mo.bn_eps = cfg.bn_eps;
-        bytes = crate::io::safetensors::to_bytes(&t.trainer.model().state_dict()?)?;
+        bytes = crate::io::safetensors::to_bytes(&t.trainer.model()?.state_dict()?)?;
         Ok(())
     });
     if st != PhenoStatus::PHENO_OK {

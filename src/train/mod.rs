@@ -2,6 +2,7 @@
 //! splits, validation, the training loop and checkpoints.
 pub mod augment;
 pub mod checkpoint;
+mod device;
 pub mod domain;
 pub mod mil;
 pub mod prefetch;
@@ -13,7 +14,7 @@ pub mod validation;
 pub use domain::{DomainAdversarial, GrlLambda};
 pub use mil::MilOptions;
 pub use trainer::{
-    Dataset, DecayScope, EpochReport, Event, OnlineLabelSmoothing, OptimizerKind, Trainer,
+    Compute, Dataset, DecayScope, EpochReport, Event, OnlineLabelSmoothing, OptimizerKind, Trainer,
     TrainerOptions,
 };
 pub mod config;

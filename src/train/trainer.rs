@@ -3,13 +3,16 @@
 //! prefetch, validation after every epoch, best-model export and atomic, resumable checkpoints.
 
 use super::augment::Augmentation;
+use super::device::{DeviceTrainer, OnDevice};
 use super::domain::{DomainAdversarial, DomainHead};
 use super::mil::{mil_epoch, Bag, MilHead, MilOptions};
 use super::prefetch::{batch_rng, epoch_rng, Prefetcher};
 use super::sampler::{balanced_epoch, batches};
 use super::validation::{evaluate, ClassReport};
 use crate::autograd::{ParamKind, Tape};
+use crate::backend::gpu::Gpu;
 use crate::error::{Error, Result};
+use crate::models::efficientnet::GpuEfficientNetTrainer;
 use crate::models::efficientnet::{EfficientNet, Regularisation, TrainableEfficientNet};
 use crate::ops::loss::softmax_cross_entropy;
 use crate::optim::{
@@ -19,6 +22,18 @@ use crate::optim::{
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use std::sync::Arc;
+
+/// The arithmetic of a training step on a GPU (the CPU trains in f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compute {
+    /// f32 storage and IEEE f32 GEMMs.
+    #[default]
+    F32,
+    /// f32 storage, GEMMs on TF32 tensor cores.
+    Tf32,
+    /// bf16 mixed precision as torch's autocast trains (f32 master weights and optimizer state).
+    Bf16,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OptimizerKind {
@@ -72,6 +87,13 @@ pub struct TrainerOptions {
     /// Attention-MIL bags (CP-CNN paper Methods; `super::mil`): None = off. `fit` then trains on
     /// bags (`batch_size` counts bags) and [`Trainer::step_bags`] takes bags.
     pub mil: Option<MilOptions>,
+    /// None (default): train on the CPU. Some(ordinal): train on that CUDA device (the `cuda`
+    /// feature): parameters, gradients, BN statistics and the optimizer state stay there, the
+    /// host keeps a copy refreshed when it is read (`model`, `predict`, checkpoints). Online label
+    /// smoothing, the domain-adversarial branch and MIL are CPU-only.
+    pub device: Option<usize>,
+    /// The arithmetic of the device's steps; anything but `F32` needs a device.
+    pub compute: Compute,
 }
 
 impl Default for TrainerOptions {
@@ -102,6 +124,8 @@ impl Default for TrainerOptions {
             prefetch: 2,
             domain_adversarial: None,
             mil: None,
+            device: None,
+            compute: Compute::F32,
         }
     }
 }
@@ -293,7 +317,8 @@ impl Dataset {
         Ok(self)
     }
 
-    fn crop(&self, i: usize) -> &[f32] {
+    /// Crop `i`: its C × H × W values.
+    pub fn crop(&self, i: usize) -> &[f32] {
         let per = self.c * self.h * self.w;
         &self.data[i * per..(i + 1) * per]
     }
@@ -339,12 +364,70 @@ pub struct Trainer {
     progress: Option<f64>,
     /// (treatment loss, domain loss) of the last step.
     last_losses: (f64, Option<f64>),
+    /// The steps' device (`TrainerOptions::device`, or [`Trainer::with_device`]): it holds the
+    /// current weights and optimizer state; `model` and `opt` are the host's copy.
+    device: Option<Box<dyn DeviceTrainer>>,
+    /// The host copy is older than the device's state.
+    stale: bool,
 }
 
 impl Trainer {
     /// A trainer of `model`. With `domain_adversarial` / `mil` set, their heads (`domain_head.*`,
     /// `mil_attention.*`) are added to the model's parameters, drawn from `opts.seed`.
-    pub fn new(mut model: TrainableEfficientNet<f32>, opts: TrainerOptions) -> Result<Self> {
+    ///
+    /// With `opts.device` set, the steps run on that CUDA device (an error without the `cuda`
+    /// feature, `Error::NoDevice` without a usable GPU).
+    pub fn new(model: TrainableEfficientNet<f32>, opts: TrainerOptions) -> Result<Self> {
+        match opts.device {
+            None => {
+                if opts.compute != Compute::F32 {
+                    return Err(Error::InvalidArgument(format!(
+                        "compute {:?} runs on a GPU: set device (the CPU trains in f32)",
+                        opts.compute
+                    )));
+                }
+                Self::host(model, opts)
+            }
+            #[cfg(feature = "cuda")]
+            Some(ordinal) => {
+                let dev = crate::backend::cuda::device(ordinal)?;
+                Self::with_device(model, opts, Box::new(dev))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Some(ordinal) => {
+                opts.validate()?;
+                Err(Error::Unsupported(format!(
+                    "device {ordinal}: this phenocore was built without the `cuda` feature; \
+                     train on the CPU (no device)"
+                )))
+            }
+        }
+    }
+
+    /// A trainer whose steps run on `dev` (a [`Gpu`] handle: a CUDA device, or any other
+    /// implementation), whatever `opts.device` says; `opts.compute` sets the arithmetic. The
+    /// model, its gradients, BN statistics and the optimizer state live on the device; validation
+    /// runs the inference model there. Online label smoothing, the domain-adversarial branch and
+    /// MIL are refused (`Error::Unsupported`).
+    pub fn with_device<G, D>(
+        model: TrainableEfficientNet<f32>,
+        opts: TrainerOptions,
+        dev: D,
+    ) -> Result<Self>
+    where
+        G: Gpu + 'static,
+        D: std::ops::Deref<Target = G> + Send + 'static,
+        GpuEfficientNetTrainer<G>: Send,
+    {
+        opts.validate()?;
+        let gopts = super::device::gpu_options(&opts, opts.compute)?;
+        let mut t = Self::host(model, opts)?;
+        t.device = Some(Box::new(OnDevice::new(dev, &t.model, gopts)?));
+        Ok(t)
+    }
+
+    /// The CPU trainer (and the host half of a device's).
+    fn host(mut model: TrainableEfficientNet<f32>, opts: TrainerOptions) -> Result<Self> {
         opts.validate()?;
         let domain_head = opts
             .domain_adversarial
@@ -374,7 +457,30 @@ impl Trainer {
             mil_head,
             progress: None,
             last_losses: (f64::NAN, None),
+            device: None,
+            stale: false,
         })
+    }
+
+    /// Whether the steps run on a device.
+    pub fn on_device(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// Brings the host's copy of the model and optimizer state up to the device's (nothing to do
+    /// on the CPU). Reading the model, predicting and checkpoints do it themselves.
+    pub fn sync(&mut self) -> Result<()> {
+        if !self.stale {
+            return Ok(());
+        }
+        if let Some(d) = &self.device {
+            let state = d.pull(&mut self.model)?;
+            let mut opt = self.opts.build_optimizer()?;
+            opt.load_state(&state)?;
+            self.opt = opt;
+        }
+        self.stale = false;
+        Ok(())
     }
 
     /// (treatment loss, domain loss when the domain branch ran) of the last successful step.
@@ -385,8 +491,15 @@ impl Trainer {
     pub fn options(&self) -> &TrainerOptions {
         &self.opts
     }
-    pub fn model(&self) -> &TrainableEfficientNet<f32> {
-        &self.model
+    /// The model with the current weights (on a device: copied back first).
+    pub fn model(&mut self) -> Result<&TrainableEfficientNet<f32>> {
+        self.sync()?;
+        Ok(&self.model)
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &crate::models::efficientnet::EfficientNetConfig {
+        self.model.config()
     }
     pub fn steps(&self) -> u64 {
         self.step
@@ -395,7 +508,8 @@ impl Trainer {
         self.epoch
     }
     /// The inference model (BN folded) with the current weights.
-    pub fn inference_model(&self) -> Result<EfficientNet> {
+    pub fn inference_model(&mut self) -> Result<EfficientNet> {
+        self.sync()?;
         self.model.to_inference()
     }
 
@@ -609,6 +723,20 @@ impl Trainer {
         domains: Option<&[u32]>,
         lr: f64,
     ) -> Result<(f64, usize)> {
+        if let Some(d) = &mut self.device {
+            // Heads and online label smoothing are refused when the device is attached.
+            if domains.is_some() || self.mil_head.is_some() || self.ols.is_some() {
+                return Err(Error::Internal(
+                    "a device step with a CPU-only training option".into(),
+                ));
+            }
+            let reg = self.opts.regularisation;
+            self.stale = true;
+            let (l, ok) = d.step(crops, n, h, w, labels, &reg, &mut self.rng, lr)?;
+            self.step += 1;
+            self.last_losses = (l, None);
+            return Ok((l, ok));
+        }
         let step_no = self.step + 1;
         let ols_before = self.ols.clone();
         let params = self.model.params_mut();
@@ -767,8 +895,15 @@ impl Trainer {
                 crops.len()
             )));
         }
-        let mut out = Vec::with_capacity(n * k);
         let bs = self.opts.batch_size.max(1) * 2;
+        if self.device.is_some() {
+            self.sync()?;
+            let net = self.model.to_inference()?;
+            if let Some(d) = &self.device {
+                return d.logits(&net, crops, n, h, w, bs);
+            }
+        }
+        let mut out = Vec::with_capacity(n * k);
         let reg = self.opts.regularisation;
         let mut rng = epoch_rng(0, 0);
         for start in (0..n).step_by(bs) {
@@ -972,7 +1107,7 @@ impl Trainer {
             if self.best.is_none_or(|(s, _)| score > s) {
                 self.best = Some((score, epoch));
                 if let Some(p) = best {
-                    self.model.to_inference()?.save(p)?;
+                    self.inference_model()?.save(p)?;
                 }
             }
             if let Some(p) = checkpoint {
@@ -991,14 +1126,29 @@ impl Trainer {
 
     /// Writes weights (torchvision names), optimiser state, step / epoch counters, the step RNG and
     /// the options to `path` atomically (temp file + rename).
-    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+    pub fn save_checkpoint(&mut self, path: &Path) -> Result<()> {
+        self.sync()?;
         super::checkpoint::save(self, path)
     }
 
     /// Restores a checkpoint written by `save_checkpoint`: the next step is exactly the one the
     /// saved run would have taken.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
-        super::checkpoint::load(self, path)
+        // The host copy first: a failed load leaves it (and the device) as they were.
+        self.sync()?;
+        super::checkpoint::load(self, path)?;
+        if let Some(d) = &mut self.device {
+            // The device takes the loaded state; if it cannot, the host copy and counters hold
+            // the checkpoint while the device still holds the old state: report it.
+            let state = self.opt.state();
+            d.push(&self.model, &state).map_err(|e| {
+                Error::Internal(format!(
+                    "the checkpoint was read but the device could not take it ({e}); the trainer's \
+                     device state is the one before the load: create a new trainer"
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     pub(super) fn ols_state(&self) -> Option<&OlsState> {

@@ -17,13 +17,14 @@ import numpy as np
 from ._arrays import crops_array, f32_ptr
 from ._errors import PhenoError, Status, check
 from ._lib import PhenoEffnetOptions, PhenoModel_p, c_float_p, lib, register
-from .efficientnet import EfficientNet, _effnet_options
+from .efficientnet import EfficientNet, _device_ordinal, _effnet_options
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 OPTIMIZERS = {"sgd": 0, "adamw": 1}
 SCHEDULES = {"constant": 0, "step": 1, "multistep": 2, "cosine": 3, "exponential": 4}
 SPLITS = {"none": 0, "cells": 1, "plates": 2}
+COMPUTE = {"f32": 0, "tf32": 1, "bf16": 2}
 
 
 class PhenoTrainerOptions(ctypes.Structure):
@@ -79,6 +80,8 @@ class PhenoTrainerOptions(ctypes.Structure):
         ("mil_control_classes", POINTER(c_uint32)),
         ("n_mil_control_classes", c_size_t),
         ("mil_attention_dim", c_size_t),
+        ("device", c_int32),
+        ("compute", c_int32),
     ]
 
 
@@ -186,6 +189,11 @@ class Trainer:
     "control_classes": [dmso_label], "attention_dim": 128}` trains on attention-MIL bags: `.fit` builds
     them (`batch_size` counts bags) and `.step_bags(crops, bag_labels)` takes (n_bags · bag_size, C, H, W)
     crops, bag after bag.
+
+    `device="cuda"` (or "cuda:N") trains on that GPU (a library built with the `cuda` feature):
+    weights, gradients, BN statistics and the optimizer state stay there, validation runs there;
+    `compute="tf32"` or `"bf16"` (mixed precision, f32 master weights) sets the arithmetic of its
+    steps. Not with `domain_adversarial` or `mil`.
     """
 
     def __init__(
@@ -227,6 +235,8 @@ class Trainer:
         threads: Optional[int] = None,
         domain_adversarial: Optional[Dict[str, Any]] = None,
         mil: Optional[Dict[str, Any]] = None,
+        device: Union[str, int] = "cpu",
+        compute: str = "f32",
     ):
         self._handle: Optional[int] = None
         if model is not None and weights is not None:
@@ -265,6 +275,9 @@ class Trainer:
         opts.augment, opts.augment_in_step = int(bool(fit_augment)), int(bool(augment))
         opts.batch_size, opts.epochs, opts.seed = int(batch_size), int(epochs), int(seed)
         opts.workers, opts.prefetch = int(workers), int(prefetch)
+        if compute not in COMPUTE:
+            raise PhenoError(Status.INVALID_ARGUMENT, f"unknown compute {compute!r}: expected one of {list(COMPUTE)}")
+        opts.device, opts.compute = _device_ordinal(device), COMPUTE[compute]
         self._domain_hidden = (c_size_t * 0)()
         self._mil_controls = (c_uint32 * 0)()
         self.domain_adversarial = domain_adversarial is not None

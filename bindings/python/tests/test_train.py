@@ -145,6 +145,28 @@ def test_bad_input_names_the_culprit():
     assert t.steps == 0  # nothing was applied
 
 
+
+def test_device_training_is_refused_with_a_reason_or_runs():
+    """device="cuda": a library without the `cuda` feature says UNSUPPORTED, one without a GPU
+    NO_DEVICE (with a message); on a GPU a step runs. compute needs a device and a known name."""
+    try:
+        t = Trainer(in_channels=3, num_classes=2, seed=0, device="cuda", compute="bf16")
+    except PhenoError as e:
+        assert e.status in (Status.UNSUPPORTED, Status.NO_DEVICE), e
+        assert "cuda" in e.message.lower() or "driver" in e.message.lower() or "gpu" in e.message.lower(), e
+    else:
+        loss = t.step(_crops(np.random.default_rng(0), 2), [0, 1])
+        assert math.isfinite(loss) and t.steps == 1
+    with pytest.raises(PhenoError) as e:
+        Trainer(in_channels=3, num_classes=2, compute="bf16")
+    assert e.value.status == Status.INVALID_ARGUMENT and "device" in e.value.message, e.value
+    with pytest.raises(PhenoError) as e:
+        Trainer(in_channels=3, num_classes=2, compute="fp8")
+    assert e.value.status == Status.INVALID_ARGUMENT and "fp8" in e.value.message, e.value
+    with pytest.raises(PhenoError) as e:
+        Trainer(in_channels=3, num_classes=2, device="tpu")
+    assert e.value.status == Status.INVALID_ARGUMENT and "tpu" in e.value.message, e.value
+
 def _toy(rng, n_per=8):
     """2 classes on 2 plates × 2 wells: class 1 crops are brighter."""
     xs, ys, gs, ps = [], [], [], []

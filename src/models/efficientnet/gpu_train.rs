@@ -37,7 +37,7 @@ use crate::backend::gpu::shape::{activation_backward, add, ActivationGrad, Sampl
 use crate::backend::gpu::{Gemm, Gpu, Math};
 use crate::error::{Error, Result};
 use crate::ops::norm::{Act, BatchNormConfig};
-use crate::optim::{AdamWOptions, SgdOptions};
+use crate::optim::{AdamWOptions, OptimizerState, SgdOptions};
 use crate::tensor::{DType, Tensor};
 use crate::train::{DecayScope, OptimizerKind, TrainerOptions};
 use rand::Rng;
@@ -442,6 +442,193 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             .collect())
     }
 
+    /// The names of the optimizer's state tensors, arena by arena (`self.state`'s order), in the
+    /// CPU optimizers' checkpoint format (`crate::optim::{Sgd, AdamW}::state`).
+    fn state_prefixes(&self) -> &'static [&'static str] {
+        match (&self.plan, self.state.len()) {
+            (OptPlan::Sgd(_), 0) => &[],
+            (OptPlan::Sgd(_), _) => &["momentum_buffer/"],
+            (OptPlan::AdamW(..), 2) => &["exp_avg/", "exp_avg_sq/"],
+            (OptPlan::AdamW(..), _) => &["exp_avg/", "exp_avg_sq/", "max_exp_avg_sq/"],
+        }
+    }
+
+    /// The optimizer state as the CPU optimizer of the same options holds it after the same steps
+    /// (its `Optimizer::state`, the checkpoint format): "step", and per trainable tensor SGD's
+    /// `momentum_buffer/<name>` (with momentum, after the first step) or AdamW's
+    /// `exp_avg/<name>`, `exp_avg_sq/<name>` (and `max_exp_avg_sq/<name>`) and `step/<name>`.
+    pub fn optimizer_state(&self, g: &G) -> Result<OptimizerState> {
+        let mut out = OptimizerState {
+            tensors: Vec::new(),
+            scalars: vec![("step".to_string(), self.steps as f64)],
+        };
+        // Before the first step the CPU optimizers have registered nothing.
+        if self.steps == 0 {
+            return Ok(out);
+        }
+        let arenas: Vec<Vec<f32>> = self
+            .state
+            .iter()
+            .map(|b| g.download_vec(b, self.params_len))
+            .collect::<Result<_>>()?;
+        let adamw = matches!(self.plan, OptPlan::AdamW(..));
+        for &i in &self.trainable {
+            let e = &self.entries[i];
+            let r = e.span.off..e.span.off + e.span.len;
+            for (prefix, a) in self.state_prefixes().iter().zip(&arenas) {
+                out.tensors
+                    .push((format!("{prefix}{}", e.name), a[r.clone()].to_vec()));
+            }
+            if adamw {
+                out.scalars
+                    .push((format!("step/{}", e.name), self.steps as f64));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces the parameters, the running statistics, the optimizer state and the step count
+    /// with a CPU trainer's (a checkpoint's): `model` has this trainer's configuration and tensors,
+    /// `opt` is in the format of [`Self::optimizer_state`]. Everything is checked before anything
+    /// changes; AdamW's per-tensor steps must all equal "step" (the device keeps one count).
+    pub fn load_state(
+        &mut self,
+        g: &G,
+        model: &TrainableEfficientNet<f32>,
+        opt: &OptimizerState,
+    ) -> Result<()> {
+        let cfg = model.config();
+        if cfg.in_channels != self.config.in_channels || cfg.num_classes != self.config.num_classes
+        {
+            return Err(Error::Shape(format!(
+                "load_state: the model takes {} channels and has {} classes, this trainer {} and {}",
+                cfg.in_channels,
+                cfg.num_classes,
+                self.config.in_channels,
+                self.config.num_classes
+            )));
+        }
+        let params = model.params();
+        if params.len() != self.entries.len() {
+            return Err(Error::Unsupported(format!(
+                "load_state: the model has {} tensors, this trainer {} (training-only heads are \
+                 not on the GPU path)",
+                params.len(),
+                self.entries.len()
+            )));
+        }
+        let mut host_params = vec![0f32; self.params_len];
+        let mut host_stats = vec![0f32; self.stats_len];
+        for ((name, _, kind, v), e) in params.iter().zip(&self.entries) {
+            if name != e.name || v.len() != e.span.len || kind != e.kind {
+                return Err(Error::Shape(format!(
+                    "load_state: model tensor {name:?} ({} values) where this trainer has {:?} \
+                     ({} values)",
+                    v.len(),
+                    e.name,
+                    e.span.len
+                )));
+            }
+            let arena = if kind == ParamKind::Buffer {
+                &mut host_stats
+            } else {
+                &mut host_params
+            };
+            arena[e.span.off..e.span.off + e.span.len].copy_from_slice(v);
+        }
+        let scalar = |k: &str| opt.scalars.iter().find(|(n, _)| n == k).map(|&(_, v)| v);
+        let as_count = |k: &str, v: f64| -> Result<u64> {
+            if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < 2f64.powi(53) {
+                Ok(v as u64)
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "optimizer state: {k:?} is {v}, not a step count"
+                )))
+            }
+        };
+        let steps = as_count(
+            "step",
+            scalar("step")
+                .ok_or_else(|| Error::MissingKey("optimizer state: no scalar \"step\"".into()))?,
+        )?;
+        let adamw = matches!(self.plan, OptPlan::AdamW(..));
+        let prefixes = self.state_prefixes();
+        let mut known = 0usize;
+        let mut arenas: Vec<Vec<f32>> = vec![vec![0f32; self.params_len]; self.state.len()];
+        let any_state = !opt.tensors.is_empty();
+        for &i in &self.trainable {
+            let e = &self.entries[i];
+            for (prefix, a) in prefixes.iter().zip(arenas.iter_mut()) {
+                let key = format!("{prefix}{}", e.name);
+                match opt.tensor(&key) {
+                    Some(t) if t.len() == e.span.len => {
+                        a[e.span.off..e.span.off + e.span.len].copy_from_slice(t);
+                        known += 1;
+                    }
+                    Some(t) => {
+                        return Err(Error::Shape(format!(
+                            "optimizer state: {key:?} has {} values, the parameter {}",
+                            t.len(),
+                            e.span.len
+                        )))
+                    }
+                    // Nothing registered yet (before the first step): zeros, as a fresh one.
+                    None if !any_state && steps == 0 => {}
+                    None => {
+                        return Err(Error::MissingKey(format!(
+                            "optimizer state: no tensor {key:?} (step {steps})"
+                        )))
+                    }
+                }
+            }
+            if adamw && any_state {
+                let k = format!("step/{}", e.name);
+                let v = scalar(&k).ok_or_else(|| {
+                    Error::MissingKey(format!("optimizer state: no scalar {k:?}"))
+                })?;
+                if as_count(&k, v)? != steps {
+                    return Err(Error::Unsupported(format!(
+                        "optimizer state: {k:?} is {v} but \"step\" is {steps}; the GPU \
+                         optimizer keeps one step count for every tensor"
+                    )));
+                }
+            }
+        }
+        if known != opt.tensors.len() {
+            let extra = opt
+                .tensors
+                .iter()
+                .find(|(k, _)| {
+                    !self.trainable.iter().any(|&i| {
+                        prefixes
+                            .iter()
+                            .any(|p| *k == format!("{p}{}", self.entries[i].name))
+                    })
+                })
+                .map_or("?", |(k, _)| k.as_str());
+            return Err(Error::InvalidArgument(format!(
+                "optimizer state: unknown tensor {extra:?} for this {} optimizer",
+                if adamw { "adamw" } else { "sgd" }
+            )));
+        }
+        if !adamw && self.state.is_empty() && any_state {
+            return Err(Error::InvalidArgument(
+                "optimizer state: has momentum buffers but this optimizer has momentum 0".into(),
+            ));
+        }
+        let new_params = g.upload_slice(&host_params)?;
+        let new_stats = g.upload_slice(&host_stats)?;
+        let new_state = arenas
+            .iter()
+            .map(|a| g.upload_slice(a))
+            .collect::<Result<Vec<_>>>()?;
+        self.params = new_params;
+        self.stats = new_stats;
+        self.state = new_state;
+        self.steps = steps;
+        Ok(())
+    }
+
     fn p(&self, g: &G, s: Span) -> u64 {
         g.ptr(&self.params) + 4 * s.off as u64
     }
@@ -517,6 +704,24 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         reg: &Regularisation,
         rng: &mut impl Rng,
     ) -> Result<f32> {
+        self.step_with_logits(g, crops, n, h, w, labels, reg, rng)
+            .map(|(l, _)| l)
+    }
+
+    /// [`Self::step`], also returning the step's logits [n, classes] (training mode: dropout
+    /// applied), from which a training loop counts the correct predictions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_with_logits(
+        &mut self,
+        g: &G,
+        crops: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        labels: &[u32],
+        reg: &Regularisation,
+        rng: &mut impl Rng,
+    ) -> Result<(f32, Vec<f32>)> {
         let c = self.config.in_channels;
         let k = self.config.num_classes;
         if n == 0 || h == 0 || w == 0 || crops.len() != n * c * h * w {
@@ -570,8 +775,8 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             // SAFETY: as above.
             unsafe { g.copy(g.ptr(&backup), g.ptr(&me.stats), me.stats_len * 4) }
         };
-        let out = (|| -> Result<(f32, f64)> {
-            let loss = self.forward_backward(
+        let out = (|| -> Result<(f32, f64, Vec<f32>)> {
+            let (loss, logits) = self.forward_backward(
                 g,
                 crops,
                 [n, h, w],
@@ -587,13 +792,14 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             unsafe { self.norm.norm(g, &grads, g.ptr(&nrm), g.ptr(&coef))? };
             let lv: Vec<f32> = g.download_vec(&loss, 1)?;
             let nv: Vec<f64> = g.download_vec(&nrm, 1)?;
+            let z: Vec<f32> = g.download_vec(&logits, n * k)?;
             if lv[0].is_finite() && nv[0].is_finite() {
                 self.update(g, self.opts.clip_grad_norm.map(|_| g.ptr(&coef)))?;
                 g.synchronize()?;
             }
-            Ok((lv[0], nv[0]))
+            Ok((lv[0], nv[0], z))
         })();
-        let (lv, nv) = match out {
+        let (lv, nv, logits) = match out {
             Ok(v) => v,
             Err(e) => {
                 restore(self)?;
@@ -618,7 +824,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
             )));
         }
         self.steps += 1;
-        Ok(lv)
+        Ok((lv, logits))
     }
 
     fn grad_ptrs(&self, g: &G) -> Vec<u64> {
@@ -917,7 +1123,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
         bn_cfg: &BatchNormConfig,
         dc_masks: &[Option<Vec<f32>>],
         dropout_mask: Option<&[f32]>,
-    ) -> Result<G::Buf> {
+    ) -> Result<(G::Buf, G::Buf)> {
         let c = self.config.in_channels;
         let k = self.config.num_classes;
         let pad: Padding = self.config.padding;
@@ -1090,7 +1296,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 ptr(&one),
                 ptr(&dlogits),
             )?;
-            drop((logits, lse, lab, one));
+            drop((lse, lab, one));
             let dfeat = self.linear_backward(
                 g,
                 ptr(&dropped),
@@ -1247,7 +1453,7 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 self.gr(g, self.stem.w),
                 [rows, kdim, STEM_CH],
             )?;
-            Ok(loss)
+            Ok((loss, logits))
         }
     }
 }

@@ -1,0 +1,200 @@
+//! The [`Trainer`](super::Trainer)'s steps on a GPU: the model, its gradients, the BN statistics
+//! and the optimizer state resident on the device ([`GpuEfficientNetTrainer`]), validation
+//! through the inference model on the same device ([`GpuEfficientNet`], the pooled top features;
+//! the classifier on the host), and the state moved to and from the host's copy for checkpoints.
+//!
+//! The trainer holds it as a trait object, so any [`Gpu`] drives it: a CUDA device (the `cuda`
+//! feature, `TrainerOptions::device`) or, in the tests, the CPU emulation of the kernels.
+
+use super::trainer::Compute;
+use crate::backend::gpu::{Gpu, Math};
+use crate::error::Result;
+use crate::models::efficientnet::{
+    EfficientNet, GpuEfficientNet, GpuEfficientNetTrainer, GpuTrainOptions, Regularisation,
+    TrainableEfficientNet,
+};
+use crate::optim::OptimizerState;
+use crate::tensor::{DType, Tensor};
+use rand_chacha::ChaCha8Rng;
+use std::ops::Deref;
+
+/// What the trainer asks of a device.
+pub(crate) trait DeviceTrainer: Send {
+    /// One optimizer step at `lr`: (loss, crops whose training-mode logits put their label first).
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        crops: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        labels: &[u32],
+        reg: &Regularisation,
+        rng: &mut ChaCha8Rng,
+        lr: f64,
+    ) -> Result<(f64, usize)>;
+    /// Copies the device's parameters and running statistics into `model`; returns the
+    /// optimizer state in the CPU optimizers' format.
+    fn pull(&self, model: &mut TrainableEfficientNet<f32>) -> Result<OptimizerState>;
+    /// Replaces the device's parameters, statistics, optimizer state and step count.
+    fn push(&mut self, model: &TrainableEfficientNet<f32>, opt: &OptimizerState) -> Result<()>;
+    /// Eval-mode logits [n, classes] of `net` (the inference model of the current weights) for
+    /// crops (N, C, H, W), `batch` crops at a time.
+    fn logits(
+        &self,
+        net: &EfficientNet,
+        crops: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        batch: usize,
+    ) -> Result<Vec<f32>>;
+}
+
+/// The GPU options of a trainer's options at learning rate `lr`.
+pub(crate) fn gpu_options(
+    opts: &super::TrainerOptions,
+    compute: Compute,
+) -> Result<GpuTrainOptions> {
+    let mut o = GpuTrainOptions::from_trainer(opts)?;
+    (o.math, o.compute) = match compute {
+        Compute::F32 => (Math::F32, DType::F32),
+        Compute::Tf32 => (Math::Tf32, DType::F32),
+        Compute::Bf16 => (Math::F32, DType::BF16),
+    };
+    Ok(o)
+}
+
+/// A device handle (`D`: an owned CUDA device, or `&'static` emulation) and the trainer on it.
+pub(crate) struct OnDevice<G: Gpu, D: Deref<Target = G>> {
+    dev: D,
+    t: GpuEfficientNetTrainer<G>,
+}
+
+impl<G: Gpu, D: Deref<Target = G>> OnDevice<G, D> {
+    pub(crate) fn new(
+        dev: D,
+        model: &TrainableEfficientNet<f32>,
+        opts: GpuTrainOptions,
+    ) -> Result<Self> {
+        let t = GpuEfficientNetTrainer::new(&*dev, model, opts)?;
+        Ok(OnDevice { dev, t })
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+impl<G, D> DeviceTrainer for OnDevice<G, D>
+where
+    G: Gpu,
+    D: Deref<Target = G> + Send,
+    GpuEfficientNetTrainer<G>: Send,
+{
+    fn step(
+        &mut self,
+        crops: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        labels: &[u32],
+        reg: &Regularisation,
+        rng: &mut ChaCha8Rng,
+        lr: f64,
+    ) -> Result<(f64, usize)> {
+        self.t.set_lr(lr)?;
+        let (loss, logits) = self
+            .t
+            .step_with_logits(&*self.dev, crops, n, h, w, labels, reg, rng)?;
+        let k = self.t.config().num_classes;
+        let correct = logits
+            .chunks_exact(k)
+            .zip(labels)
+            .filter(|(row, &y)| argmax(row) == y as usize)
+            .count();
+        Ok((loss as f64, correct))
+    }
+
+    fn pull(&self, model: &mut TrainableEfficientNet<f32>) -> Result<OptimizerState> {
+        let state = self.t.state_dict(&*self.dev)?;
+        let params = model.params_mut();
+        // Check every tensor before writing any.
+        let mut values = Vec::with_capacity(params.len());
+        for i in 0..params.len() {
+            let name = params.name(i).to_string();
+            let t = state.get(&name).ok_or_else(|| {
+                crate::error::Error::Internal(format!("device state has no tensor {name:?}"))
+            })?;
+            let v = t.as_f32()?;
+            if v.len() != params.value(i).len() {
+                return Err(crate::error::Error::Internal(format!(
+                    "device tensor {name:?} has {} values, the host's {}",
+                    v.len(),
+                    params.value(i).len()
+                )));
+            }
+            values.push(v.to_vec());
+        }
+        for (i, v) in values.into_iter().enumerate() {
+            params.value_mut(i).copy_from_slice(&v);
+        }
+        self.t.optimizer_state(&*self.dev)
+    }
+
+    fn push(&mut self, model: &TrainableEfficientNet<f32>, opt: &OptimizerState) -> Result<()> {
+        self.t.load_state(&*self.dev, model, opt)
+    }
+
+    fn logits(
+        &self,
+        net: &EfficientNet,
+        crops: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        batch: usize,
+    ) -> Result<Vec<f32>> {
+        let g = &*self.dev;
+        let c = net.config().in_channels;
+        let k = net.config().num_classes;
+        let gm = GpuEfficientNet::new(g, net)?;
+        let x = Tensor::from_f32(&[n, c, h, w], crops.to_vec())?;
+        let pooled = gm.features_batched(g, &x, "top_activation", batch.max(1))?;
+        let p = pooled.as_f32()?;
+        let d = p.len() / n.max(1);
+        let sd = net.state_dict();
+        let get = |key: &str| {
+            sd.get(key).ok_or_else(|| {
+                crate::error::Error::MissingKey(format!("the model has no tensor {key:?}"))
+            })
+        };
+        let (wt, b) = (
+            get("classifier.1.weight")?.as_f32()?,
+            get("classifier.1.bias")?.as_f32()?,
+        );
+        if wt.len() != k * d || b.len() != k {
+            return Err(crate::error::Error::Shape(format!(
+                "classifier of {} weights and {} biases for {k} classes of {d} features",
+                wt.len(),
+                b.len()
+            )));
+        }
+        // Eval mode: dropout is the identity; logits = pooled · Wᵀ + b, accumulated in f64.
+        let mut out = vec![0f32; n * k];
+        for (row, z) in p.chunks_exact(d).zip(out.chunks_exact_mut(k)) {
+            for (j, zj) in z.iter_mut().enumerate() {
+                let wr = &wt[j * d..(j + 1) * d];
+                let s: f64 = row.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                *zj = (s + b[j] as f64) as f32;
+            }
+        }
+        Ok(out)
+    }
+}
