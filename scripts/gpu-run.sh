@@ -12,6 +12,10 @@
 #   memcheck   the same two programs under compute-sanitizer --tool memcheck
 #   racecheck  the same under --tool racecheck (PHENO_RACECHECK_FILTER: libtest arguments for the
 #              parity program, e.g. test-name filters and --test-threads; the whole suite is slow)
+#   initcheck  the same under --tool initcheck (PHENO_INITCHECK_FILTER likewise), with
+#              --check-bulk-copy: cuBLAS's Hopper kernels store through the TMA, and without it
+#              what they write reads as uninitialised (the likely cause of the add_per_sample_vec
+#              reports of the first initcheck run, which read bf16 GEMM outputs)
 #   kernels    benches/cuda_kernels.rs (achieved bandwidth against the device copy)
 #   effnet, train, unet   benches/cuda_{effnet,train,unet}.py (PyTorch side by side)
 #   profile    the three benches, smaller, with PHENOCORE_CUDA_PROFILE=1: GPU time by kernel
@@ -74,6 +78,9 @@ step() {
         racecheck)
             sanitize racecheck /tmp/pheno-bin/cuda_ops --include-ignored \
                 && sanitize racecheck /tmp/pheno-bin/cuda_parity --include-ignored ${PHENO_RACECHECK_FILTER:-} ;;
+        initcheck)
+            sanitize initcheck --check-bulk-copy yes /tmp/pheno-bin/cuda_ops --include-ignored \
+                && sanitize initcheck --check-bulk-copy yes /tmp/pheno-bin/cuda_parity --include-ignored ${PHENO_INITCHECK_FILTER:-} ;;
         kernels) /tmp/pheno-bin/cuda_kernels 20 ;;
         effnet) python3 benches/cuda_effnet.py --batch 1024 --reps 10 ;;
         train) python3 benches/cuda_train.py --batch 256 --steps 10 ;;

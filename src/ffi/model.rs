@@ -68,10 +68,8 @@ impl PhenoModel {
     pub(crate) fn features(&self, crops: &Tensor, layers: &[&str]) -> Result<Vec<Tensor>> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
-            return layers
-                .iter()
-                .map(|l| g.model.features(&g.dev, crops, l))
-                .collect();
+            // One pass for every layer asked for.
+            return g.model.features_multi(&g.dev, crops, layers);
         }
         self.net.features(crops, layers)
     }

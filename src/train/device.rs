@@ -1,7 +1,6 @@
 //! The [`Trainer`](super::Trainer)'s steps on a GPU: the model, its gradients, the BN statistics
 //! and the optimizer state resident on the device ([`GpuEfficientNetTrainer`]), validation
-//! through the inference model on the same device ([`GpuEfficientNet`], the pooled top features;
-//! the classifier on the host), and the state moved to and from the host's copy for checkpoints.
+//! through the inference model on the same device ([`GpuEfficientNet`]'s logits), and the state moved to and from the host's copy for checkpoints.
 //!
 //! The trainer holds it as a trait object, so any [`Gpu`] drives it: a CUDA device (the `cuda`
 //! feature, `TrainerOptions::device`) or, in the tests, the CPU emulation of the kernels.
@@ -163,38 +162,10 @@ where
     ) -> Result<Vec<f32>> {
         let g = &*self.dev;
         let c = net.config().in_channels;
-        let k = net.config().num_classes;
         let gm = GpuEfficientNet::new(g, net)?;
         let x = Tensor::from_f32(&[n, c, h, w], crops.to_vec())?;
-        let pooled = gm.features_batched(g, &x, "top_activation", batch.max(1))?;
-        let p = pooled.as_f32()?;
-        let d = p.len() / n.max(1);
-        let sd = net.state_dict();
-        let get = |key: &str| {
-            sd.get(key).ok_or_else(|| {
-                crate::error::Error::MissingKey(format!("the model has no tensor {key:?}"))
-            })
-        };
-        let (wt, b) = (
-            get("classifier.1.weight")?.as_f32()?,
-            get("classifier.1.bias")?.as_f32()?,
-        );
-        if wt.len() != k * d || b.len() != k {
-            return Err(crate::error::Error::Shape(format!(
-                "classifier of {} weights and {} biases for {k} classes of {d} features",
-                wt.len(),
-                b.len()
-            )));
-        }
-        // Eval mode: dropout is the identity; logits = pooled · Wᵀ + b, accumulated in f64.
-        let mut out = vec![0f32; n * k];
-        for (row, z) in p.chunks_exact(d).zip(out.chunks_exact_mut(k)) {
-            for (j, zj) in z.iter_mut().enumerate() {
-                let wr = &wt[j * d..(j + 1) * d];
-                let s: f64 = row.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                *zj = (s + b[j] as f64) as f32;
-            }
-        }
-        Ok(out)
+        // Eval mode (dropout is the identity), pipelined in batches.
+        let z = gm.features_batched(g, &x, "logits", batch.max(1))?;
+        Ok(z.as_f32()?.to_vec())
     }
 }

@@ -40,6 +40,8 @@ pub struct GpuEfficientNet<G: Gpu> {
     stem: Conv<G::Buf>,
     blocks: Vec<Block<G::Buf>>,
     top: Conv<G::Buf>,
+    /// The classifier (`classifier.1`): logits = pooled top features · wᵀ + b.
+    cls: Conv<G::Buf>,
     in_channels: usize,
     padding: super::Padding,
     /// GEMM arithmetic: `Math::F32` (default) or TF32 tensor cores.
@@ -107,10 +109,12 @@ impl<G: Gpu> GpuEfficientNet<G> {
             });
         }
         let top = conv("features.8.0.weight", "features.8.1")?;
+        let cls = upload(g, &get("classifier.1.weight")?, &get("classifier.1.bias")?)?;
         Ok(GpuEfficientNet {
             stem,
             blocks,
             top,
+            cls,
             in_channels: cfg.in_channels,
             padding: cfg.padding,
             math: Math::F32,
@@ -187,10 +191,30 @@ impl<G: Gpu> GpuEfficientNet<G> {
     /// for crops (N, C, H, W) f32: an (N, D) tensor.
     pub fn features(&self, g: &G, crops: &Tensor, layer: &str) -> Result<Tensor> {
         let tap = resolve(layer)?;
-        let [n, h, w] = self.check_crops(crops, tap.point)?;
+        let [n, h, w] = self.check_crops(crops)?;
         let x = g.upload_slice(crops.as_f32()?)?;
         let (p, d) = self.pooled_features(g, &x, n, h, w, tap.point)?;
         Tensor::from_f32(&[n, d], g.download_vec(&p, n * d)?)
+    }
+
+    /// The spatial means of several layers (as [`Self::features`] for each, `"logits"` included)
+    /// from one pass: the trunk runs once, up to the deepest layer asked for.
+    pub fn features_multi(&self, g: &G, crops: &Tensor, layers: &[&str]) -> Result<Vec<Tensor>> {
+        let points = layers
+            .iter()
+            .map(|l| resolve(l).map(|t| t.point))
+            .collect::<Result<Vec<_>>>()?;
+        if points.is_empty() {
+            return Err(Error::InvalidArgument(
+                "GPU EfficientNet: no layer asked for".into(),
+            ));
+        }
+        let [n, h, w] = self.check_crops(crops)?;
+        let x = g.upload_slice(crops.as_f32()?)?;
+        self.pooled_taps(g, &x, n, h, w, &points)?
+            .into_iter()
+            .map(|(p, d)| Tensor::from_f32(&[n, d], g.download_vec(&p, n * d)?))
+            .collect()
     }
 
     /// [`Self::features`] in batches of `batch` crops, pipelined: while the device computes batch
@@ -205,7 +229,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
         batch: usize,
     ) -> Result<Tensor> {
         let tap = resolve(layer)?;
-        let [n, h, w] = self.check_crops(crops, tap.point)?;
+        let [n, h, w] = self.check_crops(crops)?;
         if batch == 0 {
             return Err(Error::InvalidArgument(
                 "features_batched: batch must be positive".into(),
@@ -270,11 +294,6 @@ impl<G: Gpu> GpuEfficientNet<G> {
                 "capture_features: empty batch {n} × {h} × {w}"
             )));
         }
-        if tap.point == TapPoint::Logits {
-            return Err(Error::InvalidArgument(
-                "GPU EfficientNet: logits are not implemented on the GPU path yet; ask for a feature layer".into(),
-            ));
-        }
         let input = g.alloc(n * self.in_channels * h * w * 4)?;
         // Run once outside the capture: the width of the output, and a warm allocator cache.
         let (_, d) = self.pooled_features(g, &input, n, h, w, tap.point)?;
@@ -295,18 +314,13 @@ impl<G: Gpu> GpuEfficientNet<G> {
         })
     }
 
-    fn check_crops(&self, crops: &Tensor, point: TapPoint) -> Result<[usize; 3]> {
+    fn check_crops(&self, crops: &Tensor) -> Result<[usize; 3]> {
         let s = crops.shape();
         if s.len() != 4 || s[1] != self.in_channels || s[0] == 0 || s[2] == 0 || s[3] == 0 {
             return Err(Error::Shape(format!(
                 "crops must be a non-empty (N, {}, H, W) float32, got shape {s:?}",
                 self.in_channels
             )));
-        }
-        if point == TapPoint::Logits {
-            return Err(Error::InvalidArgument(
-                "GPU EfficientNet: logits are not implemented on the GPU path yet; ask for a feature layer".into(),
-            ));
         }
         crops.check_finite("crops")?;
         Ok([s[0], s[2], s[3]])
@@ -323,10 +337,42 @@ impl<G: Gpu> GpuEfficientNet<G> {
         w: usize,
         point: TapPoint,
     ) -> Result<(G::Buf, usize)> {
+        self.pooled_taps(g, x, n, h, w, &[point])?
+            .pop()
+            .ok_or_else(|| Error::Internal("GPU EfficientNet: no tap".into()))
+    }
+
+    /// [`Self::pooled_features`] for every point of `points` from one pass (in their order; the
+    /// pass stops at the deepest). Logits are the classifier on the pooled top features.
+    fn pooled_taps(
+        &self,
+        g: &G,
+        x: &G::Buf,
+        n: usize,
+        h: usize,
+        w: usize,
+        points: &[TapPoint],
+    ) -> Result<Vec<(G::Buf, usize)>> {
         let c = self.in_channels;
-        let done = |act: &Act<G::Buf>| -> Result<(G::Buf, usize)> {
-            Ok((self.pooled(g, act, n)?, act.ch))
+        let mut outs: Vec<Option<(G::Buf, usize)>> = points.iter().map(|_| None).collect();
+        // Pools `act` into every slot asking for `point`; true once every slot is filled.
+        let mut tap = |point: TapPoint, act: &Act<G::Buf>| -> Result<bool> {
+            for (slot, _) in outs
+                .iter_mut()
+                .zip(points)
+                .filter(|(o, &p)| p == point && o.is_none())
+            {
+                *slot = Some((self.pooled(g, act, n)?, act.ch));
+            }
+            Ok(outs.iter().all(Option::is_some))
         };
+        macro_rules! tap {
+            ($point:expr, $act:expr) => {
+                if points.contains(&$point) && tap($point, $act)? {
+                    return Ok(outs.into_iter().flatten().collect());
+                }
+            };
+        }
 
         // Stem: one direct convolution with the bias and SiLU fused where its weights fit the
         // kernel's shared memory (c ≤ 42), else im2col + GEMM + bias + SiLU.
@@ -368,9 +414,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
             )?
         };
         debug_assert_eq!(cur.ch, STEM_CH);
-        if point == TapPoint::Stem {
-            return done(&cur);
-        }
+        tap!(TapPoint::Stem, &cur);
         let (mut hh, mut ww) = (oh, ow);
         for (bi, blk) in self.blocks.iter().enumerate() {
             let spec = &blk.spec;
@@ -378,9 +422,7 @@ impl<G: Gpu> GpuEfficientNet<G> {
             let expanded = match &blk.expand {
                 Some(e) => {
                     let a = self.linear(g, &cur, e, Some(Unary::Silu))?;
-                    if point == TapPoint::Expand(bi) {
-                        return done(&a);
-                    }
+                    tap!(TapPoint::Expand(bi), &a);
                     Some(a)
                 }
                 None => None,
@@ -407,11 +449,9 @@ impl<G: Gpu> GpuEfficientNet<G> {
                 ch: hid,
             };
             drop(expanded);
+            tap!(TapPoint::Depthwise(bi), &a);
             // Squeeze-excite.
             let p = self.pooled(g, &a, n)?;
-            if point == TapPoint::Depthwise(bi) {
-                return done(&a);
-            }
             let pooled = Act {
                 buf: p,
                 rows: n,
@@ -422,13 +462,9 @@ impl<G: Gpu> GpuEfficientNet<G> {
             let sc = SampleChannels::new(F32, [n, oh * ow, hid])?;
             // SAFETY: a holds n·oh·ow·hid f32 (scaled in place), scale n·hid.
             unsafe { sc.scale_channels(g, g.ptr(&a.buf), g.ptr(&scale.buf), g.ptr(&a.buf))? };
-            if point == TapPoint::SeExcite(bi) {
-                return done(&a);
-            }
+            tap!(TapPoint::SeExcite(bi), &a);
             let proj = self.linear(g, &a, &blk.project, None)?;
-            if point == TapPoint::Project(bi) {
-                return done(&proj);
-            }
+            tap!(TapPoint::Project(bi), &proj);
             if spec.residual() {
                 // SAFETY: both hold rows × out_ch f32; the sum goes into proj in place.
                 unsafe {
@@ -443,15 +479,24 @@ impl<G: Gpu> GpuEfficientNet<G> {
                 };
             }
             cur = proj;
-            if point == TapPoint::Output(bi) {
-                return done(&cur);
-            }
+            tap!(TapPoint::Output(bi), &cur);
             hh = oh;
             ww = ow;
         }
         let top = self.linear(g, &cur, &self.top, Some(Unary::Silu))?;
         debug_assert_eq!(top.ch, TOP_CH);
-        done(&top)
+        tap!(TapPoint::Top, &top);
+        // Logits: the classifier on the pooled top features (dropout is the identity here).
+        let pooled = Act {
+            buf: self.pooled(g, &top, n)?,
+            rows: n,
+            ch: TOP_CH,
+        };
+        let logits = self.linear(g, &pooled, &self.cls, None)?;
+        tap!(TapPoint::Logits, &logits);
+        Err(Error::Internal(format!(
+            "GPU EfficientNet: taps {points:?} not all reached"
+        )))
     }
 }
 

@@ -68,8 +68,39 @@ pub fn effnet_features_match_cpu<G: Gpu>(g: &G) {
             eprintln!("{what}: relative error {rel:.2e}");
         }
     }
+    // Several layers from one pass, logits (the classifier on the device) included, in the
+    // order asked, a layer twice.
     let m = model(Padding::Symmetric);
     let gm = GpuEfficientNet::new(g, &m).unwrap();
+    let (n, h, w) = (3, 36, 40);
+    let crops = Tensor::from_f32(&[n, 5, h, w], uniform(n * 5 * h * w, 23)).unwrap();
+    let layers = [
+        "logits",
+        "block6a_activation",
+        "stem_activation",
+        "top_activation",
+        "block6a_activation",
+    ];
+    let want = m.features(&crops, &layers).unwrap();
+    let got = gm.features_multi(g, &crops, &layers).unwrap();
+    assert_eq!(got.len(), layers.len());
+    for ((layer, want), got) in layers.iter().zip(&want).zip(&got) {
+        assert_eq!(got.shape(), want.shape(), "{layer}");
+        let what = format!("EfficientNet features_multi {layer}");
+        let rel = assert_close(
+            &what,
+            &f64s(got.as_f32().unwrap()),
+            &f64s(want.as_f32().unwrap()),
+            F32_TOL,
+        );
+        eprintln!("{what}: relative error {rel:.2e}");
+    }
+    assert_eq!(got[0].shape(), &[n, 7]);
+    assert_eq!(got[1].as_f32().unwrap(), got[4].as_f32().unwrap());
+    assert!(gm.features_multi(g, &crops, &[]).is_err());
+    assert!(gm
+        .features_multi(g, &crops, &["top_activation", "no_such_layer"])
+        .is_err());
     let bad = Tensor::from_f32(&[1, 3, 8, 8], vec![0.0; 192]).unwrap();
     assert!(
         gm.features(g, &bad, "block6a_activation").is_err(),
