@@ -1216,7 +1216,8 @@ impl<G: Gpu> GpuUNet<G> {
         let v = self.linear(g, t, kv, &format!("{key}.to_v"), qkv_bias)?;
         let (lq, lk) = (x.h * x.w, kv.h * kv.w);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let plan = Attention::new(q.dt, x.n, lq, lk, heads, head_dim, head_dim, Some(scale))?;
+        let plan = Attention::new(q.dt, x.n, lq, lk, heads, head_dim, head_dim, Some(scale))?
+            .with_math(self.math);
         let o = g.alloc(plan.out_len() * q.dt.size_in_bytes())?;
         let lse = g.alloc(plan.lse_len() * 4)?;
         // SAFETY: q, k, v hold the plan's q_len, k_len, v_len values of q's dtype (the

@@ -481,7 +481,7 @@ impl<G: Gpu> GpuVae<G> {
         let v = self.conv(g, &seq, &format!("{key}.to_v"), 1, Pad2d::same(0))?;
         drop(seq);
         // diffusers: heads = C / attention_head_dim = 1, scale = 1/√C.
-        let plan = Attention::new(F32, n, l, l, 1, c, c, None)?;
+        let plan = Attention::new(F32, n, l, l, 1, c, c, None)?.with_math(self.math);
         let o = g.alloc(plan.out_len() * 4)?;
         let lse = g.alloc(plan.lse_len() * 4)?;
         // SAFETY: q, k, v hold n·l·c f32 (the plan's q_len, k_len, v_len), o and lse are fresh.

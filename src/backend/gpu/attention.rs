@@ -78,6 +78,8 @@ pub struct Attention {
     pub bound: usize,
     /// Wide plans: the bound on the score scratch in bytes.
     max_scratch: usize,
+    /// Wide plans: the arithmetic of f32 GEMMs (`Math::F32`, or TF32 tensor cores).
+    math: Math,
 }
 
 impl Attention {
@@ -134,6 +136,7 @@ impl Attention {
             geom,
             bound,
             max_scratch: DEFAULT_MAX_SCRATCH,
+            math: Math::F32,
         };
         // Every index the kernels form is a u64, but the channel widths and row counts must fit the
         // kernels' int parameters too.
@@ -158,6 +161,14 @@ impl Attention {
     /// effect on plans of heads up to 128 channels.
     pub fn with_max_scratch(mut self, bytes: usize) -> Self {
         self.max_scratch = bytes;
+        self
+    }
+
+    /// Wide plans on f32 storage: their GEMMs on TF32 tensor cores (`Math::Tf32`, as a model's
+    /// TF32 mode asks) or in IEEE f32 (`Math::F32`, the default). The fused kernels of heads up to
+    /// 128 channels, and bf16 storage, are unaffected.
+    pub fn with_math(mut self, math: Math) -> Self {
+        self.math = math;
         self
     }
 
@@ -376,7 +387,7 @@ impl Attention {
                 beta,
                 dtype: self.dtype,
                 c_dtype,
-                math: Math::F32,
+                math: self.math,
             },
             self.geom.n as usize,
             [stride_a, stride_b, stride_c],

@@ -1,7 +1,7 @@
 use super::*;
 use phenocore::autograd::{Params, Tape};
 use phenocore::backend::gpu::attention::Attention;
-use phenocore::backend::gpu::Gpu;
+use phenocore::backend::gpu::{Gpu, Math};
 use phenocore::ops::attention::attention;
 use phenocore::DType;
 
@@ -85,7 +85,7 @@ fn cpu(
 }
 
 fn run<G: Gpu>(g: &G, dtype: DType, tol: f64, cases: &[Case], wide: bool) {
-    run_with(g, dtype, tol, cases, wide, None)
+    run_with(g, dtype, tol, cases, wide, None, Math::F32)
 }
 
 /// `run` with the wide plans' score scratch bounded by `scratch` bytes (several query chunks).
@@ -96,6 +96,7 @@ fn run_with<G: Gpu>(
     cases: &[Case],
     wide: bool,
     scratch: Option<usize>,
+    math: Math,
 ) {
     for (i, &case) in cases.iter().enumerate() {
         let (n, lq, lk, h, d, dv, scale) = case;
@@ -104,6 +105,7 @@ fn run_with<G: Gpu>(
         if let Some(bytes) = scratch {
             a = a.with_max_scratch(bytes);
         }
+        a = a.with_math(math);
         let seed = 1000 + 10 * i as u64 + if wide { 500 } else { 0 };
         // Spread the scores so the softmax is far from uniform.
         let q: Vec<f32> = uniform(a.q_len(), seed).iter().map(|x| 2.0 * x).collect();
@@ -231,10 +233,28 @@ pub fn attention_wide_chunked<G: Gpu>(g: &G) {
             assert_eq!(a.with_max_scratch(1).chunk_counts(), [lq, lq], "case {i}");
             assert_eq!(a.chunk_counts(), [1, 1], "case {i}: default bound");
             for bytes in [3 * bwd_row, 1] {
-                run_with(g, dtype, tol, &cases[i..i + 1], true, Some(bytes));
+                run_with(
+                    g,
+                    dtype,
+                    tol,
+                    &cases[i..i + 1],
+                    true,
+                    Some(bytes),
+                    Math::F32,
+                );
             }
         }
     }
+}
+
+/// Wide heads in f32 storage with TF32 GEMMs (a model's TF32 mode; on a GPU 10-bit products)
+/// stay within the bf16 bound of the CPU reference.
+pub fn attention_wide_tf32<G: Gpu>(g: &G) {
+    let cases: [Case; 2] = [
+        (2, 20, 37, 1, 160, 160, None),
+        (1, 9, 6, 2, 160, 96, Some(0.05)),
+    ];
+    run_with(g, DType::F32, BF16_TOL, &cases, true, None, Math::Tf32);
 }
 
 /// The same inputs twice give bit-identical results (no atomics, fixed summation order).

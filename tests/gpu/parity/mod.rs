@@ -63,6 +63,7 @@ macro_rules! for_each_parity_test {
             attention::attention_wide_f32,
             attention::attention_wide_bf16,
             attention::attention_wide_chunked,
+            attention::attention_wide_tf32,
             attention::attention_deterministic,
             attention::attention_rejects_unsupported_plans,
             geglu::geglu_f32,
