@@ -18,6 +18,8 @@
 #              reports of the first initcheck run, which read bf16 GEMM outputs)
 #   kernels    benches/cuda_kernels.rs (achieved bandwidth against the device copy)
 #   effnet, train, unet   benches/cuda_{effnet,train,unet}.py (PyTorch side by side)
+#   trainer    `phenocore bench-train --device 0` at batch 256, f32 and bf16: the Trainer's whole
+#              step on the GPU (host batch, upload, step, loss and logits read back)
 #   profile    the three benches, smaller, with PHENOCORE_CUDA_PROFILE=1: GPU time by kernel
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -82,6 +84,11 @@ step() {
             sanitize initcheck --check-bulk-copy yes /tmp/pheno-bin/cuda_ops --include-ignored \
                 && sanitize initcheck --check-bulk-copy yes /tmp/pheno-bin/cuda_parity --include-ignored ${PHENO_INITCHECK_FILTER:-} ;;
         kernels) /tmp/pheno-bin/cuda_kernels 20 ;;
+        trainer)
+            for c in f32 bf16; do
+                /tmp/pheno-bin/phenocore bench-train --device 0 --compute $c --batch 256 --steps 10 \
+                    --warmup 2 || return 1
+            done ;;
         effnet) python3 benches/cuda_effnet.py --batch 1024 --reps 10 ;;
         train) python3 benches/cuda_train.py --batch 256 --steps 10 ;;
         unet) python3 benches/cuda_unet.py --batch 64 --size 48 --steps 50 ;;

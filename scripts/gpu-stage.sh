@@ -6,7 +6,7 @@
 #   scripts/gpu-stage.sh        # then copy the checkout with .gpu/ to the GPU machine
 #
 # Staged: the test programs tests/cuda_ops.rs and tests/cuda_parity.rs, the bench programs
-# benches/cuda_{kernels,effnet,train,unet}.rs (stripped), and the monai wheel that
+# benches/cuda_{kernels,effnet,train,unet}.rs, the `phenocore` CLI built with `cuda` (stripped), and the monai wheel that
 # benches/cuda_unet.py needs (pure Python; PHENO_STAGE_PYTHON's pip downloads it).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +27,8 @@ for line in sys.stdin:
 tests_json="$(cargo test --release --features cuda --no-run --test cuda_ops --test cuda_parity --message-format=json 2>/dev/null)"
 benches_json="$(cargo bench --features cuda --no-run --bench cuda_kernels --bench cuda_effnet \
     --bench cuda_train --bench cuda_unet --message-format=json 2>/dev/null)"
+bin_json="$(cargo build --release --features cuda --bin phenocore --message-format=json 2>/dev/null)"
+cp "$(exe phenocore <<<"$bin_json")" "$stage/bin/phenocore"
 for t in cuda_ops cuda_parity; do
     cp "$(exe $t <<<"$tests_json")" "$stage/bin/$t"
 done
