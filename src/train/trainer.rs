@@ -896,7 +896,7 @@ impl Trainer {
             )));
         }
         let bs = self.opts.batch_size.max(1) * 2;
-        if self.device.is_some() {
+        if self.device.is_some() && n > 0 {
             self.sync()?;
             let net = self.model.to_inference()?;
             if let Some(d) = &self.device {
