@@ -5,7 +5,7 @@
 //! The trainer holds it as a trait object, so any [`Gpu`] drives it: a CUDA device (the `cuda`
 //! feature, `TrainerOptions::device`) or, in the tests, the CPU emulation of the kernels.
 
-use super::trainer::Compute;
+use super::trainer::{argmax, Compute};
 use crate::backend::gpu::{Gpu, Math};
 use crate::error::Result;
 use crate::models::efficientnet::{
@@ -79,16 +79,6 @@ impl<G: Gpu, D: Deref<Target = G>> OnDevice<G, D> {
         let t = GpuEfficientNetTrainer::new(&*dev, model, opts)?;
         Ok(OnDevice { dev, t })
     }
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 impl<G, D> DeviceTrainer for OnDevice<G, D>

@@ -1225,7 +1225,8 @@ enum Plan {
 /// A prepared batch: crops, labels (per crop, or per bag), crop count, domain labels per crop.
 type Batch = (Vec<f32>, Vec<u32>, usize, Option<Vec<u32>>);
 
-fn argmax(row: &[f32]) -> usize {
+/// The index of the largest value (the first of ties).
+pub(super) fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
         if v > row[best] {
