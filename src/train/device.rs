@@ -5,15 +5,15 @@
 //! The trainer holds it as a trait object, so any [`Gpu`] drives it: a CUDA device (the `cuda`
 //! feature, `TrainerOptions::device`) or, in the tests, the CPU emulation of the kernels.
 
-use super::trainer::{argmax, Compute};
-use crate::backend::gpu::{Gpu, Math};
+use super::trainer::argmax;
+use crate::backend::gpu::Gpu;
 use crate::error::Result;
 use crate::models::efficientnet::{
     EfficientNet, GpuEfficientNet, GpuEfficientNetTrainer, GpuTrainOptions, Regularisation,
     TrainableEfficientNet,
 };
 use crate::optim::OptimizerState;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use rand_chacha::ChaCha8Rng;
 use std::ops::Deref;
 
@@ -48,20 +48,6 @@ pub(crate) trait DeviceTrainer: Send {
         w: usize,
         batch: usize,
     ) -> Result<Vec<f32>>;
-}
-
-/// The GPU options of a trainer's options at learning rate `lr`.
-pub(crate) fn gpu_options(
-    opts: &super::TrainerOptions,
-    compute: Compute,
-) -> Result<GpuTrainOptions> {
-    let mut o = GpuTrainOptions::from_trainer(opts)?;
-    (o.math, o.compute) = match compute {
-        Compute::F32 => (Math::F32, DType::F32),
-        Compute::Tf32 => (Math::Tf32, DType::F32),
-        Compute::Bf16 => (Math::F32, DType::BF16),
-    };
-    Ok(o)
 }
 
 /// A device handle (`D`: an owned CUDA device, or `&'static` emulation) and the trainer on it.
@@ -112,28 +98,7 @@ where
     }
 
     fn pull(&self, model: &mut TrainableEfficientNet<f32>) -> Result<OptimizerState> {
-        let state = self.t.state_dict(&*self.dev)?;
-        let params = model.params_mut();
-        // Check every tensor before writing any.
-        let mut values = Vec::with_capacity(params.len());
-        for i in 0..params.len() {
-            let name = params.name(i).to_string();
-            let t = state.get(&name).ok_or_else(|| {
-                crate::error::Error::Internal(format!("device state has no tensor {name:?}"))
-            })?;
-            let v = t.as_f32()?;
-            if v.len() != params.value(i).len() {
-                return Err(crate::error::Error::Internal(format!(
-                    "device tensor {name:?} has {} values, the host's {}",
-                    v.len(),
-                    params.value(i).len()
-                )));
-            }
-            values.push(v.to_vec());
-        }
-        for (i, v) in values.into_iter().enumerate() {
-            params.value_mut(i).copy_from_slice(&v);
-        }
+        *model = self.t.to_trainable(&*self.dev)?;
         self.t.optimizer_state(&*self.dev)
     }
 

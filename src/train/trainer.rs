@@ -420,7 +420,7 @@ impl Trainer {
         GpuEfficientNetTrainer<G>: Send,
     {
         opts.validate()?;
-        let gopts = super::device::gpu_options(&opts, opts.compute)?;
+        let gopts = crate::models::efficientnet::GpuTrainOptions::from_trainer(&opts)?;
         let mut t = Self::host(model, opts)?;
         t.device = Some(Box::new(OnDevice::new(dev, &t.model, gopts)?));
         Ok(t)

@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::ops::norm::{Act, BatchNormConfig};
 use crate::optim::{AdamWOptions, OptimizerState, SgdOptions};
 use crate::tensor::{DType, Tensor};
-use crate::train::{DecayScope, OptimizerKind, TrainerOptions};
+use crate::train::{Compute, DecayScope, OptimizerKind, TrainerOptions};
 use rand::Rng;
 use std::collections::HashMap;
 
@@ -78,9 +78,10 @@ pub struct GpuTrainOptions {
 }
 
 impl GpuTrainOptions {
-    /// The options of a CPU [`TrainerOptions`] at its base learning rate. Online label smoothing,
-    /// the domain-adversarial branch and attention MIL are not on the GPU path (an error);
-    /// augmentation and the schedule stay the caller's.
+    /// The options of a CPU [`TrainerOptions`] at its base learning rate, with its `compute`
+    /// (f32, TF32 GEMMs, or bf16 mixed precision). Online label smoothing, the domain-adversarial
+    /// branch and attention MIL are not on the GPU path (an error); augmentation and the schedule
+    /// stay the caller's.
     pub fn from_trainer(t: &TrainerOptions) -> Result<Self> {
         if t.online_label_smoothing.is_some() || t.domain_adversarial.is_some() || t.mil.is_some() {
             return Err(Error::Unsupported(
@@ -108,8 +109,14 @@ impl GpuTrainOptions {
             label_smoothing: t.label_smoothing,
             decay_scope: t.decay_scope,
             clip_grad_norm: t.clip_grad_norm,
-            math: Math::F32,
-            compute: F32,
+            math: match t.compute {
+                Compute::Tf32 => Math::Tf32,
+                Compute::F32 | Compute::Bf16 => Math::F32,
+            },
+            compute: match t.compute {
+                Compute::Bf16 => DType::BF16,
+                Compute::F32 | Compute::Tf32 => F32,
+            },
         })
     }
 }
@@ -610,11 +617,6 @@ impl<G: Gpu> GpuEfficientNetTrainer<G> {
                 "optimizer state: unknown tensor {extra:?} for this {} optimizer",
                 if adamw { "adamw" } else { "sgd" }
             )));
-        }
-        if !adamw && self.state.is_empty() && any_state {
-            return Err(Error::InvalidArgument(
-                "optimizer state: has momentum buffers but this optimizer has momentum 0".into(),
-            ));
         }
         let new_params = g.upload_slice(&host_params)?;
         let new_stats = g.upload_slice(&host_stats)?;

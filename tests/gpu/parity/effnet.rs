@@ -39,6 +39,18 @@ fn model(padding: Padding) -> EfficientNet {
     EfficientNet::from_state_dict(state, padding, 1e-3).unwrap()
 }
 
+/// GPU features `got` have `want`'s shape and values within the f32 bound.
+fn same_features(what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!(got.shape(), want.shape(), "{what}");
+    let rel = assert_close(
+        what,
+        &f64s(got.as_f32().unwrap()),
+        &f64s(want.as_f32().unwrap()),
+        F32_TOL,
+    );
+    eprintln!("{what}: relative error {rel:.2e}");
+}
+
 /// Whole-model inference: the GPU composition (im2col + GEMM stem, MBConv from the kernels and
 /// GEMMs, BN folded) against the CPU pass, at the paper's layer and at taps on the way.
 pub fn effnet_features_match_cpu<G: Gpu>(g: &G) {
@@ -57,15 +69,7 @@ pub fn effnet_features_match_cpu<G: Gpu>(g: &G) {
         ] {
             let want = &m.features(&crops, &[layer]).unwrap()[0];
             let got = gm.features(g, &crops, layer).unwrap();
-            assert_eq!(got.shape(), want.shape(), "{layer}");
-            let what = format!("EfficientNet {padding:?} {layer}");
-            let rel = assert_close(
-                &what,
-                &f64s(got.as_f32().unwrap()),
-                &f64s(want.as_f32().unwrap()),
-                F32_TOL,
-            );
-            eprintln!("{what}: relative error {rel:.2e}");
+            same_features(&format!("EfficientNet {padding:?} {layer}"), &got, want);
         }
     }
     // Several layers from one pass, logits (the classifier on the device) included, in the
@@ -85,15 +89,7 @@ pub fn effnet_features_match_cpu<G: Gpu>(g: &G) {
     let got = gm.features_multi(g, &crops, &layers).unwrap();
     assert_eq!(got.len(), layers.len());
     for ((layer, want), got) in layers.iter().zip(&want).zip(&got) {
-        assert_eq!(got.shape(), want.shape(), "{layer}");
-        let what = format!("EfficientNet features_multi {layer}");
-        let rel = assert_close(
-            &what,
-            &f64s(got.as_f32().unwrap()),
-            &f64s(want.as_f32().unwrap()),
-            F32_TOL,
-        );
-        eprintln!("{what}: relative error {rel:.2e}");
+        same_features(&format!("EfficientNet features_multi {layer}"), got, want);
     }
     assert_eq!(got[0].shape(), &[n, 7]);
     assert_eq!(got[1].as_f32().unwrap(), got[4].as_f32().unwrap());
