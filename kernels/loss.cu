@@ -125,3 +125,49 @@ KERNEL_BOUNDED(LOSS_MEAN_THREADS, loss_mean, const float* __restrict__ row_loss,
     }
     if (threadIdx.x == 0) loss[0] = part[0] / (float)n;
 }
+
+// ---- Mean squared error (src/ops/shape.rs mse_loss), fused forward and backward, f32:
+//   d = y − t;  dy = k·d with k = (float)(2 / len) (the CPU backward's product, bit for bit);
+//   partial[c] = Σ d² over chunk c (f64, a fixed tree per chunk), then mse_finish adds the
+//   partials in a fixed order and writes loss[0] = (float)(Σ / len). Deterministic whatever the
+//   grid; the sum is in f64 where the CPU adds f32 within its chunks, so the two differ by the
+//   CPU's rounding (≈ 1e-7 relative), not by the order of a parallel reduction.
+constexpr int MSE_THREADS = 256;
+
+__device__ __forceinline__ double mse_block_sum(double acc) {
+    __shared__ double red[MSE_THREADS];
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = MSE_THREADS / 2; s > 0; s >>= 1) {
+        if ((int)threadIdx.x < s) red[threadIdx.x] = __dadd_rn(red[threadIdx.x], red[threadIdx.x + s]);
+        __syncthreads();
+    }
+    const double total = red[0];
+    __syncthreads();  // red[] is reused by the block's next chunk
+    return total;
+}
+
+KERNEL_BOUNDED(MSE_THREADS, mse_partial_f32, const float* __restrict__ y, const float* __restrict__ t,
+               float* __restrict__ dy, float k, u64 len, int chunk, double* __restrict__ partial) {
+    const u64 chunks = (len + chunk - 1) / chunk;
+    for (u64 c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const u64 start = c * (u64)chunk;
+        const u64 end = start + (u64)chunk < len ? start + (u64)chunk : len;
+        double acc = 0.0;
+        for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const float d = __fsub_rn(y[i], t[i]);
+            dy[i] = __fmul_rn(k, d);
+            acc = __dadd_rn(acc, __dmul_rn((double)d, (double)d));
+        }
+        const double total = mse_block_sum(acc);
+        if (threadIdx.x == 0) partial[c] = total;
+    }
+}
+
+KERNEL_BOUNDED(MSE_THREADS, mse_finish, const double* __restrict__ partial, u64 chunks, double len,
+               float* __restrict__ loss) {
+    double acc = 0.0;
+    for (u64 i = threadIdx.x; i < chunks; i += blockDim.x) acc = __dadd_rn(acc, partial[i]);
+    const double total = mse_block_sum(acc);
+    if (threadIdx.x == 0) loss[0] = (float)(total / len);
+}

@@ -296,3 +296,22 @@ KERNEL(grad_scale_f32, const NormTensor* __restrict__ table, const unsigned* __r
         for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) g[i] = __fmul_rn(g[i], c);
     }
 }
+
+// ---- EMA of a parameter group (src/diffusion/train.rs ema_update): ema ← ema − omd·(ema − w),
+// each operation rounded as the CPU rounds it (no contraction), over every tensor of the table.
+struct EmaTensor {
+    u64 ema, param, n, chunk0;
+};
+
+KERNEL(ema_update_f32, const EmaTensor* __restrict__ table, const unsigned* __restrict__ chunk_tensor, u64 chunks,
+       int chunk, float omd) {
+    for (u64 ci = blockIdx.x; ci < chunks; ci += gridDim.x) {
+        const EmaTensor t = table[chunk_tensor[ci]];
+        u64 start, end;
+        chunk_range(t, ci, chunk, start, end);
+        float* __restrict__ e = reinterpret_cast<float*>(t.ema);
+        const float* __restrict__ w = reinterpret_cast<const float*>(t.param);
+        for (u64 i = start + threadIdx.x; i < end; i += blockDim.x)
+            e[i] = __fsub_rn(e[i], __fmul_rn(omd, __fsub_rn(e[i], w[i])));
+    }
+}

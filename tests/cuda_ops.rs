@@ -121,8 +121,59 @@ fn ffi_effnet_on_cuda_matches_cpu_or_says_why_not() {
     }
 }
 
+#[path = "gpu/diffusion_device.rs"]
+mod diffusion_device;
 #[path = "gpu/trainer_device.rs"]
 mod trainer_device;
+
+/// `DiffusionTrainer` on CUDA device 0: without the `cuda` feature `Error::Unsupported`, without a
+/// GPU `Error::NoDevice`; on a GPU, three steps match the CPU trainer's and checkpoints resume
+/// (the suite the emulation runs in `tests/gpu_emu.rs`).
+#[test]
+fn diffusion_trainer_on_cuda_matches_cpu_or_says_why_not() {
+    use phenocore::diffusion::train::{DiffusionTrainOptions, DiffusionTrainer};
+    let on_gpu = || {
+        DiffusionTrainer::new(
+            diffusion_device::model(),
+            DiffusionTrainOptions {
+                device: Some(0),
+                ..diffusion_device::options()
+            },
+        )
+    };
+    match on_gpu() {
+        Err(e) => {
+            let want = if cfg!(feature = "cuda") {
+                matches!(e, Error::NoDevice(_))
+            } else {
+                matches!(&e, Error::Unsupported(m) if m.contains("cuda"))
+            };
+            assert!(want, "{e:?}");
+        }
+        Ok(mut dev) => {
+            let o = diffusion_device::options();
+            let mut cpu = DiffusionTrainer::new(diffusion_device::model(), o).unwrap();
+            diffusion_device::matches_cpu(&mut dev, &mut cpu);
+            diffusion_device::checkpoint_resumes(&|| on_gpu().unwrap(), &|| {
+                DiffusionTrainer::new(diffusion_device::model(), o).unwrap()
+            });
+        }
+    }
+    // Compute modes other than f32 need a device.
+    let e = DiffusionTrainer::new(
+        diffusion_device::model(),
+        DiffusionTrainOptions {
+            compute: phenocore::train::Compute::Bf16,
+            ..diffusion_device::options()
+        },
+    )
+    .err()
+    .expect("bf16 on the CPU must be refused");
+    assert!(
+        matches!(&e, Error::InvalidArgument(m) if m.contains("set device")),
+        "{e:?}"
+    );
+}
 
 /// `Trainer` with `TrainerOptions::device = Some(0)`, and the C ABI's `PhenoTrainerOptions::device
 /// = 0`: without the `cuda` feature `Error::Unsupported` / PHENO_ERR_UNSUPPORTED, without a usable

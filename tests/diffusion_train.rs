@@ -121,7 +121,7 @@ fn learns_conditional_mixture_and_samples_it() {
                 guidance_scale: g,
                 seed: 100 + k as u64,
             };
-            let x = sample(tr.model(), &so, &conf(&kk), n, h, w, None).unwrap();
+            let x = sample(tr.model().unwrap(), &so, &conf(&kk), n, h, w, None).unwrap();
             let per = C * h * w;
             let means: Vec<f64> = x
                 .chunks(per)
@@ -167,7 +167,7 @@ fn learns_conditional_mixture_and_samples_it() {
         seed: 5,
         ..Default::default()
     };
-    let x = sample(tr.model(), &so, &conf(&any_k), n0, h, w, None).unwrap();
+    let x = sample(tr.model().unwrap(), &so, &conf(&any_k), n0, h, w, None).unwrap();
     let mut counts = [0usize; 3];
     for s in x.chunks(C * h * w) {
         let m = s.iter().map(|&v| v as f64).sum::<f64>() / s.len() as f64;
@@ -221,10 +221,10 @@ fn checkpoint_resume_is_bit_exact() {
     a0.load_checkpoint(&p0).unwrap();
     a.step(&batches[0], 4, h, w, &cond).unwrap();
     a0.step(&batches[0], 4, h, w, &cond).unwrap();
-    assert_eq!(weights(a.model()), weights(a0.model()));
+    assert_eq!(weights(a.model().unwrap()), weights(a0.model().unwrap()));
     assert_eq!(
-        weights(a.ema_model().unwrap()),
-        weights(a0.ema_model().unwrap())
+        weights(a.ema_model().unwrap().unwrap()),
+        weights(a0.ema_model().unwrap().unwrap())
     );
     std::fs::remove_file(&p0).ok();
     a.step(&batches[1], 4, h, w, &cond).unwrap();
@@ -234,17 +234,17 @@ fn checkpoint_resume_is_bit_exact() {
 
     // A trainer with other initial weights and another seed, resumed from the checkpoint.
     let mut b = small_trainer(DiffusionTrainOptions { seed: 999, ..opts }, Some(4), 2);
-    assert_ne!(weights(a.model()), weights(b.model()));
+    assert_ne!(weights(a.model().unwrap()), weights(b.model().unwrap()));
     b.load_checkpoint(&path).unwrap();
     assert_eq!(b.steps(), 2);
     let lb = b.step(&batches[2], 4, h, w, &cond).unwrap();
     assert_eq!(la.to_bits(), lb.to_bits(), "resumed loss {lb} vs {la}");
     assert_eq!(a.last_timesteps(), b.last_timesteps());
     assert_eq!(a.last_dropped(), b.last_dropped());
-    assert_eq!(weights(a.model()), weights(b.model()));
+    assert_eq!(weights(a.model().unwrap()), weights(b.model().unwrap()));
     assert_eq!(
-        weights(a.ema_model().unwrap()),
-        weights(b.ema_model().unwrap())
+        weights(a.ema_model().unwrap().unwrap()),
+        weights(b.ema_model().unwrap().unwrap())
     );
     assert_eq!(b.steps(), 3);
 
@@ -258,17 +258,17 @@ fn checkpoint_resume_is_bit_exact() {
     let wp = tmp("ema_weights.safetensors");
     a.save_weights(&wp, true).unwrap();
     let ema = DiffusionUNet::<f32>::load(&wp, tiny(3, Some(4), true)).unwrap();
-    assert_eq!(weights(&ema), weights(a.ema_model().unwrap()));
+    assert_eq!(weights(&ema), weights(a.ema_model().unwrap().unwrap()));
 
     // A checkpoint of another config: error naming the tensor; the trainer is unchanged.
     let unet = DiffusionUNet::<f32>::new(tiny(5, Some(4), true), 1).unwrap();
     let mut other = DiffusionTrainer::new(unet, opts).unwrap();
-    let before = weights(other.model());
+    let before = weights(other.model().unwrap());
     match other.load_checkpoint(&path) {
         Err(Error::Shape(m)) => assert!(m.contains("confounder_embedding.k.weight"), "{m}"),
         r => panic!("expected a shape error, got {:?}", r.err()),
     }
-    assert_eq!(weights(other.model()), before);
+    assert_eq!(weights(other.model().unwrap()), before);
     assert_eq!(other.steps(), 0);
     // Not a checkpoint.
     assert!(matches!(b.load_checkpoint(&wp), Err(Error::Format(_))));
@@ -292,12 +292,12 @@ fn ema_matches_hand_computed_update() {
             ..Default::default()
         };
         let mut tr = small_trainer(opts, None, 3);
-        let w0 = weights(tr.model());
-        assert_eq!(weights(tr.ema_model().unwrap()), w0);
+        let w0 = weights(tr.model().unwrap());
+        assert_eq!(weights(tr.ema_model().unwrap().unwrap()), w0);
         tr.step(&b1, 2, h, w, &conf(&ks)).unwrap();
-        let w1 = weights(tr.model());
+        let w1 = weights(tr.model().unwrap());
         tr.step(&b2, 2, h, w, &conf(&ks)).unwrap();
-        let w2 = weights(tr.model());
+        let w2 = weights(tr.model().unwrap());
         assert_ne!(w1, w2);
         // diffusers EMAModel: decay 0 at the first update, min(decay, 2/11) at the second.
         assert_eq!(ema_decay_at(decay, 1), 0.0);
@@ -313,7 +313,7 @@ fn ema_matches_hand_computed_update() {
         };
         let e1 = upd(&w0, &w1, 0.0);
         let e2 = upd(&e1, &w2, d2);
-        let got = weights(tr.ema_model().unwrap());
+        let got = weights(tr.ema_model().unwrap().unwrap());
         assert_eq!(got, e2, "decay {decay}");
         // And in plain arithmetic: e2 = d2·w1 + (1 − d2)·w2 (to f32 rounding).
         let mut worst = 0f64;
@@ -378,8 +378,8 @@ fn cond_dropout_feeds_null_conditions() {
         assert_eq!(a.last_dropped(), &[true; 4]);
         assert_eq!(c.last_dropped(), &[false; 4]);
     }
-    assert_eq!(weights(a.model()), weights(b.model()));
-    assert_ne!(weights(a.model()), weights(c.model()));
+    assert_eq!(weights(a.model().unwrap()), weights(b.model().unwrap()));
+    assert_ne!(weights(a.model().unwrap()), weights(c.model().unwrap()));
     // p = 0.5: about half of the samples are dropped.
     let mut half = mk(0.5);
     let mut dropped = 0;
@@ -430,7 +430,7 @@ fn sampling_is_deterministic_and_cancellable() {
         let x = mixture(&mut rng, &ks, h, w);
         tr.step(&x, 2, h, w, &cond).unwrap();
     }
-    let unet = tr.model();
+    let unet = tr.model().unwrap();
     for kind in [SamplerKind::Ddpm, SamplerKind::Ddim] {
         let so = SampleOptions {
             scheduler: SchedulerConfig {
@@ -546,8 +546,8 @@ fn bad_input_is_rejected_and_changes_nothing() {
         None,
         1,
     );
-    let w0 = weights(tr.model());
-    let e0 = weights(tr.ema_model().unwrap());
+    let w0 = weights(tr.model().unwrap());
+    let e0 = weights(tr.ema_model().unwrap().unwrap());
 
     // NaN latents.
     let mut bad = x.clone();
@@ -589,8 +589,8 @@ fn bad_input_is_rejected_and_changes_nothing() {
     ));
     // Nothing changed: the next good step is the first.
     assert_eq!(tr.steps(), 0);
-    assert_eq!(weights(tr.model()), w0);
-    assert_eq!(weights(tr.ema_model().unwrap()), e0);
+    assert_eq!(weights(tr.model().unwrap()), w0);
+    assert_eq!(weights(tr.ema_model().unwrap().unwrap()), e0);
     let fresh_loss = small_trainer(
         DiffusionTrainOptions {
             ema_decay: Some(0.99),
@@ -638,12 +638,12 @@ fn bad_input_is_rejected_and_changes_nothing() {
     .is_ok());
     // Sampling: out-of-range confounder, bad steps, non-finite guidance.
     assert!(matches!(
-        sample(tr.model(), &so, &conf(&[0, 7]), 2, h, w, None),
+        sample(tr.model().unwrap(), &so, &conf(&[0, 7]), 2, h, w, None),
         Err(Error::InvalidArgument(_))
     ));
     assert!(matches!(
         sample(
-            tr.model(),
+            tr.model().unwrap(),
             &SampleOptions { steps: 0, ..so },
             &conf(&ks),
             2,
@@ -655,7 +655,7 @@ fn bad_input_is_rejected_and_changes_nothing() {
     ));
     assert!(matches!(
         sample(
-            tr.model(),
+            tr.model().unwrap(),
             &SampleOptions {
                 guidance_scale: f64::NAN,
                 ..so

@@ -2,6 +2,8 @@
 //! (`tests/gpu/cuda_emu.hpp`, built with g++): kernel logic and launch geometry checked against the
 //! CPU backend on every CI run. The same suite runs on a GPU in `tests/cuda_parity.rs`.
 
+#[path = "gpu/diffusion_device.rs"]
+mod diffusion_device;
 #[path = "gpu/emu.rs"]
 mod emu;
 #[path = "gpu/parity/mod.rs"]
@@ -172,4 +174,25 @@ fn trainer_device_refusals() {
         Err(e) => panic!("expected InvalidArgument, got {e:?}"),
         Ok(_) => panic!("expected InvalidArgument, got a trainer"),
     }
+}
+
+/// `DiffusionTrainer` with its steps on the emulated device against the CPU trainer.
+#[test]
+fn diffusion_trainer_on_device_matches_cpu() {
+    use phenocore::diffusion::train::DiffusionTrainer;
+    let o = diffusion_device::options();
+    let mut dev = DiffusionTrainer::with_device(diffusion_device::model(), o, emu::emu()).unwrap();
+    let mut cpu = DiffusionTrainer::new(diffusion_device::model(), o).unwrap();
+    diffusion_device::matches_cpu(&mut dev, &mut cpu);
+}
+
+/// A device diffusion trainer's checkpoints: resumed on the device exactly, on the CPU closely.
+#[test]
+fn diffusion_trainer_checkpoint_on_device_resumes() {
+    use phenocore::diffusion::train::DiffusionTrainer;
+    let o = diffusion_device::options();
+    diffusion_device::checkpoint_resumes(
+        &|| DiffusionTrainer::with_device(diffusion_device::model(), o, emu::emu()).unwrap(),
+        &|| DiffusionTrainer::new(diffusion_device::model(), o).unwrap(),
+    );
 }

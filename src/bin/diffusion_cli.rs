@@ -214,6 +214,8 @@ pub struct DiffusionTrainArgs {
     pub resume: bool,
     #[command(flatten)]
     pub scheduler: SchedulerArgs,
+    #[command(flatten)]
+    pub device: crate::train_cli::DeviceArgs,
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     #[arg(long)]
@@ -524,6 +526,8 @@ fn cmd_diffusion_train(a: DiffusionTrainArgs) -> Result<()> {
         cond_dropout: a.cond_dropout,
         scheduler: a.scheduler.config(SamplerKind::Ddpm, 0.0)?,
         seed: a.seed,
+        device: a.device.device,
+        compute: a.device.compute,
         ..DiffusionTrainOptions::default()
     };
     let unet = match &a.init {
@@ -635,7 +639,7 @@ fn cmd_diffusion_train(a: DiffusionTrainArgs) -> Result<()> {
         pb.finish();
     }
     trainer.save_weights(&a.out.join("unet.safetensors"), false)?;
-    if trainer.ema_model().is_some() {
+    if trainer.options().ema_decay.is_some() {
         trainer.save_weights(&a.out.join("unet_ema.safetensors"), true)?;
     }
     println!(

@@ -315,6 +315,77 @@ impl<G: Gpu> GpuUNet<G> {
         Ok(())
     }
 
+    /// Each parameter's f32 master buffer: (key, device address, length), in `names`' order.
+    pub(crate) fn param_ptrs(&self, g: &G, names: &[String]) -> Result<Vec<(u64, usize)>> {
+        names
+            .iter()
+            .map(|k| {
+                let p = self.param(k)?;
+                Ok((g.ptr(&p.buf), p.shape.iter().product()))
+            })
+            .collect()
+    }
+
+    /// After the f32 masters changed in place (an optimizer step, a load): recasts the bf16
+    /// working copies and refreshes the host copy of the null context.
+    pub(crate) fn masters_changed(&mut self, g: &G) -> Result<()> {
+        for (key, b) in &self.working {
+            let p = self.param(key)?;
+            let len = p.shape.iter().product::<usize>();
+            // SAFETY: p holds len f32, b len bf16.
+            unsafe { cast(g, F32, DType::BF16, g.ptr(&p.buf), g.ptr(b), len)? };
+        }
+        if self.null_context.is_some() {
+            let p = self.param("null_context")?;
+            let len = p.shape.iter().product::<usize>();
+            self.null_context = Some(g.download_vec(&p.buf, len)?);
+        }
+        Ok(())
+    }
+
+    /// Overwrites the device parameters with `unet`'s (same configuration and keys).
+    pub(crate) fn upload_from(&mut self, g: &G, unet: &DiffusionUNet<f32>) -> Result<()> {
+        let mut fresh = Vec::with_capacity(unet.params().len());
+        for (name, _, _, value) in unet.params().iter() {
+            let p = self.param(name)?;
+            let len = p.shape.iter().product::<usize>();
+            if len != value.len() {
+                return Err(Error::Shape(format!(
+                    "GPU U-Net: parameter {name:?} has {len} values, the model {}",
+                    value.len()
+                )));
+            }
+            fresh.push((name.to_string(), g.upload_slice(value)?));
+        }
+        // Everything uploaded: replace.
+        for (name, buf) in fresh {
+            if let Some(p) = self.params.get_mut(&name) {
+                p.buf = buf;
+            }
+        }
+        self.masters_changed(g)
+    }
+
+    /// Copies the device parameters into `unet` (same configuration and keys).
+    pub(crate) fn download_into(&self, g: &G, unet: &mut DiffusionUNet<f32>) -> Result<()> {
+        let params = unet.params_mut();
+        for i in 0..params.len() {
+            let name = params.name(i).to_string();
+            let p = self.param(&name)?;
+            let v = g.download_vec::<f32>(&p.buf, p.shape.iter().product())?;
+            let dst = params.value_mut(i);
+            if dst.len() != v.len() {
+                return Err(Error::Shape(format!(
+                    "GPU U-Net: parameter {name:?} has {} values on the device, {} on the host",
+                    v.len(),
+                    dst.len()
+                )));
+            }
+            dst.copy_from_slice(&v);
+        }
+        Ok(())
+    }
+
     /// The activation dtype (f32 or bf16).
     pub fn compute(&self) -> DType {
         self.compute
@@ -505,9 +576,33 @@ impl<G: Gpu> GpuUNet<G> {
                 cfg.out_channels
             )));
         }
+        let x = self.upload_input(g, x_nhwc, n, h, w)?;
+        self.forward_backward_with(g, x, n, h, w, timesteps, cond, |_| g.upload_slice(dy_nhwc))
+    }
+
+    /// [`Self::forward_backward_device`] on a device input x (NHWC [n, h, w, in_channels] f32,
+    /// consumed; its values are not checked), the upstream gradient computed from the output by
+    /// `dy_of` (NHWC f32, y's shape) between the passes: a loss on the device (a training step).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub fn forward_backward_with<F>(
+        &self,
+        g: &G,
+        x: G::Buf,
+        n: usize,
+        h: usize,
+        w: usize,
+        timesteps: &[f64],
+        cond: &Conditioning<'_, f32>,
+        dy_of: F,
+    ) -> Result<(G::Buf, Option<G::Buf>, HashMap<String, G::Buf>)>
+    where
+        F: FnOnce(&G::Buf) -> Result<G::Buf>,
+    {
+        let cfg = &self.config;
+        cfg.check_inputs(n, cfg.in_channels, h, w, timesteps, cond)?;
         let mut rec = Rec::new(true);
         let x = Val {
-            buf: Rc::new(self.upload_input(g, x_nhwc, n, h, w)?),
+            buf: Rc::new(x),
             id: rec.id(),
             n,
             h,
@@ -521,7 +616,7 @@ impl<G: Gpu> GpuUNet<G> {
             act: HashMap::new(),
             params: HashMap::new(),
         };
-        grads.act.insert(y.id, g.upload_slice(dy_nhwc)?);
+        grads.act.insert(y.id, dy_of(&y.buf)?);
         let y_buf = y.buf.clone();
         drop(y);
         while let Some(node) = rec.nodes.pop() {

@@ -2,6 +2,7 @@
 pub mod config;
 pub mod gpu;
 pub mod gpu_sample;
+pub mod gpu_train;
 pub mod gpu_vae;
 pub mod scheduler;
 pub mod train;

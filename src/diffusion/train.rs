@@ -28,11 +28,14 @@
 //! [`crate::diffusion::scheduler`] with the U-Net in no-grad mode; guidance scale s ≠ 1 runs the
 //! conditional and the null-conditioned batch together (2N) and uses uncond + s·(cond − uncond).
 
+use super::gpu_train::{DiffusionDevice, GpuDiffusionTrainer, OnDevice};
 use super::scheduler::{guide, SamplerKind, Scheduler, SchedulerConfig};
 use super::unet::{nchw_to_nhwc, Conditioning, DiffusionUNet, UNetConfig, NULL};
 use crate::autograd::Tape;
+use crate::backend::gpu::Gpu;
 use crate::error::{Error, Result};
 use crate::optim::{clip_grad_norm, AdamW, AdamWOptions, Optimizer, OptimizerState, ParamView};
+use crate::train::Compute;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -69,6 +72,12 @@ pub struct DiffusionTrainOptions {
     pub scheduler: SchedulerConfig,
     /// Seed of the timestep / dropout / noise RNG. Default 0.
     pub seed: u64,
+    /// None (default): train on the CPU. Some(ordinal): the steps run on that CUDA device (the
+    /// `cuda` feature; `Error::NoDevice` without a usable GPU), with the same draws.
+    pub device: Option<usize>,
+    /// The arithmetic of the device's steps (f32, TF32 GEMMs, or bf16 mixed precision with f32
+    /// master weights); anything but `F32` needs a device. Default F32.
+    pub compute: Compute,
 }
 
 impl Default for DiffusionTrainOptions {
@@ -83,6 +92,8 @@ impl Default for DiffusionTrainOptions {
             cond_dropout: 0.1,
             scheduler: SchedulerConfig::default(),
             seed: 0,
+            device: None,
+            compute: Compute::F32,
         }
     }
 }
@@ -110,6 +121,12 @@ impl DiffusionTrainOptions {
                 self.cond_dropout
             ));
         }
+        if self.device.is_none() && self.compute != Compute::F32 {
+            return bad(format!(
+                "compute {:?} runs on a GPU: set device (the CPU trains in f32)",
+                self.compute
+            ));
+        }
         Ok(())
     }
 
@@ -134,6 +151,25 @@ pub struct DiffusionTrainer {
     step: u64,
     last_dropped: Vec<bool>,
     last_timesteps: Vec<usize>,
+    /// The steps' device (`DiffusionTrainOptions::device` or [`DiffusionTrainer::with_device`]):
+    /// it holds the current weights, EMA and AdamW state; `model`, `ema` and `opt` are the
+    /// host's copy.
+    device: Option<Box<dyn DiffusionDevice>>,
+    /// The host copy is older than the device's state.
+    stale: bool,
+}
+
+/// One step's draws and the model inputs formed from them (the CPU and device paths share them).
+struct Draws {
+    rng: ChaCha8Rng,
+    timesteps: Vec<usize>,
+    dropped: Vec<bool>,
+    /// x_t and the prediction target, NHWC.
+    x_t: Vec<f32>,
+    target: Vec<f32>,
+    /// The context-null flags and the confounder indices after condition dropout (None: as given).
+    null_flags: Option<Vec<bool>>,
+    confounders: Option<Vec<usize>>,
 }
 
 /// diffusers `EMAModel.get_decay` (defaults) for the `k`-th update, k ≥ 1.
@@ -147,8 +183,52 @@ pub fn ema_decay_at(decay: f64, k: u64) -> f64 {
 }
 
 impl DiffusionTrainer {
-    /// A trainer for `unet` (the EMA, when enabled, starts as a copy of its weights).
+    /// A trainer for `unet` (the EMA, when enabled, starts as a copy of its weights). With
+    /// `options.device` set, the steps run on that CUDA device (an error without the `cuda`
+    /// feature, `Error::NoDevice` without a usable GPU).
     pub fn new(unet: DiffusionUNet<f32>, options: DiffusionTrainOptions) -> Result<Self> {
+        options.validate()?;
+        match options.device {
+            None => Self::host(unet, options),
+            #[cfg(feature = "cuda")]
+            Some(ordinal) => {
+                let dev = crate::backend::cuda::device(ordinal)?;
+                Self::with_device(unet, options, Box::new(dev))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Some(ordinal) => Err(Error::Unsupported(format!(
+                "device {ordinal}: this phenocore was built without the `cuda` feature; train \
+                 on the CPU (no device)"
+            ))),
+        }
+    }
+
+    /// A trainer whose steps run on `dev` (a [`Gpu`] handle: a CUDA device, or any other
+    /// implementation), whatever `options.device` says; `options.compute` sets the arithmetic.
+    /// The weights, AdamW moments and EMA weights live on the device; the draws are the CPU
+    /// trainer's, so both see the same timesteps, noise and dropout.
+    pub fn with_device<G, D>(
+        unet: DiffusionUNet<f32>,
+        options: DiffusionTrainOptions,
+        dev: D,
+    ) -> Result<Self>
+    where
+        G: Gpu + 'static,
+        D: std::ops::Deref<Target = G> + Send + 'static,
+        GpuDiffusionTrainer<G>: Send,
+    {
+        let mut host_opts = options;
+        host_opts.compute = Compute::F32;
+        host_opts.device = None;
+        let mut t = Self::host(unet, host_opts)?;
+        let dt = GpuDiffusionTrainer::new(&*dev, &t.model, options, options.compute)?;
+        t.opts = options;
+        t.device = Some(Box::new(OnDevice { dev, t: dt }));
+        Ok(t)
+    }
+
+    /// The CPU trainer (and the host half of a device's).
+    fn host(unet: DiffusionUNet<f32>, options: DiffusionTrainOptions) -> Result<Self> {
         options.validate()?;
         let cfg = unet.config();
         if cfg.out_channels != cfg.in_channels {
@@ -181,19 +261,49 @@ impl DiffusionTrainer {
             step: 0,
             last_dropped: Vec::new(),
             last_timesteps: Vec::new(),
+            device: None,
+            stale: false,
         })
+    }
+
+    /// Whether the steps run on a device.
+    pub fn on_device(&self) -> bool {
+        self.device.is_some()
+    }
+
+    /// Brings the host's copy of the weights, EMA and optimizer state up to the device's
+    /// (nothing to do on the CPU). Reading the models and saving do it themselves.
+    pub fn sync(&mut self) -> Result<()> {
+        if !self.stale {
+            return Ok(());
+        }
+        if let Some(d) = &self.device {
+            let state = d.pull(&mut self.model, self.ema.as_mut())?;
+            let mut opt = self.opts.adamw()?;
+            opt.load_state(&state)?;
+            self.opt = opt;
+        }
+        self.stale = false;
+        Ok(())
+    }
+
+    /// The U-Net's configuration.
+    pub fn config(&self) -> &UNetConfig {
+        self.model.config()
     }
 
     pub fn options(&self) -> &DiffusionTrainOptions {
         &self.opts
     }
-    /// The trained weights.
-    pub fn model(&self) -> &DiffusionUNet<f32> {
-        &self.model
+    /// The trained weights (on a device: copied back first).
+    pub fn model(&mut self) -> Result<&DiffusionUNet<f32>> {
+        self.sync()?;
+        Ok(&self.model)
     }
-    /// The EMA weights (None without `ema_decay`).
-    pub fn ema_model(&self) -> Option<&DiffusionUNet<f32>> {
-        self.ema.as_ref()
+    /// The EMA weights (None without `ema_decay`; on a device: copied back first).
+    pub fn ema_model(&mut self) -> Result<Option<&DiffusionUNet<f32>>> {
+        self.sync()?;
+        Ok(self.ema.as_ref())
     }
     /// Completed steps.
     pub fn steps(&self) -> u64 {
@@ -251,7 +361,42 @@ impl DiffusionTrainer {
             )));
         }
 
-        // Randomness of this step (committed only on success).
+        let d = self.draw(latents, n, h, w, cond)?;
+        let cond2 = Conditioning {
+            context: cond.context,
+            context_len: cond.context_len,
+            context_null: d.null_flags.as_deref().or(cond.context_null),
+            class_labels: cond.class_labels,
+            confounders: d.confounders.as_deref().or(cond.confounders),
+        };
+        let tsf: Vec<f64> = d.timesteps.iter().map(|&t| t as f64).collect();
+        let lv = match self.device.as_mut() {
+            Some(dev) => {
+                let lv = dev.step(&d.x_t, &d.target, n, h, w, &tsf, &cond2, self.opts.lr)?;
+                self.stale = true;
+                lv
+            }
+            None => self.cpu_step(&d, n, h, w, &tsf, &cond2, step_no)?,
+        };
+        self.rng = d.rng;
+        self.step = step_no;
+        self.last_dropped = d.dropped;
+        self.last_timesteps = d.timesteps;
+        Ok(lv)
+    }
+
+    /// This step's draws from a copy of the RNG (committed by the caller on success), in the
+    /// order the module docs give, and the inputs formed from them.
+    fn draw(
+        &self,
+        latents: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        cond: &Conditioning<'_, f32>,
+    ) -> Result<Draws> {
+        let cfg = self.model.config();
+        let c = cfg.in_channels;
         let mut rng = self.rng.clone();
         let big_t = self.scheduler.num_train_timesteps();
         let timesteps: Vec<usize> = (0..n).map(|_| rng.gen_range(0..big_t)).collect();
@@ -279,7 +424,7 @@ impl DiffusionTrainer {
             None
         };
         let kc = cfg.confounders.len();
-        let conf: Option<Vec<usize>> = match cond.confounders {
+        let confounders: Option<Vec<usize>> = match cond.confounders {
             Some(idx) if any_drop && kc > 0 => Some(
                 idx.iter()
                     .enumerate()
@@ -288,23 +433,35 @@ impl DiffusionTrainer {
             ),
             _ => None,
         };
-        let cond2 = Conditioning {
-            context: cond.context,
-            context_len: cond.context_len,
-            context_null: null_flags.as_deref().or(cond.context_null),
-            class_labels: cond.class_labels,
-            confounders: conf.as_deref().or(cond.confounders),
-        };
+        Ok(Draws {
+            rng,
+            timesteps,
+            dropped,
+            x_t: nchw_to_nhwc(&x_t, n, c, h, w),
+            target: nchw_to_nhwc(&target, n, c, h, w),
+            null_flags,
+            confounders,
+        })
+    }
 
-        let tsf: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+    /// The step on the CPU: forward, MSE, backward, checks, clipping, AdamW, EMA.
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_step(
+        &mut self,
+        d: &Draws,
+        n: usize,
+        h: usize,
+        w: usize,
+        tsf: &[f64],
+        cond2: &Conditioning<'_, f32>,
+        step_no: u64,
+    ) -> Result<f32> {
+        let c = self.model.config().in_channels;
         self.model.params_mut().zero_grad();
         let mut tape = Tape::<f32>::new(true);
-        let x = tape.input(&[n, h, w, c], nchw_to_nhwc(&x_t, n, c, h, w), false)?;
-        drop(x_t);
-        let y = self.model.forward(&mut tape, &x, &tsf, &cond2)?;
-        let target = nchw_to_nhwc(&target, n, c, h, w);
-        let loss = crate::ops::shape::mse_loss(&mut tape, &y, &target)?;
-        drop(target);
+        let x = tape.input(&[n, h, w, c], d.x_t.clone(), false)?;
+        let y = self.model.forward(&mut tape, &x, tsf, cond2)?;
+        let loss = crate::ops::shape::mse_loss(&mut tape, &y, &d.target)?;
         let lv = tape.data(&loss)[0];
         if !lv.is_finite() {
             return Err(Error::NonFinite(format!(
@@ -343,24 +500,21 @@ impl DiffusionTrainer {
         drop(views);
 
         if let (Some(decay), Some(ema)) = (self.opts.ema_decay, self.ema.as_mut()) {
-            let d = ema_decay_at(decay, step_no);
-            let omd = (1.0 - d) as f32;
+            let dk = ema_decay_at(decay, step_no);
+            let omd = (1.0 - dk) as f32;
             let src = self.model.params();
             let dst = ema.params_mut();
             for i in 0..src.len() {
                 ema_update(dst.value_mut(i), src.value(i), omd);
             }
         }
-        self.rng = rng;
-        self.step = step_no;
-        self.last_dropped = dropped;
-        self.last_timesteps = timesteps;
         Ok(lv)
     }
 
     /// Writes the trained (`ema = false`) or EMA weights as a U-Net weights file (MONAI names,
     /// loadable by [`DiffusionUNet::load`]).
-    pub fn save_weights(&self, path: &Path, ema: bool) -> Result<()> {
+    pub fn save_weights(&mut self, path: &Path, ema: bool) -> Result<()> {
+        self.sync()?;
         if ema {
             match &self.ema {
                 Some(m) => m.save(path),
@@ -377,7 +531,8 @@ impl DiffusionTrainer {
     /// Writes a checkpoint (atomically): the weights under MONAI names, the EMA weights under
     /// `ema/`, the AdamW moments under `optimizer/`, and in the metadata the step, the optimiser's
     /// scalars and the RNG state. [`DiffusionTrainer::load_checkpoint`] resumes bit for bit.
-    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+    pub fn save_checkpoint(&mut self, path: &Path) -> Result<()> {
+        self.sync()?;
         let ostate = self.opt.state();
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
@@ -557,6 +712,18 @@ impl DiffusionTrainer {
         self.rng = r;
         self.last_dropped.clear();
         self.last_timesteps.clear();
+        self.stale = false;
+        if let Some(d) = self.device.as_mut() {
+            // The device takes the loaded state; if it cannot, the host copy holds the checkpoint
+            // while the device still holds the old state: report it.
+            let ostate = self.opt.state();
+            if let Err(e) = d.push(&self.model, self.ema.as_ref(), &ostate, self.step) {
+                return Err(Error::Internal(format!(
+                    "the checkpoint was read but the device could not take it ({e}); the \
+                     trainer's device state is the one before the load: create a new trainer"
+                )));
+            }
+        }
         Ok(())
     }
 }

@@ -289,6 +289,16 @@ unsafe fn trainer_ref<'a>(t: *const PhenoDiffusionTrainer) -> Result<&'a Diffusi
         .ok_or_else(|| null("trainer"))
 }
 
+/// A trainer for a call that reads its weights (`*const` in the header). On a device the call
+/// refreshes the host's copy of the weights, a cache: what the trainer holds does not change. Like
+/// every trainer call it needs the trainer to itself (trainers are not thread-safe).
+///
+/// # Safety
+/// As [`trainer_mut`]; `t` came from this library as a `*mut` (every trainer handle does).
+unsafe fn trainer_reading<'a>(t: *const PhenoDiffusionTrainer) -> Result<&'a mut DiffusionTrainer> {
+    trainer_mut(t as *mut PhenoDiffusionTrainer)
+}
+
 /// A trainer starting from a copy of `unet`'s weights (`unet` itself is not changed and may be
 /// freed). `opts` NULL = defaults. On failure `*out_trainer` is set to NULL.
 ///
@@ -347,7 +357,7 @@ pub unsafe extern "C" fn pheno_diffusion_trainer_step(
 ) -> PhenoStatus {
     guard("pheno_diffusion_trainer_step", || {
         let t = trainer_mut(trainer)?;
-        let cfg = t.model().config().clone();
+        let cfg = t.config().clone();
         if c != cfg.in_channels {
             return Err(Error::Shape(format!(
                 "latents have {c} channels, the U-Net config expects in_channels = {}",
@@ -402,7 +412,7 @@ pub unsafe extern "C" fn pheno_diffusion_trainer_save_checkpoint(
     path: *const c_char,
 ) -> PhenoStatus {
     guard("pheno_diffusion_trainer_save_checkpoint", || {
-        trainer_ref(trainer)?.save_checkpoint(c_path(path, "path")?)
+        trainer_reading(trainer)?.save_checkpoint(c_path(path, "path")?)
     })
 }
 
@@ -434,15 +444,15 @@ pub unsafe extern "C" fn pheno_diffusion_trainer_unet(
 ) -> PhenoStatus {
     guard("pheno_diffusion_trainer_unet", || {
         publish_handle(out_unet, "out_unet", || {
-            let t = trainer_ref(trainer)?;
+            let t = trainer_reading(trainer)?;
             let m = if ema != 0 {
-                t.ema_model().ok_or_else(|| {
+                t.ema_model()?.ok_or_else(|| {
                     Error::InvalidArgument(
                         "ema requested but the trainer keeps no EMA weights (ema_decay < 0)".into(),
                     )
                 })?
             } else {
-                t.model()
+                t.model()?
             };
             Ok(PhenoUNet {
                 unet: copy_unet(m)?,

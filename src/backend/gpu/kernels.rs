@@ -146,6 +146,8 @@ module!(
         "loss_soft_forward_bf16",
         "loss_soft_backward_bf16",
         "loss_mean",
+        "mse_partial_f32",
+        "mse_finish",
     ]
 );
 module!(
@@ -231,6 +233,7 @@ module!(
         "grad_norm_partial_bf16",
         "grad_norm_finish",
         "grad_scale_f32",
+        "ema_update_f32",
     ]
 );
 module!(

@@ -201,3 +201,56 @@ impl CrossEntropy {
         self.backward(g, "soft", logits, targets, lse, dloss, dlogits)
     }
 }
+
+/// `MSE_THREADS` of kernels/loss.cu.
+const MSE_THREADS: u32 = 256;
+/// Elements per f64 partial sum of [`mse`].
+const MSE_CHUNK: usize = 8192;
+
+/// Mean squared error of f32 `y` against `t` (`len` values each), forward and backward in one
+/// pass, as `ops::shape::mse_loss` with an upstream gradient of 1: `dy = (2 / len)·(y − t)` (the
+/// CPU's product, bit for bit) and `loss[0] = Σ (y − t)² / len` (f32, summed in f64 in a fixed
+/// order: deterministic). Allocates one f64 per 8192 values.
+///
+/// # Safety
+/// `y`, `t` and `dy` address `len` f32 each (`dy` distinct from both), `loss` one f32.
+pub unsafe fn mse(g: &impl Gpu, y: u64, t: u64, dy: u64, loss: u64, len: usize) -> Result<()> {
+    if len == 0 {
+        return Err(Error::Shape(
+            "MSE on CUDA: the prediction has no values".into(),
+        ));
+    }
+    let chunks = len.div_ceil(MSE_CHUNK);
+    let partial = g.alloc(chunks * 8)?;
+    let pp = g.ptr(&partial);
+    let cap = (g.multiprocessors().max(1) as usize) * super::BLOCKS_PER_SM as usize;
+    g.launch(&Launch {
+        module: &LOSS,
+        entry: "mse_partial_f32".into(),
+        grid: [chunks.clamp(1, cap) as u32, 1, 1],
+        block: [MSE_THREADS, 1, 1],
+        shared_bytes: 0,
+        args: vec![
+            Arg::Ptr(y),
+            Arg::Ptr(t),
+            Arg::Ptr(dy),
+            Arg::F32((2.0 / len as f64) as f32),
+            Arg::U64(len as u64),
+            Arg::I32(MSE_CHUNK as i32),
+            Arg::Ptr(pp),
+        ],
+    })?;
+    g.launch(&Launch {
+        module: &LOSS,
+        entry: "mse_finish".into(),
+        grid: [1, 1, 1],
+        block: [MSE_THREADS, 1, 1],
+        shared_bytes: 0,
+        args: vec![
+            Arg::Ptr(pp),
+            Arg::U64(chunks as u64),
+            Arg::F64(len as f64),
+            Arg::Ptr(loss),
+        ],
+    })
+}

@@ -590,3 +590,91 @@ impl GradNormPlan {
         })
     }
 }
+
+/// One tensor of an EMA update, as the kernel's `EmaTensor`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct EmaTensor {
+    pub ema: u64,
+    pub param: u64,
+    pub n: u64,
+    pub chunk0: u64,
+}
+
+/// The exponential moving average of a parameter group in one launch: for every tensor,
+/// `ema ← ema − omd·(ema − w)` in f32 with the CPU's rounding (`diffusion::train`'s EMA update,
+/// bit for bit; `omd` = 1 − decay).
+#[derive(Clone, Debug)]
+pub struct EmaPlan {
+    chunks: Chunks,
+}
+
+impl EmaPlan {
+    pub fn new(lens: &[usize]) -> Result<Self> {
+        Ok(EmaPlan {
+            chunks: Chunks::new("EMA update", lens, CHUNK)?,
+        })
+    }
+
+    /// The same plan with `chunk` elements per block work item (tests use small ones).
+    pub fn with_chunk(self, chunk: usize) -> Result<Self> {
+        Ok(EmaPlan {
+            chunks: Chunks::new("EMA update", &self.chunks.lens, chunk)?,
+        })
+    }
+
+    /// `emas[t] ← emas[t] − omd·(emas[t] − params[t])` for every tensor t.
+    ///
+    /// # Safety
+    /// `emas[t]` and `params[t]` address `lens[t]` f32 each, in distinct buffers.
+    pub unsafe fn update(
+        &self,
+        g: &impl Gpu,
+        emas: &[u64],
+        params: &[u64],
+        omd: f32,
+    ) -> Result<()> {
+        const WHAT: &str = "EMA update on CUDA";
+        self.chunks.check_count(WHAT, emas.len())?;
+        self.chunks.check_count(WHAT, params.len())?;
+        if !omd.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "{WHAT}: 1 − decay must be finite, got {omd}"
+            )));
+        }
+        let table = emas
+            .iter()
+            .zip(params)
+            .zip(&self.chunks.lens)
+            .enumerate()
+            .map(|(t, ((&e, &p), &n))| {
+                check_ptr(WHAT, t, "EMA", e, n)?;
+                check_ptr(WHAT, t, "param", p, n)?;
+                Ok(EmaTensor {
+                    ema: e,
+                    param: p,
+                    n: n as u64,
+                    chunk0: self.chunks.chunk0[t],
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if self.chunks.count() == 0 {
+            return Ok(());
+        }
+        let (_table, tp, cp) = self.chunks.upload(g, &table)?;
+        g.launch(&Launch {
+            module: &OPTIM,
+            entry: "ema_update_f32".into(),
+            grid: [self.chunks.blocks(g), 1, 1],
+            block: [BLOCK, 1, 1],
+            shared_bytes: 0,
+            args: vec![
+                Arg::Ptr(tp),
+                Arg::Ptr(cp),
+                Arg::U64(self.chunks.count() as u64),
+                Arg::I32(self.chunks.chunk as i32),
+                Arg::F32(omd),
+            ],
+        })
+    }
+}
