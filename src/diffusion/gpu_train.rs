@@ -49,6 +49,9 @@ pub struct GpuDiffusionTrainer<G: Gpu> {
     adam: AdamWPlan,
     norm: GradNormPlan,
     ema_plan: EmaPlan,
+    /// Zeros as long as the longest trainable parameter: the gradient of the parameters a pass
+    /// does not reach (only read), made once.
+    zeros: G::Buf,
     opts: DiffusionTrainOptions,
     steps: u64,
 }
@@ -114,6 +117,7 @@ impl<G: Gpu> GpuDiffusionTrainer<G> {
             names,
             trainable,
             ema_plan: EmaPlan::new(&lens)?,
+            zeros: zeroed(g, tlens.iter().copied().max().unwrap_or(0))?,
             lens,
             exp_avg,
             exp_avg_sq,
@@ -191,18 +195,15 @@ impl<G: Gpu> GpuDiffusionTrainer<G> {
                 })?;
         // Every trainable parameter's gradient; those the pass did not reach are zero.
         let masters = self.unet.param_ptrs(g, &self.names)?;
-        let mut zeros = Vec::new();
-        let mut grad_ptrs = Vec::with_capacity(self.trainable.len());
-        for &i in &self.trainable {
-            match grads.get(&self.names[i]) {
-                Some(b) => grad_ptrs.push(g.ptr(b)),
-                None => {
-                    let z = zeroed(g, self.lens[i])?;
-                    grad_ptrs.push(g.ptr(&z));
-                    zeros.push(z);
-                }
-            }
-        }
+        let grad_ptrs: Vec<u64> = self
+            .trainable
+            .iter()
+            .map(|&i| {
+                grads
+                    .get(&self.names[i])
+                    .map_or(g.ptr(&self.zeros), |b| g.ptr(b))
+            })
+            .collect();
         let nrm = g.alloc(8)?;
         let coef = g.alloc(4)?;
         // SAFETY: each gradient holds its parameter's length of f32; nrm one f64, coef one f32.
